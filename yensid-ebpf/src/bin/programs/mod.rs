@@ -1,0 +1,2 @@
+mod dispatch;
+mod splice;

@@ -1,0 +1,744 @@
+//! The configuration file: its TOML format and its validation.
+//!
+//! Parsing is two steps. Serde reads the file into `raw` types that keep
+//! the byte span of every value worth complaining about; `validate` then
+//! checks the rules serde cannot express and reports every problem at once,
+//! each naming its key and line, so one run of `yensid check-config` shows
+//! everything that is wrong.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+use yensid_ebpf::maps::{MAX_BACKENDS, MAX_BUILDERS, MAX_SERVICES};
+
+/// Where pinned maps and the dispatch link live by default.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/yensid";
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub daemon: Daemon,
+    pub services: Vec<Service>,
+    /// Sorted by name.
+    pub builders: Vec<Builder>,
+    pub policy: Policy,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Daemon {
+    pub pin_path: PathBuf,
+    pub dataplane: Dataplane,
+}
+
+/// How bytes of an accepted connection reach the builder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Dataplane {
+    /// Spliced in the kernel (SOCKHASH + stream_verdict).
+    Kernel,
+    /// Copied by the daemon.
+    Userspace,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub listen: Vec<Prefix>,
+    pub port: u16,
+    /// Builder names, in the order the `priority` strategy fills them.
+    pub builders: Vec<String>,
+    pub strategy: Strategy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    LeastConnections,
+    RoundRobin,
+    Random,
+    SourceAffinity,
+    Priority,
+}
+
+impl Strategy {
+    /// The number the kernel's selection code knows this strategy by.
+    pub fn kernel_id(self) -> u32 {
+        use yensid_ebpf::maps::strategy::*;
+        match self {
+            Strategy::LeastConnections => LEAST_CONNECTIONS,
+            Strategy::RoundRobin => ROUND_ROBIN,
+            Strategy::Random => RANDOM,
+            Strategy::SourceAffinity => SOURCE_AFFINITY,
+            Strategy::Priority => PRIORITY,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Builder {
+    pub name: String,
+    /// `ip:port` or `host:port`, resolved at connect time.
+    pub address: String,
+    pub weight: u32,
+    /// `None`: unlimited.
+    pub max_connections: Option<u32>,
+    pub host_key: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub mode: Mode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Use builders when the rules allow it.
+    Auto,
+    /// Use builders whatever the link rules say.
+    Remote,
+    /// Refuse every claimed connection, so Nix builds locally.
+    Local,
+}
+
+/// An address prefix claimed in the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Prefix {
+    /// The address as 16 bytes (IPv4 mapped into IPv6) and the prefix length
+    /// in that space, as the kernel's binding trie stores them.
+    pub fn mapped(&self) -> ([u8; 16], u32) {
+        match self.addr {
+            IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 96 + self.len as u32),
+            IpAddr::V6(v6) => (v6.octets(), self.len as u32),
+        }
+    }
+
+    /// Whether two prefixes share at least one address.
+    pub fn overlaps(&self, other: &Prefix) -> bool {
+        let (a, alen) = self.mapped();
+        let (b, blen) = other.mapped();
+        let common = alen.min(blen);
+        (0..common).all(|bit| {
+            let byte = (bit / 8) as usize;
+            let mask = 0x80u8 >> (bit % 8);
+            a[byte] & mask == b[byte] & mask
+        })
+    }
+
+    /// A host prefix (/32 or /128): a single address.
+    pub fn is_host(&self) -> bool {
+        self.len == self.max_len()
+    }
+
+    fn max_len(&self) -> u8 {
+        if self.addr.is_ipv4() { 32 } else { 128 }
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Prefix {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, len) = match s.split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP address or prefix"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => max,
+            Some(len) => len
+                .parse::<u8>()
+                .ok()
+                .filter(|&l| l <= max)
+                .ok_or_else(|| format!("`{s}`: prefix length must be 0 to {max}"))?,
+        };
+        let prefix = Prefix { addr, len };
+        let network = prefix.network();
+        if network != addr {
+            return Err(format!(
+                "`{s}` has host bits set; did you mean {network}/{len}?"
+            ));
+        }
+        Ok(prefix)
+    }
+}
+
+impl Prefix {
+    fn network(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX.checked_shl(32 - self.len as u32).unwrap_or(0);
+                IpAddr::V4((u32::from(v4) & mask).into())
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX.checked_shl(128 - self.len as u32).unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+        }
+    }
+}
+
+/// One thing wrong with a configuration file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The dotted key, e.g. `builders.b1.weight`.
+    pub key: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}: {}: {}", self.key, self.message),
+            None => write!(f, "{}: {}", self.key, self.message),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", render(.0))]
+    Invalid(Vec<Problem>),
+}
+
+fn render(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: raw::File = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            ConfigError::Invalid(vec![Problem {
+                key: key_of_parse_error(&e),
+                line,
+                message: e.message().trim().to_owned(),
+            }])
+        })?;
+        validate(raw, text).map_err(ConfigError::Invalid)
+    }
+
+    pub fn builder(&self, name: &str) -> Option<&Builder> {
+        self.builders.iter().find(|b| b.name == name)
+    }
+}
+
+fn key_of_parse_error(e: &toml::de::Error) -> String {
+    // toml names unknown fields in its message ("unknown field `x`, ...");
+    // the key path itself is not exposed, so the line carries the location.
+    let msg = e.message();
+    match msg.split('`').nth(1) {
+        Some(field) if msg.starts_with("unknown field") => field.to_owned(),
+        _ => "file".to_owned(),
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+mod raw {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct File {
+        #[serde(default)]
+        pub daemon: Option<Spanned<Daemon>>,
+        #[serde(default)]
+        pub service: Vec<Spanned<Service>>,
+        #[serde(default)]
+        pub builders: BTreeMap<String, Spanned<Builder>>,
+        #[serde(default)]
+        pub policy: Option<Policy>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Daemon {
+        pub pin_path: Option<Spanned<String>>,
+        pub dataplane: Option<super::Dataplane>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Service {
+        pub name: Spanned<String>,
+        pub listen: Spanned<Vec<Spanned<String>>>,
+        pub port: Option<Spanned<i64>>,
+        pub builders: Option<Vec<Spanned<String>>>,
+        pub strategy: Option<super::Strategy>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Builder {
+        pub address: Spanned<String>,
+        pub weight: Option<Spanned<i64>>,
+        pub max_connections: Option<Spanned<i64>>,
+        pub host_key: Option<Spanned<String>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Policy {
+        pub mode: Option<super::Mode>,
+    }
+}
+
+struct Checker<'a> {
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn report<T>(&mut self, key: impl Into<String>, at: &Spanned<T>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            line: Some(line_of(self.text, at.span().start)),
+            message: message.into(),
+        });
+    }
+}
+
+fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
+    let mut check = Checker {
+        text,
+        problems: Vec::new(),
+    };
+
+    let daemon = match raw.daemon {
+        None => Daemon {
+            pin_path: DEFAULT_PIN_PATH.into(),
+            dataplane: Dataplane::Kernel,
+        },
+        Some(d) => {
+            let d = d.into_inner();
+            let pin_path = match d.pin_path {
+                None => PathBuf::from(DEFAULT_PIN_PATH),
+                Some(p) => {
+                    if !p.get_ref().starts_with('/') {
+                        check.report("daemon.pin_path", &p, "must be an absolute path in a bpffs");
+                    }
+                    PathBuf::from(p.into_inner())
+                }
+            };
+            Daemon {
+                pin_path,
+                dataplane: d.dataplane.unwrap_or(Dataplane::Kernel),
+            }
+        }
+    };
+
+    let mut builders = Vec::new();
+    if raw.builders.len() > MAX_BUILDERS as usize {
+        check.problems.push(Problem {
+            key: "builders".into(),
+            line: None,
+            message: format!("at most {MAX_BUILDERS} builders are supported"),
+        });
+    }
+    for (name, b) in raw.builders {
+        let b = b.into_inner();
+        let key = |field: &str| format!("builders.{name}.{field}");
+        if let Err(msg) = check_address(b.address.get_ref()) {
+            check.report(key("address"), &b.address, msg);
+        }
+        let weight = match b.weight {
+            None => 1,
+            Some(w) => match u32::try_from(*w.get_ref()) {
+                Ok(w @ 1..) => w,
+                _ => {
+                    check.report(key("weight"), &w, "must be a whole number of at least 1");
+                    1
+                }
+            },
+        };
+        let max_connections = match b.max_connections {
+            None => None,
+            Some(m) => match u32::try_from(*m.get_ref()) {
+                Ok(m @ 1..) => Some(m),
+                _ => {
+                    check.report(
+                        key("max_connections"),
+                        &m,
+                        "must be at least 1 (leave it out for no limit)",
+                    );
+                    None
+                }
+            },
+        };
+        if let Some(k) = &b.host_key
+            && !looks_like_public_key(k.get_ref())
+        {
+            check.report(
+                key("host_key"),
+                k,
+                "must be `<type> <base64>`, e.g. the content of ssh_host_ed25519_key.pub",
+            );
+        }
+        builders.push(Builder {
+            name,
+            address: b.address.into_inner(),
+            weight,
+            max_connections,
+            host_key: b.host_key.map(Spanned::into_inner),
+        });
+    }
+
+    if raw.service.is_empty() {
+        check.problems.push(Problem {
+            key: "service".into(),
+            line: None,
+            message: "no [[service]] defined: nothing to claim".into(),
+        });
+    }
+    if raw.service.len() > MAX_SERVICES as usize {
+        check.problems.push(Problem {
+            key: "service".into(),
+            line: None,
+            message: format!("at most {MAX_SERVICES} services are supported"),
+        });
+    }
+    let mut services: Vec<Service> = Vec::new();
+    let mut claimed: Vec<(Prefix, u16, String, Spanned<()>)> = Vec::new();
+    let mut names = HashSet::new();
+    for (i, s) in raw.service.into_iter().enumerate() {
+        let s = s.into_inner();
+        let name = s.name.get_ref().clone();
+        let key = |field: &str| format!("service[{i}].{field}");
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            check.report(
+                key("name"),
+                &s.name,
+                "must be non-empty: letters, digits, - _ .",
+            );
+        }
+        if !names.insert(name.clone()) {
+            check.report(
+                key("name"),
+                &s.name,
+                format!("service `{name}` is defined twice"),
+            );
+        }
+        let port = match s.port {
+            None => 22,
+            Some(p) => match u16::try_from(*p.get_ref()) {
+                Ok(p @ 1..) => p,
+                _ => {
+                    check.report(key("port"), &p, "must be 1 to 65535");
+                    22
+                }
+            },
+        };
+        let mut listen = Vec::new();
+        if s.listen.get_ref().is_empty() {
+            check.report(
+                key("listen"),
+                &s.listen,
+                "needs at least one address prefix",
+            );
+        }
+        for text_prefix in s.listen.get_ref() {
+            match text_prefix.get_ref().parse::<Prefix>() {
+                Err(msg) => check.report(key("listen"), text_prefix, msg),
+                Ok(prefix) => {
+                    let at = Spanned::new(text_prefix.span(), ());
+                    for (other, other_port, other_name, _) in &claimed {
+                        if *other_port == port && other.overlaps(&prefix) {
+                            check.report(
+                                key("listen"),
+                                &at,
+                                format!(
+                                    "{prefix} port {port} overlaps {other} claimed by service `{other_name}`"
+                                ),
+                            );
+                        }
+                    }
+                    claimed.push((prefix, port, name.clone(), at));
+                    listen.push(prefix);
+                }
+            }
+        }
+        let members: Vec<String> = match &s.builders {
+            None => builders.iter().map(|b| b.name.clone()).collect(),
+            Some(list) => {
+                let mut seen = HashSet::new();
+                for b in list {
+                    if !builders.iter().any(|known| &known.name == b.get_ref()) {
+                        check.report(
+                            key("builders"),
+                            b,
+                            format!(
+                                "unknown builder `{}` (no [builders.{}])",
+                                b.get_ref(),
+                                b.get_ref()
+                            ),
+                        );
+                    }
+                    if !seen.insert(b.get_ref().clone()) {
+                        check.report(
+                            key("builders"),
+                            b,
+                            format!("`{}` is listed twice", b.get_ref()),
+                        );
+                    }
+                }
+                list.iter().map(|b| b.get_ref().clone()).collect()
+            }
+        };
+        if members.is_empty() {
+            check.report(key("builders"), &s.name, "the service has no builders");
+        }
+        if members.len() > MAX_BACKENDS as usize {
+            check.report(
+                key("builders"),
+                &s.name,
+                format!("at most {MAX_BACKENDS} builders per service are supported"),
+            );
+        }
+        services.push(Service {
+            name,
+            listen,
+            port,
+            builders: members,
+            strategy: s.strategy.unwrap_or(Strategy::LeastConnections),
+        });
+    }
+
+    let policy = Policy {
+        mode: raw.policy.and_then(|p| p.mode).unwrap_or(Mode::Auto),
+    };
+
+    if check.problems.is_empty() {
+        Ok(Config {
+            daemon,
+            services,
+            builders,
+            policy,
+        })
+    } else {
+        check.problems.sort_by_key(|p| p.line);
+        Err(check.problems)
+    }
+}
+
+fn check_address(address: &str) -> Result<(), String> {
+    if address.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(format!(
+            "`{address}` needs a port: `ip:port` or `host:port`"
+        ));
+    };
+    if port.parse::<u16>().ok().filter(|&p| p > 0).is_none() {
+        return Err(format!("`{address}`: `{port}` is not a port (1 to 65535)"));
+    }
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if host_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{address}`: `{host}` is neither an IP address nor a host name (IPv6 needs brackets: [::1]:22)"
+        ))
+    }
+}
+
+fn looks_like_public_key(key: &str) -> bool {
+    let mut parts = key.split_whitespace();
+    matches!(
+        (parts.next(), parts.next()),
+        (Some(kind), Some(blob))
+            if (kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
+                && blob.len() >= 16
+                && blob.chars().all(|c| c.is_ascii_alphanumeric() || "+/=".contains(c))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[service]]
+name = "x86"
+listen = ["127.0.0.22/32", "fd00::22"]
+builders = ["b2", "b1"]
+strategy = "priority"
+
+[builders.b1]
+address = "198.18.1.2:22"
+weight = 2
+max_connections = 8
+host_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHJ0"
+
+[builders.b2]
+address = "builder-2.example:2222"
+
+[policy]
+mode = "local"
+"#;
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(text) {
+            Ok(_) => panic!("expected problems in:\n{text}"),
+            Err(ConfigError::Invalid(p)) => p.iter().map(ToString::to_string).collect(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn a_full_config_parses_with_defaults_filled_in() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.daemon.pin_path, PathBuf::from(DEFAULT_PIN_PATH));
+        assert_eq!(c.daemon.dataplane, Dataplane::Kernel);
+        assert_eq!(c.services[0].port, 22);
+        assert_eq!(c.services[0].builders, ["b2", "b1"]);
+        assert_eq!(c.services[0].strategy, Strategy::Priority);
+        assert_eq!(c.services[0].listen[1].to_string(), "fd00::22/128");
+        assert_eq!(c.builder("b1").unwrap().weight, 2);
+        assert_eq!(c.builder("b2").unwrap().weight, 1);
+        assert_eq!(c.builder("b2").unwrap().max_connections, None);
+        assert_eq!(c.policy.mode, Mode::Local);
+    }
+
+    #[test]
+    fn service_builders_default_to_every_builder() {
+        let c = Config::parse(&GOOD.replace("builders = [\"b2\", \"b1\"]\n", "")).unwrap();
+        assert_eq!(c.services[0].builders, ["b1", "b2"]);
+        assert_eq!(c.services[0].strategy, Strategy::Priority);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let p = problems(&GOOD.replace("weight = 2", "wieght = 2"));
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("line 10: wieght: unknown field"), "{p:?}");
+    }
+
+    #[test]
+    fn unknown_builder_names_are_reported() {
+        let p = problems(&GOOD.replace("[\"b2\", \"b1\"]", "[\"b2\", \"b3\"]"));
+        assert_eq!(
+            p,
+            ["line 5: service[0].builders: unknown builder `b3` (no [builders.b3])"]
+        );
+    }
+
+    #[test]
+    fn bad_values_are_all_reported_at_once() {
+        let text = GOOD
+            .replace("weight = 2", "weight = 0")
+            .replace("198.18.1.2:22", "198.18.1.2")
+            .replace("max_connections = 8", "max_connections = -1")
+            .replace("127.0.0.22/32", "127.0.0.22/33");
+        let p = problems(&text);
+        assert_eq!(p.len(), 4, "{p:?}");
+        assert!(p[0].starts_with("line 4: service[0].listen: `127.0.0.22/33`"));
+        assert!(p[1].starts_with("line 9: builders.b1.address: `198.18.1.2` needs a port"));
+        assert!(p[2].starts_with("line 10: builders.b1.weight: must be"));
+        assert!(p[3].starts_with("line 11: builders.b1.max_connections: must be"));
+    }
+
+    #[test]
+    fn overlapping_prefixes_on_one_port_are_refused() {
+        let text = format!("{GOOD}\n[[service]]\nname = \"arm\"\nlisten = [\"127.0.0.0/24\"]\n");
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("service[1].listen: 127.0.0.0/24 port 22 overlaps 127.0.0.22/32 claimed by service `x86`"));
+        let other_port = text.replace(
+            "listen = [\"127.0.0.0/24\"]",
+            "listen = [\"127.0.0.0/24\"]\nport = 2222",
+        );
+        assert!(Config::parse(&other_port).is_ok());
+    }
+
+    #[test]
+    fn host_bits_and_bad_strategy_and_mode_are_named() {
+        let p = problems(&GOOD.replace("127.0.0.22/32", "127.0.0.22/24"));
+        assert!(p[0].contains("did you mean 127.0.0.0/24"), "{p:?}");
+        let p = problems(&GOOD.replace("\"priority\"", "\"fastest\""));
+        assert!(
+            p[0].starts_with("line 6: file: unknown variant `fastest`"),
+            "{p:?}"
+        );
+        let p = problems(&GOOD.replace("\"local\"", "\"sometimes\""));
+        assert!(p[0].contains("unknown variant `sometimes`"), "{p:?}");
+    }
+
+    #[test]
+    fn duplicate_services_and_empty_configs_are_refused() {
+        let p = problems(&format!(
+            "{GOOD}\n[[service]]\nname = \"x86\"\nlisten = [\"127.0.0.23\"]\n"
+        ));
+        assert!(p[0].contains("service `x86` is defined twice"), "{p:?}");
+        let p = problems("");
+        assert_eq!(p, ["service: no [[service]] defined: nothing to claim"]);
+    }
+
+    #[test]
+    fn addresses_accept_hosts_and_bracketed_ipv6() {
+        assert!(check_address("[::1]:22").is_ok());
+        assert!(check_address("builder.example:22").is_ok());
+        assert!(check_address("::1:22").is_err());
+        assert!(check_address("builder:0").is_err());
+        assert!(check_address("bad host:22").is_err());
+    }
+
+    #[test]
+    fn prefixes_overlap_by_their_common_bits() {
+        let p = |s: &str| s.parse::<Prefix>().unwrap();
+        assert!(p("198.18.0.0/15").overlaps(&p("198.19.4.4")));
+        assert!(!p("198.18.0.0/16").overlaps(&p("198.19.4.4")));
+        assert!(!p("127.0.0.22").overlaps(&p("::ffff:127.0.0.23")));
+        assert!(p("::ffff:127.0.0.0/104").overlaps(&p("127.0.0.22")));
+    }
+}

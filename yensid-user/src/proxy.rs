@@ -1,0 +1,463 @@
+//! One accepted connection: the SSH handoff, then the data path.
+//!
+//! The handoff makes kernel splicing safe. A socket's bytes that arrived
+//! before it joined the SOCKHASH are never forwarded by the kernel, and once
+//! it has joined, anything either side sends is forwarded at once, possibly
+//! ahead of bytes userspace still has to write. So userspace relays the
+//! opening of the SSH protocol itself, up to an instant where neither peer
+//! may send anything:
+//!
+//! 1. read the client's identification line (the client then waits for the
+//!    server's line);
+//! 2. connect to the builder and read its identification line, accepting
+//!    the other lines RFC 4253 allows before it (the server then waits for
+//!    the client's line). A failed connect fails over to another builder,
+//!    invisibly to the client, which has not seen a byte yet;
+//! 3. pass both lines on; each peer answers with its KEXINIT packet;
+//! 4. read both KEXINIT packets (unencrypted, length-prefixed). The client
+//!    now waits for the server's KEXINIT, the server for the client's;
+//! 5. if a peer sent anything more, keep this connection in userspace
+//!    (correct, slower) and count it;
+//! 6. splice both sockets, then write the client's KEXINIT to the server
+//!    (which then waits for the client's key exchange) and only then the
+//!    server's KEXINIT to the client, whose reply the kernel forwards.
+//!
+//! FIN and RST are never redirected by the kernel, so userspace watches
+//! both sockets and passes a half-close on once the kernel has delivered
+//! every byte that came before it.
+
+use std::{
+    io,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::timeout,
+};
+use tracing::{debug, info, warn};
+
+use crate::{bpf::Kernel, sock};
+
+/// Longest identification line (RFC 4253 4.2: 255 bytes including CRLF).
+const MAX_IDENT_LINE: usize = 255;
+/// Longest pre-identification banner a server may send.
+const MAX_SERVER_PREAMBLE: usize = 8192;
+/// Largest packet allowed before encryption starts (RFC 4253 6.1).
+const MAX_CLEAR_PACKET: usize = 35000;
+/// How long a peer may take with each step of the handoff.
+const HANDOFF_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a half-close may wait for the kernel to deliver earlier bytes
+/// without any progress.
+const DRAIN_STALL_LIMIT: Duration = Duration::from_secs(60);
+
+/// Where a connection was steered and what the daemon knows about builders.
+pub trait Dispatcher: Send + Sync + 'static {
+    /// `host:port` of a builder.
+    fn address(&self, builder: &str) -> Option<String>;
+    /// How long a connect to a builder may take.
+    fn connect_timeout(&self) -> Duration;
+    /// Records that `failed` could not serve a connection of `service` and
+    /// moves that connection to another builder not in `tried`, if any.
+    fn fail_over(
+        &self,
+        service: &str,
+        failed: &str,
+        reason: &str,
+        tried: &[String],
+    ) -> Option<String>;
+    /// The connection that was counted for `builder` is over.
+    fn finished(&self, builder: &str, outcome: &Outcome);
+}
+
+/// How bytes flow once the handoff is done.
+#[derive(Clone)]
+pub enum DataPath {
+    Kernel(Arc<Kernel>),
+    Userspace,
+}
+
+/// How a connection ended.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The client was not speaking SSH.
+    pub rejected: bool,
+    /// No builder could be reached.
+    pub unserved: bool,
+    /// Builders that failed before one answered.
+    pub failovers: u32,
+    /// Served by the kernel splice (false: copied in userspace).
+    pub spliced: bool,
+    /// Bytes sent to the builder.
+    pub to_builder: u64,
+    /// Bytes received from the builder.
+    pub from_builder: u64,
+}
+
+/// Serves one accepted connection that the kernel steered to `builder`.
+pub async fn serve(
+    client: TcpStream,
+    service: &str,
+    builder: String,
+    dispatcher: Arc<dyn Dispatcher>,
+    path: DataPath,
+) {
+    let started = Instant::now();
+    let peer = client.peer_addr().ok();
+    let mut outcome = Outcome::default();
+    let served = handoff(&client, service, builder, &*dispatcher, &mut outcome).await;
+    let builder = match served {
+        Err((builder, why)) => {
+            debug!(service, builder, ?peer, %why, "connection ended during the handoff");
+            if outcome.unserved {
+                reset(&client);
+            }
+            dispatcher.finished(&builder, &outcome);
+            return;
+        }
+        Ok(opening) => {
+            let builder = opening.builder.clone();
+            if let Err(e) = forward(client, opening, &path, &mut outcome).await {
+                debug!(service, builder, ?peer, error = %e, "connection closed with an error");
+            }
+            builder
+        }
+    };
+    info!(
+        service,
+        builder,
+        ?peer,
+        spliced = outcome.spliced,
+        failovers = outcome.failovers,
+        to_builder = outcome.to_builder,
+        from_builder = outcome.from_builder,
+        seconds = started.elapsed().as_secs_f64(),
+        "connection closed"
+    );
+    dispatcher.finished(&builder, &outcome);
+}
+
+/// What the handoff leaves for the data path.
+struct Opening {
+    builder: String,
+    upstream: TcpStream,
+    /// The client's identification line, not yet sent to the builder.
+    client_line: Vec<u8>,
+    /// The server's lines up to and including its identification line.
+    server_lines: Vec<u8>,
+}
+
+async fn handoff(
+    client: &TcpStream,
+    service: &str,
+    mut builder: String,
+    dispatcher: &dyn Dispatcher,
+    outcome: &mut Outcome,
+) -> Result<Opening, (String, io::Error)> {
+    let client_line = match step(read_line(client, MAX_IDENT_LINE)).await {
+        Ok(line) if line.starts_with(b"SSH-") => line,
+        Ok(line) => {
+            outcome.rejected = true;
+            warn!(
+                service,
+                peer = ?client.peer_addr().ok(),
+                first_bytes = %String::from_utf8_lossy(&line[..line.len().min(32)]),
+                "client is not speaking SSH; closed"
+            );
+            return Err((builder, io::Error::other("not an SSH client")));
+        }
+        Err(e) => return Err((builder, e)),
+    };
+    let mut tried = Vec::new();
+    loop {
+        match open_upstream(&builder, dispatcher).await {
+            Ok((upstream, server_lines)) => {
+                return Ok(Opening {
+                    builder,
+                    upstream,
+                    client_line,
+                    server_lines,
+                });
+            }
+            Err(e) => {
+                outcome.failovers += 1;
+                tried.push(builder.clone());
+                match dispatcher.fail_over(service, &builder, &e.to_string(), &tried) {
+                    Some(next) => {
+                        info!(service, failed = builder, next, error = %e, "failing over before the client saw a byte");
+                        builder = next;
+                    }
+                    None => {
+                        warn!(service, failed = builder, error = %e, "no other builder; refusing the client");
+                        outcome.unserved = true;
+                        return Err((builder, e));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Connects to a builder and reads up to its identification line.
+async fn open_upstream(
+    builder: &str,
+    dispatcher: &dyn Dispatcher,
+) -> io::Result<(TcpStream, Vec<u8>)> {
+    let address = dispatcher
+        .address(builder)
+        .ok_or_else(|| io::Error::other("builder is no longer configured"))?;
+    let upstream = timeout(dispatcher.connect_timeout(), connect(&address))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    upstream.set_nodelay(true)?;
+    let mut lines = Vec::new();
+    loop {
+        let line = timeout(
+            dispatcher.connect_timeout(),
+            read_line(&upstream, MAX_IDENT_LINE),
+        )
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no SSH identification line"))??;
+        lines.extend_from_slice(&line);
+        if line.starts_with(b"SSH-") {
+            return Ok((upstream, lines));
+        }
+        if lines.len() > MAX_SERVER_PREAMBLE {
+            return Err(io::Error::other("builder is not speaking SSH"));
+        }
+    }
+}
+
+async fn connect(address: &str) -> io::Result<TcpStream> {
+    let mut last = io::Error::other(format!("`{address}` resolves to no address"));
+    for addr in tokio::net::lookup_host(address).await? {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn forward(
+    mut client: TcpStream,
+    opening: Opening,
+    path: &DataPath,
+    outcome: &mut Outcome,
+) -> io::Result<()> {
+    let Opening {
+        mut upstream,
+        client_line,
+        server_lines,
+        ..
+    } = opening;
+    client.set_nodelay(true)?;
+    upstream.write_all(&client_line).await?;
+    client.write_all(&server_lines).await?;
+    let kernel = match path {
+        DataPath::Kernel(kernel) => kernel,
+        DataPath::Userspace => {
+            return copy(&mut client, &mut upstream, outcome).await;
+        }
+    };
+    let client_kexinit = step(read_packet(&mut client)).await?;
+    let server_kexinit = step(read_packet(&mut upstream)).await?;
+    if sock::has_pending_bytes(&client)? || sock::has_pending_bytes(&upstream)? {
+        warn!("a peer sent more than one packet before key exchange; copying in userspace");
+        upstream.write_all(&client_kexinit).await?;
+        client.write_all(&server_kexinit).await?;
+        return copy(&mut client, &mut upstream, outcome).await;
+    }
+    let cookies = (sock::cookie(&client)?, sock::cookie(&upstream)?);
+    kernel
+        .splice((cookies.0, &client), (cookies.1, &upstream))
+        .map_err(io::Error::other)?;
+    outcome.spliced = true;
+    upstream.write_all(&client_kexinit).await?;
+    client.write_all(&server_kexinit).await?;
+    let watched = watch_spliced(&client, &upstream).await;
+    kernel.unsplice(cookies.0, cookies.1);
+    count_upstream(&upstream, outcome);
+    watched
+}
+
+async fn copy(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    outcome: &mut Outcome,
+) -> io::Result<()> {
+    let copied = tokio::io::copy_bidirectional(client, upstream).await;
+    count_upstream(upstream, outcome);
+    copied.map(drop)
+}
+
+fn count_upstream(upstream: &TcpStream, outcome: &mut Outcome) {
+    if let Ok(counts) = sock::tcp_counts(upstream) {
+        outcome.to_builder = counts.acked;
+        outcome.from_builder = counts.received;
+    }
+}
+
+/// Waits for both directions of a spliced pair to end. Bytes the kernel
+/// did not redirect (the verdict program found no peer) land in the
+/// socket's own queue and are forwarded here, so nothing is lost.
+async fn watch_spliced(client: &TcpStream, upstream: &TcpStream) -> io::Result<()> {
+    let mut client_open = true;
+    let mut upstream_open = true;
+    let mut buf = vec![0u8; 64 * 1024];
+    while client_open || upstream_open {
+        tokio::select! {
+            r = client.readable(), if client_open => {
+                r?;
+                client_open = pump(client, upstream, &mut buf).await?;
+            }
+            r = upstream.readable(), if upstream_open => {
+                r?;
+                upstream_open = pump(upstream, client, &mut buf).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Handles readiness of `from`: forwards stray bytes, and on EOF passes the
+/// half-close to `to` once the kernel has delivered everything before it.
+/// Returns whether `from` is still open for reading.
+async fn pump(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::Result<bool> {
+    match from.try_read(buf) {
+        Ok(0) => {
+            drain(from, to).await?;
+            shutdown_write(to)?;
+            Ok(false)
+        }
+        Ok(n) => {
+            write_all_ready(to, &buf[..n]).await?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// Waits until `to` has taken every byte `from` received (the kernel's
+/// redirect works asynchronously), so a FIN never overtakes data.
+async fn drain(from: &TcpStream, to: &TcpStream) -> io::Result<()> {
+    // Called after EOF: the count includes the FIN, which is not data.
+    let received = sock::tcp_counts(from)?.received.saturating_sub(1);
+    let mut last_progress = Instant::now();
+    let mut last_written = 0;
+    loop {
+        let written = sock::tcp_counts(to)?.acked + sock::unacked(to)?;
+        if written >= received {
+            return Ok(());
+        }
+        if written != last_written {
+            last_written = written;
+            last_progress = Instant::now();
+        } else if last_progress.elapsed() > DRAIN_STALL_LIMIT {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "peer stopped reading; closing",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn write_all_ready(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        to.writable().await?;
+        match to.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn shutdown_write(socket: &TcpStream) -> io::Result<()> {
+    let sock = socket2_ref(socket);
+    match sock.shutdown(std::net::Shutdown::Write) {
+        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// A borrowed std view of a tokio socket for calls tokio does not offer
+/// on a shared reference.
+fn socket2_ref(socket: &TcpStream) -> std::mem::ManuallyDrop<std::net::TcpStream> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: the fd stays owned by `socket`; ManuallyDrop never closes it.
+    std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(socket.as_raw_fd()) })
+}
+
+/// Makes the coming close an RST, so the client fails at once instead of
+/// waiting.
+fn reset(socket: &TcpStream) {
+    let _ = sock::reset_on_close(socket);
+}
+
+async fn step<T>(f: impl Future<Output = io::Result<T>>) -> io::Result<T> {
+    timeout(HANDOFF_STEP_TIMEOUT, f)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "peer stalled during the handoff"))?
+}
+
+/// Reads one line (up to and including `\n`) without consuming a byte past
+/// it: bytes are peeked first and only the line's own bytes are read.
+async fn read_line(socket: &TcpStream, max: usize) -> io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let mut buf = vec![0u8; max];
+    loop {
+        let want = max - line.len();
+        let n = socket.peek(&mut buf[..want]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let take = match buf[..n].iter().position(|&b| b == b'\n') {
+            Some(end) => end + 1,
+            None => n,
+        };
+        let mut chunk = vec![0u8; take];
+        read_exact_from(socket, &mut chunk).await?;
+        line.extend_from_slice(&chunk);
+        if line.last() == Some(&b'\n') {
+            return Ok(line);
+        }
+        if line.len() >= max {
+            return Ok(line);
+        }
+    }
+}
+
+async fn read_exact_from(socket: &TcpStream, mut out: &mut [u8]) -> io::Result<()> {
+    while !out.is_empty() {
+        socket.readable().await?;
+        match socket.try_read(out) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => out = &mut out[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads one unencrypted SSH binary packet (RFC 4253 6), whole.
+async fn read_packet(socket: &mut TcpStream) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    socket.read_exact(&mut len).await?;
+    let body = u32::from_be_bytes(len) as usize;
+    if !(5..=MAX_CLEAR_PACKET).contains(&body) {
+        return Err(io::Error::other(format!(
+            "first SSH packet has an impossible length {body}"
+        )));
+    }
+    let mut packet = vec![0u8; 4 + body];
+    packet[..4].copy_from_slice(&len);
+    socket.read_exact(&mut packet[4..]).await?;
+    Ok(packet)
+}

@@ -1,0 +1,160 @@
+//! Thin wrappers around the socket calls the proxy needs and std/tokio do
+//! not offer: socket cookies, TCP_INFO, send-queue size, non-blocking peek.
+
+use std::{io, mem, os::fd::AsRawFd};
+
+/// `SO_COOKIE`: the kernel's 64-bit id of a socket (the SOCKHASH key).
+pub fn cookie(socket: &impl AsRawFd) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    getsockopt(socket, libc::SOL_SOCKET, libc::SO_COOKIE, &mut value)?;
+    Ok(value)
+}
+
+/// The part of the kernel's `struct tcp_info` the proxy reads; the layout
+/// is UAPI and only ever grows at the end.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct RawTcpInfo {
+    head: [u8; 8],
+    words: [u32; 24],
+    pacing_rate: u64,
+    max_pacing_rate: u64,
+    bytes_acked: u64,
+    bytes_received: u64,
+}
+
+/// Byte counts of a TCP socket, excluding SYN and FIN.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpCounts {
+    /// Bytes the peer has acknowledged.
+    pub acked: u64,
+    /// Bytes received in order from the peer, plus one once its FIN has
+    /// arrived (the kernel counts the FIN's sequence number).
+    pub received: u64,
+}
+
+pub fn tcp_counts(socket: &impl AsRawFd) -> io::Result<TcpCounts> {
+    let mut info = RawTcpInfo::default();
+    getsockopt(socket, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)?;
+    Ok(TcpCounts {
+        acked: info.bytes_acked,
+        received: info.bytes_received,
+    })
+}
+
+/// Bytes written to a socket that the peer has not acknowledged yet
+/// (`SIOCOUTQ`).
+pub fn unacked(socket: &impl AsRawFd) -> io::Result<u64> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: valid fd and out pointer of the size SIOCOUTQ writes.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut value) };
+    if rc == 0 {
+        Ok(value as u64)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether the socket holds received bytes nobody has read yet.
+pub fn has_pending_bytes(socket: &impl AsRawFd) -> io::Result<bool> {
+    let mut byte = 0u8;
+    // SAFETY: one-byte buffer, valid fd.
+    let rc = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match rc {
+        1.. => Ok(true),
+        0 => Ok(false),
+        _ => {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::WouldBlock {
+                Ok(false)
+            } else {
+                Err(err)
+            }
+        }
+    }
+}
+
+/// `SO_LINGER` with a zero timeout: closing sends RST at once (it never
+/// blocks, unlike a non-zero linger).
+pub fn reset_on_close(socket: &impl AsRawFd) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd, pointer to a linger struct of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn getsockopt<T>(socket: &impl AsRawFd, level: i32, name: i32, value: &mut T) -> io::Result<()> {
+    let mut len = mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` is a writable buffer of `len` bytes; the kernel writes
+    // at most `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (value as *mut T).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read, Write},
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::*;
+
+    #[test]
+    fn counts_and_cookies_of_a_real_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        assert_ne!(cookie(&client).unwrap(), cookie(&server).unwrap());
+        assert!(!has_pending_bytes(&server).unwrap());
+        client.write_all(b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        server.read_exact(&mut buf).unwrap();
+        server.write_all(b"hi").unwrap();
+        client.read_exact(&mut buf[..2]).unwrap();
+        assert_eq!(tcp_counts(&server).unwrap().received, 5);
+        assert_eq!(tcp_counts(&client).unwrap().received, 2);
+        client.write_all(b"x").unwrap();
+        while !has_pending_bytes(&server).unwrap() {}
+        assert!(unacked(&client).unwrap() <= 1);
+        server.read_exact(&mut buf[..1]).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(server.read(&mut buf).unwrap(), 0);
+        // The kernel counts a received FIN as one byte: 6 bytes + FIN.
+        assert_eq!(tcp_counts(&server).unwrap().received, 7);
+    }
+}

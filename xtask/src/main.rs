@@ -1,1 +1,49 @@
-fn main() {}
+//! `cargo xtask`: the project's build, test, demo and benchmark driver.
+
+mod build;
+mod demo;
+mod bench;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, test, demo and benchmark yensid")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the BPF object (nightly, -Z build-std=core, bpf-linker).
+    ///
+    /// Installs what is missing, with a line each: rust-src for nightly,
+    /// bpf-linker built against LLVM 22, and (as root on Debian) the
+    /// llvm-22-dev packages it needs. Otherwise it stops with the exact
+    /// command to run.
+    BuildEbpf,
+    /// Build everything and run every test (unit and black-box).
+    ///
+    /// The black-box tests need root: they create network namespaces with
+    /// real sshd builders. Unprivileged, they say loudly that they skipped.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Show yensid working on this machine: two throwaway sshd builders in
+    /// network namespaces, the daemon in front of them, real ssh sessions.
+    Demo,
+    /// Measure direct, kernel path and userspace path side by side.
+    Bench(bench::Options),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::BuildEbpf => build::ebpf(),
+        Command::Test { args } => build::test(&args),
+        Command::Demo => demo::run(),
+        Command::Bench(options) => bench::run(&options),
+    }
+}

@@ -54,7 +54,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         Ok(kernel) => Some(Arc::new(kernel)),
         Err(e) => {
             error!(
-                error = %e,
+                error = %brief(&e.to_string()),
                 "BPF UNAVAILABLE: falling back to userspace. yensid binds the service addresses \
                  itself (host prefixes only) and copies every byte in userspace"
             );
@@ -82,12 +82,35 @@ pub async fn run(config_path: &Path) -> Result<()> {
     };
     let cut = shared.inner().active.values().sum::<u64>();
     controller.close_all();
+    for (builder, t) in &shared.inner().totals {
+        info!(
+            builder,
+            connections = t.connections,
+            rejected_clients = t.rejected_clients,
+            failed_over = t.failed_over,
+            to_builder = t.to_builder,
+            from_builder = t.from_builder,
+            "builder totals"
+        );
+    }
     if let Some(k) = &kernel {
         log_totals(k, &controller.services);
         release_kernel(k);
     }
     info!(open_connections_closed = cut, "yensid stopped");
     result
+}
+
+/// An error without the verifier's full log: its last lines say why.
+fn brief(error: &str) -> String {
+    match error.split_once("Verifier output:") {
+        Some((head, log)) => {
+            let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+            let tail = &lines[lines.len().saturating_sub(3)..];
+            format!("{head}verifier: {}", tail.join(" | "))
+        }
+        None => error.to_owned(),
+    }
 }
 
 /// Removes every pinned object. The programs detach when the process's
@@ -163,7 +186,20 @@ struct Inner {
     builder_index: HashMap<String, u32>,
     /// Per service, the affinity table by builder name.
     affinity: HashMap<String, Vec<String>>,
+    totals: HashMap<String, BuilderTotals>,
     sequence: u64,
+}
+
+/// What a builder served over the daemon's life.
+#[derive(Debug, Default)]
+struct BuilderTotals {
+    connections: u64,
+    /// Clients steered to this builder that did not speak SSH.
+    rejected_clients: u64,
+    /// Connections moved away from this builder because it failed.
+    failed_over: u64,
+    to_builder: u64,
+    from_builder: u64,
 }
 
 struct Failure {
@@ -183,6 +219,7 @@ impl Shared {
                 released: HashMap::new(),
                 builder_index: HashMap::new(),
                 affinity: HashMap::new(),
+                totals: HashMap::new(),
                 sequence: 0,
             }),
             replan: Notify::new(),
@@ -328,6 +365,7 @@ impl Dispatcher for Shared {
             },
         );
         self.replan.notify_one();
+        inner.totals.entry(failed.to_owned()).or_default().failed_over += 1;
         let config = inner.config.clone();
         let svc = config.services.iter().find(|s| s.name == service)?;
         inner.sequence += 1;
@@ -350,6 +388,14 @@ impl Dispatcher for Shared {
         let mut inner = self.inner();
         if let Some(n) = inner.active.get_mut(builder) {
             *n = n.saturating_sub(1);
+        }
+        let totals = inner.totals.entry(builder.to_owned()).or_default();
+        if outcome.rejected {
+            totals.rejected_clients += 1;
+        } else if !outcome.unserved {
+            totals.connections += 1;
+            totals.to_builder += outcome.to_builder;
+            totals.from_builder += outcome.from_builder;
         }
         if !outcome.unserved && !outcome.rejected && inner.unavailable.remove(builder).is_some() {
             info!(builder, "builder served a connection again");
@@ -411,7 +457,12 @@ impl Controller {
 
     async fn reload(&mut self) {
         match Config::load(&self.config_path) {
-            Ok(config) => {
+            Ok(mut config) => {
+                let running = self.shared.inner().config.clone();
+                if config.daemon != running.daemon {
+                    config.daemon = running.daemon.clone();
+                    warn!("[daemon] settings (pin_path, dataplane) change only with a restart; keeping the running ones");
+                }
                 info!(path = %self.config_path.display(), "configuration reloaded");
                 self.shared.inner().config = Arc::new(config);
                 self.apply_logged().await;
@@ -753,4 +804,39 @@ async fn accept_loop(
 /// Closes with RST: the userspace equivalent of the kernel's refusal.
 fn refuse(stream: TcpStream) {
     let _ = crate::sock::reset_on_close(&stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn brief_keeps_the_verifiers_conclusion() {
+        let e = "BPF program `dispatch`: load failed. Verifier output: 0: r1 = 1\n1: exit\nR3 unbounded memory access\nprocessed 2 insns\n";
+        assert_eq!(
+            brief(e),
+            "BPF program `dispatch`: load failed. verifier: 1: exit | R3 unbounded memory access | processed 2 insns"
+        );
+        assert_eq!(brief("plain"), "plain");
+    }
+
+    #[test]
+    fn indices_are_stable_and_reused_after_removal() {
+        let mut i = Indices::new(3);
+        assert_eq!(i.get_or_assign("a").unwrap(), 0);
+        assert_eq!(i.get_or_assign("b").unwrap(), 1);
+        assert_eq!(i.get_or_assign("a").unwrap(), 0);
+        assert_eq!(i.retain(|n| n != "a"), vec![0]);
+        assert_eq!(i.get_or_assign("c").unwrap(), 0);
+        assert_eq!(i.get_or_assign("d").unwrap(), 2);
+        assert!(i.get_or_assign("e").is_err());
+    }
+
+    #[test]
+    fn client_addresses_hash_as_the_kernel_sees_them() {
+        let v4: IpAddr = "198.18.250.7".parse().unwrap();
+        assert_eq!(address_words(v4), [0, 0, 0xffff, 0xc612_fa07]);
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(address_words(v6), [0x2001_0db8, 0, 0, 1]);
+    }
 }

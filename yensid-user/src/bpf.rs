@@ -238,6 +238,20 @@ impl Kernel {
             .map_err(map_err(names::BUILDERS))
     }
 
+    /// Takes a builder out of selection at once, keeping its other
+    /// settings (userspace is the only writer of this map).
+    pub fn make_ineligible(&self, builder: u32) -> Result<(), BpfError> {
+        let mut t = self.tables();
+        let mut state = t
+            .builders
+            .get(&builder, 0)
+            .map_err(map_err(names::BUILDERS))?;
+        state.eligible = 0;
+        t.builders
+            .set(builder, state, 0)
+            .map_err(map_err(names::BUILDERS))
+    }
+
     pub fn set_affinity(&self, service: u32, positions: &[u32]) -> Result<(), BpfError> {
         let mut t = self.tables();
         for (slot, position) in positions.iter().enumerate().take(AFFINITY_SLOTS as usize) {

@@ -11,6 +11,7 @@ use std::{
     fmt,
     net::IpAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -19,6 +20,10 @@ use yensid_ebpf::maps::{MAX_BACKENDS, MAX_BUILDERS, MAX_SERVICES};
 
 /// Where pinned maps and the dispatch link live by default.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/yensid";
+/// Where operator state (drains) is kept across restarts by default.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/yensid";
+/// Where the control socket lives by default.
+pub const DEFAULT_RUNTIME_DIR: &str = "/run/yensid";
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +39,60 @@ pub struct Config {
 pub struct Daemon {
     pub pin_path: PathBuf,
     pub dataplane: Dataplane,
+    /// Operator state that survives restarts (`<instance>.json`).
+    pub state_dir: PathBuf,
+    /// The control socket (`<instance>.sock`) for `yensid drain` and friends.
+    pub runtime_dir: PathBuf,
+}
+
+impl Daemon {
+    /// The instance's name: the last component of its pin path (`yensid`
+    /// by default). Daemons in different network namespaces use different
+    /// pin paths, and so get their own socket and state file.
+    pub fn instance(&self) -> String {
+        self.pin_path
+            .file_name()
+            .map_or_else(|| "yensid".to_owned(), |n| n.to_string_lossy().into_owned())
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.runtime_dir.join(format!("{}.sock", self.instance()))
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.state_dir.join(format!("{}.json", self.instance()))
+    }
+}
+
+/// How a builder's health is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthSettings {
+    /// Time between probes of a healthy builder, and the first back-off step.
+    pub interval: Duration,
+    /// How long a probe may take (connect plus banner).
+    pub timeout: Duration,
+    /// Successful probes that bring a down builder back.
+    pub rise: u32,
+    /// Failed probes that take a healthy builder down.
+    pub fall: u32,
+    /// Longest wait between probes of a down builder.
+    pub max_interval: Duration,
+    /// How long a real connection's connect to the builder may take before
+    /// the client is moved to another builder.
+    pub connect_timeout: Duration,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            rise: 1,
+            fall: 2,
+            max_interval: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(3),
+        }
+    }
 }
 
 /// How bytes of an accepted connection reach the builder.
@@ -89,6 +148,7 @@ pub struct Builder {
     /// `None`: unlimited.
     pub max_connections: Option<u32>,
     pub host_key: Option<String>,
+    pub health: HealthSettings,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -290,6 +350,19 @@ mod raw {
         pub builders: BTreeMap<String, Spanned<Builder>>,
         #[serde(default)]
         pub policy: Option<Policy>,
+        #[serde(default)]
+        pub health: Option<Health>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Health {
+        pub interval: Option<Spanned<String>>,
+        pub timeout: Option<Spanned<String>>,
+        pub rise: Option<Spanned<i64>>,
+        pub fall: Option<Spanned<i64>>,
+        pub max_interval: Option<Spanned<String>>,
+        pub connect_timeout: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]
@@ -297,6 +370,8 @@ mod raw {
     pub struct Daemon {
         pub pin_path: Option<Spanned<String>>,
         pub dataplane: Option<super::Dataplane>,
+        pub state_dir: Option<Spanned<String>>,
+        pub runtime_dir: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]
@@ -316,6 +391,7 @@ mod raw {
         pub weight: Option<Spanned<i64>>,
         pub max_connections: Option<Spanned<i64>>,
         pub host_key: Option<Spanned<String>>,
+        pub health: Option<Health>,
     }
 
     #[derive(Deserialize)]
@@ -346,28 +422,35 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
         problems: Vec::new(),
     };
 
-    let daemon = match raw.daemon {
-        None => Daemon {
-            pin_path: DEFAULT_PIN_PATH.into(),
-            dataplane: Dataplane::Kernel,
-        },
-        Some(d) => {
-            let d = d.into_inner();
-            let pin_path = match d.pin_path {
-                None => PathBuf::from(DEFAULT_PIN_PATH),
-                Some(p) => {
-                    if !p.get_ref().starts_with('/') {
-                        check.report("daemon.pin_path", &p, "must be an absolute path in a bpffs");
-                    }
-                    PathBuf::from(p.into_inner())
+    let daemon = {
+        let d = raw.daemon.map(Spanned::into_inner);
+        let (pin_path, dataplane, state_dir, runtime_dir) = match d {
+            None => (None, None, None, None),
+            Some(d) => (d.pin_path, d.dataplane, d.state_dir, d.runtime_dir),
+        };
+        let mut dir = |key: &str, value: Option<Spanned<String>>, default: &str| match value {
+            None => PathBuf::from(default),
+            Some(p) => {
+                if !p.get_ref().starts_with('/') {
+                    check.report(format!("daemon.{key}"), &p, "must be an absolute path");
                 }
-            };
-            Daemon {
-                pin_path,
-                dataplane: d.dataplane.unwrap_or(Dataplane::Kernel),
+                PathBuf::from(p.into_inner())
             }
+        };
+        Daemon {
+            pin_path: dir("pin_path", pin_path, DEFAULT_PIN_PATH),
+            dataplane: dataplane.unwrap_or(Dataplane::Kernel),
+            state_dir: dir("state_dir", state_dir, DEFAULT_STATE_DIR),
+            runtime_dir: dir("runtime_dir", runtime_dir, DEFAULT_RUNTIME_DIR),
         }
     };
+
+    let health = health_settings(
+        &mut check,
+        "health",
+        raw.health.unwrap_or_default(),
+        HealthSettings::default(),
+    );
 
     let mut builders = Vec::new();
     if raw.builders.len() > MAX_BUILDERS as usize {
@@ -416,12 +499,17 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
                 "must be `<type> <base64>`, e.g. the content of ssh_host_ed25519_key.pub",
             );
         }
+        let health = match b.health {
+            None => health,
+            Some(h) => health_settings(&mut check, &key("health"), h, health),
+        };
         builders.push(Builder {
             name,
             address: b.address.into_inner(),
             weight,
             max_connections,
             host_key: b.host_key.map(Spanned::into_inner),
+            health,
         });
     }
 
@@ -566,6 +654,83 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
     }
 }
 
+/// `[health]` (or a builder's `health`) over `base`.
+fn health_settings(
+    check: &mut Checker<'_>,
+    prefix: &str,
+    raw: raw::Health,
+    base: HealthSettings,
+) -> HealthSettings {
+    let mut duration = |name: &str, value: Option<Spanned<String>>, default: Duration| match value {
+        None => default,
+        Some(v) => match parse_duration(v.get_ref()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                check.report(format!("{prefix}.{name}"), &v, "must be longer than zero");
+                default
+            }
+            Err(msg) => {
+                check.report(format!("{prefix}.{name}"), &v, msg);
+                default
+            }
+        },
+    };
+    let interval = duration("interval", raw.interval, base.interval);
+    let timeout = duration("timeout", raw.timeout, base.timeout);
+    let max_interval = duration("max_interval", raw.max_interval, base.max_interval);
+    let connect_timeout = duration("connect_timeout", raw.connect_timeout, base.connect_timeout);
+    let mut count = |name: &str, value: Option<Spanned<i64>>, default: u32| match value {
+        None => default,
+        Some(v) => match u32::try_from(*v.get_ref()) {
+            Ok(n @ 1..) => n,
+            _ => {
+                check.report(
+                    format!("{prefix}.{name}"),
+                    &v,
+                    "must be a whole number of at least 1",
+                );
+                default
+            }
+        },
+    };
+    HealthSettings {
+        interval,
+        timeout,
+        rise: count("rise", raw.rise, base.rise),
+        fall: count("fall", raw.fall, base.fall),
+        max_interval: max_interval.max(interval),
+        connect_timeout,
+    }
+}
+
+/// `"500ms"`, `"5s"`, `"2m"`, `"1h"`, or a combination like `"1m30s"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("`{text}` is not a duration (examples: 500ms, 5s, 2m, 1h, 1m30s)");
+    let mut total = Duration::ZERO;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let value: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(value),
+            "s" => Duration::from_secs(value),
+            "m" => Duration::from_secs(value * 60),
+            "h" => Duration::from_secs(value * 3600),
+            _ => return Err(bad()),
+        };
+        total += unit;
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
 fn check_address(address: &str) -> Result<(), String> {
     if address.parse::<std::net::SocketAddr>().is_ok() {
         return Ok(());
@@ -640,6 +805,14 @@ mode = "local"
         let c = Config::parse(GOOD).unwrap();
         assert_eq!(c.daemon.pin_path, PathBuf::from(DEFAULT_PIN_PATH));
         assert_eq!(c.daemon.dataplane, Dataplane::Kernel);
+        assert_eq!(
+            c.daemon.control_socket(),
+            PathBuf::from("/run/yensid/yensid.sock")
+        );
+        assert_eq!(
+            c.daemon.state_file(),
+            PathBuf::from("/var/lib/yensid/yensid.json")
+        );
         assert_eq!(c.services[0].port, 22);
         assert_eq!(c.services[0].builders, ["b2", "b1"]);
         assert_eq!(c.services[0].strategy, Strategy::Priority);
@@ -722,6 +895,46 @@ mode = "local"
         assert!(p[0].contains("service `x86` is defined twice"), "{p:?}");
         let p = problems("");
         assert_eq!(p, ["service: no [[service]] defined: nothing to claim"]);
+    }
+
+    #[test]
+    fn health_defaults_global_settings_and_per_builder_overrides() {
+        let text = format!(
+            "{GOOD}\n[health]\ninterval = \"1s\"\nfall = 3\n\n[builders.b3]\naddress = \"198.18.3.2:22\"\nhealth = {{ interval = \"250ms\", rise = 2 }}\n"
+        );
+        let c = Config::parse(&text).unwrap();
+        let b1 = c.builder("b1").unwrap().health;
+        assert_eq!(
+            (b1.interval, b1.fall, b1.rise),
+            (Duration::from_secs(1), 3, 1)
+        );
+        assert_eq!(b1.timeout, Duration::from_secs(2));
+        assert_eq!(b1.connect_timeout, Duration::from_secs(3));
+        let b3 = c.builder("b3").unwrap().health;
+        assert_eq!(
+            (b3.interval, b3.fall, b3.rise),
+            (Duration::from_millis(250), 3, 2)
+        );
+        let p = problems(&format!(
+            "{GOOD}\n[health]\ninterval = \"soon\"\nrise = 0\n"
+        ));
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[0].starts_with("line 21: health.interval: `soon` is not a duration"),
+            "{p:?}"
+        );
+        assert!(p[1].starts_with("line 22: health.rise: must be"), "{p:?}");
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5 s").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("s").is_err());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `yensid run`: the controller. It owns the configuration and the
-//! builders' state, asks `policy` for a plan whenever something changes,
-//! writes the plan into the kernel's maps, and runs one listener per
-//! (service, builder) whose accepted connections go to `proxy`.
+//! operator's state, asks `policy` for a plan whenever something changes,
+//! writes the plan into the kernel's maps, runs one listener per
+//! (service, builder) whose accepted connections go to `proxy`, one probe
+//! task per builder, and the control socket.
 //!
 //! Without BPF (no privileges, old kernel) the same daemon binds the
 //! services' addresses itself, chooses builders in userspace with the same
@@ -9,40 +10,35 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    sync::Arc,
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
 use tokio::{
     net::{TcpListener, TcpStream},
     signal::unix::{SignalKind, signal},
-    sync::Notify,
+    sync::mpsc,
     task::JoinHandle,
 };
 use tracing::{error, info, warn};
-use yensid_ebpf::{
-    maps::{
-        AFFINITY_SLOTS, Backend, BuilderState, MAX_BUILDERS, MAX_LISTENERS, MAX_SERVICES,
-        ServiceState,
-    },
-    select::{self, Candidate, Draw, Pool},
+use yensid_ebpf::maps::{
+    Backend, BuilderState, MAX_BUILDERS, MAX_LISTENERS, MAX_SERVICES, ServiceState,
 };
 
 use crate::{
     bpf::{self, Kernel},
-    config::{Config, Dataplane, Mode, Service},
-    policy::{self, Plan, Refusal, Snapshot, Unavailable},
-    proxy::{self, DataPath, Dispatcher, Outcome},
+    config::{Config, Dataplane, Service},
+    control::{self, Pending, Reply, Request},
+    health,
+    policy::{self, Plan, Refusal, Snapshot},
+    proxy::{self, DataPath, Dispatcher},
+    registry::Registry,
+    state::OperatorState,
 };
 
-/// How long an upstream connect may take before the next builder is tried.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// First and longest wait before a builder that failed is tried again.
-const RETRY_FIRST: Duration = Duration::from_secs(5);
-const RETRY_MAX: Duration = Duration::from_secs(120);
 /// How long a listener that left the plan keeps accepting what the kernel
 /// already queued on it.
 const LISTENER_GRACE: Duration = Duration::from_secs(2);
@@ -50,6 +46,12 @@ const LISTENER_GRACE: Duration = Duration::from_secs(2);
 pub async fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)
         .with_context(|| format!("invalid configuration {}", config_path.display()))?;
+    let state_file = config.daemon.state_file();
+    let state = OperatorState::load(&state_file)?;
+    if !state.drained.is_empty() {
+        info!(drained = ?state.drained, file = %state_file.display(), "drains restored");
+    }
+    let control = control::bind(&config.daemon.control_socket()).await?;
     let kernel = match Kernel::load(&config.daemon.pin_path) {
         Ok(kernel) => Some(Arc::new(kernel)),
         Err(e) => {
@@ -65,24 +67,31 @@ pub async fn run(config_path: &Path) -> Result<()> {
         (Some(k), Dataplane::Kernel) => DataPath::Kernel(k.clone()),
         _ => DataPath::Userspace,
     };
-    let shared = Arc::new(Shared::new(config, kernel.clone()));
+    let control_path = config.daemon.control_socket();
+    let registry = Arc::new(Registry::new(config, state.drained, kernel.clone()));
+    let (requests, incoming) = mpsc::channel(16);
+    let control_task = tokio::spawn(control::serve(control, requests));
     let mut controller = Controller {
         config_path: config_path.to_owned(),
-        shared: shared.clone(),
+        state_file,
+        registry: registry.clone(),
         path,
         listeners: HashMap::new(),
+        probes: HashMap::new(),
         services: Indices::new(MAX_SERVICES),
         builders: Indices::new(MAX_BUILDERS),
         listener_ids: Indices::new(MAX_LISTENERS),
         last_plan: None,
     };
     let result = match controller.apply().await {
-        Ok(()) => controller.serve().await,
+        Ok(()) => controller.serve(incoming).await,
         Err(e) => Err(e),
     };
-    let cut = shared.inner().active.values().sum::<u64>();
+    control_task.abort();
+    let _ = std::fs::remove_file(&control_path);
+    let cut = registry.inner().active.values().sum::<u64>();
     controller.close_all();
-    for (builder, t) in &shared.inner().totals {
+    for (builder, t) in &registry.inner().totals {
         info!(
             builder,
             connections = t.connections,
@@ -169,242 +178,6 @@ impl Indices {
     }
 }
 
-/// State shared by the controller and the connection tasks.
-pub struct Shared {
-    kernel: Option<Arc<Kernel>>,
-    inner: Mutex<Inner>,
-    replan: Notify,
-}
-
-struct Inner {
-    config: Arc<Config>,
-    unavailable: HashMap<String, Failure>,
-    /// Open connections per builder, as userspace counts them.
-    active: HashMap<String, u64>,
-    /// What userspace last wrote to the kernel's RELEASED map, by index.
-    released: HashMap<u32, u64>,
-    builder_index: HashMap<String, u32>,
-    /// Per service, the affinity table by builder name.
-    affinity: HashMap<String, Vec<String>>,
-    totals: HashMap<String, BuilderTotals>,
-    sequence: u64,
-}
-
-/// What a builder served over the daemon's life.
-#[derive(Debug, Default)]
-struct BuilderTotals {
-    connections: u64,
-    /// Clients steered to this builder that did not speak SSH.
-    rejected_clients: u64,
-    /// Connections moved away from this builder because it failed.
-    failed_over: u64,
-    to_builder: u64,
-    from_builder: u64,
-}
-
-struct Failure {
-    reason: String,
-    failures: u32,
-    retry_at: Instant,
-}
-
-impl Shared {
-    fn new(config: Config, kernel: Option<Arc<Kernel>>) -> Self {
-        Self {
-            kernel,
-            inner: Mutex::new(Inner {
-                config: Arc::new(config),
-                unavailable: HashMap::new(),
-                active: HashMap::new(),
-                released: HashMap::new(),
-                builder_index: HashMap::new(),
-                affinity: HashMap::new(),
-                totals: HashMap::new(),
-                sequence: 0,
-            }),
-            replan: Notify::new(),
-        }
-    }
-
-    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().expect("daemon state poisoned")
-    }
-
-    /// A connection counted for `builder` was accepted.
-    fn accepted(&self, builder: &str) {
-        *self.inner().active.entry(builder.to_owned()).or_default() += 1;
-    }
-
-    /// Moves one connection's count in the kernel: `delta` is added to the
-    /// RELEASED counter of `builder` (wrapping, see the map's docs).
-    fn adjust_released(&self, inner: &mut Inner, builder: &str, delta: i64) {
-        let (Some(kernel), Some(&index)) = (&self.kernel, inner.builder_index.get(builder)) else {
-            return;
-        };
-        let released = inner.released.entry(index).or_default();
-        *released = released.wrapping_add_signed(delta);
-        if let Err(e) = kernel.set_released(index, *released) {
-            error!(builder, error = %e, "cannot update the kernel's connection count");
-        }
-    }
-
-    /// Chooses a builder for a connection the kernel did not steer (the
-    /// userspace fallback), and counts it.
-    fn route(&self, service: &str, peer: SocketAddr) -> Option<String> {
-        let mut inner = self.inner();
-        let config = inner.config.clone();
-        let svc = config.services.iter().find(|s| s.name == service)?;
-        if effective_mode(&config) == Mode::Local {
-            return None;
-        }
-        inner.sequence += 1;
-        let affinity = inner.affinity.get(service).and_then(|table| {
-            let slot = select::client_hash(address_words(peer.ip())) % AFFINITY_SLOTS;
-            let name = table.get(slot as usize)?;
-            let b = config.builder(name)?;
-            let active = inner.active.get(name).copied().unwrap_or(0);
-            let eligible = !inner.unavailable.contains_key(name);
-            let available =
-                Candidate::new(b.weight, b.max_connections.unwrap_or(0), eligible, active)
-                    .available;
-            let position = svc.builders.iter().position(|b| b == name)?;
-            available.then_some(position as u32)
-        });
-        let draw = Draw {
-            random: rand_u32(),
-            sequence: inner.sequence,
-            affinity,
-        };
-        let chosen = choose_in_userspace(&inner, svc, &[], &draw)?;
-        *inner.active.entry(chosen.clone()).or_default() += 1;
-        Some(chosen)
-    }
-}
-
-fn effective_mode(config: &Config) -> Mode {
-    config.policy.mode
-}
-
-/// The shared selection code over userspace's view of a service.
-fn choose_in_userspace(
-    inner: &Inner,
-    svc: &Service,
-    exclude: &[String],
-    draw: &Draw,
-) -> Option<String> {
-    let mut pool = Pool::new();
-    for name in &svc.builders {
-        let b = inner.config.builder(name);
-        let eligible = !exclude.contains(name) && !inner.unavailable.contains_key(name);
-        pool.push(Candidate::new(
-            b.map_or(0, |b| b.weight),
-            b.and_then(|b| b.max_connections).unwrap_or(0),
-            eligible,
-            inner.active.get(name).copied().unwrap_or(0),
-        ));
-    }
-    let position = select::choose(svc.strategy.kernel_id(), &pool, draw)?;
-    svc.builders.get(position as usize).cloned()
-}
-
-/// A client address as the kernel hashes it: IPv4 mapped into IPv6, four
-/// big-endian words.
-fn address_words(ip: IpAddr) -> [u32; 4] {
-    let octets = match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    };
-    let word =
-        |i: usize| u32::from_be_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
-    [word(0), word(4), word(8), word(12)]
-}
-
-fn rand_u32() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
-    h.finish() as u32
-}
-
-impl Dispatcher for Shared {
-    fn address(&self, builder: &str) -> Option<String> {
-        self.inner()
-            .config
-            .builder(builder)
-            .map(|b| b.address.clone())
-    }
-
-    fn connect_timeout(&self) -> Duration {
-        CONNECT_TIMEOUT
-    }
-
-    fn fail_over(
-        &self,
-        service: &str,
-        failed: &str,
-        reason: &str,
-        tried: &[String],
-    ) -> Option<String> {
-        let mut inner = self.inner();
-        let failures = inner.unavailable.get(failed).map_or(0, |f| f.failures) + 1;
-        let wait = RETRY_FIRST
-            .saturating_mul(1 << (failures - 1).min(10))
-            .min(RETRY_MAX);
-        warn!(
-            builder = failed,
-            reason,
-            retry_in_seconds = wait.as_secs(),
-            "builder marked unavailable"
-        );
-        inner.unavailable.insert(
-            failed.to_owned(),
-            Failure {
-                reason: reason.to_owned(),
-                failures,
-                retry_at: Instant::now() + wait,
-            },
-        );
-        self.replan.notify_one();
-        inner.totals.entry(failed.to_owned()).or_default().failed_over += 1;
-        let config = inner.config.clone();
-        let svc = config.services.iter().find(|s| s.name == service)?;
-        inner.sequence += 1;
-        let draw = Draw {
-            random: rand_u32(),
-            sequence: inner.sequence,
-            affinity: None,
-        };
-        let next = choose_in_userspace(&inner, svc, tried, &draw)?;
-        if let Some(n) = inner.active.get_mut(failed) {
-            *n = n.saturating_sub(1);
-        }
-        *inner.active.entry(next.clone()).or_default() += 1;
-        self.adjust_released(&mut inner, failed, 1);
-        self.adjust_released(&mut inner, &next, -1);
-        Some(next)
-    }
-
-    fn finished(&self, builder: &str, outcome: &Outcome) {
-        let mut inner = self.inner();
-        if let Some(n) = inner.active.get_mut(builder) {
-            *n = n.saturating_sub(1);
-        }
-        let totals = inner.totals.entry(builder.to_owned()).or_default();
-        if outcome.rejected {
-            totals.rejected_clients += 1;
-        } else if !outcome.unserved {
-            totals.connections += 1;
-            totals.to_builder += outcome.to_builder;
-            totals.from_builder += outcome.from_builder;
-        }
-        if !outcome.unserved && !outcome.rejected && inner.unavailable.remove(builder).is_some() {
-            info!(builder, "builder served a connection again");
-            self.replan.notify_one();
-        }
-        self.adjust_released(&mut inner, builder, 1);
-    }
-}
-
 struct ListenerHandle {
     id: u32,
     task: JoinHandle<()>,
@@ -412,8 +185,11 @@ struct ListenerHandle {
 
 struct Controller {
     config_path: PathBuf,
-    shared: Arc<Shared>,
+    state_file: PathBuf,
+    registry: Arc<Registry>,
     path: DataPath,
+    /// One probe task per builder.
+    probes: HashMap<String, JoinHandle<()>>,
     /// Keyed by (service, builder); in the fallback by (service, address).
     listeners: HashMap<(String, String), ListenerHandle>,
     services: Indices,
@@ -423,13 +199,12 @@ struct Controller {
 }
 
 impl Controller {
-    async fn serve(&mut self) -> Result<()> {
+    async fn serve(&mut self, mut requests: mpsc::Receiver<Pending>) -> Result<()> {
         let mut hangup = signal(SignalKind::hangup())?;
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let shared = self.shared.clone();
-        let config = self.shared.inner().config.clone();
+        let registry = self.registry.clone();
+        let config = registry.inner().config.clone();
         info!(
             services = config.services.len(),
             builders = config.builders.len(),
@@ -437,7 +212,7 @@ impl Controller {
                 DataPath::Kernel(_) => "kernel",
                 DataPath::Userspace => "userspace",
             },
-            bpf = self.shared.kernel.is_some(),
+            bpf = registry.kernel_loaded(),
             "yensid ready"
         );
         loop {
@@ -445,51 +220,103 @@ impl Controller {
                 _ = hangup.recv() => self.reload().await,
                 _ = terminate.recv() => return Ok(()),
                 _ = interrupt.recv() => return Ok(()),
-                _ = shared.replan.notified() => self.apply_logged().await,
-                _ = tick.tick() => {
-                    if self.expire_failures() {
-                        self.apply_logged().await;
-                    }
+                _ = registry.replan.notified() => self.apply_logged().await,
+                Some((request, reply)) = requests.recv() => {
+                    let answer = self.handle(request).await;
+                    let _ = reply.send(answer);
                 }
             }
         }
     }
 
+    /// Carries out an operator's request from the control socket.
+    async fn handle(&mut self, request: Request) -> Reply {
+        let (builder, drain) = match &request {
+            Request::Drain { builder } => (builder, true),
+            Request::Undrain { builder } => (builder, false),
+        };
+        let mut state = {
+            let inner = self.registry.inner();
+            if inner.config.builder(builder).is_none() {
+                let known: Vec<&str> = inner
+                    .config
+                    .builders
+                    .iter()
+                    .map(|b| b.name.as_str())
+                    .collect();
+                return Reply {
+                    ok: false,
+                    message: format!(
+                        "unknown builder `{builder}` (configured: {})",
+                        known.join(", ")
+                    ),
+                };
+            }
+            OperatorState {
+                drained: inner.drained.clone(),
+            }
+        };
+        let changed = if drain {
+            state.drained.insert(builder.clone())
+        } else {
+            state.drained.remove(builder)
+        };
+        if let Err(e) = state.save(&self.state_file) {
+            return Reply {
+                ok: false,
+                message: format!("not changed: {e}"),
+            };
+        }
+        self.registry.inner().drained = state.drained;
+        self.apply_logged().await;
+        let open = self
+            .registry
+            .inner()
+            .active
+            .get(builder)
+            .copied()
+            .unwrap_or(0);
+        let message = match (drain, changed) {
+            (true, true) => {
+                info!(
+                    builder,
+                    open_connections = open,
+                    "builder drained by the operator: no new connections, open ones continue"
+                );
+                format!("{builder} drained: no new connections; {open} open connection(s) continue")
+            }
+            (true, false) => format!("{builder} was already drained ({open} open connection(s))"),
+            (false, true) => {
+                info!(builder, "builder undrained by the operator");
+                format!("{builder} undrained: takes new connections when healthy")
+            }
+            (false, false) => format!("{builder} was not drained"),
+        };
+        Reply { ok: true, message }
+    }
+
     async fn reload(&mut self) {
         match Config::load(&self.config_path) {
             Ok(mut config) => {
-                let running = self.shared.inner().config.clone();
+                let running = self.registry.inner().config.clone();
                 if config.daemon != running.daemon {
                     config.daemon = running.daemon.clone();
-                    warn!("[daemon] settings (pin_path, dataplane) change only with a restart; keeping the running ones");
+                    warn!(
+                        "[daemon] settings (pin_path, dataplane) change only with a restart; keeping the running ones"
+                    );
                 }
                 info!(path = %self.config_path.display(), "configuration reloaded");
-                self.shared.inner().config = Arc::new(config);
+                {
+                    let mut inner = self.registry.inner();
+                    inner.config = Arc::new(config);
+                    inner.sync_health();
+                }
                 self.apply_logged().await;
             }
             Err(e) => {
                 error!(path = %self.config_path.display(), error = %e, "reload refused; keeping the running configuration")
             }
         }
-    }
-
-    /// Builders whose retry time has come become candidates again.
-    fn expire_failures(&self) -> bool {
-        let now = Instant::now();
-        let mut inner = self.shared.inner();
-        let before = inner.unavailable.len();
-        inner.unavailable.retain(|name, f| {
-            let keep = f.retry_at > now;
-            if !keep {
-                info!(
-                    builder = name,
-                    after_failures = f.failures,
-                    "retrying builder"
-                );
-            }
-            keep
-        });
-        inner.unavailable.len() != before
     }
 
     async fn apply_logged(&mut self) {
@@ -501,28 +328,19 @@ impl Controller {
     /// Computes the plan for the current state and makes it so.
     async fn apply(&mut self) -> Result<()> {
         let (config, plan) = {
-            let inner = self.shared.inner();
-            let unavailable: HashMap<String, Unavailable> = inner
-                .unavailable
-                .iter()
-                .map(|(n, f)| {
-                    (
-                        n.clone(),
-                        Unavailable::Failed {
-                            reason: f.reason.clone(),
-                        },
-                    )
-                })
-                .collect();
+            let inner = self.registry.inner();
+            let unavailable = inner.unavailable();
             let plan = policy::decide(Snapshot {
                 config: &inner.config,
-                mode: effective_mode(&inner.config),
+                mode: inner.config.policy.mode,
                 unavailable: &unavailable,
             });
             (inner.config.clone(), plan)
         };
+        self.sync_probes(&config);
+        self.update_affinity(&config);
         self.log_changes(&plan);
-        match self.shared.kernel.clone() {
+        match self.registry.kernel() {
             Some(kernel) => self.apply_kernel(&kernel, &config, &plan).await?,
             None => self.apply_fallback(&config).await?,
         }
@@ -533,17 +351,16 @@ impl Controller {
     async fn apply_kernel(&mut self, kernel: &Kernel, config: &Config, plan: &Plan) -> Result<()> {
         for (builder, bp) in config.builders.iter().zip(&plan.builders) {
             let index = self.builders.get_or_assign(&builder.name)?;
-            let first_time = self
-                .shared
+            let first_time = !self
+                .registry
                 .inner()
                 .builder_index
-                .insert(builder.name.clone(), index)
-                .is_none();
+                .contains_key(&builder.name);
             if first_time {
                 // No connection of this daemon is open to a new index: the
                 // kernel's count restarts from whatever it holds.
                 let assigned = kernel.assigned(index)?;
-                self.shared.inner().released.insert(index, assigned);
+                self.registry.adopt_index(&builder.name, index, assigned);
                 kernel.set_released(index, assigned)?;
             }
             kernel.set_builder(
@@ -573,24 +390,19 @@ impl Controller {
                     listener,
                 });
             }
-            let members: Vec<(String, u32)> = svc
-                .builders
-                .iter()
-                .map(|n| (n.clone(), config.builder(n).map_or(1, |b| b.weight)))
-                .collect();
-            let previous = self
-                .shared
+            let positions: Vec<u32> = self
+                .registry
                 .inner()
                 .affinity
-                .remove(&svc.name)
+                .get(&svc.name)
+                .map(|table| {
+                    table
+                        .iter()
+                        .map(|n| svc.builders.iter().position(|b| b == n).unwrap_or(0) as u32)
+                        .collect()
+                })
                 .unwrap_or_default();
-            let table = policy::affinity_table(&previous, &members);
-            let positions: Vec<u32> = table
-                .iter()
-                .map(|n| svc.builders.iter().position(|b| b == n).unwrap_or(0) as u32)
-                .collect();
             kernel.set_affinity(service, &positions)?;
-            self.shared.inner().affinity.insert(svc.name.clone(), table);
             kernel.set_backends(
                 service,
                 &backends,
@@ -611,10 +423,6 @@ impl Controller {
         for gone in self.services.retain(|n| names.contains(n)) {
             kernel.set_service(gone, ServiceState::default())?;
         }
-        self.shared
-            .inner()
-            .affinity
-            .retain(|n, _| names.contains(n.as_str()));
         self.retire_listeners(|key| wanted_listeners.contains(key));
         Ok(())
     }
@@ -649,7 +457,7 @@ impl Controller {
             listener,
             svc.name.clone(),
             Some(builder.to_owned()),
-            self.shared.clone(),
+            self.registry.clone(),
             self.path.clone(),
         ));
         self.listeners.insert(
@@ -702,7 +510,7 @@ impl Controller {
                     listener,
                     svc.name.clone(),
                     None,
-                    self.shared.clone(),
+                    self.registry.clone(),
                     DataPath::Userspace,
                 ));
                 self.listeners.insert(key, ListenerHandle { id: 0, task });
@@ -734,9 +542,50 @@ impl Controller {
         }
     }
 
+    /// Rebuilds each service's affinity table from the previous one, so
+    /// clients keep their builder across reloads (see `policy`).
+    fn update_affinity(&self, config: &Config) {
+        let mut inner = self.registry.inner();
+        let mut tables = HashMap::new();
+        for svc in &config.services {
+            let members: Vec<(String, u32)> = svc
+                .builders
+                .iter()
+                .map(|n| (n.clone(), config.builder(n).map_or(1, |b| b.weight)))
+                .collect();
+            let previous = inner.affinity.remove(&svc.name).unwrap_or_default();
+            tables.insert(
+                svc.name.clone(),
+                policy::affinity_table(&previous, &members),
+            );
+        }
+        inner.affinity = tables;
+    }
+
+    /// One probe task per configured builder; tasks of removed builders
+    /// stop, new builders get one.
+    fn sync_probes(&mut self, config: &Config) {
+        self.probes.retain(|name, task| {
+            let keep = config.builder(name).is_some();
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for b in &config.builders {
+            if !self.probes.contains_key(&b.name) {
+                let task = tokio::spawn(probe_loop(self.registry.clone(), b.name.clone()));
+                self.probes.insert(b.name.clone(), task);
+            }
+        }
+    }
+
     fn close_all(&mut self) {
         for (_, handle) in self.listeners.drain() {
             handle.task.abort();
+        }
+        for (_, task) in self.probes.drain() {
+            task.abort();
         }
     }
 }
@@ -767,7 +616,7 @@ async fn accept_loop(
     listener: TcpListener,
     service: String,
     builder: Option<String>,
-    shared: Arc<Shared>,
+    registry: Arc<Registry>,
     path: DataPath,
 ) {
     loop {
@@ -781,10 +630,10 @@ async fn accept_loop(
         };
         let chosen = match &builder {
             Some(b) => {
-                shared.accepted(b);
+                registry.accepted(b);
                 b.clone()
             }
-            None => match shared.route(&service, peer) {
+            None => match registry.route(&service, peer) {
                 Some(b) => b,
                 None => {
                     refuse(stream);
@@ -792,7 +641,7 @@ async fn accept_loop(
                 }
             },
         };
-        let dispatcher: Arc<dyn Dispatcher> = shared.clone();
+        let dispatcher: Arc<dyn Dispatcher> = registry.clone();
         let service = service.clone();
         let path = path.clone();
         tokio::spawn(async move {
@@ -804,6 +653,29 @@ async fn accept_loop(
 /// Closes with RST: the userspace equivalent of the kernel's refusal.
 fn refuse(stream: TcpStream) {
     let _ = crate::sock::reset_on_close(&stream);
+}
+
+/// Probes one builder for as long as it is configured, at the times its
+/// health tracker asks for.
+async fn probe_loop(registry: Arc<Registry>, builder: String) {
+    loop {
+        let (next, address, limit) = {
+            let inner = registry.inner();
+            let (Some(tracker), Some(config)) =
+                (inner.health.get(&builder), inner.config.builder(&builder))
+            else {
+                return;
+            };
+            (
+                tracker.next_probe(),
+                config.address.clone(),
+                tracker.settings().timeout,
+            )
+        };
+        tokio::time::sleep_until(next.into()).await;
+        let result = health::probe(&address, limit).await;
+        registry.probed(&builder, result);
+    }
 }
 
 #[cfg(test)]
@@ -830,13 +702,5 @@ mod tests {
         assert_eq!(i.get_or_assign("c").unwrap(), 0);
         assert_eq!(i.get_or_assign("d").unwrap(), 2);
         assert!(i.get_or_assign("e").is_err());
-    }
-
-    #[test]
-    fn client_addresses_hash_as_the_kernel_sees_them() {
-        let v4: IpAddr = "198.18.250.7".parse().unwrap();
-        assert_eq!(address_words(v4), [0, 0, 0xffff, 0xc612_fa07]);
-        let v6: IpAddr = "2001:db8::1".parse().unwrap();
-        assert_eq!(address_words(v6), [0x2001_0db8, 0, 0, 1]);
     }
 }

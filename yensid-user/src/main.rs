@@ -7,15 +7,21 @@
 
 mod bpf;
 mod config;
+mod control;
 mod daemon;
+mod health;
 mod policy;
 mod proxy;
+mod registry;
 mod sock;
+mod state;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use control::Request;
+use state::OperatorState;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -55,6 +61,35 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// Stop sending new connections to a builder (maintenance).
+    ///
+    /// Its open connections, spliced or not, continue to their end. The
+    /// drain is kept in the state file and survives daemon restarts until
+    /// `yensid undrain`. Works while the daemon is stopped too (it takes
+    /// effect when the daemon starts). Needs root.
+    Drain {
+        /// The builder's name, as in `[builders.NAME]`.
+        builder: String,
+        #[arg(
+            long,
+            short,
+            env = "YENSID_CONFIG",
+            default_value = "/etc/yensid/yensid.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Let a drained builder take new connections again (when healthy).
+    Undrain {
+        /// The builder's name, as in `[builders.NAME]`.
+        builder: String,
+        #[arg(
+            long,
+            short,
+            env = "YENSID_CONFIG",
+            default_value = "/etc/yensid/yensid.toml"
+        )]
+        config: PathBuf,
+    },
     /// Validate a configuration file without privileges.
     ///
     /// Reports every problem at once, each with its key and line: unknown
@@ -79,6 +114,8 @@ fn main() -> std::process::ExitCode {
                 }
             }
         }
+        Command::Drain { builder, config } => operator(&config, Request::Drain { builder }),
+        Command::Undrain { builder, config } => operator(&config, Request::Undrain { builder }),
         Command::CheckConfig { file } => match config::Config::load(&file) {
             Ok(c) => {
                 println!(
@@ -97,7 +134,60 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(config: &std::path::Path) -> Result<()> {
+/// Sends a verb to the running daemon, or records it in the state file
+/// when no daemon runs.
+fn operator(config_path: &Path, request: Request) -> std::process::ExitCode {
+    match send(config_path, &request) {
+        Ok(message) => {
+            println!("{message}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("yensid: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn send(config_path: &Path, request: &Request) -> Result<String> {
+    let config = config::Config::load(config_path)
+        .with_context(|| format!("invalid configuration {}", config_path.display()))?;
+    let (Request::Drain { builder } | Request::Undrain { builder }) = request;
+    if config.builder(builder).is_none() {
+        let known: Vec<&str> = config.builders.iter().map(|b| b.name.as_str()).collect();
+        bail!(
+            "unknown builder `{builder}` (configured: {})",
+            known.join(", ")
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let socket = config.daemon.control_socket();
+    match runtime.block_on(control::request(&socket, request)) {
+        Ok(reply) if reply.ok => Ok(reply.message),
+        Ok(reply) => bail!("{}", reply.message),
+        Err(control::ControlError::NotRunning { .. }) => {
+            let file = config.daemon.state_file();
+            let mut state = OperatorState::load(&file)?;
+            let drain = matches!(request, Request::Drain { .. });
+            if drain {
+                state.drained.insert(builder.clone());
+            } else {
+                state.drained.remove(builder);
+            }
+            state.save(&file)?;
+            Ok(format!(
+                "yensid is not running (no {}): recorded in {}; takes effect when it starts",
+                socket.display(),
+                file.display()
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn run(config: &Path) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -16,8 +16,19 @@ use crate::config::{Config, Mode};
 /// Why a builder may not take new connections right now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Unavailable {
-    /// A connect or handshake to it failed; retried after the back-off.
-    Failed { reason: String },
+    /// The operator drained it: open connections continue, no new ones.
+    Draining,
+    /// Probes or a real connection failed (the reason says how).
+    Unhealthy { reason: String },
+}
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unavailable::Draining => f.write_str("draining"),
+            Unavailable::Unhealthy { reason } => write!(f, "unhealthy ({reason})"),
+        }
+    }
 }
 
 /// What the state looks like at one instant.
@@ -194,7 +205,7 @@ mod tests {
     const TWO_SERVICES: &str = "[[service]]\nname = \"a\"\nlisten = [\"127.0.0.22\"]\nbuilders = [\"b1\"]\n[[service]]\nname = \"b\"\nlisten = [\"127.0.0.23\"]\n";
 
     fn failed() -> Unavailable {
-        Unavailable::Failed {
+        Unavailable::Unhealthy {
             reason: "connection refused".into(),
         }
     }
@@ -241,6 +252,22 @@ mod tests {
         assert_eq!(plan.services[1].refusal, None);
         assert_eq!(plan.builders[0].unavailable, Some(failed()));
         assert!(!plan.builders[0].eligible && plan.builders[1].eligible);
+    }
+
+    #[test]
+    fn draining_builders_are_not_eligible_and_say_so() {
+        let c = config(TWO_SERVICES);
+        let drained = HashMap::from([("b2".to_owned(), Unavailable::Draining)]);
+        let plan = decide(Snapshot {
+            config: &c,
+            mode: Mode::Auto,
+            unavailable: &drained,
+        });
+        assert_eq!(plan.builders[1].unavailable, Some(Unavailable::Draining));
+        assert!(!plan.builders[1].eligible);
+        assert_eq!(plan.services[1].refusal, None, "b1 still serves service b");
+        assert_eq!(Unavailable::Draining.to_string(), "draining");
+        assert_eq!(failed().to_string(), "unhealthy (connection refused)");
     }
 
     #[test]

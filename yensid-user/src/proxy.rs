@@ -58,7 +58,7 @@ pub trait Dispatcher: Send + Sync + 'static {
     /// `host:port` of a builder.
     fn address(&self, builder: &str) -> Option<String>;
     /// How long a connect to a builder may take.
-    fn connect_timeout(&self) -> Duration;
+    fn connect_timeout(&self, builder: &str) -> Duration;
     /// Records that `failed` could not serve a connection of `service` and
     /// moves that connection to another builder not in `tried`, if any.
     fn fail_over(
@@ -208,14 +208,14 @@ async fn open_upstream(
     let address = dispatcher
         .address(builder)
         .ok_or_else(|| io::Error::other("builder is no longer configured"))?;
-    let upstream = timeout(dispatcher.connect_timeout(), connect(&address))
+    let upstream = timeout(dispatcher.connect_timeout(builder), connect(&address))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     upstream.set_nodelay(true)?;
     let mut lines = Vec::new();
     loop {
         let line = timeout(
-            dispatcher.connect_timeout(),
+            dispatcher.connect_timeout(builder),
             read_line(&upstream, MAX_IDENT_LINE),
         )
         .await
@@ -230,7 +230,8 @@ async fn open_upstream(
     }
 }
 
-async fn connect(address: &str) -> io::Result<TcpStream> {
+/// Connects to `host:port`, trying each address it resolves to.
+pub async fn connect(address: &str) -> io::Result<TcpStream> {
     let mut last = io::Error::other(format!("`{address}` resolves to no address"));
     for addr in tokio::net::lookup_host(address).await? {
         match TcpStream::connect(addr).await {

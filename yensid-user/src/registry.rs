@@ -1,0 +1,397 @@
+//! What the daemon knows about builders right now: health, drains, open
+//! connections and totals. Shared by the controller, the probe tasks and
+//! the connection tasks (it is the proxy's [`Dispatcher`]).
+//!
+//! Every change that affects where new connections may go wakes the
+//! controller (`replan`), which recomputes the plan and rewrites the
+//! kernel's maps.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+use yensid_ebpf::{
+    maps::AFFINITY_SLOTS,
+    select::{self, Candidate, Draw, Pool},
+};
+
+use crate::{
+    bpf::Kernel,
+    config::{Config, Mode, Service},
+    health::{Failure, Tracker, Transition},
+    policy::Unavailable,
+    proxy::{Dispatcher, Outcome},
+};
+
+pub struct Registry {
+    kernel: Option<Arc<Kernel>>,
+    inner: Mutex<Inner>,
+    /// Wakes the controller to recompute the plan.
+    pub replan: Notify,
+}
+
+pub struct Inner {
+    pub config: Arc<Config>,
+    pub health: HashMap<String, Tracker>,
+    pub drained: BTreeSet<String>,
+    /// Open connections per builder, as userspace counts them.
+    pub active: HashMap<String, u64>,
+    /// Per service, the affinity table by builder name.
+    pub affinity: HashMap<String, Vec<String>>,
+    pub totals: HashMap<String, BuilderTotals>,
+    /// Kernel index of each builder (for the RELEASED counters).
+    pub builder_index: HashMap<String, u32>,
+    /// What userspace last wrote to the kernel's RELEASED map, by index.
+    released: HashMap<u32, u64>,
+    sequence: u64,
+}
+
+/// What a builder served over the daemon's life.
+#[derive(Debug, Default)]
+pub struct BuilderTotals {
+    pub connections: u64,
+    /// Clients steered to this builder that did not speak SSH.
+    pub rejected_clients: u64,
+    /// Connections moved away from this builder because it failed.
+    pub failed_over: u64,
+    pub to_builder: u64,
+    pub from_builder: u64,
+}
+
+impl Registry {
+    pub fn new(config: Config, drained: BTreeSet<String>, kernel: Option<Arc<Kernel>>) -> Self {
+        let mut inner = Inner {
+            config: Arc::new(config),
+            health: HashMap::new(),
+            drained,
+            active: HashMap::new(),
+            affinity: HashMap::new(),
+            totals: HashMap::new(),
+            builder_index: HashMap::new(),
+            released: HashMap::new(),
+            sequence: 0,
+        };
+        inner.sync_health();
+        Self {
+            kernel,
+            inner: Mutex::new(inner),
+            replan: Notify::new(),
+        }
+    }
+
+    pub fn kernel(&self) -> Option<Arc<Kernel>> {
+        self.kernel.clone()
+    }
+
+    pub fn kernel_loaded(&self) -> bool {
+        self.kernel.is_some()
+    }
+
+    pub fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().expect("registry poisoned")
+    }
+
+    /// A connection counted for `builder` was accepted.
+    pub fn accepted(&self, builder: &str) {
+        *self.inner().active.entry(builder.to_owned()).or_default() += 1;
+    }
+
+    /// Records a probe result; a change of health is logged and replanned.
+    pub fn probed(&self, builder: &str, result: Result<Duration, Failure>) {
+        let mut inner = self.inner();
+        let Some(tracker) = inner.health.get_mut(builder) else {
+            return;
+        };
+        match tracker.on_probe(Instant::now(), result) {
+            Some(Transition::Down(failure)) => {
+                warn!(builder, reason = %failure, "builder unhealthy: no new connections");
+                self.replan.notify_one();
+            }
+            Some(Transition::Up) => {
+                let rtt_ms = tracker.last_rtt().map(|d| d.as_secs_f64() * 1e3);
+                info!(builder, ?rtt_ms, "builder healthy again");
+                self.replan.notify_one();
+            }
+            None => {}
+        }
+    }
+
+    /// Chooses a builder for a connection the kernel did not steer (the
+    /// userspace fallback), and counts it.
+    pub fn route(&self, service: &str, peer: SocketAddr) -> Option<String> {
+        let mut inner = self.inner();
+        let config = inner.config.clone();
+        let svc = config.services.iter().find(|s| s.name == service)?;
+        if config.policy.mode == Mode::Local {
+            return None;
+        }
+        let affinity = inner.affinity.get(service).and_then(|table| {
+            let slot = select::client_hash(address_words(peer.ip())) % AFFINITY_SLOTS;
+            let name = table.get(slot as usize)?;
+            let position = svc.builders.iter().position(|b| b == name)?;
+            inner
+                .candidate(name, &[])
+                .available
+                .then_some(position as u32)
+        });
+        let chosen = inner.choose(svc, &[], affinity)?;
+        *inner.active.entry(chosen.clone()).or_default() += 1;
+        Some(chosen)
+    }
+
+    /// Moves one connection's count in the kernel: `delta` is added to the
+    /// RELEASED counter of `builder` (wrapping, see the map's docs).
+    fn adjust_released(&self, inner: &mut Inner, builder: &str, delta: i64) {
+        let (Some(kernel), Some(&index)) = (&self.kernel, inner.builder_index.get(builder)) else {
+            return;
+        };
+        let released = inner.released.entry(index).or_default();
+        *released = released.wrapping_add_signed(delta);
+        if let Err(e) = kernel.set_released(index, *released) {
+            error!(builder, error = %e, "cannot update the kernel's connection count");
+        }
+    }
+
+    /// Starts counting a builder index afresh: no connection of this
+    /// daemon is open to it, whatever the kernel's counters say.
+    pub fn adopt_index(&self, builder: &str, index: u32, assigned: u64) {
+        let mut inner = self.inner();
+        inner.builder_index.insert(builder.to_owned(), index);
+        inner.released.insert(index, assigned);
+    }
+}
+
+impl Inner {
+    /// Keeps one health tracker per configured builder, carrying state
+    /// over reloads.
+    pub fn sync_health(&mut self) {
+        let now = Instant::now();
+        let config = self.config.clone();
+        self.health
+            .retain(|name, _| config.builders.iter().any(|b| &b.name == name));
+        for b in &config.builders {
+            self.health
+                .entry(b.name.clone())
+                .and_modify(|t| t.update_settings(b.health))
+                .or_insert_with(|| Tracker::new(b.health, now));
+        }
+    }
+
+    /// Why each builder that may not take new connections may not.
+    pub fn unavailable(&self) -> HashMap<String, Unavailable> {
+        let mut out = HashMap::new();
+        for (name, tracker) in &self.health {
+            if let Some(failure) = tracker.failure() {
+                out.insert(
+                    name.clone(),
+                    Unavailable::Unhealthy {
+                        reason: failure.to_string(),
+                    },
+                );
+            }
+        }
+        for name in &self.drained {
+            out.insert(name.clone(), Unavailable::Draining);
+        }
+        out
+    }
+
+    fn candidate(&self, name: &str, exclude: &[String]) -> Candidate {
+        let b = self.config.builder(name);
+        let healthy = self.health.get(name).is_some_and(|t| t.failure().is_none());
+        let eligible =
+            healthy && !self.drained.contains(name) && !exclude.iter().any(|e| e == name);
+        Candidate::new(
+            b.map_or(0, |b| b.weight),
+            b.and_then(|b| b.max_connections).unwrap_or(0),
+            eligible,
+            self.active.get(name).copied().unwrap_or(0),
+        )
+    }
+
+    /// The shared selection code over userspace's view of a service.
+    fn choose(
+        &mut self,
+        svc: &Service,
+        exclude: &[String],
+        affinity: Option<u32>,
+    ) -> Option<String> {
+        let mut pool = Pool::new();
+        for name in &svc.builders {
+            pool.push(self.candidate(name, exclude));
+        }
+        self.sequence += 1;
+        let draw = Draw {
+            random: random_u32(),
+            sequence: self.sequence,
+            affinity,
+        };
+        let position = select::choose(svc.strategy.kernel_id(), &pool, &draw)?;
+        svc.builders.get(position as usize).cloned()
+    }
+}
+
+impl Dispatcher for Registry {
+    fn address(&self, builder: &str) -> Option<String> {
+        self.inner()
+            .config
+            .builder(builder)
+            .map(|b| b.address.clone())
+    }
+
+    fn connect_timeout(&self, builder: &str) -> Duration {
+        self.inner()
+            .config
+            .builder(builder)
+            .map_or(Duration::from_secs(3), |b| b.health.connect_timeout)
+    }
+
+    fn fail_over(
+        &self,
+        service: &str,
+        failed: &str,
+        reason: &str,
+        tried: &[String],
+    ) -> Option<String> {
+        let mut inner = self.inner();
+        if let Some(tracker) = inner.health.get_mut(failed)
+            && let Some(Transition::Down(failure)) =
+                tracker.on_passive_failure(Instant::now(), reason.to_owned())
+        {
+            warn!(builder = failed, reason = %failure, "builder unhealthy: no new connections");
+            // The kernel must stop choosing it before the next SYN, not
+            // when the controller gets round to replanning.
+            if let (Some(kernel), Some(&index)) = (&self.kernel, inner.builder_index.get(failed))
+                && let Err(e) = kernel.make_ineligible(index)
+            {
+                error!(builder = failed, error = %e, "cannot take the builder out of the kernel's selection");
+            }
+            self.replan.notify_one();
+        }
+        inner
+            .totals
+            .entry(failed.to_owned())
+            .or_default()
+            .failed_over += 1;
+        let config = inner.config.clone();
+        let svc = config.services.iter().find(|s| s.name == service)?;
+        let next = inner.choose(svc, tried, None)?;
+        if let Some(n) = inner.active.get_mut(failed) {
+            *n = n.saturating_sub(1);
+        }
+        *inner.active.entry(next.clone()).or_default() += 1;
+        self.adjust_released(&mut inner, failed, 1);
+        self.adjust_released(&mut inner, &next, -1);
+        Some(next)
+    }
+
+    fn finished(&self, builder: &str, outcome: &Outcome) {
+        let mut inner = self.inner();
+        if let Some(n) = inner.active.get_mut(builder) {
+            *n = n.saturating_sub(1);
+        }
+        let totals = inner.totals.entry(builder.to_owned()).or_default();
+        if outcome.rejected {
+            totals.rejected_clients += 1;
+        } else if !outcome.unserved {
+            totals.connections += 1;
+            totals.to_builder += outcome.to_builder;
+            totals.from_builder += outcome.from_builder;
+        }
+        self.adjust_released(&mut inner, builder, 1);
+    }
+}
+
+/// A client address as the kernel hashes it: IPv4 mapped into IPv6, four
+/// big-endian words.
+pub fn address_words(ip: IpAddr) -> [u32; 4] {
+    let octets = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    let word =
+        |i: usize| u32::from_be_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
+    [word(0), word(4), word(8), word(12)]
+}
+
+fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish() as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry() -> Registry {
+        let config = Config::parse(
+            "[[service]]\nname = \"s\"\nlisten = [\"127.0.0.22\"]\nstrategy = \"priority\"\n\
+             [builders.b1]\naddress = \"198.18.1.2:22\"\n[builders.b2]\naddress = \"198.18.2.2:22\"\n",
+        )
+        .unwrap();
+        Registry::new(config, BTreeSet::new(), None)
+    }
+
+    #[test]
+    fn client_addresses_hash_as_the_kernel_sees_them() {
+        let v4: IpAddr = "198.18.250.7".parse().unwrap();
+        assert_eq!(address_words(v4), [0, 0, 0xffff, 0xc612_fa07]);
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(address_words(v6), [0x2001_0db8, 0, 0, 1]);
+    }
+
+    #[test]
+    fn failover_marks_the_builder_down_and_moves_the_count() {
+        let r = registry();
+        r.accepted("b1");
+        let next = r.fail_over("s", "b1", "connection refused", &["b1".to_owned()]);
+        assert_eq!(next.as_deref(), Some("b2"));
+        let inner = r.inner();
+        assert_eq!(inner.active.get("b1"), Some(&0));
+        assert_eq!(inner.active.get("b2"), Some(&1));
+        assert_eq!(
+            inner.unavailable().get("b1"),
+            Some(&Unavailable::Unhealthy {
+                reason: "passive failure: connection refused".into()
+            })
+        );
+    }
+
+    #[test]
+    fn failover_finds_nothing_when_every_builder_was_tried() {
+        let r = registry();
+        r.accepted("b1");
+        let tried = ["b1".to_owned(), "b2".to_owned()];
+        assert_eq!(r.fail_over("s", "b2", "timeout", &tried), None);
+    }
+
+    #[test]
+    fn drained_builders_are_skipped_by_userspace_routing_and_reported() {
+        let r = registry();
+        r.inner().drained.insert("b1".into());
+        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        assert_eq!(r.route("s", peer).as_deref(), Some("b2"));
+        assert_eq!(
+            r.inner().unavailable().get("b1"),
+            Some(&Unavailable::Draining)
+        );
+    }
+
+    #[test]
+    fn probe_results_change_health() {
+        let r = registry();
+        r.probed("b2", Err(Failure::Timeout));
+        assert!(r.inner().unavailable().is_empty(), "fall = 2");
+        r.probed("b2", Err(Failure::Timeout));
+        assert!(r.inner().unavailable().contains_key("b2"));
+        r.probed("b2", Ok(Duration::from_millis(1)));
+        assert!(r.inner().unavailable().is_empty(), "rise = 1");
+    }
+}

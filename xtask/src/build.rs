@@ -74,7 +74,8 @@ pub fn all(release: bool) -> Result<()> {
         "building yensid"
     });
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(workspace_root()).args(["build", "-p", "yensid"]);
+    cmd.current_dir(workspace_root())
+        .args(["build", "-p", "yensid"]);
     if release {
         cmd.arg("--release");
     }
@@ -114,7 +115,13 @@ fn ensure_rust_src() -> Result<()> {
         Some(list) if list.lines().any(|l| l.starts_with("rust-src")) => Ok(()),
         Some(_) => {
             progress("installing rust-src for the nightly toolchain");
-            run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+            run(Command::new("rustup").args([
+                "component",
+                "add",
+                "rust-src",
+                "--toolchain",
+                "nightly",
+            ]))
         }
         None => {
             progress("installing the nightly toolchain with rust-src");
@@ -132,14 +139,21 @@ fn ensure_rust_src() -> Result<()> {
 }
 
 fn ensure_bpf_linker() -> Result<()> {
-    let version = output(Command::new("bpf-linker").arg("--version").env("PATH", path_with_cargo_bin()));
+    let version = output(
+        Command::new("bpf-linker")
+            .arg("--version")
+            .env("PATH", path_with_cargo_bin()),
+    );
     if version.is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
         return Ok(());
     }
     if !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists() {
         if is_root() && Path::new("/usr/bin/apt-get").exists() {
             progress(&format!("installing {} (apt)", LLVM_PACKAGES.join(" ")));
-            run(Command::new("apt-get").args(["install", "-y", "-q"]).args(LLVM_PACKAGES).env("DEBIAN_FRONTEND", "noninteractive"))?;
+            run(Command::new("apt-get")
+                .args(["install", "-y", "-q"])
+                .args(LLVM_PACKAGES)
+                .env("DEBIAN_FRONTEND", "noninteractive"))?;
         } else {
             bail!(
                 "bpf-linker needs LLVM 22. Install it, then run this again:\n\n    sudo apt-get install -y {}\n",
@@ -147,7 +161,9 @@ fn ensure_bpf_linker() -> Result<()> {
             );
         }
     }
-    progress(&format!("installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"));
+    progress(&format!(
+        "installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+    ));
     // llvm-sys finds LLVM through llvm-config on PATH first: an older
     // /usr/bin/llvm-config would win without the prefix.
     let path = format!("{LLVM_PREFIX}/bin:{}", path_with_cargo_bin());

@@ -20,8 +20,12 @@ pub fn run() -> Result<()> {
     }
     build::all(false)?;
 
-    say("Two throwaway builders b1 and b2 (real sshd, each with its own host key) in network namespaces,");
-    say("reached over veths at 198.18.1.2 and 198.18.2.2; the client namespace also runs its own sshd on *:22.");
+    say(
+        "Two throwaway builders b1 and b2 (real sshd, each with its own host key) in network namespaces,",
+    );
+    say(
+        "reached over veths at 198.18.1.2 and 198.18.2.2; the client namespace also runs its own sshd on *:22.",
+    );
     let mut topology = Topology::new(2)?;
     topology.start_host_sshd()?;
     let mut config =
@@ -30,10 +34,13 @@ pub fn run() -> Result<()> {
         "Starting `yensid run` in the client namespace; it claims {} in the kernel.",
         service()
     ));
-    let mut daemon = Daemon::start_binary(&build::yensid_binary(false), topology.client_ns(), &config)?;
+    let mut daemon =
+        Daemon::start_binary(&build::yensid_binary(false), topology.client_ns(), &config)?;
 
     let ssh = topology.ssh_client()?;
-    say("Real ssh sessions to the one service address (known_hosts holds both builders' keys under 127.0.0.22):");
+    say(
+        "Real ssh sessions to the one service address (known_hosts holds both builders' keys under 127.0.0.22):",
+    );
     let mut held = ssh.command(service(), "sleep 3").spawn()?;
     std::thread::sleep(std::time::Duration::from_millis(700));
     say("  (one session to the service is held open for 3 s)");

@@ -1,8 +1,8 @@
 //! `cargo xtask`: the project's build, test, demo and benchmark driver.
 
+mod bench;
 mod build;
 mod demo;
-mod bench;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

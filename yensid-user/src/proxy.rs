@@ -25,6 +25,15 @@
 //! FIN and RST are never redirected by the kernel, so userspace watches
 //! both sockets and passes a half-close on once the kernel has delivered
 //! every byte that came before it.
+//!
+//! Known limit: a builder that closes right after the client's KEXINIT (as
+//! sshd does when no key-exchange algorithm matches) can close before step
+//! 6 has written its KEXINIT to the client. The kernel then marks the
+//! client socket broken (EPIPE) and the client sees the connection end
+//! without the builder's KEXINIT or disconnect reason. The session fails
+//! either way; only the client's error message is poorer. `cargo xtask
+//! bench` found this; the happy path is unaffected because sshd sends
+//! nothing between its KEXINIT and the client's key exchange.
 
 use std::{
     io,

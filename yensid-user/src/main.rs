@@ -10,6 +10,7 @@ mod config;
 mod control;
 mod daemon;
 mod health;
+mod link;
 mod policy;
 mod proxy;
 mod registry;
@@ -196,7 +197,9 @@ fn run(config: &Path) -> Result<()> {
 }
 
 fn init_logging() {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )

@@ -1,0 +1,213 @@
+//! The daemon's configuration file (docs/CONTRACT.md), built as data and rendered to
+//! TOML, so a test can change one field and reload.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::topology::{SERVICE_ADDR, SERVICE_PORT, Topology};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dataplane {
+    /// sockmap splicing in the kernel.
+    Kernel,
+    /// splice(2) or copy in the daemon.
+    Userspace,
+}
+
+impl Dataplane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Userspace => "userspace",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    LeastConnections,
+    RoundRobin,
+    Random,
+    SourceAffinity,
+    Priority,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LeastConnections => "least-connections",
+            Self::RoundRobin => "round-robin",
+            Self::Random => "random",
+            Self::SourceAffinity => "source-affinity",
+            Self::Priority => "priority",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyMode {
+    Auto,
+    Remote,
+    Local,
+}
+
+impl PolicyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Remote => "remote",
+            Self::Local => "local",
+        }
+    }
+}
+
+/// One `[[service]]`.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Claimed prefixes, e.g. `127.0.0.22/32`.
+    pub listen: Vec<String>,
+    pub port: u16,
+    /// `None` leaves the key out: every builder.
+    pub builders: Option<Vec<String>>,
+    pub strategy: Strategy,
+}
+
+/// One `[builders.<name>]`; `None` fields are left out so the daemon's defaults apply.
+#[derive(Clone, Debug)]
+pub struct BuilderConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    pub weight: Option<u32>,
+    pub max_connections: Option<u32>,
+    pub host_key: Option<String>,
+}
+
+/// Where one daemon instance keeps its state: chosen by the [`crate::Daemon`] running a
+/// config, unique to it, and removed with it.
+#[derive(Clone, Debug)]
+pub struct InstancePaths {
+    /// Pinned maps and links, under bpffs.
+    pub pin_path: PathBuf,
+    /// Operator state kept across restarts.
+    pub state_dir: PathBuf,
+    /// The control socket.
+    pub runtime_dir: PathBuf,
+}
+
+/// A whole config file except the [`InstancePaths`].
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    pub dataplane: Dataplane,
+    pub services: Vec<ServiceConfig>,
+    pub builders: Vec<BuilderConfig>,
+    /// `None` leaves out the `[policy]` table.
+    pub policy_mode: Option<PolicyMode>,
+}
+
+impl DaemonConfig {
+    /// One service `ssh` claiming 127.0.0.22/32 port 22 over every builder of
+    /// `topology` (with their host keys), defaults everywhere else.
+    pub fn for_topology(topology: &Topology, dataplane: Dataplane, strategy: Strategy) -> Self {
+        Self {
+            dataplane,
+            services: vec![ServiceConfig {
+                name: "ssh".to_owned(),
+                listen: vec![format!("{SERVICE_ADDR}/32")],
+                port: SERVICE_PORT,
+                builders: None,
+                strategy,
+            }],
+            builders: topology
+                .builders()
+                .iter()
+                .map(|b| BuilderConfig {
+                    name: b.name().to_owned(),
+                    address: b.ssh_addr(),
+                    weight: None,
+                    max_connections: None,
+                    host_key: Some(b.host_key().to_owned()),
+                })
+                .collect(),
+            policy_mode: None,
+        }
+    }
+
+    /// The builder called `name`; panics on a name the config does not have.
+    pub fn builder_mut(&mut self, name: &str) -> &mut BuilderConfig {
+        self.builders
+            .iter_mut()
+            .find(|b| b.name == name)
+            .unwrap_or_else(|| panic!("no builder {name} in this config"))
+    }
+
+    /// The only service; panics unless there is exactly one.
+    pub fn service_mut(&mut self) -> &mut ServiceConfig {
+        match self.services.as_mut_slice() {
+            [service] => service,
+            other => panic!("expected one service, the config has {}", other.len()),
+        }
+    }
+
+    /// Removes builder `name` from the config: its table and every service's list.
+    pub fn remove_builder(&mut self, name: &str) {
+        self.builders.retain(|b| b.name != name);
+        for service in &mut self.services {
+            if let Some(list) = &mut service.builders {
+                list.retain(|b| b != name);
+            }
+        }
+    }
+
+    pub fn render(&self, paths: &InstancePaths) -> String {
+        let mut toml = String::new();
+        let w = &mut toml;
+        let _ = writeln!(w, "[daemon]");
+        for (key, path) in [
+            ("pin_path", &paths.pin_path),
+            ("state_dir", &paths.state_dir),
+            ("runtime_dir", &paths.runtime_dir),
+        ] {
+            let _ = writeln!(w, "{key} = {}", quote(&path.display().to_string()));
+        }
+        let _ = writeln!(w, "dataplane = {}", quote(self.dataplane.as_str()));
+        for service in &self.services {
+            let _ = writeln!(w, "\n[[service]]");
+            let _ = writeln!(w, "name = {}", quote(&service.name));
+            let _ = writeln!(w, "listen = {}", list(&service.listen));
+            let _ = writeln!(w, "port = {}", service.port);
+            if let Some(builders) = &service.builders {
+                let _ = writeln!(w, "builders = {}", list(builders));
+            }
+            let _ = writeln!(w, "strategy = {}", quote(service.strategy.as_str()));
+        }
+        for builder in &self.builders {
+            let _ = writeln!(w, "\n[builders.{}]", builder.name);
+            let _ = writeln!(w, "address = {}", quote(&builder.address.to_string()));
+            if let Some(weight) = builder.weight {
+                let _ = writeln!(w, "weight = {weight}");
+            }
+            if let Some(max) = builder.max_connections {
+                let _ = writeln!(w, "max_connections = {max}");
+            }
+            if let Some(key) = &builder.host_key {
+                let _ = writeln!(w, "host_key = {}", quote(key));
+            }
+        }
+        if let Some(mode) = self.policy_mode {
+            let _ = writeln!(w, "\n[policy]\nmode = {}", quote(mode.as_str()));
+        }
+        toml
+    }
+}
+
+/// A TOML basic string.
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn list(items: &[String]) -> String {
+    let quoted: Vec<String> = items.iter().map(|s| quote(s)).collect();
+    format!("[{}]", quoted.join(", "))
+}

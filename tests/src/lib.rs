@@ -1,0 +1,37 @@
+//! Black-box test harness for yensid: real OpenSSH builders and clients in network
+//! namespaces this harness creates, and the daemon under test running in the client
+//! namespace.
+//!
+//! Used by the integration tests in `tests/tests/` and by `cargo xtask bench`. Every
+//! object owns what it created (namespaces, processes, temp files, bpffs pins) and
+//! removes it in `Drop`, so a panicking test leaves nothing behind; leftovers of a
+//! killed test process are swept by the next run.
+//!
+//! Only loopback and the 198.18.0.0/15 benchmarking range are ever addressed.
+
+mod command;
+pub mod config;
+pub mod daemon;
+pub mod netns;
+pub mod payload;
+pub mod privileges;
+pub mod ssh;
+pub mod sshd;
+mod stale;
+pub mod tcp;
+mod tempdir;
+pub mod topology;
+mod unique;
+pub mod wait;
+
+pub use config::{
+    BuilderConfig, DaemonConfig, Dataplane, InstancePaths, PolicyMode, ServiceConfig, Strategy,
+};
+pub use daemon::{Daemon, yensid_binary};
+pub use netns::Netns;
+pub use payload::RandomFile;
+pub use privileges::privileged_or_skip;
+pub use ssh::{KnownHosts, SshClient};
+pub use sshd::{KeyPair, Sshd, SshdSpec};
+pub use tcp::{ConnectAttempt, JunkReply, RawClient, SshConnection};
+pub use topology::{Builder, SERVICE_ADDR, SERVICE_PORT, Topology, service};

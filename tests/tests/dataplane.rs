@@ -1,0 +1,113 @@
+//! Bytes through the service: real ssh sessions, 1 GiB each way byte-exact, and
+//! clients that do not speak SSH.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use yensid_tests::{Daemon, DaemonConfig, Dataplane, RandomFile, Strategy, Topology, service};
+
+common::dataplane_tests!(
+    ssh_sessions_reach_both_builders_under_one_host_name,
+    one_gib_each_way_is_byte_exact,
+    junk_clients_are_closed_and_service_goes_on,
+);
+
+const GIB: u64 = 1 << 30;
+/// Only against hangs: a GiB through ssh takes seconds to a minute here.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// Real ssh with StrictHostKeyChecking=yes and both builders' keys under 127.0.0.22:
+/// sessions land on both builders and every one is accepted.
+fn ssh_sessions_reach_both_builders_under_one_host_name(dataplane: Dataplane) -> Result<()> {
+    let topology = Topology::new(2)?;
+    let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
+    let _daemon = Daemon::start(topology.client_ns(), &config)?;
+    let ssh = topology.ssh_client()?;
+
+    let served = (0..4)
+        .map(|_| ssh.served_by(service()))
+        .collect::<Result<BTreeSet<_>>>()?;
+    ensure!(
+        served == BTreeSet::from(["b1".to_owned(), "b2".to_owned()]),
+        "4 round-robin sessions were served by {served:?}"
+    );
+    Ok(())
+}
+
+/// 1 GiB of random bytes up (`sha256sum` on the builder) and down (`cat` on the
+/// builder, `sha256sum` here) through the service match the file's digest.
+fn one_gib_each_way_is_byte_exact(dataplane: Dataplane) -> Result<()> {
+    let payload = shared_payload()?;
+    let topology = Topology::new(2)?;
+    let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
+    let _daemon = Daemon::start(topology.client_ns(), &config)?;
+    let ssh = topology.ssh_client()?;
+
+    let uploaded = ssh.run_with_input(service(), "sha256sum", payload.path(), TRANSFER_TIMEOUT)?;
+    let uploaded = yensid_tests::payload::sha256_of_output(&uploaded)?;
+    ensure!(
+        uploaded == payload.sha256(),
+        "upload corrupted: builder got {uploaded}, sent {}",
+        payload.sha256()
+    );
+    let downloaded = ssh.run_digesting_output(
+        service(),
+        &format!("cat {}", payload.path().display()),
+        TRANSFER_TIMEOUT,
+    )?;
+    ensure!(
+        downloaded == payload.sha256(),
+        "download corrupted: got {downloaded}, builder sent {}",
+        payload.sha256()
+    );
+    Ok(())
+}
+
+/// A client that sends HTTP is closed, without ever being put through to a builder,
+/// and so is one that hangs up at once; afterwards real sessions still work.
+fn junk_clients_are_closed_and_service_goes_on(dataplane: Dataplane) -> Result<()> {
+    let topology = Topology::new(2)?;
+    let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
+    let _daemon = Daemon::start(topology.client_ns(), &config)?;
+    let raw = topology.raw_client();
+
+    for _ in 0..10 {
+        let reply = raw.send_junk(service(), b"GET / HTTP/1.0\r\n\r\n")?;
+        let received = String::from_utf8_lossy(&reply.received);
+        ensure!(
+            reply.closed,
+            "an HTTP client was left open (got {received:?})"
+        );
+        ensure!(
+            !received.contains("SSH-"),
+            "an HTTP client was put through to a builder: {received:?}"
+        );
+        drop(raw.connect(service()).accepted()?);
+    }
+    let ssh = topology.ssh_client()?;
+    for _ in 0..2 {
+        let served = ssh.served_by(service())?;
+        ensure!(
+            served == "b1" || served == "b2",
+            "after junk, served by {served}"
+        );
+    }
+    Ok(())
+}
+
+/// One 1 GiB file for all transfer tests running at the same time; the last one
+/// to finish deletes it.
+fn shared_payload() -> Result<Arc<RandomFile>> {
+    static SHARED: Mutex<Weak<RandomFile>> = Mutex::new(Weak::new());
+    let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(payload) = shared.upgrade() {
+        return Ok(payload);
+    }
+    let payload = Arc::new(RandomFile::create(GIB)?);
+    *shared = Arc::downgrade(&payload);
+    Ok(payload)
+}

@@ -1,0 +1,229 @@
+//! The daemon's life: coexisting with the host's sshd, dying (SIGKILL), stopping
+//! (SIGTERM) and reloading (SIGHUP) under live sessions.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use yensid_tests::wait::{wait_child, wait_until};
+use yensid_tests::{
+    ConnectAttempt, Daemon, DaemonConfig, Dataplane, SshClient, SshConnection, Strategy, Topology,
+    service,
+};
+
+common::dataplane_tests!(
+    host_sshd_keeps_everything_unclaimed,
+    sigkill_leaves_claimed_traffic_refused,
+    sigterm_exits_cleanly_and_detaches,
+    sighup_reload_keeps_live_session,
+    sighup_removing_its_builder_keeps_live_session,
+);
+
+fn localhost_ssh() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, 22))
+}
+
+/// Host sshd on 0.0.0.0:22: 127.0.0.22:22 reaches the builders, every other address
+/// the host sshd, for raw clients and real ssh sessions alike.
+fn host_sshd_keeps_everything_unclaimed(dataplane: Dataplane) -> Result<()> {
+    let mut topology = Topology::new(2)?;
+    topology.start_host_sshd()?;
+    let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
+    let _daemon = Daemon::start(topology.client_ns(), &config)?;
+    let raw = topology.raw_client();
+    let veth_end = SocketAddr::from((topology.builders()[0].gateway(), 22));
+
+    for _ in 0..5 {
+        let claimed = raw.banner(service())?;
+        ensure!(is_builder(&claimed), "127.0.0.22:22 served by {claimed}");
+        ensure!(
+            raw.banner(localhost_ssh())? == "host",
+            "127.0.0.1:22 left the host"
+        );
+        ensure!(raw.banner(veth_end)? == "host", "{veth_end} left the host");
+    }
+    let ssh = topology.ssh_client()?;
+    let claimed = ssh.served_by(service())?;
+    ensure!(
+        is_builder(&claimed),
+        "ssh to 127.0.0.22 served by {claimed}"
+    );
+    ensure!(ssh.served_by(localhost_ssh())? == "host");
+    Ok(())
+}
+
+/// After `kill -9`, the pinned dispatch refuses claimed connections at once: never a
+/// hang, never the host sshd. Unclaimed traffic still reaches the host sshd.
+fn sigkill_leaves_claimed_traffic_refused(dataplane: Dataplane) -> Result<()> {
+    let mut topology = Topology::new(2)?;
+    topology.start_host_sshd()?;
+    let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
+    let mut daemon = Daemon::start(topology.client_ns(), &config)?;
+    let raw = topology.raw_client();
+    let claimed = raw.banner(service())?;
+    ensure!(is_builder(&claimed), "before the kill, served by {claimed}");
+
+    daemon.kill9()?;
+    for i in 0..20 {
+        match raw.connect(service()) {
+            ConnectAttempt::Refused => {}
+            ConnectAttempt::Accepted(stream) => {
+                let answer = SshConnection::handshake(stream)
+                    .map(|c| c.served_by().to_owned())
+                    .unwrap_or_else(|e| format!("nobody ({e:#})"));
+                bail!("after kill -9, connection {i} was accepted and answered by {answer}");
+            }
+            other => bail!("after kill -9, connection {i} was not refused: {other:?}"),
+        }
+    }
+    let error = topology
+        .ssh_client()?
+        .served_by(service())
+        .expect_err("ssh got a session after kill -9");
+    ensure!(
+        format!("{error:#}").contains("Connection refused"),
+        "ssh after kill -9 failed otherwise than refused: {error:#}"
+    );
+    ensure!(raw.banner(localhost_ssh())? == "host");
+    Ok(())
+}
+
+/// SIGTERM: exit status 0, pin directory gone, and nothing attached any more: the
+/// service address falls back to the host sshd like any unclaimed address.
+fn sigterm_exits_cleanly_and_detaches(dataplane: Dataplane) -> Result<()> {
+    let mut topology = Topology::new(2)?;
+    topology.start_host_sshd()?;
+    let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
+    let mut daemon = Daemon::start(topology.client_ns(), &config)?;
+    let raw = topology.raw_client();
+    let claimed = raw.banner(service())?;
+    ensure!(is_builder(&claimed), "before SIGTERM, served by {claimed}");
+
+    let status = daemon.stop()?;
+    ensure!(status.code() == Some(0), "exit after SIGTERM: {status}");
+    ensure!(
+        !daemon.pin_path().exists(),
+        "{} still exists after a clean stop",
+        daemon.pin_path().display()
+    );
+    let after = raw.banner(service())?;
+    ensure!(
+        after == "host",
+        "after a clean stop 127.0.0.22:22 is served by {after}, so dispatch is still attached"
+    );
+    Ok(())
+}
+
+/// A session open across a reload that adds a builder completes normally; the reload
+/// did happen (the new builder gets connections).
+fn sighup_reload_keeps_live_session(dataplane: Dataplane) -> Result<()> {
+    let topology = Topology::new(3)?;
+    let mut config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
+    config.service_mut().builders = Some(vec!["b1".to_owned(), "b2".to_owned()]);
+    let mut daemon = Daemon::start(topology.client_ns(), &config)?;
+    let ssh = topology.ssh_client()?;
+    let mut session = LiveSession::start(&ssh)?;
+
+    config.service_mut().builders = None;
+    daemon.reload(&config)?;
+    let raw = topology.raw_client();
+    wait_until(
+        "b3 to get connections after the reload added it",
+        Duration::from_secs(20),
+        || Ok(raw.banner(service())? == "b3"),
+    )?;
+
+    session.finish()?;
+    let fresh = ssh.served_by(service())?;
+    ensure!(is_builder(&fresh), "after the reload, served by {fresh}");
+    Ok(())
+}
+
+/// A session open across a reload that removes its own builder from the config
+/// completes normally: reloads never drop spliced connections.
+fn sighup_removing_its_builder_keeps_live_session(dataplane: Dataplane) -> Result<()> {
+    let topology = Topology::new(2)?;
+    let mut config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
+    let mut daemon = Daemon::start(topology.client_ns(), &config)?;
+    let ssh = topology.ssh_client()?;
+    let mut session = LiveSession::start(&ssh)?;
+    let other = if session.builder == "b1" { "b2" } else { "b1" };
+
+    config.remove_builder(&session.builder);
+    daemon.reload(&config)?;
+    let raw = topology.raw_client();
+    // Round-robin alternates while both builders are in; four in a row on the other
+    // one means the reload has taken effect.
+    wait_until(
+        &format!("{} to leave the rotation", session.builder),
+        Duration::from_secs(20),
+        || Ok(raw.banners(service(), 4)?.iter().all(|b| b == other)),
+    )?;
+
+    session.finish()
+}
+
+/// A real ssh session that stays open until told to finish: it prints its builder,
+/// waits for a line on stdin, then prints its builder again.
+struct LiveSession {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    builder: String,
+}
+
+impl LiveSession {
+    fn start(ssh: &SshClient) -> Result<Self> {
+        let mut child = ssh
+            .command(
+                service(),
+                "echo $YENSID_BUILDER; read line; echo $YENSID_BUILDER $line",
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("spawn ssh")?;
+        let stdin = child.stdin.take().context("ssh stdin")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("ssh stdout")?);
+        let mut first = String::new();
+        stdout.read_line(&mut first)?;
+        let builder = first.trim().to_owned();
+        ensure!(is_builder(&builder), "live session served by {builder:?}");
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+            builder,
+        })
+    }
+
+    /// Lets the session end and checks it did so normally, on the same builder.
+    fn finish(&mut self) -> Result<()> {
+        self.stdin.write_all(b"done\n")?;
+        let mut rest = String::new();
+        self.stdout.read_to_string(&mut rest)?;
+        let status = wait_child(&mut self.child, Duration::from_secs(60))?
+            .context("live session did not end")?;
+        ensure!(
+            status.success() && rest.trim() == format!("{} done", self.builder),
+            "live session on {} ended with {status}, output {rest:?}",
+            self.builder
+        );
+        Ok(())
+    }
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn is_builder(name: &str) -> bool {
+    name.len() > 1 && name.starts_with('b') && name[1..].bytes().all(|b| b.is_ascii_digit())
+}

@@ -37,6 +37,9 @@ pub const RELEASED: &str = "RELEASED";
 pub const SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
 /// Array: `service * AFFINITY_SLOTS + slot` -> backend position.
 pub const AFFINITY: &str = "AFFINITY";
+/// Array with one [`Override`]: the operator's "build locally" that the
+/// kernel enforces itself, expiry included.
+pub const OVERRIDE: &str = "OVERRIDE";
 /// SOCKMAP: listener id -> listening socket of one (service, builder) pair.
 pub const LISTENERS: &str = "LISTENERS";
 /// SOCKHASH: socket cookie -> established socket being spliced.
@@ -110,6 +113,10 @@ pub struct Backend {
     pub builder: u32,
     /// Index into `LISTENERS`.
     pub listener: u32,
+    /// 1 when this service's rules (link kind, speed, RTT) allow the
+    /// builder; its health and drain are in [`BuilderState::eligible`].
+    pub eligible: u32,
+    pub _reserved: u32,
 }
 
 /// Per-builder eligibility and capacity, written by userspace.
@@ -123,6 +130,17 @@ pub struct BuilderState {
     /// 1 when new connections may go to this builder.
     pub eligible: u32,
     pub _reserved: u32,
+}
+
+/// The operator's mode override as the kernel sees it, written by
+/// userspace. While `local_until_ns` is in the future of
+/// `bpf_ktime_get_boot_ns()` (CLOCK_BOOTTIME), every claimed connection is
+/// refused, whatever the rest of the maps say.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Override {
+    /// 0: no local override; `u64::MAX`: until further notice.
+    pub local_until_ns: u64,
 }
 
 /// Per-service counters, incremented by the kernel only.
@@ -146,4 +164,5 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::BuilderState {}
     unsafe impl aya::Pod for super::ServiceCounters {}
+    unsafe impl aya::Pod for super::Override {}
 }

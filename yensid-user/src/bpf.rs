@@ -33,7 +33,7 @@ use yensid_ebpf::{
     ABI_VERSION,
     maps::{
         self as names, AFFINITY_SLOTS, BINDING_KEY_LEN, BINDING_PORT_BITS, Backend, BuilderState,
-        MAX_BACKENDS, ServiceCounters, ServiceState,
+        MAX_BACKENDS, Override, ServiceCounters, ServiceState,
     },
 };
 
@@ -92,6 +92,7 @@ struct Tables {
     counters: Array<MapData, ServiceCounters>,
     affinity: Array<MapData, u32>,
     listeners: SockMap<MapData>,
+    mode_override: Array<MapData, Override>,
 }
 
 struct Splice {
@@ -185,6 +186,7 @@ impl Kernel {
             counters: take(&mut ebpf, names::SERVICE_COUNTERS)?,
             affinity: take(&mut ebpf, names::AFFINITY)?,
             listeners: take(&mut ebpf, names::LISTENERS)?,
+            mode_override: take(&mut ebpf, names::OVERRIDE)?,
         };
         let peers = take(&mut ebpf, names::PEERS)?;
         info!(pin_path = %pin_path.display(), "BPF programs loaded and attached");
@@ -236,6 +238,18 @@ impl Kernel {
             .builders
             .set(builder, state, 0)
             .map_err(map_err(names::BUILDERS))
+    }
+
+    /// Makes the kernel refuse every claimed connection until `until` on
+    /// CLOCK_BOOTTIME (`Some(u64::MAX)`: until changed); `None` lifts it.
+    pub fn set_local_override(&self, until_boot_ns: Option<u64>) -> Result<(), BpfError> {
+        let value = Override {
+            local_until_ns: until_boot_ns.unwrap_or(0),
+        };
+        self.tables()
+            .mode_override
+            .set(0, value, 0)
+            .map_err(map_err(names::OVERRIDE))
     }
 
     /// Takes a builder out of selection at once, keeping its other

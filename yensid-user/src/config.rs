@@ -18,6 +18,8 @@ use serde::Deserialize;
 use toml::Spanned;
 use yensid_ebpf::maps::{MAX_BACKENDS, MAX_BUILDERS, MAX_SERVICES};
 
+use crate::link::LinkKind;
+
 /// Where pinned maps and the dispatch link live by default.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/yensid";
 /// Where operator state (drains) is kept across restarts by default.
@@ -33,6 +35,9 @@ pub struct Config {
     /// Sorted by name.
     pub builders: Vec<Builder>,
     pub policy: Policy,
+    /// `[links]`: interface name globs and the kind they are, first match
+    /// wins (the kernel cannot know that a USB dongle is a phone tether).
+    pub links: Vec<(String, LinkKind)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,6 +118,32 @@ pub struct Service {
     /// Builder names, in the order the `priority` strategy fills them.
     pub builders: Vec<String>,
     pub strategy: Strategy,
+    /// `[policy]`'s rules with this service's `policy` overrides.
+    pub rules: LinkRules,
+}
+
+/// When builders may be used in mode `auto`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkRules {
+    /// Link kinds builders may be reached over; `None`: any.
+    pub remote_via: Option<Vec<LinkKind>>,
+    /// Slowest acceptable egress link; a link of unknown speed fails it.
+    pub min_link_mbps: Option<u32>,
+    /// Highest acceptable round-trip time (from health probes).
+    pub max_rtt_ms: Option<u32>,
+    /// Fewer eligible builders than this: the service builds locally.
+    pub min_healthy_builders: u32,
+}
+
+impl Default for LinkRules {
+    fn default() -> Self {
+        Self {
+            remote_via: None,
+            min_link_mbps: None,
+            max_rtt_ms: None,
+            min_healthy_builders: 1,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -154,9 +185,16 @@ pub struct Builder {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     pub mode: Mode,
+    /// The policy hook, run on every state change and every `hook_interval`.
+    pub command: Option<PathBuf>,
+    pub hook_interval: Duration,
+    pub hook_timeout: Duration,
+    /// Members of this group may change the mode and drain builders
+    /// (besides root).
+    pub control_group: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Use builders when the rules allow it.
@@ -165,6 +203,29 @@ pub enum Mode {
     Remote,
     /// Refuse every claimed connection, so Nix builds locally.
     Local,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Mode::Auto),
+            "remote" => Ok(Mode::Remote),
+            "local" => Ok(Mode::Local),
+            _ => Err(format!("`{s}` is not a mode: auto, remote or local")),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Auto => "auto",
+            Mode::Remote => "remote",
+            Mode::Local => "local",
+        })
+    }
 }
 
 /// An address prefix claimed in the kernel.
@@ -352,6 +413,8 @@ mod raw {
         pub policy: Option<Policy>,
         #[serde(default)]
         pub health: Option<Health>,
+        #[serde(default)]
+        pub links: BTreeMap<String, Spanned<String>>,
     }
 
     #[derive(Deserialize, Default)]
@@ -382,6 +445,7 @@ mod raw {
         pub port: Option<Spanned<i64>>,
         pub builders: Option<Vec<Spanned<String>>>,
         pub strategy: Option<super::Strategy>,
+        pub policy: Option<Rules>,
     }
 
     #[derive(Deserialize)]
@@ -394,10 +458,29 @@ mod raw {
         pub health: Option<Health>,
     }
 
-    #[derive(Deserialize)]
+    #[derive(Deserialize, Default)]
     #[serde(deny_unknown_fields)]
     pub struct Policy {
         pub mode: Option<super::Mode>,
+        // The rules a service's `policy` can override (serde's flatten
+        // would lose the spans that error messages need).
+        pub remote_via: Option<Vec<Spanned<String>>>,
+        pub min_link_mbps: Option<Spanned<i64>>,
+        pub max_rtt_ms: Option<Spanned<i64>>,
+        pub min_healthy_builders: Option<Spanned<i64>>,
+        pub command: Option<Spanned<String>>,
+        pub hook_interval: Option<Spanned<String>>,
+        pub hook_timeout: Option<Spanned<String>>,
+        pub control_group: Option<Spanned<String>>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Rules {
+        pub remote_via: Option<Vec<Spanned<String>>>,
+        pub min_link_mbps: Option<Spanned<i64>>,
+        pub max_rtt_ms: Option<Spanned<i64>>,
+        pub min_healthy_builders: Option<Spanned<i64>>,
     }
 }
 
@@ -512,6 +595,15 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             health,
         });
     }
+
+    let raw_policy = raw.policy.unwrap_or_default();
+    let global = raw::Rules {
+        remote_via: raw_policy.remote_via,
+        min_link_mbps: raw_policy.min_link_mbps,
+        max_rtt_ms: raw_policy.max_rtt_ms,
+        min_healthy_builders: raw_policy.min_healthy_builders,
+    };
+    let global_rules = link_rules(&mut check, "policy", global, &LinkRules::default());
 
     if raw.service.is_empty() {
         check.problems.push(Problem {
@@ -628,18 +720,73 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
                 format!("at most {MAX_BACKENDS} builders per service are supported"),
             );
         }
+        let rules = match s.policy {
+            None => global_rules.clone(),
+            Some(r) => link_rules(&mut check, &key("policy"), r, &global_rules),
+        };
         services.push(Service {
             name,
             listen,
             port,
             builders: members,
             strategy: s.strategy.unwrap_or(Strategy::LeastConnections),
+            rules,
         });
     }
 
-    let policy = Policy {
-        mode: raw.policy.and_then(|p| p.mode).unwrap_or(Mode::Auto),
+    let hook_duration = |check: &mut Checker<'_>,
+                         name: &str,
+                         value: Option<Spanned<String>>,
+                         default: Duration| match value {
+        None => default,
+        Some(v) => match parse_duration(v.get_ref()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                check.report(format!("policy.{name}"), &v, "must be longer than zero");
+                default
+            }
+            Err(msg) => {
+                check.report(format!("policy.{name}"), &v, msg);
+                default
+            }
+        },
     };
+    let hook_interval = hook_duration(
+        &mut check,
+        "hook_interval",
+        raw_policy.hook_interval,
+        Duration::from_secs(30),
+    );
+    let hook_timeout = hook_duration(
+        &mut check,
+        "hook_timeout",
+        raw_policy.hook_timeout,
+        Duration::from_secs(2),
+    );
+    let command = raw_policy.command.map(|c| {
+        if !c.get_ref().starts_with('/') {
+            check.report(
+                "policy.command",
+                &c,
+                "must be an absolute path to an executable",
+            );
+        }
+        PathBuf::from(c.into_inner())
+    });
+    let policy = Policy {
+        mode: raw_policy.mode.unwrap_or(Mode::Auto),
+        command,
+        hook_interval,
+        hook_timeout,
+        control_group: raw_policy.control_group.map(Spanned::into_inner),
+    };
+    let mut links = Vec::new();
+    for (glob, kind) in raw.links {
+        match kind.get_ref().parse::<LinkKind>() {
+            Ok(k) => links.push((glob, k)),
+            Err(e) => check.report(format!("links.\"{glob}\""), &kind, e.to_string()),
+        }
+    }
 
     if check.problems.is_empty() {
         Ok(Config {
@@ -647,10 +794,60 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             services,
             builders,
             policy,
+            links,
         })
     } else {
         check.problems.sort_by_key(|p| p.line);
         Err(check.problems)
+    }
+}
+
+/// `[policy]`'s rules (or a service's `policy`) over `base`.
+fn link_rules(
+    check: &mut Checker<'_>,
+    prefix: &str,
+    raw: raw::Rules,
+    base: &LinkRules,
+) -> LinkRules {
+    let remote_via = match raw.remote_via {
+        None => base.remote_via.clone(),
+        Some(kinds) => Some(
+            kinds
+                .iter()
+                .filter_map(|k| match k.get_ref().parse::<LinkKind>() {
+                    Ok(kind) => Some(kind),
+                    Err(e) => {
+                        check.report(format!("{prefix}.remote_via"), k, e.to_string());
+                        None
+                    }
+                })
+                .collect(),
+        ),
+    };
+    let mut positive = |name: &str, value: Option<Spanned<i64>>, default: Option<u32>| match value {
+        None => default,
+        Some(v) => match u32::try_from(*v.get_ref()) {
+            Ok(n @ 1..) => Some(n),
+            _ => {
+                check.report(
+                    format!("{prefix}.{name}"),
+                    &v,
+                    "must be a whole number of at least 1",
+                );
+                default
+            }
+        },
+    };
+    LinkRules {
+        remote_via,
+        min_link_mbps: positive("min_link_mbps", raw.min_link_mbps, base.min_link_mbps),
+        max_rtt_ms: positive("max_rtt_ms", raw.max_rtt_ms, base.max_rtt_ms),
+        min_healthy_builders: positive(
+            "min_healthy_builders",
+            raw.min_healthy_builders,
+            Some(base.min_healthy_builders),
+        )
+        .unwrap_or(1),
     }
 }
 
@@ -924,6 +1121,43 @@ mode = "local"
             "{p:?}"
         );
         assert!(p[1].starts_with("line 22: health.rise: must be"), "{p:?}");
+    }
+
+    #[test]
+    fn link_rules_are_global_and_overridable_per_service() {
+        let text = GOOD.replace(
+            "[policy]\nmode = \"local\"",
+            "[policy]\nmode = \"auto\"\nremote_via = [\"ethernet\", \"vpn\"]\nmin_link_mbps = 100\ncommand = \"/etc/yensid/policy\"\nhook_interval = \"10s\"\n\n[links]\n\"enx*\" = \"wwan\"",
+        );
+        let text = text.replace(
+            "strategy = \"priority\"",
+            "strategy = \"priority\"\npolicy = { remote_via = [\"ethernet\"], max_rtt_ms = 20 }",
+        );
+        let c = Config::parse(&text).unwrap();
+        let rules = &c.services[0].rules;
+        assert_eq!(rules.remote_via, Some(vec![LinkKind::Ethernet]));
+        assert_eq!(rules.min_link_mbps, Some(100), "inherited");
+        assert_eq!(rules.max_rtt_ms, Some(20));
+        assert_eq!(rules.min_healthy_builders, 1);
+        assert_eq!(c.links, vec![("enx*".to_owned(), LinkKind::Wwan)]);
+        assert_eq!(c.policy.command, Some(PathBuf::from("/etc/yensid/policy")));
+        assert_eq!(c.policy.hook_interval, Duration::from_secs(10));
+        let p = problems(
+            &text
+                .replace("\"vpn\"]", "\"carrier-pigeon\"]")
+                .replace("\"wwan\"", "\"modem\""),
+        );
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p.iter()
+                .any(|p| p.contains("policy.remote_via: ") && p.contains("carrier-pigeon")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|p| p.contains("links.\"enx*\"") && p.contains("modem")),
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -25,8 +25,25 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "verb", rename_all = "kebab-case")]
 pub enum Request {
-    Drain { builder: String },
-    Undrain { builder: String },
+    Drain {
+        builder: String,
+    },
+    Undrain {
+        builder: String,
+    },
+    /// Shows the mode in force; with a change, sets or removes the
+    /// operator's override first.
+    Mode {
+        change: Option<ModeChange>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModeChange {
+    /// `None` removes the override.
+    pub mode: Option<crate::config::Mode>,
+    /// `None`: until changed.
+    pub for_seconds: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,7 +68,8 @@ pub enum ControlError {
 }
 
 /// Binds the control socket, refusing to steal one a live daemon serves.
-pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+/// Mode 0600, or 0660 owned by `group` so its members may change things.
+pub async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ControlError> {
     let create = |source| ControlError::Create {
         path: path.to_owned(),
         source,
@@ -64,8 +82,28 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     }
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(create)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(create)?;
+    let mode = match group {
+        None => 0o600,
+        Some(name) => {
+            let gid = group_id(name).ok_or_else(|| {
+                create(io::Error::other(format!(
+                    "no group `{name}` (policy.control_group)"
+                )))
+            })?;
+            std::os::unix::fs::chown(path, None, Some(gid)).map_err(create)?;
+            0o660
+        }
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(create)?;
     Ok(listener)
+}
+
+fn group_id(name: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: valid C string; the result is read at once, before any other
+    // call that could reuse libc's static buffer.
+    let entry = unsafe { libc::getgrnam(name.as_ptr()) };
+    (!entry.is_null()).then(|| unsafe { (*entry).gr_gid })
 }
 
 /// Accepts requests and hands them to the controller through `requests`.
@@ -146,10 +184,13 @@ mod tests {
     async fn a_request_reaches_the_controller_and_its_reply_the_client() {
         let dir = std::env::temp_dir().join(format!("yensid-control-{}", std::process::id()));
         let path = dir.join("control.sock");
-        let listener = bind(&path).await.unwrap();
+        let listener = bind(&path, None).await.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(matches!(bind(&path).await, Err(ControlError::InUse(_))));
+        assert!(matches!(
+            bind(&path, None).await,
+            Err(ControlError::InUse(_))
+        ));
         let (tx, mut rx) = mpsc::channel(1);
         tokio::spawn(serve(listener, tx));
         tokio::spawn(async move {
@@ -176,6 +217,16 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(reply.message, "drained");
+        drop(std::fs::remove_file(&path));
+        let other = dir.join("group.sock");
+        drop(bind(&other, Some("root")).await.unwrap());
+        let meta = std::fs::metadata(&other).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+        assert!(
+            bind(&dir.join("x.sock"), Some("no-such-group-yensid"))
+                .await
+                .is_err()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(matches!(
             request(

@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use tokio::{
     net::{TcpListener, TcpStream},
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
+    sync::{mpsc, watch},
     task::JoinHandle,
 };
 use tracing::{error, info, warn};
@@ -30,13 +30,15 @@ use yensid_ebpf::maps::{
 
 use crate::{
     bpf::{self, Kernel},
-    config::{Config, Dataplane, Service},
-    control::{self, Pending, Reply, Request},
+    config::{Config, Dataplane, Mode, Service},
+    control::{self, ModeChange, Pending, Reply, Request},
     health,
+    hook::{self, BuilderInput, Decision, HookError, HookInput, OverrideInput},
+    link::{self, LinkState},
     policy::{self, Plan, Refusal, Snapshot},
     proxy::{self, DataPath, Dispatcher},
-    registry::Registry,
-    state::OperatorState,
+    registry::{ModeSource, Registry},
+    state::{ModeOverride, OperatorState, unix_now},
 };
 
 /// How long a listener that left the plan keeps accepting what the kernel
@@ -47,11 +49,26 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)
         .with_context(|| format!("invalid configuration {}", config_path.display()))?;
     let state_file = config.daemon.state_file();
-    let state = OperatorState::load(&state_file)?;
+    let mut state = OperatorState::load(&state_file)?;
     if !state.drained.is_empty() {
         info!(drained = ?state.drained, file = %state_file.display(), "drains restored");
     }
-    let control = control::bind(&config.daemon.control_socket()).await?;
+    match state.mode_override {
+        Some(o) if o.in_force(unix_now()) => {
+            info!(mode = %o.mode, until = ?o.until, "mode override restored");
+        }
+        Some(o) => {
+            info!(mode = %o.mode, "mode override expired while the daemon was down");
+            state.mode_override = None;
+            state.save(&state_file)?;
+        }
+        None => {}
+    }
+    let control = control::bind(
+        &config.daemon.control_socket(),
+        config.policy.control_group.as_deref(),
+    )
+    .await?;
     let kernel = match Kernel::load(&config.daemon.pin_path) {
         Ok(kernel) => Some(Arc::new(kernel)),
         Err(e) => {
@@ -68,8 +85,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
         _ => DataPath::Userspace,
     };
     let control_path = config.daemon.control_socket();
-    let registry = Arc::new(Registry::new(config, state.drained, kernel.clone()));
+    let links = watch_links(&config).await;
+    let registry = Arc::new(Registry::new(config, state, kernel.clone()));
     let (requests, incoming) = mpsc::channel(16);
+    let (hook_results, hook_incoming) = mpsc::channel(1);
     let control_task = tokio::spawn(control::serve(control, requests));
     let mut controller = Controller {
         config_path: config_path.to_owned(),
@@ -82,9 +101,18 @@ pub async fn run(config_path: &Path) -> Result<()> {
         builders: Indices::new(MAX_BUILDERS),
         listener_ids: Indices::new(MAX_LISTENERS),
         last_plan: None,
+        links,
+        hook: HookRunner {
+            results: hook_results,
+            running: false,
+            pending: true,
+        },
     };
+    if let Some(rx) = &controller.links {
+        registry.inner().links = Some(rx.borrow().clone());
+    }
     let result = match controller.apply().await {
-        Ok(()) => controller.serve(incoming).await,
+        Ok(()) => controller.serve(incoming, hook_incoming).await,
         Err(e) => Err(e),
     };
     control_task.abort();
@@ -108,6 +136,107 @@ pub async fn run(config_path: &Path) -> Result<()> {
     }
     info!(open_connections_closed = cut, "yensid stopped");
     result
+}
+
+/// Starts watching links and routes with the configured labels; without
+/// it, link rules cannot be applied (said loudly).
+async fn watch_links(config: &Config) -> Option<watch::Receiver<LinkState>> {
+    match link::watch(config.links.clone()).await {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            error!(error = %e, "LINK STATE UNKNOWN: link rules (remote_via, min_link_mbps) are not applied");
+            None
+        }
+    }
+}
+
+/// Runs the policy hook, one run at a time, when something changed or its
+/// interval passed.
+struct HookRunner {
+    results: mpsc::Sender<Result<Decision, HookError>>,
+    running: bool,
+    /// Another run is due once the current one ends.
+    pending: bool,
+}
+
+impl HookRunner {
+    fn start_if_due(&mut self, registry: &Registry) {
+        if self.running || !self.pending {
+            return;
+        }
+        let (command, limit, input) = {
+            let inner = registry.inner();
+            let Some(command) = inner.config.policy.command.clone() else {
+                self.pending = false;
+                return;
+            };
+            (
+                command,
+                inner.config.policy.hook_timeout,
+                hook_input(&inner),
+            )
+        };
+        self.pending = false;
+        self.running = true;
+        let results = self.results.clone();
+        tokio::spawn(async move {
+            let _ = results.send(hook::run(&command, &input, limit).await).await;
+        });
+    }
+}
+
+/// What the hook is told.
+fn hook_input(inner: &crate::registry::Inner) -> HookInput {
+    let now = unix_now();
+    let links = inner.links.as_ref();
+    HookInput {
+        time: now,
+        config_mode: inner.config.policy.mode,
+        operator_override: inner
+            .mode_override
+            .filter(|o| o.in_force(now))
+            .map(|o| OverrideInput {
+                mode: o.mode,
+                until: o.until,
+            }),
+        links: links.map(|l| l.links().to_vec()).unwrap_or_default(),
+        builders: inner
+            .config
+            .builders
+            .iter()
+            .map(|b| {
+                let tracker = inner.health.get(&b.name);
+                let failure = tracker.and_then(|t| t.failure());
+                let address = inner.addresses.get(&b.name);
+                BuilderInput {
+                    name: b.name.clone(),
+                    address: b.address.clone(),
+                    healthy: failure.is_none(),
+                    health_reason: failure.map(ToString::to_string),
+                    drained: inner.drained.contains(&b.name),
+                    rtt_ms: tracker
+                        .and_then(|t| t.last_rtt())
+                        .map(|d| d.as_secs_f64() * 1e3),
+                    egress: links
+                        .zip(address)
+                        .and_then(|(l, ip)| l.egress(*ip).cloned()),
+                    active_connections: inner.active.get(&b.name).copied().unwrap_or(0),
+                    weight: b.weight,
+                }
+            })
+            .collect(),
+    }
+}
+
+/// CLOCK_BOOTTIME in nanoseconds: the clock `bpf_ktime_get_boot_ns` reads.
+fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// An error without the verifier's full log: its last lines say why.
@@ -196,15 +325,22 @@ struct Controller {
     builders: Indices,
     listener_ids: Indices,
     last_plan: Option<Plan>,
+    links: Option<watch::Receiver<LinkState>>,
+    hook: HookRunner,
 }
 
 impl Controller {
-    async fn serve(&mut self, mut requests: mpsc::Receiver<Pending>) -> Result<()> {
+    async fn serve(
+        &mut self,
+        mut requests: mpsc::Receiver<Pending>,
+        mut hook_results: mpsc::Receiver<Result<Decision, HookError>>,
+    ) -> Result<()> {
         let mut hangup = signal(SignalKind::hangup())?;
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         let registry = self.registry.clone();
         let config = registry.inner().config.clone();
+        let mut hook_tick = tokio::time::interval(config.policy.hook_interval);
         info!(
             services = config.services.len(),
             builders = config.builders.len(),
@@ -216,8 +352,13 @@ impl Controller {
             "yensid ready"
         );
         loop {
+            self.hook.start_if_due(&registry);
+            let override_ends = self.override_deadline();
             tokio::select! {
-                _ = hangup.recv() => self.reload().await,
+                _ = hangup.recv() => {
+                    self.reload().await;
+                    hook_tick = tokio::time::interval(registry.inner().config.policy.hook_interval);
+                }
                 _ = terminate.recv() => return Ok(()),
                 _ = interrupt.recv() => return Ok(()),
                 _ = registry.replan.notified() => self.apply_logged().await,
@@ -225,6 +366,80 @@ impl Controller {
                     let answer = self.handle(request).await;
                     let _ = reply.send(answer);
                 }
+                Some(()) = changed(&mut self.links) => {
+                    let snapshot = self.links.as_ref().map(|rx| rx.borrow().clone());
+                    registry.inner().links = snapshot;
+                    registry.state_changed.notify_one();
+                    self.apply_logged().await;
+                }
+                _ = registry.state_changed.notified() => self.hook.pending = true,
+                _ = hook_tick.tick() => self.hook.pending = true,
+                Some(result) = hook_results.recv() => {
+                    self.hook.running = false;
+                    self.hook_finished(result).await;
+                }
+                _ = sleep_until(override_ends) => {
+                    info!("mode override expired");
+                    self.set_override(None);
+                    self.apply_logged().await;
+                }
+            }
+        }
+    }
+
+    /// When the operator's override ends, if it is timed.
+    fn override_deadline(&self) -> Option<std::time::Instant> {
+        let until = self.registry.inner().mode_override?.until?;
+        let left = until.saturating_sub(unix_now());
+        Some(std::time::Instant::now() + Duration::from_secs(left))
+    }
+
+    fn set_override(&mut self, value: Option<ModeOverride>) -> Option<String> {
+        let mut state = OperatorState::load(&self.state_file).unwrap_or_default();
+        state.drained = self.registry.inner().drained.clone();
+        state.mode_override = value;
+        if let Err(e) = state.save(&self.state_file) {
+            return Some(e.to_string());
+        }
+        self.registry.inner().mode_override = value;
+        self.registry.state_changed.notify_one();
+        None
+    }
+
+    async fn hook_finished(&mut self, result: Result<Decision, HookError>) {
+        if self.take_hook_result(result) {
+            self.apply_logged().await;
+        }
+    }
+
+    /// Keeps a valid decision of the hook; returns whether the decision in
+    /// force changed.
+    fn take_hook_result(&self, result: Result<Decision, HookError>) -> bool {
+        let mut inner = self.registry.inner();
+        match result {
+            Ok(decision) => {
+                let unknown: Vec<&String> = decision
+                    .weights
+                    .keys()
+                    .filter(|n| inner.config.builder(n).is_none())
+                    .collect();
+                if !unknown.is_empty() {
+                    warn!(
+                        ?unknown,
+                        "policy hook named unknown builders; decision ignored, the declarative one stays in force"
+                    );
+                    return false;
+                }
+                if inner.hook.as_ref() == Some(&decision) {
+                    return false;
+                }
+                info!(mode = ?decision.mode, weights = ?decision.weights, reason = ?decision.reason, "policy hook decided");
+                inner.hook = Some(decision);
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "policy hook failed; the declarative decision stays in force");
+                inner.hook.take().is_some()
             }
         }
     }
@@ -234,6 +449,7 @@ impl Controller {
         let (builder, drain) = match &request {
             Request::Drain { builder } => (builder, true),
             Request::Undrain { builder } => (builder, false),
+            Request::Mode { change } => return self.change_mode(*change).await,
         };
         let mut state = {
             let inner = self.registry.inner();
@@ -254,6 +470,7 @@ impl Controller {
             }
             OperatorState {
                 drained: inner.drained.clone(),
+                mode_override: inner.mode_override,
             }
         };
         let changed = if drain {
@@ -327,21 +544,41 @@ impl Controller {
 
     /// Computes the plan for the current state and makes it so.
     async fn apply(&mut self) -> Result<()> {
-        let (config, plan) = {
-            let inner = self.registry.inner();
+        let (config, plan, local_until) = {
+            let mut inner = self.registry.inner();
+            for b in &inner.config.builders.clone() {
+                if let Ok(addr) = b.address.parse::<SocketAddr>() {
+                    inner.addresses.insert(b.name.clone(), addr.ip());
+                }
+            }
             let unavailable = inner.unavailable();
+            let now = unix_now();
+            let (mode, _) = inner.mode_in_force(now);
             let plan = policy::decide(Snapshot {
                 config: &inner.config,
-                mode: inner.config.policy.mode,
+                mode,
                 unavailable: &unavailable,
+                links: inner.links.as_ref(),
+                addresses: &inner.addresses,
+                rtt: &inner.rtt(),
             });
-            (inner.config.clone(), plan)
+            let local_until = inner
+                .mode_override
+                .filter(|o| o.mode == Mode::Local && o.in_force(now))
+                .map(|o| match o.until {
+                    None => u64::MAX,
+                    Some(until) => boottime_ns() + (until - now) * 1_000_000_000,
+                });
+            (inner.config.clone(), plan, local_until)
         };
         self.sync_probes(&config);
         self.update_affinity(&config);
         self.log_changes(&plan);
         match self.registry.kernel() {
-            Some(kernel) => self.apply_kernel(&kernel, &config, &plan).await?,
+            Some(kernel) => {
+                kernel.set_local_override(local_until)?;
+                self.apply_kernel(&kernel, &config, &plan).await?
+            }
             None => self.apply_fallback(&config).await?,
         }
         self.last_plan = Some(plan);
@@ -363,10 +600,11 @@ impl Controller {
                 self.registry.adopt_index(&builder.name, index, assigned);
                 kernel.set_released(index, assigned)?;
             }
+            let weight = self.registry.inner().weight(&builder.name);
             kernel.set_builder(
                 index,
                 BuilderState {
-                    weight: builder.weight,
+                    weight,
                     max_connections: builder.max_connections.unwrap_or(0),
                     eligible: bp.eligible as u32,
                     _reserved: 0,
@@ -378,7 +616,8 @@ impl Controller {
         for (svc, sp) in config.services.iter().zip(&plan.services) {
             let service = self.services.get_or_assign(&svc.name)?;
             let mut backends = Vec::new();
-            for name in &svc.builders {
+            for member in &sp.members {
+                let name = &member.builder;
                 let key = (svc.name.clone(), name.clone());
                 wanted_listeners.insert(key.clone());
                 let listener = match self.listeners.get(&key) {
@@ -388,6 +627,8 @@ impl Controller {
                 backends.push(Backend {
                     builder: self.builders.get_or_assign(name)?,
                     listener,
+                    eligible: member.excluded.is_none() as u32,
+                    _reserved: 0,
                 });
             }
             let positions: Vec<u32> = self
@@ -520,13 +761,29 @@ impl Controller {
         Ok(())
     }
 
+    /// One line per decision that changed: a service starts or stops
+    /// refusing, a builder is excluded from a service or back.
     fn log_changes(&self, plan: &Plan) {
         for sp in &plan.services {
-            let before = self
+            let previous = self
                 .last_plan
                 .as_ref()
-                .and_then(|p| p.services.iter().find(|s| s.name == sp.name))
-                .map(|s| &s.refusal);
+                .and_then(|p| p.services.iter().find(|s| s.name == sp.name));
+            for m in &sp.members {
+                let before = previous
+                    .and_then(|p| p.members.iter().find(|b| b.builder == m.builder))
+                    .map(|b| &b.excluded);
+                if before == Some(&m.excluded) || (before.is_none() && m.excluded.is_none()) {
+                    continue;
+                }
+                match &m.excluded {
+                    None => info!(service = sp.name, builder = m.builder, "builder eligible"),
+                    Some(why) => {
+                        info!(service = sp.name, builder = m.builder, reason = %why, "builder excluded")
+                    }
+                }
+            }
+            let before = previous.map(|s| &s.refusal);
             if before == Some(&sp.refusal) {
                 continue;
             }
@@ -539,6 +796,33 @@ impl Controller {
                     warn!(service = sp.name, reason = %r, "service refuses connections: clients build locally")
                 }
             }
+        }
+    }
+
+    /// `yensid mode`: shows, sets or resets the operator's override.
+    async fn change_mode(&mut self, change: Option<ModeChange>) -> Reply {
+        if let Some(change) = change {
+            let value = change.mode.map(|mode| ModeOverride {
+                mode,
+                until: change.for_seconds.map(|s| unix_now() + s),
+            });
+            if let Some(e) = self.set_override(value) {
+                return Reply {
+                    ok: false,
+                    message: format!("not changed: {e}"),
+                };
+            }
+            match value {
+                Some(o) => {
+                    info!(mode = %o.mode, until = ?o.until, "mode override set by the operator")
+                }
+                None => info!("mode override removed by the operator"),
+            }
+            self.apply_logged().await;
+        }
+        Reply {
+            ok: true,
+            message: describe_mode(&self.registry.inner()),
         }
     }
 
@@ -588,6 +872,53 @@ impl Controller {
             task.abort();
         }
     }
+}
+
+/// Waits for the next link snapshot; never returns without a watcher (or
+/// after it stopped).
+async fn changed(links: &mut Option<watch::Receiver<LinkState>>) -> Option<()> {
+    match links {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(()),
+            Err(_) => {
+                error!(
+                    "LINK STATE UNKNOWN: the link watcher stopped; link rules are no longer applied"
+                );
+                *links = None;
+                None
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `deadline`; forever without one.
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `yensid mode`'s answer: the mode in force, where it comes from, and
+/// when an override ends.
+pub fn describe_mode(inner: &crate::registry::Inner) -> String {
+    let now = unix_now();
+    let (mode, source) = inner.mode_in_force(now);
+    let from = match source {
+        ModeSource::Config => "from the configuration".to_owned(),
+        ModeSource::Hook { reason: Some(r) } => format!("from the policy hook: {r}"),
+        ModeSource::Hook { reason: None } => "from the policy hook".to_owned(),
+        ModeSource::Override { until: None } => {
+            "operator override, until changed (yensid mode --reset)".to_owned()
+        }
+        ModeSource::Override { until: Some(t) } => format!(
+            "operator override, expires in {}s (then: {})",
+            t.saturating_sub(now),
+            inner.config.policy.mode
+        ),
+    };
+    format!("mode {mode} ({from})")
 }
 
 fn set_v6only(socket: &tokio::net::TcpSocket, on: bool) -> std::io::Result<()> {

@@ -13,6 +13,7 @@
 
 use std::{
     fmt,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
@@ -175,23 +176,38 @@ impl Tracker {
 /// instead of a connection that sent nothing.
 const PROBE_IDENT: &[u8] = b"SSH-2.0-yensid-health-check\r\n";
 
+/// A successful probe.
+#[derive(Clone, Copy, Debug)]
+pub struct Answer {
+    /// From connect to identification line.
+    pub rtt: Duration,
+    /// The address the builder's name resolved to (for its egress link).
+    pub peer: IpAddr,
+}
+
 /// Connects to `address` and waits for an SSH identification line.
-/// Returns the time it took.
-pub async fn probe(address: &str, limit: Duration) -> Result<Duration, Failure> {
+pub async fn probe(address: &str, limit: Duration) -> Result<Answer, Failure> {
     let started = Instant::now();
     let attempt = async {
         let mut stream = crate::proxy::connect(address)
             .await
             .map_err(|e| Failure::Refused(e.to_string()))?;
-        let line = read_banner(&mut stream).await?;
+        let peer = stream
+            .peer_addr()
+            .map_err(|e| Failure::Refused(e.to_string()))?
+            .ip();
+        read_banner(&mut stream).await?;
         // Best effort: the result is known already.
         let _ = stream.write_all(PROBE_IDENT).await;
-        Ok::<_, Failure>(line)
+        Ok::<_, Failure>(peer)
     };
     match timeout(limit, attempt).await {
         Err(_) => Err(Failure::Timeout),
         Ok(Err(f)) => Err(f),
-        Ok(Ok(_)) => Ok(started.elapsed()),
+        Ok(Ok(peer)) => Ok(Answer {
+            rtt: started.elapsed(),
+            peer,
+        }),
     }
 }
 

@@ -8,9 +8,6 @@
 //! and events (`netlink`), which keep a [`LinkState`] current through
 //! [`watch`].
 
-// The daemon does not use this module yet; to be removed at integration.
-#![allow(dead_code, unused_imports)]
-
 mod kind;
 mod label;
 mod netlink;
@@ -21,8 +18,8 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-pub use kind::{LinkKind, UnknownLinkKind};
-pub use netlink::{LinkError, watch};
+pub use kind::LinkKind;
+pub use netlink::watch;
 use route::Route;
 
 /// One network interface, as the policy sees it.
@@ -79,6 +76,28 @@ impl LinkState {
     /// cannot be reached.
     pub fn egress(&self, dest: IpAddr) -> Option<&Link> {
         self.link(route::egress_index(&self.routes, dest)?)
+    }
+}
+
+#[cfg(test)]
+impl LinkState {
+    /// A state with `links` and one main-table route per `("prefix/len",
+    /// interface index)`, for other modules' tests.
+    pub fn with_routes(links: Vec<Link>, routes: &[(&str, u32)]) -> Self {
+        let routes = routes
+            .iter()
+            .map(|(prefix, oif)| {
+                let (destination, len) = prefix.split_once('/').expect("prefix/len");
+                Route {
+                    table: route::RouteTable::Main,
+                    destination: destination.parse().expect("an address"),
+                    prefix_len: len.parse().expect("a length"),
+                    metric: 0,
+                    oif: Some(*oif),
+                }
+            })
+            .collect();
+        LinkState::new(links, routes)
     }
 }
 

@@ -10,6 +10,7 @@ mod config;
 mod control;
 mod daemon;
 mod health;
+mod hook;
 mod link;
 mod policy;
 mod proxy;
@@ -21,8 +22,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use control::Request;
-use state::OperatorState;
+use control::{ModeChange, Request};
+use state::{ModeOverride, OperatorState, unix_now};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -91,6 +92,35 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// Show or change the mode: local, remote or auto.
+    ///
+    /// `local` refuses every claimed connection, so Nix builds locally at
+    /// once; `remote` uses healthy builders whatever the link rules say;
+    /// `auto` follows the rules of [policy]. Without an argument, shows the
+    /// mode in force, where it comes from (configuration, policy hook or
+    /// override) and when an override expires. An override survives daemon
+    /// restarts; a `local` override with `--for` is enforced by the kernel
+    /// itself, to the second. Changing needs root (or `control_group`).
+    ///
+    /// Examples: `yensid mode local --for 2h`, `yensid mode remote`,
+    /// `yensid mode --reset`.
+    Mode {
+        /// local | remote | auto; leave out to show the mode in force.
+        mode: Option<config::Mode>,
+        /// How long the override lasts (e.g. 30m, 2h); default: until changed.
+        #[arg(long = "for", value_name = "DURATION", requires = "mode", value_parser = parse_for)]
+        for_duration: Option<std::time::Duration>,
+        /// Remove the override: back to the configured mode (or the hook's).
+        #[arg(long, conflicts_with = "mode")]
+        reset: bool,
+        #[arg(
+            long,
+            short,
+            env = "YENSID_CONFIG",
+            default_value = "/etc/yensid/yensid.toml"
+        )]
+        config: PathBuf,
+    },
     /// Validate a configuration file without privileges.
     ///
     /// Reports every problem at once, each with its key and line: unknown
@@ -114,6 +144,18 @@ fn main() -> std::process::ExitCode {
                     std::process::ExitCode::FAILURE
                 }
             }
+        }
+        Command::Mode {
+            mode,
+            for_duration,
+            reset,
+            config,
+        } => {
+            let change = (mode.is_some() || reset).then_some(ModeChange {
+                mode,
+                for_seconds: for_duration.map(|d| d.as_secs().max(1)),
+            });
+            operator(&config, Request::Mode { change })
         }
         Command::Drain { builder, config } => operator(&config, Request::Drain { builder }),
         Command::Undrain { builder, config } => operator(&config, Request::Undrain { builder }),
@@ -153,8 +195,9 @@ fn operator(config_path: &Path, request: Request) -> std::process::ExitCode {
 fn send(config_path: &Path, request: &Request) -> Result<String> {
     let config = config::Config::load(config_path)
         .with_context(|| format!("invalid configuration {}", config_path.display()))?;
-    let (Request::Drain { builder } | Request::Undrain { builder }) = request;
-    if config.builder(builder).is_none() {
+    if let Request::Drain { builder } | Request::Undrain { builder } = request
+        && config.builder(builder).is_none()
+    {
         let known: Vec<&str> = config.builders.iter().map(|b| b.name.as_str()).collect();
         bail!(
             "unknown builder `{builder}` (configured: {})",
@@ -168,24 +211,55 @@ fn send(config_path: &Path, request: &Request) -> Result<String> {
     match runtime.block_on(control::request(&socket, request)) {
         Ok(reply) if reply.ok => Ok(reply.message),
         Ok(reply) => bail!("{}", reply.message),
-        Err(control::ControlError::NotRunning { .. }) => {
-            let file = config.daemon.state_file();
-            let mut state = OperatorState::load(&file)?;
-            let drain = matches!(request, Request::Drain { .. });
-            if drain {
-                state.drained.insert(builder.clone());
-            } else {
-                state.drained.remove(builder);
-            }
-            state.save(&file)?;
-            Ok(format!(
-                "yensid is not running (no {}): recorded in {}; takes effect when it starts",
-                socket.display(),
-                file.display()
-            ))
-        }
+        Err(control::ControlError::NotRunning { .. }) => record_offline(&config, request),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Without a daemon: changes go to the state file, to take effect when it
+/// starts; a query answers from the state file.
+fn record_offline(config: &config::Config, request: &Request) -> Result<String> {
+    let file = config.daemon.state_file();
+    let mut state = OperatorState::load(&file)?;
+    let not_running = format!(
+        "yensid is not running (no {})",
+        config.daemon.control_socket().display()
+    );
+    match request {
+        Request::Drain { builder } => {
+            state.drained.insert(builder.clone());
+        }
+        Request::Undrain { builder } => {
+            state.drained.remove(builder);
+        }
+        Request::Mode {
+            change: Some(change),
+        } => {
+            state.mode_override = change.mode.map(|mode| ModeOverride {
+                mode,
+                until: change.for_seconds.map(|s| unix_now() + s),
+            });
+        }
+        Request::Mode { change: None } => {
+            let now = unix_now();
+            let recorded = match state.mode_override.filter(|o| o.in_force(now)) {
+                Some(o) => format!("an override to {} is recorded for when it starts", o.mode),
+                None => format!("it will start in mode {}", config.policy.mode),
+            };
+            return Ok(format!(
+                "{not_running}: claimed addresses are not served; {recorded}"
+            ));
+        }
+    }
+    state.save(&file)?;
+    Ok(format!(
+        "{not_running}: recorded in {}; takes effect when it starts",
+        file.display()
+    ))
+}
+
+fn parse_for(text: &str) -> Result<std::time::Duration, String> {
+    config::parse_duration(text)
 }
 
 fn run(config: &Path) -> Result<()> {

@@ -1,17 +1,24 @@
 //! Decisions, as a pure function of a snapshot of state.
 //!
-//! `decide` turns the configuration, the mode in force and the builders'
-//! health into a [`Plan`]: per service, whether claimed connections are
-//! accepted (and why not), and per builder whether it may take new
-//! connections (and why not). The kernel then applies the plan at SYN time
+//! `decide` turns the configuration, the mode in force, the builders'
+//! health and the links towards them into a [`Plan`]: per service, whether
+//! claimed connections are accepted (and why not) and which of its builders
+//! may take new ones (and why not). The kernel then applies the plan at SYN time
 //! with the shared selection code. Nothing here does I/O, so every rule is
 //! a unit test.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    time::Duration,
+};
 
 use yensid_ebpf::maps::AFFINITY_SLOTS;
 
-use crate::config::{Config, Mode};
+use crate::{
+    config::{Config, LinkRules, Mode},
+    link::{LinkKind, LinkState},
+};
 
 /// Why a builder may not take new connections right now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,9 +42,17 @@ impl std::fmt::Display for Unavailable {
 #[derive(Clone, Copy, Debug)]
 pub struct Snapshot<'a> {
     pub config: &'a Config,
+    /// The mode in force (config, hook or operator override).
     pub mode: Mode,
     /// Builders that must not get new connections, by name.
     pub unavailable: &'a HashMap<String, Unavailable>,
+    /// The links and routes; `None` when they are not known (the link
+    /// watcher failed), in which case link rules are not applied.
+    pub links: Option<&'a LinkState>,
+    /// Each builder's address, for its egress route.
+    pub addresses: &'a HashMap<String, IpAddr>,
+    /// Each builder's round-trip time from its last successful probe.
+    pub rtt: &'a HashMap<String, Duration>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +66,86 @@ pub struct ServicePlan {
     pub name: String,
     /// `None`: connections go to builders; `Some`: every one is refused.
     pub refusal: Option<Refusal>,
+    /// The service's builders in order, each eligible for it or not.
+    pub members: Vec<MemberPlan>,
+}
+
+/// One builder as one service sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberPlan {
+    pub builder: String,
+    /// `None`: eligible.
+    pub excluded: Option<Exclusion>,
+}
+
+/// Why a builder gets no new connections of a service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exclusion {
+    Unavailable(Unavailable),
+    /// No route leads to the builder.
+    NoRoute,
+    /// The egress link is down.
+    LinkDown {
+        link: String,
+    },
+    /// The egress link's kind is not in `remote_via`.
+    LinkKind {
+        link: String,
+        kind: LinkKind,
+    },
+    /// The egress link is slower than `min_link_mbps` (or of unknown speed).
+    SlowLink {
+        link: String,
+        mbps: Option<u32>,
+        min: u32,
+    },
+    /// The probes' round-trip time exceeds `max_rtt_ms` (or is unknown).
+    SlowBuilder {
+        rtt_ms: Option<u64>,
+        max: u32,
+    },
+}
+
+impl std::fmt::Display for Exclusion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exclusion::Unavailable(u) => u.fmt(f),
+            Exclusion::NoRoute => f.write_str("no route to it"),
+            Exclusion::LinkDown { link } => write!(f, "egress link {link} is down"),
+            Exclusion::LinkKind { link, kind } => {
+                write!(f, "egress link {link} is {kind}, not in remote_via")
+            }
+            Exclusion::SlowLink {
+                link,
+                mbps: Some(m),
+                min,
+            } => {
+                write!(
+                    f,
+                    "egress link {link} is {m} Mbit/s, below min_link_mbps {min}"
+                )
+            }
+            Exclusion::SlowLink {
+                link,
+                mbps: None,
+                min,
+            } => {
+                write!(
+                    f,
+                    "egress link {link} has no known speed (min_link_mbps {min})"
+                )
+            }
+            Exclusion::SlowBuilder {
+                rtt_ms: Some(r),
+                max,
+            } => {
+                write!(f, "round-trip time {r} ms is above max_rtt_ms {max}")
+            }
+            Exclusion::SlowBuilder { rtt_ms: None, max } => {
+                write!(f, "no round-trip time measured yet (max_rtt_ms {max})")
+            }
+        }
+    }
 }
 
 /// Why a service refuses every connection (so Nix builds locally).
@@ -58,15 +153,19 @@ pub struct ServicePlan {
 pub enum Refusal {
     /// The mode in force is `local`.
     ModeLocal,
-    /// None of the service's builders is eligible.
-    NoEligibleBuilder,
+    /// Fewer eligible builders than `min_healthy_builders` (at least 1).
+    TooFewEligible { eligible: usize, needed: u32 },
 }
 
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refusal::ModeLocal => f.write_str("mode is local"),
-            Refusal::NoEligibleBuilder => f.write_str("no eligible builder"),
+            Refusal::TooFewEligible { eligible: 0, .. } => f.write_str("no eligible builder"),
+            Refusal::TooFewEligible { eligible, needed } => write!(
+                f,
+                "{eligible} eligible builder(s), min_healthy_builders is {needed}"
+            ),
         }
     }
 }
@@ -74,6 +173,7 @@ impl std::fmt::Display for Refusal {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BuilderPlan {
     pub name: String,
+    /// Healthy and not drained (link rules are per service).
     pub eligible: bool,
     pub unavailable: Option<Unavailable>,
 }
@@ -93,26 +193,80 @@ pub fn decide(s: Snapshot<'_>) -> Plan {
             }
         })
         .collect();
-    let eligible = |name: &str| builders.iter().any(|b| b.name == name && b.eligible);
     let services = s
         .config
         .services
         .iter()
         .map(|svc| {
+            let members: Vec<MemberPlan> = svc
+                .builders
+                .iter()
+                .map(|b| MemberPlan {
+                    builder: b.clone(),
+                    excluded: exclusion(&s, &svc.rules, b),
+                })
+                .collect();
+            let eligible = members.iter().filter(|m| m.excluded.is_none()).count();
+            let needed = svc.rules.min_healthy_builders.max(1);
             let refusal = if s.mode == Mode::Local {
                 Some(Refusal::ModeLocal)
-            } else if !svc.builders.iter().any(|b| eligible(b)) {
-                Some(Refusal::NoEligibleBuilder)
+            } else if eligible < needed as usize {
+                Some(Refusal::TooFewEligible { eligible, needed })
             } else {
                 None
             };
             ServicePlan {
                 name: svc.name.clone(),
                 refusal,
+                members,
             }
         })
         .collect();
     Plan { services, builders }
+}
+
+/// Why `builder` may not take a new connection of a service with `rules`.
+/// Health and drains apply in every mode; link rules only in `auto`.
+fn exclusion(s: &Snapshot<'_>, rules: &LinkRules, builder: &str) -> Option<Exclusion> {
+    if let Some(u) = s.unavailable.get(builder) {
+        return Some(Exclusion::Unavailable(u.clone()));
+    }
+    if s.mode != Mode::Auto {
+        return None;
+    }
+    if let Some(max) = rules.max_rtt_ms {
+        let rtt_ms = s.rtt.get(builder).map(|d| d.as_millis() as u64);
+        if rtt_ms.is_none_or(|r| r > max as u64) {
+            return Some(Exclusion::SlowBuilder { rtt_ms, max });
+        }
+    }
+    let links = s.links?;
+    let Some(link) = s.addresses.get(builder).and_then(|ip| links.egress(*ip)) else {
+        return Some(Exclusion::NoRoute);
+    };
+    if !link.up {
+        return Some(Exclusion::LinkDown {
+            link: link.name.clone(),
+        });
+    }
+    if let Some(allowed) = &rules.remote_via
+        && !allowed.contains(&link.kind)
+    {
+        return Some(Exclusion::LinkKind {
+            link: link.name.clone(),
+            kind: link.kind,
+        });
+    }
+    if let Some(min) = rules.min_link_mbps
+        && link.speed_mbps.is_none_or(|m| m < min)
+    {
+        return Some(Exclusion::SlowLink {
+            link: link.name.clone(),
+            mbps: link.speed_mbps,
+            min,
+        });
+    }
+    None
 }
 
 /// The source-affinity table of a service: `AFFINITY_SLOTS` slots, each
@@ -193,7 +347,7 @@ fn quotas(members: &[(String, u32)], slots: usize) -> HashMap<&str, usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::{config::Config, link::Link};
 
     fn config(services: &str) -> Config {
         Config::parse(&format!(
@@ -210,28 +364,92 @@ mod tests {
         }
     }
 
+    /// A laptop: b1 (198.18.1.2) behind ethernet, b2 (198.18.2.2) behind
+    /// wifi; `configure` edits the links.
+    fn laptop(configure: impl FnOnce(&mut Vec<Link>)) -> LinkState {
+        let mut links = vec![
+            Link {
+                index: 2,
+                name: "eth0".into(),
+                kind: LinkKind::Ethernet,
+                up: true,
+                speed_mbps: Some(1000),
+            },
+            Link {
+                index: 3,
+                name: "wlan0".into(),
+                kind: LinkKind::Wifi,
+                up: true,
+                speed_mbps: None,
+            },
+        ];
+        configure(&mut links);
+        LinkState::with_routes(links, &[("198.18.1.0/24", 2), ("198.18.2.0/24", 3)])
+    }
+
+    struct World {
+        config: Config,
+        unavailable: HashMap<String, Unavailable>,
+        links: Option<LinkState>,
+        addresses: HashMap<String, IpAddr>,
+        rtt: HashMap<String, Duration>,
+    }
+
+    impl World {
+        fn new(services: &str) -> Self {
+            Self {
+                config: config(services),
+                unavailable: HashMap::new(),
+                links: Some(laptop(|_| {})),
+                addresses: HashMap::from([
+                    ("b1".to_owned(), "198.18.1.2".parse().unwrap()),
+                    ("b2".to_owned(), "198.18.2.2".parse().unwrap()),
+                ]),
+                rtt: HashMap::new(),
+            }
+        }
+
+        fn decide(&self, mode: Mode) -> Plan {
+            decide(Snapshot {
+                config: &self.config,
+                mode,
+                unavailable: &self.unavailable,
+                links: self.links.as_ref(),
+                addresses: &self.addresses,
+                rtt: &self.rtt,
+            })
+        }
+    }
+
+    /// The exclusions of service `index`'s members, in order.
+    fn excluded(plan: &Plan, index: usize) -> Vec<Option<Exclusion>> {
+        plan.services[index]
+            .members
+            .iter()
+            .map(|m| m.excluded.clone())
+            .collect()
+    }
+
+    const ONE_SERVICE: &str = "[[service]]\nname = \"a\"\nlisten = [\"127.0.0.22\"]\n";
+
+    fn with_policy(rules: &str) -> String {
+        format!("{ONE_SERVICE}\n[policy]\n{rules}\n")
+    }
+
     #[test]
     fn auto_and_remote_accept_when_a_builder_is_eligible() {
-        let c = config(TWO_SERVICES);
+        let w = World::new(TWO_SERVICES);
         for mode in [Mode::Auto, Mode::Remote] {
-            let plan = decide(Snapshot {
-                config: &c,
-                mode,
-                unavailable: &HashMap::new(),
-            });
+            let plan = w.decide(mode);
             assert!(plan.services.iter().all(|s| s.refusal.is_none()));
             assert!(plan.builders.iter().all(|b| b.eligible));
+            assert_eq!(excluded(&plan, 1), [None, None]);
         }
     }
 
     #[test]
     fn local_mode_refuses_every_service() {
-        let c = config(TWO_SERVICES);
-        let plan = decide(Snapshot {
-            config: &c,
-            mode: Mode::Local,
-            unavailable: &HashMap::new(),
-        });
+        let plan = World::new(TWO_SERVICES).decide(Mode::Local);
         assert!(
             plan.services
                 .iter()
@@ -241,28 +459,29 @@ mod tests {
 
     #[test]
     fn a_service_refuses_only_when_all_its_builders_are_unavailable() {
-        let c = config(TWO_SERVICES);
-        let down = HashMap::from([("b1".to_owned(), failed())]);
-        let plan = decide(Snapshot {
-            config: &c,
-            mode: Mode::Auto,
-            unavailable: &down,
-        });
-        assert_eq!(plan.services[0].refusal, Some(Refusal::NoEligibleBuilder));
+        let mut w = World::new(TWO_SERVICES);
+        w.unavailable.insert("b1".to_owned(), failed());
+        let plan = w.decide(Mode::Auto);
+        let none = Refusal::TooFewEligible {
+            eligible: 0,
+            needed: 1,
+        };
+        assert_eq!(plan.services[0].refusal, Some(none.clone()));
+        assert_eq!(none.to_string(), "no eligible builder");
         assert_eq!(plan.services[1].refusal, None);
         assert_eq!(plan.builders[0].unavailable, Some(failed()));
         assert!(!plan.builders[0].eligible && plan.builders[1].eligible);
+        assert_eq!(
+            excluded(&plan, 1),
+            [Some(Exclusion::Unavailable(failed())), None]
+        );
     }
 
     #[test]
     fn draining_builders_are_not_eligible_and_say_so() {
-        let c = config(TWO_SERVICES);
-        let drained = HashMap::from([("b2".to_owned(), Unavailable::Draining)]);
-        let plan = decide(Snapshot {
-            config: &c,
-            mode: Mode::Auto,
-            unavailable: &drained,
-        });
+        let mut w = World::new(TWO_SERVICES);
+        w.unavailable.insert("b2".to_owned(), Unavailable::Draining);
+        let plan = w.decide(Mode::Remote);
         assert_eq!(plan.builders[1].unavailable, Some(Unavailable::Draining));
         assert!(!plan.builders[1].eligible);
         assert_eq!(plan.services[1].refusal, None, "b1 still serves service b");
@@ -272,14 +491,130 @@ mod tests {
 
     #[test]
     fn local_mode_wins_over_unavailability() {
-        let c = config(TWO_SERVICES);
-        let down = HashMap::from([("b1".to_owned(), failed()), ("b2".to_owned(), failed())]);
-        let plan = decide(Snapshot {
-            config: &c,
-            mode: Mode::Local,
-            unavailable: &down,
-        });
-        assert_eq!(plan.services[1].refusal, Some(Refusal::ModeLocal));
+        let mut w = World::new(TWO_SERVICES);
+        w.unavailable.insert("b1".to_owned(), failed());
+        w.unavailable.insert("b2".to_owned(), failed());
+        assert_eq!(
+            w.decide(Mode::Local).services[1].refusal,
+            Some(Refusal::ModeLocal)
+        );
+    }
+
+    #[test]
+    fn remote_via_excludes_other_link_kinds_in_auto_only() {
+        let w = World::new(&with_policy("remote_via = [\"ethernet\"]"));
+        let plan = w.decide(Mode::Auto);
+        let wifi = Exclusion::LinkKind {
+            link: "wlan0".into(),
+            kind: LinkKind::Wifi,
+        };
+        assert_eq!(excluded(&plan, 0), [None, Some(wifi.clone())]);
+        assert_eq!(
+            wifi.to_string(),
+            "egress link wlan0 is wifi, not in remote_via"
+        );
+        assert_eq!(plan.services[0].refusal, None);
+        assert_eq!(excluded(&w.decide(Mode::Remote), 0), [None, None]);
+    }
+
+    #[test]
+    fn a_down_link_or_a_missing_route_excludes_its_builder() {
+        let mut w = World::new(&with_policy("remote_via = [\"ethernet\"]"));
+        w.links = Some(laptop(|links| links[0].up = false));
+        let plan = w.decide(Mode::Auto);
+        assert_eq!(
+            excluded(&plan, 0)[0],
+            Some(Exclusion::LinkDown {
+                link: "eth0".into()
+            })
+        );
+        assert!(
+            plan.services[0].refusal.is_some(),
+            "wifi is not allowed either"
+        );
+        w.addresses
+            .insert("b1".into(), "203.0.113.7".parse().unwrap());
+        assert_eq!(
+            excluded(&w.decide(Mode::Auto), 0)[0],
+            Some(Exclusion::NoRoute)
+        );
+        assert_eq!(
+            excluded(&w.decide(Mode::Remote), 0)[0],
+            None,
+            "remote ignores link rules"
+        );
+    }
+
+    #[test]
+    fn links_unknown_means_link_rules_are_not_applied() {
+        let mut w = World::new(&with_policy(
+            "remote_via = [\"ethernet\"]\nmin_link_mbps = 100",
+        ));
+        w.links = None;
+        assert_eq!(excluded(&w.decide(Mode::Auto), 0), [None, None]);
+    }
+
+    #[test]
+    fn min_link_mbps_needs_a_known_fast_enough_link() {
+        let mut w = World::new(&with_policy("min_link_mbps = 100"));
+        let plan = w.decide(Mode::Auto);
+        assert_eq!(excluded(&plan, 0)[0], None, "1000 Mbit/s ethernet");
+        let unknown = Exclusion::SlowLink {
+            link: "wlan0".into(),
+            mbps: None,
+            min: 100,
+        };
+        assert_eq!(excluded(&plan, 0)[1], Some(unknown));
+        w.links = Some(laptop(|links| links[1].speed_mbps = Some(54)));
+        let slow = excluded(&w.decide(Mode::Auto), 0)[1].clone().unwrap();
+        assert_eq!(
+            slow.to_string(),
+            "egress link wlan0 is 54 Mbit/s, below min_link_mbps 100"
+        );
+    }
+
+    #[test]
+    fn max_rtt_ms_needs_a_measured_low_enough_rtt() {
+        let mut w = World::new(&with_policy("max_rtt_ms = 50"));
+        w.rtt.insert("b1".into(), Duration::from_millis(3));
+        w.rtt.insert("b2".into(), Duration::from_millis(80));
+        let plan = w.decide(Mode::Auto);
+        assert_eq!(excluded(&plan, 0)[0], None);
+        assert_eq!(
+            excluded(&plan, 0)[1],
+            Some(Exclusion::SlowBuilder {
+                rtt_ms: Some(80),
+                max: 50
+            })
+        );
+        w.rtt.clear();
+        assert!(
+            excluded(&w.decide(Mode::Auto), 0)
+                .iter()
+                .all(|e| matches!(e, Some(Exclusion::SlowBuilder { rtt_ms: None, .. })))
+        );
+    }
+
+    #[test]
+    fn min_healthy_builders_refuses_a_thin_pool() {
+        let mut w = World::new(&with_policy("min_healthy_builders = 2"));
+        assert_eq!(w.decide(Mode::Auto).services[0].refusal, None);
+        w.unavailable.insert("b2".into(), Unavailable::Draining);
+        let refusal = w.decide(Mode::Remote).services[0].refusal.clone().unwrap();
+        assert_eq!(
+            refusal.to_string(),
+            "1 eligible builder(s), min_healthy_builders is 2"
+        );
+    }
+
+    #[test]
+    fn per_service_rules_override_the_global_ones() {
+        let text = "[[service]]\nname = \"a\"\nlisten = [\"127.0.0.22\"]\n\
+                    [[service]]\nname = \"b\"\nlisten = [\"127.0.0.23\"]\npolicy = { remote_via = [\"wifi\", \"ethernet\"] }\n\
+                    [policy]\nremote_via = [\"ethernet\"]\n";
+        let plan = World::new(text).decide(Mode::Auto);
+        assert!(excluded(&plan, 0)[1].is_some());
+        assert_eq!(excluded(&plan, 1), [None, None]);
     }
 
     fn members(spec: &[(&str, u32)]) -> Vec<(String, u32)> {

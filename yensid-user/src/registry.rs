@@ -23,9 +23,12 @@ use yensid_ebpf::{
 use crate::{
     bpf::Kernel,
     config::{Config, Mode, Service},
-    health::{Failure, Tracker, Transition},
+    health::{Answer, Failure, Tracker, Transition},
+    hook::Decision,
+    link::LinkState,
     policy::Unavailable,
     proxy::{Dispatcher, Outcome},
+    state::{ModeOverride, OperatorState, unix_now},
 };
 
 pub struct Registry {
@@ -33,6 +36,8 @@ pub struct Registry {
     inner: Mutex<Inner>,
     /// Wakes the controller to recompute the plan.
     pub replan: Notify,
+    /// Wakes the policy hook: something it is told about changed.
+    pub state_changed: Notify,
 }
 
 pub struct Inner {
@@ -49,6 +54,21 @@ pub struct Inner {
     /// What userspace last wrote to the kernel's RELEASED map, by index.
     released: HashMap<u32, u64>,
     sequence: u64,
+    /// Interfaces and routes; `None` while unknown.
+    pub links: Option<LinkState>,
+    /// Each builder's IP address (parsed, or learnt from its probes).
+    pub addresses: HashMap<String, IpAddr>,
+    pub mode_override: Option<ModeOverride>,
+    /// The policy hook's last valid decision.
+    pub hook: Option<Decision>,
+}
+
+/// Where the mode in force comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModeSource {
+    Config,
+    Hook { reason: Option<String> },
+    Override { until: Option<u64> },
 }
 
 /// What a builder served over the daemon's life.
@@ -64,11 +84,15 @@ pub struct BuilderTotals {
 }
 
 impl Registry {
-    pub fn new(config: Config, drained: BTreeSet<String>, kernel: Option<Arc<Kernel>>) -> Self {
+    pub fn new(config: Config, state: OperatorState, kernel: Option<Arc<Kernel>>) -> Self {
         let mut inner = Inner {
             config: Arc::new(config),
             health: HashMap::new(),
-            drained,
+            drained: state.drained,
+            links: None,
+            addresses: HashMap::new(),
+            mode_override: state.mode_override,
+            hook: None,
             active: HashMap::new(),
             affinity: HashMap::new(),
             totals: HashMap::new(),
@@ -81,6 +105,7 @@ impl Registry {
             kernel,
             inner: Mutex::new(inner),
             replan: Notify::new(),
+            state_changed: Notify::new(),
         }
     }
 
@@ -102,23 +127,42 @@ impl Registry {
     }
 
     /// Records a probe result; a change of health is logged and replanned.
-    pub fn probed(&self, builder: &str, result: Result<Duration, Failure>) {
+    pub fn probed(&self, builder: &str, result: Result<Answer, Failure>) {
         let mut inner = self.inner();
+        if let Ok(answer) = &result
+            && inner.addresses.insert(builder.to_owned(), answer.peer) != Some(answer.peer)
+        {
+            self.changed();
+        }
+        let max_rtt = inner
+            .config
+            .services
+            .iter()
+            .any(|s| s.rules.max_rtt_ms.is_some());
         let Some(tracker) = inner.health.get_mut(builder) else {
             return;
         };
-        match tracker.on_probe(Instant::now(), result) {
+        let before = tracker.last_rtt();
+        match tracker.on_probe(Instant::now(), result.map(|a| a.rtt)) {
             Some(Transition::Down(failure)) => {
                 warn!(builder, reason = %failure, "builder unhealthy: no new connections");
-                self.replan.notify_one();
+                self.changed();
             }
             Some(Transition::Up) => {
                 let rtt_ms = tracker.last_rtt().map(|d| d.as_secs_f64() * 1e3);
                 info!(builder, ?rtt_ms, "builder healthy again");
-                self.replan.notify_one();
+                self.changed();
             }
+            // A new RTT can change eligibility only under a max_rtt_ms rule.
+            None if max_rtt && tracker.last_rtt() != before => self.replan.notify_one(),
             None => {}
         }
+    }
+
+    /// Something a decision depends on changed: replan, and tell the hook.
+    pub fn changed(&self) {
+        self.replan.notify_one();
+        self.state_changed.notify_one();
     }
 
     /// Chooses a builder for a connection the kernel did not steer (the
@@ -127,7 +171,7 @@ impl Registry {
         let mut inner = self.inner();
         let config = inner.config.clone();
         let svc = config.services.iter().find(|s| s.name == service)?;
-        if config.policy.mode == Mode::Local {
+        if inner.mode_in_force(unix_now()).0 == Mode::Local {
             return None;
         }
         let affinity = inner.affinity.get(service).and_then(|table| {
@@ -182,6 +226,38 @@ impl Inner {
         }
     }
 
+    /// The mode in force and where it comes from: the operator's override
+    /// wins over the hook, which wins over the configuration.
+    pub fn mode_in_force(&self, now: u64) -> (Mode, ModeSource) {
+        if let Some(o) = self.mode_override
+            && o.in_force(now)
+        {
+            return (o.mode, ModeSource::Override { until: o.until });
+        }
+        if let Some(mode) = self.hook.as_ref().and_then(|d| d.mode) {
+            let reason = self.hook.as_ref().and_then(|d| d.reason.clone());
+            return (mode, ModeSource::Hook { reason });
+        }
+        (self.config.policy.mode, ModeSource::Config)
+    }
+
+    /// A builder's weight: the hook's, else the configured one.
+    pub fn weight(&self, builder: &str) -> u32 {
+        self.hook
+            .as_ref()
+            .and_then(|d| d.weights.get(builder).copied())
+            .or_else(|| self.config.builder(builder).map(|b| b.weight))
+            .unwrap_or(1)
+    }
+
+    /// Each builder's RTT from its last successful probe.
+    pub fn rtt(&self) -> HashMap<String, Duration> {
+        self.health
+            .iter()
+            .filter_map(|(name, t)| Some((name.clone(), t.last_rtt()?)))
+            .collect()
+    }
+
     /// Why each builder that may not take new connections may not.
     pub fn unavailable(&self) -> HashMap<String, Unavailable> {
         let mut out = HashMap::new();
@@ -207,7 +283,7 @@ impl Inner {
         let eligible =
             healthy && !self.drained.contains(name) && !exclude.iter().any(|e| e == name);
         Candidate::new(
-            b.map_or(0, |b| b.weight),
+            if b.is_some() { self.weight(name) } else { 0 },
             b.and_then(|b| b.max_connections).unwrap_or(0),
             eligible,
             self.active.get(name).copied().unwrap_or(0),
@@ -336,7 +412,7 @@ mod tests {
              [builders.b1]\naddress = \"198.18.1.2:22\"\n[builders.b2]\naddress = \"198.18.2.2:22\"\n",
         )
         .unwrap();
-        Registry::new(config, BTreeSet::new(), None)
+        Registry::new(config, OperatorState::default(), None)
     }
 
     #[test]
@@ -391,7 +467,44 @@ mod tests {
         assert!(r.inner().unavailable().is_empty(), "fall = 2");
         r.probed("b2", Err(Failure::Timeout));
         assert!(r.inner().unavailable().contains_key("b2"));
-        r.probed("b2", Ok(Duration::from_millis(1)));
+        let answer = Answer {
+            rtt: Duration::from_millis(1),
+            peer: "198.18.2.2".parse().unwrap(),
+        };
+        r.probed("b2", Ok(answer));
         assert!(r.inner().unavailable().is_empty(), "rise = 1");
+        assert_eq!(r.inner().addresses.get("b2"), Some(&answer.peer));
+        assert_eq!(r.inner().rtt().get("b2"), Some(&answer.rtt));
+    }
+
+    #[test]
+    fn the_override_beats_the_hook_which_beats_the_config() {
+        let r = registry();
+        let mut inner = r.inner();
+        assert_eq!(inner.mode_in_force(10), (Mode::Auto, ModeSource::Config));
+        inner.hook = Some(Decision {
+            mode: Some(Mode::Local),
+            weights: [("b2".to_owned(), 5)].into(),
+            reason: Some("metered".into()),
+        });
+        assert_eq!(
+            inner.mode_in_force(10),
+            (
+                Mode::Local,
+                ModeSource::Hook {
+                    reason: Some("metered".into())
+                }
+            )
+        );
+        assert_eq!((inner.weight("b1"), inner.weight("b2")), (1, 5));
+        inner.mode_override = Some(ModeOverride {
+            mode: Mode::Remote,
+            until: Some(20),
+        });
+        assert_eq!(
+            inner.mode_in_force(10),
+            (Mode::Remote, ModeSource::Override { until: Some(20) })
+        );
+        assert_eq!(inner.mode_in_force(20).0, Mode::Local, "expired");
     }
 }

@@ -9,12 +9,40 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::Mode;
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorState {
     /// Builders that take no new connections until undrained.
     #[serde(default)]
     pub drained: BTreeSet<String>,
+    /// The operator's mode, over the configured one and the hook's.
+    #[serde(default, rename = "override", skip_serializing_if = "Option::is_none")]
+    pub mode_override: Option<ModeOverride>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModeOverride {
+    pub mode: Mode,
+    /// Seconds since the Unix epoch (wall clock, so it means the same after
+    /// a reboot); `None`: until changed.
+    pub until: Option<u64>,
+}
+
+impl ModeOverride {
+    /// Whether it still applies at `now` (seconds since the epoch).
+    pub fn in_force(&self, now: u64) -> bool {
+        self.until.is_none_or(|until| now < until)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +105,10 @@ mod tests {
         );
         let state = OperatorState {
             drained: ["b2".to_owned()].into(),
+            mode_override: Some(ModeOverride {
+                mode: Mode::Local,
+                until: Some(100),
+            }),
         };
         state.save(&path).unwrap();
         assert_eq!(OperatorState::load(&path).unwrap(), state);
@@ -84,5 +116,17 @@ mod tests {
         let err = OperatorState::load(&path).unwrap_err().to_string();
         assert!(err.contains("is not valid yensid state"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_override_expires_at_its_time() {
+        let o = ModeOverride {
+            mode: Mode::Remote,
+            until: Some(100),
+        };
+        assert!(o.in_force(99));
+        assert!(!o.in_force(100));
+        let forever = ModeOverride { until: None, ..o };
+        assert!(forever.in_force(u64::MAX));
     }
 }

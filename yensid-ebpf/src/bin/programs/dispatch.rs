@@ -12,7 +12,7 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
-    helpers::bpf_get_prandom_u32,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
     macros::{map, sk_lookup},
     maps::{Array, LpmTrie, PerCpuArray, SockMap, lpm_trie::Key},
     programs::SkLookupContext,
@@ -20,8 +20,8 @@ use aya_ebpf::{
 use yensid_ebpf::{
     maps::{
         AFFINITY_SLOTS, BINDING_KEY_LEN, Backend, BuilderState, MAX_BACKENDS, MAX_BINDINGS,
-        MAX_BUILDERS, MAX_LISTENERS, MAX_SERVICES, ServiceCounters, ServiceState, binding_key,
-        strategy, v4_mapped,
+        MAX_BUILDERS, MAX_LISTENERS, MAX_SERVICES, Override, ServiceCounters, ServiceState,
+        binding_key, strategy, v4_mapped,
     },
     select::{Candidate, Draw, Pool, choose, client_hash},
 };
@@ -50,6 +50,8 @@ static AFFINITY: Array<u32> = Array::pinned(MAX_SERVICES * AFFINITY_SLOTS, 0);
 /// Scratch space for the selection (not pinned: no state).
 #[map]
 static SCRATCH: PerCpuArray<Pool> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static OVERRIDE: Array<Override> = Array::pinned(1, 0);
 #[map]
 static LISTENERS: SockMap = SockMap::pinned(MAX_LISTENERS, 0);
 
@@ -93,7 +95,7 @@ pub fn dispatch(ctx: SkLookupContext) -> u32 {
             &raw mut (*counters).sequence,
         )
     };
-    if state.accept == 0 {
+    if state.accept == 0 || local_override() {
         count(refused_mode);
         return SK_DROP;
     }
@@ -183,6 +185,19 @@ impl Lookup {
     }
 }
 
+/// Whether the operator's "local" override is in force right now.
+#[inline(always)]
+fn local_override() -> bool {
+    match OVERRIDE.get(0) {
+        // SAFETY: no arguments, no memory access.
+        Some(o) if o.local_until_ns != 0 => {
+            let now = unsafe { bpf_ktime_get_boot_ns() };
+            now < o.local_until_ns
+        }
+        _ => false,
+    }
+}
+
 /// The position the client's affinity slot names, if that backend is
 /// available. Looked up through the maps again (helpers bound-check an
 /// index that came from a map; the verifier cannot for the pool).
@@ -194,7 +209,7 @@ fn affinity_choice(service: u32, backends: u32, remote: &[u8; 16]) -> Option<u32
         return None;
     }
     let backend = SERVICE_BACKENDS.get(service * MAX_BACKENDS + position)?;
-    candidate(backend.builder).available.then_some(position)
+    candidate(backend).available.then_some(position)
 }
 
 /// Reads the state of every backend of a service, once.
@@ -206,7 +221,7 @@ fn gather(pool: &mut Pool, service: u32, backends: u32) {
             break;
         }
         let candidate = match SERVICE_BACKENDS.get(service * MAX_BACKENDS + position) {
-            Some(backend) => candidate(backend.builder),
+            Some(backend) => candidate(backend),
             None => Candidate::new(0, 0, false, 0),
         };
         pool.set(position, candidate);
@@ -216,7 +231,8 @@ fn gather(pool: &mut Pool, service: u32, backends: u32) {
 }
 
 #[inline(always)]
-fn candidate(builder: u32) -> Candidate {
+fn candidate(backend: &Backend) -> Candidate {
+    let builder = backend.builder;
     let Some(settings) = BUILDERS.get(builder) else {
         return Candidate::new(0, 0, false, 0);
     };
@@ -225,7 +241,7 @@ fn candidate(builder: u32) -> Candidate {
     Candidate::new(
         settings.weight,
         settings.max_connections,
-        settings.eligible != 0,
+        settings.eligible != 0 && backend.eligible != 0,
         assigned.wrapping_sub(released),
     )
 }

@@ -38,7 +38,7 @@ use crate::{
     policy::{self, Plan, Refusal, Snapshot},
     proxy::{self, DataPath, Dispatcher},
     registry::{ModeSource, Registry},
-    state::{ModeOverride, OperatorState, unix_now},
+    state::{ModeOverride, OperatorState, unix_deadline, unix_now},
 };
 
 /// How long a listener that left the plan keeps accepting what the kernel
@@ -804,7 +804,7 @@ impl Controller {
         if let Some(change) = change {
             let value = change.mode.map(|mode| ModeOverride {
                 mode,
-                until: change.for_seconds.map(|s| unix_now() + s),
+                until: change.for_seconds.map(unix_deadline),
             });
             if let Some(e) = self.set_override(value) {
                 return Reply {

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use control::{ModeChange, Request};
-use state::{ModeOverride, OperatorState, unix_now};
+use state::{ModeOverride, OperatorState, unix_deadline, unix_now};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -237,7 +237,7 @@ fn record_offline(config: &config::Config, request: &Request) -> Result<String> 
         } => {
             state.mode_override = change.mode.map(|mode| ModeOverride {
                 mode,
-                until: change.for_seconds.map(|s| unix_now() + s),
+                until: change.for_seconds.map(unix_deadline),
             });
         }
         Request::Mode { change: None } => {

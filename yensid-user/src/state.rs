@@ -45,6 +45,15 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The end of an override lasting `seconds` from now, rounded up to the
+/// next whole second so that it never ends early.
+pub fn unix_deadline(seconds: u64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.as_secs() + u64::from(now.subsec_nanos() > 0) + seconds
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("cannot read {path}: {source}")]

@@ -156,6 +156,18 @@ pub enum Strategy {
     Priority,
 }
 
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Strategy::LeastConnections => "least-connections",
+            Strategy::RoundRobin => "round-robin",
+            Strategy::Random => "random",
+            Strategy::SourceAffinity => "source-affinity",
+            Strategy::Priority => "priority",
+        })
+    }
+}
+
 impl Strategy {
     /// The number the kernel's selection code knows this strategy by.
     pub fn kernel_id(self) -> u32 {

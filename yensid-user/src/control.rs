@@ -36,6 +36,8 @@ pub enum Request {
     Mode {
         change: Option<ModeChange>,
     },
+    /// The daemon's [`crate::status::Status`], as JSON in the reply.
+    Status,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -39,6 +39,7 @@ use crate::{
     proxy::{self, DataPath, Dispatcher},
     registry::{ModeSource, Registry},
     state::{ModeOverride, OperatorState, unix_deadline, unix_now},
+    status::{BuilderStatus, MemberStatus, ModeStatus, ServiceStatus, Status},
 };
 
 /// How long a listener that left the plan keeps accepting what the kernel
@@ -450,6 +451,12 @@ impl Controller {
             Request::Drain { builder } => (builder, true),
             Request::Undrain { builder } => (builder, false),
             Request::Mode { change } => return self.change_mode(*change).await,
+            Request::Status => {
+                return Reply {
+                    ok: true,
+                    message: serde_json::to_string(&self.status()).expect("status serializes"),
+                };
+            }
         };
         let mut state = {
             let inner = self.registry.inner();
@@ -796,6 +803,114 @@ impl Controller {
                     warn!(service = sp.name, reason = %r, "service refuses connections: clients build locally")
                 }
             }
+        }
+    }
+
+    /// Everything `yensid status` shows.
+    fn status(&self) -> Status {
+        let kernel = self.registry.kernel();
+        let inner = self.registry.inner();
+        let now = unix_now();
+        let (mode, source) = inner.mode_in_force(now);
+        let (source, until, reason) = match source {
+            ModeSource::Config => ("config", None, None),
+            ModeSource::Hook { reason } => ("hook", None, reason),
+            ModeSource::Override { until } => ("override", until, None),
+        };
+        let plan = self.last_plan.as_ref();
+        let services = inner
+            .config
+            .services
+            .iter()
+            .map(|svc| {
+                let sp = plan.and_then(|p| p.services.iter().find(|s| s.name == svc.name));
+                let counters = kernel
+                    .as_ref()
+                    .zip(self.services.by_name.get(&svc.name))
+                    .and_then(|(k, &i)| k.counters(i).ok());
+                ServiceStatus {
+                    name: svc.name.clone(),
+                    listen: svc.listen.iter().map(ToString::to_string).collect(),
+                    port: svc.port,
+                    strategy: svc.strategy.to_string(),
+                    refusal: sp.and_then(|s| s.refusal.as_ref()).map(ToString::to_string),
+                    members: sp
+                        .map(|s| {
+                            s.members
+                                .iter()
+                                .map(|m| MemberStatus {
+                                    builder: m.builder.clone(),
+                                    excluded: m.excluded.as_ref().map(ToString::to_string),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    dispatched: counters.map(|c| c.dispatched),
+                    refused_mode_local: counters.map(|c| c.refused_mode),
+                    refused_no_builder: counters.map(|c| c.refused_unavailable),
+                }
+            })
+            .collect();
+        let builders = inner
+            .config
+            .builders
+            .iter()
+            .map(|b| {
+                let tracker = inner.health.get(&b.name);
+                let failure = tracker.and_then(|t| t.failure()).map(ToString::to_string);
+                let active = inner.active.get(&b.name).copied().unwrap_or(0);
+                let full = b.max_connections.is_some_and(|m| active >= m as u64);
+                let (state, reason) = if inner.drained.contains(&b.name) {
+                    ("draining", None)
+                } else if failure.is_some() {
+                    ("unhealthy", failure)
+                } else if full {
+                    ("full", None)
+                } else {
+                    ("healthy", None)
+                };
+                let totals = inner.totals.get(&b.name);
+                BuilderStatus {
+                    name: b.name.clone(),
+                    address: b.address.clone(),
+                    state: state.to_owned(),
+                    reason,
+                    weight: inner.weight(&b.name),
+                    max_connections: b.max_connections,
+                    active,
+                    connections: totals.map_or(0, |t| t.connections),
+                    rejected_clients: totals.map_or(0, |t| t.rejected_clients),
+                    failed_over: totals.map_or(0, |t| t.failed_over),
+                    bytes_to_builder: totals.map_or(0, |t| t.to_builder),
+                    bytes_from_builder: totals.map_or(0, |t| t.from_builder),
+                    rtt_ms: tracker
+                        .and_then(|t| t.last_rtt())
+                        .map(|d| d.as_secs_f64() * 1e3),
+                    egress: inner
+                        .links
+                        .as_ref()
+                        .zip(inner.addresses.get(&b.name))
+                        .and_then(|(l, ip)| l.egress(*ip).cloned()),
+                }
+            })
+            .collect();
+        Status {
+            pid: std::process::id(),
+            dataplane: match self.path {
+                DataPath::Kernel(_) => "kernel",
+                DataPath::Userspace => "userspace",
+            }
+            .to_owned(),
+            bpf: kernel.is_some(),
+            mode: ModeStatus {
+                in_force: mode.to_string(),
+                source: source.to_owned(),
+                until,
+                reason,
+                summary: describe_mode(&inner),
+            },
+            services,
+            builders,
         }
     }
 

@@ -23,7 +23,7 @@ pub use netlink::watch;
 use route::Route;
 
 /// One network interface, as the policy sees it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Link {
     /// The interface index.
     pub index: u32,

@@ -17,6 +17,7 @@ mod proxy;
 mod registry;
 mod sock;
 mod state;
+mod status;
 
 use std::path::{Path, PathBuf};
 
@@ -121,6 +122,46 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// Show services, builders and the mode: what happens to the next
+    /// connection and why.
+    ///
+    /// Services: claimed addresses, strategy, accepting or refusing (and
+    /// why), the kernel's counters. Builders: healthy / unhealthy (why) /
+    /// draining / full, open and total connections, failovers, bytes each
+    /// way, probe RTT, egress link. Without a running daemon it says so and
+    /// says whether claimed traffic is being refused. Needs read access to
+    /// the control socket (root, or `control_group`).
+    Status {
+        /// Print the status document as JSON (a stable interface).
+        #[arg(long)]
+        json: bool,
+        #[arg(
+            long,
+            short,
+            env = "YENSID_CONFIG",
+            default_value = "/etc/yensid/yensid.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Print known_hosts lines that trust every builder under one name.
+    ///
+    /// OpenSSH accepts a server whose key matches any of several lines for
+    /// the same host name, so clients trust the whole pool without a CA.
+    /// Builders without `host_key` are listed on stderr. Append the output
+    /// to root's ~/.ssh/known_hosts (the Nix daemon runs ssh as root).
+    KnownHosts {
+        /// The name clients connect to; default: each service's addresses
+        /// (with `[addr]:port` for a port other than 22).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(
+            long,
+            short,
+            env = "YENSID_CONFIG",
+            default_value = "/etc/yensid/yensid.toml"
+        )]
+        config: PathBuf,
+    },
     /// Validate a configuration file without privileges.
     ///
     /// Reports every problem at once, each with its key and line: unknown
@@ -159,6 +200,26 @@ fn main() -> std::process::ExitCode {
         }
         Command::Drain { builder, config } => operator(&config, Request::Drain { builder }),
         Command::Undrain { builder, config } => operator(&config, Request::Undrain { builder }),
+        Command::Status { json, config } => match show_status(&config, json) {
+            Ok(text) => {
+                print!("{text}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("yensid: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        Command::KnownHosts { name, config } => match known_hosts(&config, name.as_deref()) {
+            Ok(lines) => {
+                print!("{lines}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("yensid: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         Command::CheckConfig { file } => match config::Config::load(&file) {
             Ok(c) => {
                 println!(
@@ -240,7 +301,7 @@ fn record_offline(config: &config::Config, request: &Request) -> Result<String> 
                 until: change.for_seconds.map(unix_deadline),
             });
         }
-        Request::Mode { change: None } => {
+        Request::Status | Request::Mode { change: None } => {
             let now = unix_now();
             let recorded = match state.mode_override.filter(|o| o.in_force(now)) {
                 Some(o) => format!("an override to {} is recorded for when it starts", o.mode),
@@ -256,6 +317,86 @@ fn record_offline(config: &config::Config, request: &Request) -> Result<String> 
         "{not_running}: recorded in {}; takes effect when it starts",
         file.display()
     ))
+}
+
+fn show_status(config_path: &Path, json: bool) -> Result<String> {
+    let config = config::Config::load(config_path)
+        .with_context(|| format!("invalid configuration {}", config_path.display()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match runtime.block_on(control::request(
+        &config.daemon.control_socket(),
+        &Request::Status,
+    )) {
+        Ok(reply) if reply.ok => {
+            if json {
+                return Ok(reply.message + "\n");
+            }
+            let status: status::Status = serde_json::from_str(&reply.message)
+                .context("unreadable status from the daemon")?;
+            Ok(status::render(&status))
+        }
+        Ok(reply) => bail!("{}", reply.message),
+        Err(control::ControlError::NotRunning { .. }) => {
+            let claims: Vec<String> = config
+                .services
+                .iter()
+                .flat_map(|s| s.listen.iter().map(move |p| format!("{p} port {}", s.port)))
+                .collect();
+            let (attached, text) = status::not_running(&config.daemon.pin_path, &claims);
+            if json {
+                let doc = serde_json::json!({
+                    "running": false,
+                    "claimed_traffic": if attached { "refused" } else { "not claimed" },
+                    "message": text,
+                });
+                Ok(format!("{doc}\n"))
+            } else {
+                Ok(text + "\n")
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// known_hosts lines for every builder's host key under each client-facing
+/// name.
+fn known_hosts(config_path: &Path, name: Option<&str>) -> Result<String> {
+    let config = config::Config::load(config_path)
+        .with_context(|| format!("invalid configuration {}", config_path.display()))?;
+    let mut names: Vec<String> = match name {
+        Some(n) => vec![n.to_owned()],
+        None => config
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.listen
+                    .iter()
+                    .filter(|p| p.is_host())
+                    .map(move |p| match s.port {
+                        22 => p.addr.to_string(),
+                        port => format!("[{}]:{port}", p.addr),
+                    })
+            })
+            .collect(),
+    };
+    names.dedup();
+    if names.is_empty() {
+        bail!("no service claims a single address; name the host with --name");
+    }
+    let mut out = String::new();
+    for b in &config.builders {
+        match &b.host_key {
+            Some(key) => {
+                for n in &names {
+                    out.push_str(&format!("{n} {key}\n"));
+                }
+            }
+            None => eprintln!("yensid: builder `{}` has no host_key; not listed", b.name),
+        }
+    }
+    Ok(out)
 }
 
 fn parse_for(text: &str) -> Result<std::time::Duration, String> {

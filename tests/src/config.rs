@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::topology::{SERVICE_ADDR, SERVICE_PORT, Topology};
 
@@ -82,6 +83,51 @@ pub struct BuilderConfig {
     pub weight: Option<u32>,
     pub max_connections: Option<u32>,
     pub host_key: Option<String>,
+    /// This builder's `health = { ... }` over the `[health]` table.
+    pub health: Option<HealthConfig>,
+}
+
+/// The `[health]` table or a builder's `health = { ... }`; `None` fields are left out.
+/// Durations are written in milliseconds.
+#[derive(Clone, Debug, Default)]
+pub struct HealthConfig {
+    /// Between probes of a healthy builder; first back-off step of a failing one.
+    pub interval: Option<Duration>,
+    /// How long one probe (connect plus SSH identification line) may take.
+    pub timeout: Option<Duration>,
+    /// Successful probes that bring a down builder back.
+    pub rise: Option<u32>,
+    /// Failed probes that take a healthy builder down.
+    pub fall: Option<u32>,
+    /// Longest back-off between probes of a down builder.
+    pub max_interval: Option<Duration>,
+    /// How long a real connection's connect to the builder may take before the client
+    /// is moved to another builder.
+    pub connect_timeout: Option<Duration>,
+}
+
+impl HealthConfig {
+    /// `key = value` pairs, in a fixed order.
+    fn pairs(&self) -> Vec<(&'static str, String)> {
+        let duration = |d: Duration| quote(&format!("{}ms", d.as_millis()));
+        let mut pairs = Vec::new();
+        for (key, value) in [
+            ("interval", self.interval),
+            ("timeout", self.timeout),
+            ("max_interval", self.max_interval),
+            ("connect_timeout", self.connect_timeout),
+        ] {
+            if let Some(value) = value {
+                pairs.push((key, duration(value)));
+            }
+        }
+        for (key, value) in [("rise", self.rise), ("fall", self.fall)] {
+            if let Some(value) = value {
+                pairs.push((key, value.to_string()));
+            }
+        }
+        pairs
+    }
 }
 
 /// Where one daemon instance keeps its state: chosen by the [`crate::Daemon`] running a
@@ -104,6 +150,8 @@ pub struct DaemonConfig {
     pub builders: Vec<BuilderConfig>,
     /// `None` leaves out the `[policy]` table.
     pub policy_mode: Option<PolicyMode>,
+    /// `None` leaves out the `[health]` table.
+    pub health: Option<HealthConfig>,
 }
 
 impl DaemonConfig {
@@ -128,9 +176,11 @@ impl DaemonConfig {
                     weight: None,
                     max_connections: None,
                     host_key: Some(b.host_key().to_owned()),
+                    health: None,
                 })
                 .collect(),
             policy_mode: None,
+            health: None,
         }
     }
 
@@ -194,9 +244,23 @@ impl DaemonConfig {
             if let Some(key) = &builder.host_key {
                 let _ = writeln!(w, "host_key = {}", quote(key));
             }
+            if let Some(health) = &builder.health {
+                let pairs: Vec<String> = health
+                    .pairs()
+                    .into_iter()
+                    .map(|(key, value)| format!("{key} = {value}"))
+                    .collect();
+                let _ = writeln!(w, "health = {{ {} }}", pairs.join(", "));
+            }
         }
         if let Some(mode) = self.policy_mode {
             let _ = writeln!(w, "\n[policy]\nmode = {}", quote(mode.as_str()));
+        }
+        if let Some(health) = &self.health {
+            let _ = writeln!(w, "\n[health]");
+            for (key, value) in health.pairs() {
+                let _ = writeln!(w, "{key} = {value}");
+            }
         }
         toml
     }

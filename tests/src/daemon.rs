@@ -1,11 +1,11 @@
 //! The daemon under test: `yensid run` inside the client namespace but in the host's
 //! mount namespace, so its pins land in the host's bpffs and outlive the process.
 
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
 
@@ -38,10 +38,29 @@ pub fn yensid_binary() -> PathBuf {
 pub struct Daemon {
     child: Child,
     exit: Option<ExitStatus>,
+    binary: PathBuf,
+    /// The namespace handle it runs in, to start it again.
+    netns: PathBuf,
     paths: InstancePaths,
     config_path: PathBuf,
     log_path: PathBuf,
+    /// How many `yensid ready` lines the log held when the current process started.
+    readies_before: usize,
     _dir: TempDir,
+}
+
+/// One line of the daemon's log, with the time it carries.
+#[derive(Clone, Debug)]
+pub struct LogLine {
+    pub at: SystemTime,
+    pub text: String,
+}
+
+impl LogLine {
+    /// Whether the line contains every one of `needles`.
+    pub fn contains_all(&self, needles: &[&str]) -> bool {
+        needles.iter().all(|n| self.text.contains(n))
+    }
 }
 
 impl Daemon {
@@ -70,36 +89,47 @@ impl Daemon {
         let config_path = dir.path().join("yensid.toml");
         fs::write(&config_path, config.render(&paths))?;
         let log_path = dir.path().join("yensid.log");
-        let log = File::create(&log_path)?;
-        // nsenter execs the binary (no fork), so signals to the child reach yensid.
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", ns.path().display()))
-            .arg("--")
-            .arg(binary)
-            .args(["run", "--config"])
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("spawn {}", binary.display()))?;
+        File::create(&log_path)?;
+        let netns = ns.path();
+        let child = spawn(binary, &netns, &config_path, &log_path)?;
         let mut daemon = Self {
             child,
             exit: None,
+            binary: binary.to_owned(),
+            netns,
             paths,
             config_path,
             log_path,
+            readies_before: 0,
             _dir: dir,
         };
         daemon.wait_ready()?;
         Ok(daemon)
     }
 
+    /// Starts this instance again after [`Self::stop`] or [`Self::kill9`]: same binary,
+    /// namespace, config file, pin path, state and runtime directories, so what the
+    /// daemon keeps across restarts (drained builders) carries over. The log goes on
+    /// in the same file.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.exit.is_none() {
+            if let Some(status) = self.child.try_wait()? {
+                self.exit = Some(status);
+            } else {
+                bail!("yensid still runs; stop it before restarting it");
+            }
+        }
+        self.readies_before = self.log().matches(READY_LINE).count();
+        self.child = spawn(&self.binary, &self.netns, &self.config_path, &self.log_path)?;
+        self.exit = None;
+        self.wait_ready()
+    }
+
     /// Fails if the daemon exits or stays silent; its log is echoed when the failed
     /// start drops it.
     fn wait_ready(&mut self) -> Result<()> {
         wait_until("`yensid ready`", READY_TIMEOUT, || {
-            if self.log().contains(READY_LINE) {
+            if self.log().matches(READY_LINE).count() > self.readies_before {
                 return Ok(true);
             }
             if let Some(status) = self.child.try_wait()? {
@@ -125,6 +155,64 @@ impl Daemon {
     /// Everything the daemon logged so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The log lines stamped at or after `since` (lines without a time stamp, such as
+    /// continuation lines, are left out).
+    pub fn log_since(&self, since: SystemTime) -> Vec<LogLine> {
+        self.log()
+            .lines()
+            .filter_map(|line| {
+                let at = parse_timestamp(line.split_whitespace().next()?)?;
+                Some(LogLine {
+                    at,
+                    text: line.to_owned(),
+                })
+            })
+            .filter(|line| line.at >= since)
+            .collect()
+    }
+
+    /// Waits for the first line stamped at or after `since` that contains every one of
+    /// `needles`, and returns it.
+    pub fn wait_for_log(
+        &self,
+        needles: &[&str],
+        since: SystemTime,
+        timeout: Duration,
+    ) -> Result<LogLine> {
+        let mut found = None;
+        wait_until(
+            &format!("a yensid log line with {needles:?}"),
+            timeout,
+            || {
+                found = self
+                    .log_since(since)
+                    .into_iter()
+                    .find(|line| line.contains_all(needles));
+                Ok(found.is_some())
+            },
+        )?;
+        Ok(found.expect("wait_until returned after finding it"))
+    }
+
+    /// `yensid drain <builder> --config <this instance's config>`: its stdout; an error
+    /// carrying its stderr if it exits non-zero.
+    pub fn drain(&self, builder: &str) -> Result<String> {
+        self.operator("drain", builder)
+    }
+
+    /// `yensid undrain <builder> --config <this instance's config>`, like [`Self::drain`].
+    pub fn undrain(&self, builder: &str) -> Result<String> {
+        self.operator("undrain", builder)
+    }
+
+    /// The control socket lives in the host's mount namespace (the daemon runs there),
+    /// so the CLI needs no namespace.
+    fn operator(&self, verb: &str, builder: &str) -> Result<String> {
+        run(Command::new(&self.binary)
+            .args([verb, builder, "--config"])
+            .arg(&self.config_path))
     }
 
     /// Replaces the config file with `config` (atomically, so the daemon never reads a
@@ -196,6 +284,53 @@ impl Drop for Daemon {
     }
 }
 
+/// Starts `yensid run` in the network namespace `netns`, logging to `log`.
+fn spawn(binary: &Path, netns: &Path, config: &Path, log: &Path) -> Result<Child> {
+    let log = OpenOptions::new()
+        .append(true)
+        .open(log)
+        .with_context(|| format!("open {}", log.display()))?;
+    // nsenter execs the binary (no fork), so signals to the child reach yensid.
+    Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .arg(binary)
+        .args(["run", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("spawn {}", binary.display()))
+}
+
+/// A tracing time stamp, `2026-01-02T03:04:05.123456Z` (UTC, any number of fraction
+/// digits).
+fn parse_timestamp(stamp: &str) -> Option<SystemTime> {
+    let stamp = stamp.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut date = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (year, month, day) = (date.next()??, date.next()??, date.next()??);
+    let (clock, fraction) = time.split_once('.').unwrap_or((time, "0"));
+    let mut clock = clock.splitn(3, ':').map(|p| p.parse::<u64>().ok());
+    let (hour, minute, second) = (clock.next()??, clock.next()??, clock.next()??);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || fraction.is_empty() {
+        return None;
+    }
+    let nanos: u32 = format!("{:0<9}", fraction.get(..fraction.len().min(9))?)
+        .parse()
+        .ok()?;
+    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = u64::try_from(era * 146_097 + day_of_era - 719_468).ok()?;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second;
+    Some(SystemTime::UNIX_EPOCH + Duration::new(seconds, nanos))
+}
+
 /// The first and last lines of a long log: startup and the end are what explain a
 /// failure; a thousand per-connection lines in between do not.
 fn abridged(log: &str) -> String {
@@ -229,4 +364,26 @@ fn ensure_bpffs() -> Result<()> {
         run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_parse_as_utc() {
+        let at = parse_timestamp("2026-11-24T21:48:00.123456Z").expect("valid");
+        let since_epoch = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("after 1970");
+        assert_eq!(since_epoch, Duration::new(1_795_556_880, 123_456_000));
+        let leap = parse_timestamp("2024-02-29T00:00:01Z").expect("valid");
+        assert_eq!(
+            leap.duration_since(SystemTime::UNIX_EPOCH)
+                .expect("after 1970"),
+            Duration::from_secs(1_709_164_801)
+        );
+        assert_eq!(parse_timestamp("INFO"), None);
+        assert_eq!(parse_timestamp("2026-13-01T00:00:00Z"), None);
+    }
 }

@@ -2,6 +2,9 @@
 //! namespaces this harness creates, and the daemon under test running in the client
 //! namespace.
 //!
+//! Faults on demand: a builder's sshd killed and restarted, a builder black-holed, fake
+//! builders that do not speak SSH; and a real Nix client with a private store.
+//!
 //! Used by the integration tests in `tests/tests/` and by `cargo xtask bench`. Every
 //! object owns what it created (namespaces, processes, temp files, bpffs pins) and
 //! removes it in `Drop`, so a panicking test leaves nothing behind; leftovers of a
@@ -12,7 +15,9 @@
 mod command;
 pub mod config;
 pub mod daemon;
+pub mod fake;
 pub mod netns;
+pub mod nix;
 pub mod payload;
 pub mod privileges;
 pub mod ssh;
@@ -25,10 +30,13 @@ mod unique;
 pub mod wait;
 
 pub use config::{
-    BuilderConfig, DaemonConfig, Dataplane, InstancePaths, PolicyMode, ServiceConfig, Strategy,
+    BuilderConfig, DaemonConfig, Dataplane, HealthConfig, InstancePaths, PolicyMode, ServiceConfig,
+    Strategy,
 };
-pub use daemon::{Daemon, yensid_binary};
+pub use daemon::{Daemon, LogLine, yensid_binary};
+pub use fake::{Fake, FakeConnection, FakeServer};
 pub use netns::Netns;
+pub use nix::{NixBuild, NixClient};
 pub use payload::RandomFile;
 pub use privileges::privileged_or_skip;
 pub use ssh::{KnownHosts, SshClient};

@@ -66,23 +66,29 @@ impl Netns {
     /// lives here. Sockets stay in their namespace when handed to other threads, so only
     /// socket creation needs this; reads and writes work from anywhere.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let handle =
-            File::open(self.path()).with_context(|| format!("open {}", self.path().display()))?;
-        thread::scope(|scope| {
-            let worker = scope.spawn(move || {
-                // SAFETY: `handle` is an open namespace fd; setns with CLONE_NEWNET only
-                // changes the calling thread's network namespace.
-                if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(std::io::Error::last_os_error())
-                        .with_context(|| format!("setns into {}", self.name));
-                }
-                Ok(f())
-            });
-            worker
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        run_in(&self.name, f)
     }
+}
+
+/// [`Netns::run`] by namespace name, for owners of processes inside a namespace that
+/// they do not own.
+pub(crate) fn run_in<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let path = PathBuf::from(NETNS_DIR).join(name);
+    let handle = File::open(&path).with_context(|| format!("open {}", path.display()))?;
+    thread::scope(|scope| {
+        let worker = scope.spawn(move || {
+            // SAFETY: `handle` is an open namespace fd; setns with CLONE_NEWNET only
+            // changes the calling thread's network namespace.
+            if unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("setns into {name}"));
+            }
+            Ok(f())
+        });
+        worker
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 impl Drop for Netns {

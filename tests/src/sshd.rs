@@ -1,16 +1,17 @@
 //! Real OpenSSH servers: the builders, and the client host's own sshd.
 
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::command::run;
-use crate::netns::Netns;
-use crate::wait::wait_until;
+use crate::netns::{Netns, exec_command, run_in};
+use crate::wait::{wait_child, wait_until};
 
 pub const SSH_PORT: u16 = 22;
 
@@ -55,9 +56,17 @@ pub struct SshdSpec<'a> {
     pub authorized_key: &'a str,
 }
 
-/// A running `sshd -D` with its own host key, killed on drop.
+/// A running `sshd -D` with its own host key, killed on drop. It can be killed and
+/// started again in the middle of a test ([`Self::kill`], [`Self::restart`]): a builder
+/// that dies and comes back, with the same host key and address.
 pub struct Sshd {
-    child: Child,
+    /// `None` while killed. Behind a lock so a test can kill a builder's sshd while
+    /// other threads hold references into the topology.
+    child: Mutex<Option<Child>>,
+    /// Its namespace's name and its config, to start it again.
+    ns_name: String,
+    config: PathBuf,
+    listen: IpAddr,
     name: String,
     host_key: KeyPair,
     log: PathBuf,
@@ -81,24 +90,66 @@ impl Sshd {
         )?;
 
         let log = own_dir.join("sshd.log");
-        let log_file = File::create(&log)?;
-        let child = ns
-            .command("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .context("spawn sshd")?;
-        let mut sshd = Self {
-            child,
+        File::create(&log)?;
+        let sshd = Self {
+            child: Mutex::new(None),
+            ns_name: ns.name().to_owned(),
+            config,
+            listen: spec.listen,
             name: spec.name.to_owned(),
             host_key,
             log,
         };
-        sshd.wait_accepting(ns, spec.listen)?;
+        sshd.spawn()?;
         Ok(sshd)
+    }
+
+    /// Starts the sshd process (appending to its log) and waits until it accepts.
+    fn spawn(&self) -> Result<()> {
+        let mut child = self.child();
+        ensure!(child.is_none(), "sshd {} is already running", self.name);
+        let log_file = OpenOptions::new().append(true).open(&self.log)?;
+        *child = Some(
+            exec_command(&self.ns_name, "/usr/sbin/sshd")
+                .args(["-D", "-e", "-f"])
+                .arg(&self.config)
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone()?)
+                .stderr(log_file)
+                .spawn()
+                .context("spawn sshd")?,
+        );
+        drop(child);
+        self.wait_accepting()
+    }
+
+    /// The listening sshd's pid; `None` while it is killed.
+    pub fn pid(&self) -> Option<u32> {
+        self.child().as_ref().map(Child::id)
+    }
+
+    /// SIGKILLs the listening sshd (by its pid) and reaps it: from now on its port
+    /// refuses connections. Sessions it already forked keep running, as on a real host
+    /// whose sshd crashed.
+    pub fn kill(&self) -> Result<()> {
+        let mut child = self.child();
+        let Some(mut process) = child.take() else {
+            bail!("sshd {} is not running", self.name);
+        };
+        process.kill().context("kill sshd")?;
+        wait_child(&mut process, Duration::from_secs(20))?
+            .with_context(|| format!("sshd {} did not die of SIGKILL", self.name))?;
+        Ok(())
+    }
+
+    /// Starts a killed sshd again, same config and host key, and waits until it
+    /// accepts connections.
+    pub fn restart(&self) -> Result<()> {
+        self.spawn()
+    }
+
+    fn child(&self) -> MutexGuard<'_, Option<Child>> {
+        self.child.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn name(&self) -> &str {
@@ -115,21 +166,27 @@ impl Sshd {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn wait_accepting(&mut self, ns: &Netns, listen: IpAddr) -> Result<()> {
-        let probe = if listen.is_unspecified() {
+    fn wait_accepting(&self) -> Result<()> {
+        let probe = if self.listen.is_unspecified() {
             IpAddr::V4(Ipv4Addr::LOCALHOST)
         } else {
-            listen
+            self.listen
         };
         let target = SocketAddr::new(probe, SSH_PORT);
         wait_until(
             &format!("sshd {} to accept on {target}", self.name),
             Duration::from_secs(20),
             || {
-                if let Some(status) = self.child.try_wait()? {
+                let exited = match self.child().as_mut() {
+                    Some(child) => child.try_wait()?,
+                    None => bail!("sshd {} was killed while starting", self.name),
+                };
+                if let Some(status) = exited {
                     bail!("sshd {} exited ({status}):\n{}", self.name, self.log());
                 }
-                ns.run(|| TcpStream::connect_timeout(&target, Duration::from_secs(1)).is_ok())
+                run_in(&self.ns_name, || {
+                    TcpStream::connect_timeout(&target, Duration::from_secs(1)).is_ok()
+                })
             },
         )
     }
@@ -137,8 +194,10 @@ impl Sshd {
 
 impl Drop for Sshd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, ensure};
@@ -77,6 +77,22 @@ impl Builder {
 
     pub fn sshd(&self) -> &Sshd {
         &self.sshd
+    }
+
+    /// Makes the builder vanish without a trace: a blackhole route in its namespace
+    /// swallows everything it would send back to the client namespace (SYN-ACKs
+    /// included), so new connections to it time out instead of being refused, as with
+    /// a host that lost power. (Setting its veth down is no such black hole: the client
+    /// namespace's ARP then fails and connects end with EHOSTUNREACH after ~3 s.)
+    pub fn black_hole(&self) -> Result<()> {
+        self.ns
+            .ip(&["route", "add", "blackhole", &format!("{}/32", self.gateway)])
+    }
+
+    /// Undoes [`Self::black_hole`].
+    pub fn heal(&self) -> Result<()> {
+        self.ns
+            .ip(&["route", "del", "blackhole", &format!("{}/32", self.gateway)])
     }
 }
 
@@ -188,6 +204,11 @@ impl Topology {
         &self.client
     }
 
+    /// The private key every builder (and the host sshd) accepts for root.
+    pub fn client_identity(&self) -> &Path {
+        self.client_key.private_key()
+    }
+
     pub fn builders(&self) -> &[Builder] {
         &self.builders
     }
@@ -259,7 +280,7 @@ impl Topology {
     }
 
     /// A fresh path in this topology's temp dir, for files that go away with it.
-    fn new_file(&self, stem: &str) -> PathBuf {
+    pub(crate) fn new_file(&self, stem: &str) -> PathBuf {
         self.dir
             .path()
             .join(format!("{stem}-{}", unique::next_id()))

@@ -173,13 +173,28 @@ mod tests {
         }
     }
 
-    fn script(name: &str, body: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("yensid-hook-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        path
+    /// An executable script in a directory of its own, removed on drop
+    /// (also when the test fails).
+    struct Script(std::path::PathBuf);
+
+    impl Script {
+        fn new(name: &str, body: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("yensid-hook-{}-{name}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            Script(path)
+        }
+    }
+
+    impl Drop for Script {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
     }
 
     #[test]
@@ -215,11 +230,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_hook_reads_the_state_and_answers() {
-        let hook = script(
+        let hook = Script::new(
             "answers",
             r#"grep -q '"name":"b1"' && echo '{"mode":"remote","reason":"b1 seen"}'"#,
         );
-        let d = run(&hook, &input(), Duration::from_secs(5)).await.unwrap();
+        let d = run(&hook.0, &input(), Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(d.mode, Some(Mode::Remote));
         assert_eq!(d.reason.as_deref(), Some("b1 seen"));
     }

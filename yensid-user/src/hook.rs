@@ -243,13 +243,13 @@ mod tests {
 
     #[tokio::test]
     async fn crashing_hanging_and_missing_hooks_are_errors() {
-        let crash = script("crash", "echo boom >&2; exit 3");
-        let err = run(&crash, &input(), Duration::from_secs(5))
+        let crash = Script::new("crash", "echo boom >&2; exit 3");
+        let err = run(&crash.0, &input(), Duration::from_secs(5))
             .await
             .unwrap_err();
         assert!(err.to_string().contains("boom"), "{err}");
-        let hang = script("hang", "sleep 10");
-        let err = run(&hang, &input(), Duration::from_millis(200))
+        let hang = Script::new("hang", "sleep 10");
+        let err = run(&hang.0, &input(), Duration::from_millis(200))
             .await
             .unwrap_err();
         assert!(matches!(err, HookError::Timeout(_)));

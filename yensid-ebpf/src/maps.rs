@@ -91,6 +91,7 @@ pub fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
 /// Per-service dispatch settings, written by userspace.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct ServiceState {
     /// 1: choose a builder; 0: refuse every connection (build locally).
     pub accept: u32,
@@ -108,6 +109,7 @@ pub struct ServiceState {
 /// the listener that accepts it, even while a reload reorders positions.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct Backend {
     /// Index into `BUILDERS`, `ASSIGNED` and `RELEASED`.
     pub builder: u32,
@@ -122,6 +124,7 @@ pub struct Backend {
 /// Per-builder eligibility and capacity, written by userspace.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct BuilderState {
     /// Relative capacity (>= 1).
     pub weight: u32,
@@ -138,6 +141,7 @@ pub struct BuilderState {
 /// refused, whatever the rest of the maps say.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct Override {
     /// 0: no local override; `u64::MAX`: until further notice.
     pub local_until_ns: u64,
@@ -146,6 +150,7 @@ pub struct Override {
 /// Per-service counters, incremented by the kernel only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct ServiceCounters {
     /// Connections steered to a builder's listener.
     pub dispatched: u64,

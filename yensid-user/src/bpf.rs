@@ -358,6 +358,123 @@ impl Kernel {
     }
 }
 
+/// Every pinned dispatch map, decoded; entries that were never written
+/// (all zero) are left out. Read without the daemon, from the pins.
+#[derive(Debug, serde::Serialize)]
+pub struct MapsDump {
+    pub pin_path: PathBuf,
+    /// Whether the dispatch link is pinned (the program claims traffic).
+    pub dispatch_attached: bool,
+    /// `"<prefix> port <port>"` -> service index.
+    pub bindings: Vec<(String, u32)>,
+    pub services: Vec<(u32, ServiceState)>,
+    /// `(service, position)` -> backend.
+    pub service_backends: Vec<((u32, u32), Backend)>,
+    pub builders: Vec<(u32, BuilderState)>,
+    /// Builder index -> (assigned by the kernel, released by userspace,
+    /// active = assigned - released).
+    pub connections: Vec<(u32, (u64, u64, u64))>,
+    pub service_counters: Vec<(u32, ServiceCounters)>,
+    /// Service -> slots per backend position.
+    pub affinity: Vec<(u32, Vec<(u32, u32)>)>,
+    pub local_override_until_boot_ns: u64,
+}
+
+/// Opens the pinned maps under `pin_path` and decodes them.
+pub fn read_pinned(pin_path: &Path) -> Result<MapsDump, BpfError> {
+    let dir = pin_path.join(format!("maps-v{ABI_VERSION}"));
+    let bindings: LpmTrie<MapData, [u8; BINDING_KEY_LEN], u32> = open(&dir, names::BINDINGS)?;
+    let services: Array<MapData, ServiceState> = open(&dir, names::SERVICES)?;
+    let backends: Array<MapData, Backend> = open(&dir, names::SERVICE_BACKENDS)?;
+    let builders: Array<MapData, BuilderState> = open(&dir, names::BUILDERS)?;
+    let assigned: Array<MapData, u64> = open(&dir, names::ASSIGNED)?;
+    let released: Array<MapData, u64> = open(&dir, names::RELEASED)?;
+    let counters: Array<MapData, ServiceCounters> = open(&dir, names::SERVICE_COUNTERS)?;
+    let affinity: Array<MapData, u32> = open(&dir, names::AFFINITY)?;
+    let mode_override: Array<MapData, Override> = open(&dir, names::OVERRIDE)?;
+    let mut dump = MapsDump {
+        pin_path: pin_path.to_owned(),
+        dispatch_attached: pin_path.join(LINK_PIN).exists(),
+        bindings: bindings
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, service)| (describe_binding(&key), service))
+            .collect(),
+        services: Vec::new(),
+        service_backends: Vec::new(),
+        builders: Vec::new(),
+        connections: Vec::new(),
+        service_counters: Vec::new(),
+        affinity: Vec::new(),
+        local_override_until_boot_ns: mode_override.get(&0, 0).map_or(0, |o| o.local_until_ns),
+    };
+    for (i, state) in services.iter().enumerate() {
+        let Ok(state) = state else { continue };
+        let i = i as u32;
+        if state == ServiceState::default() {
+            continue;
+        }
+        dump.services.push((i, state));
+        for position in 0..state.backends.min(MAX_BACKENDS) {
+            if let Ok(b) = backends.get(&(i * MAX_BACKENDS + position), 0) {
+                dump.service_backends.push(((i, position), b));
+            }
+        }
+        let mut slots: std::collections::BTreeMap<u32, u32> = Default::default();
+        for slot in 0..AFFINITY_SLOTS {
+            if let Ok(position) = affinity.get(&(i * AFFINITY_SLOTS + slot), 0) {
+                *slots.entry(position).or_default() += 1;
+            }
+        }
+        if state.strategy == yensid_ebpf::maps::strategy::SOURCE_AFFINITY {
+            dump.affinity.push((i, slots.into_iter().collect()));
+        }
+    }
+    for (i, state) in builders.iter().enumerate() {
+        let Ok(state) = state else { continue };
+        if state != BuilderState::default() {
+            dump.builders.push((i as u32, state));
+        }
+    }
+    for i in 0..assigned.len() {
+        let a = assigned.get(&i, 0).unwrap_or(0);
+        let r = released.get(&i, 0).unwrap_or(0);
+        if a != 0 || r != 0 {
+            dump.connections.push((i, (a, r, a.wrapping_sub(r))));
+        }
+    }
+    for (i, c) in counters.iter().enumerate() {
+        let Ok(c) = c else { continue };
+        if c != ServiceCounters::default() {
+            dump.service_counters.push((i as u32, c));
+        }
+    }
+    Ok(dump)
+}
+
+fn open<T>(dir: &Path, name: &'static str) -> Result<T, BpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+    let map = aya::maps::Map::from_map_data(data).map_err(map_err(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+/// `"127.0.0.22/32 port 22"` from a binding trie key.
+fn describe_binding(key: &BindingKey) -> String {
+    let data = key.data();
+    let port = u16::from_be_bytes([data[0], data[1]]);
+    let mut addr = [0u8; 16];
+    addr.copy_from_slice(&data[4..20]);
+    let v6 = std::net::Ipv6Addr::from(addr);
+    let bits = key.prefix_len().saturating_sub(BINDING_PORT_BITS);
+    match v6.to_ipv4_mapped() {
+        Some(v4) if bits >= 96 => format!("{v4}/{} port {port}", bits - 96),
+        _ => format!("{v6}/{bits} port {port}"),
+    }
+}
+
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,

@@ -143,6 +143,22 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// Dump every pinned map, decoded, read from the pins (works without
+    /// the daemon): bindings, services, backends, builders, connection
+    /// counts, the kernel's counters, affinity slots, the local override.
+    /// The tool for debugging the kernel side.
+    Maps {
+        /// Print the maps as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(
+            long,
+            short,
+            env = "YENSID_CONFIG",
+            default_value = "/etc/yensid/yensid.toml"
+        )]
+        config: PathBuf,
+    },
     /// Print known_hosts lines that trust every builder under one name.
     ///
     /// OpenSSH accepts a server whose key matches any of several lines for
@@ -201,6 +217,16 @@ fn main() -> std::process::ExitCode {
         Command::Drain { builder, config } => operator(&config, Request::Drain { builder }),
         Command::Undrain { builder, config } => operator(&config, Request::Undrain { builder }),
         Command::Status { json, config } => match show_status(&config, json) {
+            Ok(text) => {
+                print!("{text}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("yensid: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
+        Command::Maps { json, config } => match show_maps(&config, json) {
             Ok(text) => {
                 print!("{text}");
                 std::process::ExitCode::SUCCESS
@@ -358,6 +384,96 @@ fn show_status(config_path: &Path, json: bool) -> Result<String> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+fn show_maps(config_path: &Path, json: bool) -> Result<String> {
+    use std::fmt::Write as _;
+    let config = config::Config::load(config_path)
+        .with_context(|| format!("invalid configuration {}", config_path.display()))?;
+    let pins = &config.daemon.pin_path;
+    let dump = bpf::read_pinned(pins).with_context(|| {
+        format!(
+            "no readable pinned maps under {} (yensid not running, or another version)",
+            pins.display()
+        )
+    })?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&dump)? + "\n");
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "pins: {} (dispatch link {})",
+        dump.pin_path.display(),
+        if dump.dispatch_attached {
+            "attached"
+        } else {
+            "absent"
+        }
+    );
+    let _ = writeln!(out, "\nBINDINGS (claimed -> service)");
+    for (binding, service) in &dump.bindings {
+        let _ = writeln!(out, "  {binding} -> {service}");
+    }
+    let _ = writeln!(out, "\nSERVICES (accept, strategy, backends)");
+    for (i, s) in &dump.services {
+        let _ = writeln!(
+            out,
+            "  {i}: accept={} strategy={} backends={}",
+            s.accept, s.strategy, s.backends
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nSERVICE_BACKENDS (service/position -> builder, listener, eligible)"
+    );
+    for ((svc, pos), b) in &dump.service_backends {
+        let _ = writeln!(
+            out,
+            "  {svc}/{pos}: builder={} listener={} eligible={}",
+            b.builder, b.listener, b.eligible
+        );
+    }
+    let _ = writeln!(out, "\nBUILDERS (weight, max_connections, eligible)");
+    for (i, b) in &dump.builders {
+        let _ = writeln!(
+            out,
+            "  {i}: weight={} max={} eligible={}",
+            b.weight, b.max_connections, b.eligible
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nCONNECTIONS (assigned by the kernel, released by the daemon, active)"
+    );
+    for (i, (a, r, active)) in &dump.connections {
+        let _ = writeln!(out, "  {i}: assigned={a} released={r} active={active}");
+    }
+    let _ = writeln!(out, "\nSERVICE_COUNTERS");
+    for (i, c) in &dump.service_counters {
+        let _ = writeln!(
+            out,
+            "  {i}: dispatched={} refused_mode_local={} refused_no_builder={} sequence={}",
+            c.dispatched, c.refused_mode, c.refused_unavailable, c.sequence
+        );
+    }
+    if !dump.affinity.is_empty() {
+        let _ = writeln!(out, "\nAFFINITY (service: position x slots)");
+        for (i, slots) in &dump.affinity {
+            let shares: Vec<String> = slots.iter().map(|(p, n)| format!("{p}x{n}")).collect();
+            let _ = writeln!(out, "  {i}: {}", shares.join(" "));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nOVERRIDE local_until_boot_ns={}",
+        match dump.local_override_until_boot_ns {
+            0 => "none".to_owned(),
+            u64::MAX => "until changed".to_owned(),
+            t => t.to_string(),
+        }
+    );
+    Ok(out)
 }
 
 /// known_hosts lines for every builder's host key under each client-facing

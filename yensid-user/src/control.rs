@@ -38,6 +38,11 @@ pub enum Request {
     },
     /// The daemon's [`crate::status::Status`], as JSON in the reply.
     Status,
+    /// What happens to the next connection of `service` from `from`.
+    Explain {
+        service: Option<String>,
+        from: Option<std::net::IpAddr>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

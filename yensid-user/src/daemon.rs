@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -457,6 +457,15 @@ impl Controller {
                     message: serde_json::to_string(&self.status()).expect("status serializes"),
                 };
             }
+            Request::Explain { service, from } => {
+                return match self.explain(service.as_deref(), *from) {
+                    Ok(lines) => Reply {
+                        ok: true,
+                        message: lines.join("\n"),
+                    },
+                    Err(message) => Reply { ok: false, message },
+                };
+            }
         };
         let mut state = {
             let inner = self.registry.inner();
@@ -804,6 +813,67 @@ impl Controller {
                 }
             }
         }
+    }
+
+    /// `yensid explain`: the decision for the next connection of a service
+    /// from `from`, with every rule that made it.
+    fn explain(&self, service: Option<&str>, from: Option<IpAddr>) -> Result<Vec<String>, String> {
+        let inner = self.registry.inner();
+        let svc = match service {
+            Some(name) => inner.config.services.iter().find(|s| s.name == name),
+            None => inner.config.services.first(),
+        }
+        .ok_or_else(|| {
+            let known: Vec<&str> = inner
+                .config
+                .services
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect();
+            format!(
+                "unknown service `{}` (configured: {})",
+                service.unwrap_or(""),
+                known.join(", ")
+            )
+        })?;
+        let plan = self
+            .last_plan
+            .as_ref()
+            .and_then(|p| p.services.iter().find(|s| s.name == svc.name))
+            .ok_or("no plan yet")?;
+        let claims: Vec<String> = svc.listen.iter().map(ToString::to_string).collect();
+        let mut lines = vec![
+            format!(
+                "service {} ({} port {}, strategy {})",
+                svc.name,
+                claims.join(", "),
+                svc.port,
+                svc.strategy
+            ),
+            describe_mode(&inner),
+        ];
+        for m in &plan.members {
+            let active = inner.active.get(&m.builder).copied().unwrap_or(0);
+            let line = match &m.excluded {
+                None => format!(
+                    "  {}: eligible, {active} open connection(s), weight {}",
+                    m.builder,
+                    inner.weight(&m.builder)
+                ),
+                Some(why) => format!("  {}: excluded: {why}", m.builder),
+            };
+            lines.push(line);
+        }
+        let client = from.map_or("a client".to_owned(), |ip| ip.to_string());
+        if let Some(refusal) = &plan.refusal {
+            lines.push(format!(
+                "next connection from {client}: REFUSED (RST) because {refusal}: Nix builds locally"
+            ));
+            return Ok(lines);
+        }
+        let decision = inner.predict(svc, from);
+        lines.push(format!("next connection from {client}: {decision}"));
+        Ok(lines)
     }
 
     /// Everything `yensid status` shows.

@@ -159,6 +159,27 @@ enum Command {
         )]
         config: PathBuf,
     },
+    /// Explain what happens to the next connection, and why.
+    ///
+    /// Names the builder the kernel would choose for a connection from
+    /// ADDR (or says it is refused), with each rule that decided it: the
+    /// mode and where it comes from, each builder's eligibility (health,
+    /// drain, link rules), open connections and weight, the strategy.
+    Explain {
+        /// The service (default: the first one).
+        #[arg(long)]
+        service: Option<String>,
+        /// The client's address (matters for source-affinity).
+        #[arg(long)]
+        from: Option<std::net::IpAddr>,
+        #[arg(
+            long,
+            short,
+            env = "YENSID_CONFIG",
+            default_value = "/etc/yensid/yensid.toml"
+        )]
+        config: PathBuf,
+    },
     /// Print known_hosts lines that trust every builder under one name.
     ///
     /// OpenSSH accepts a server whose key matches any of several lines for
@@ -226,6 +247,11 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         },
+        Command::Explain {
+            service,
+            from,
+            config,
+        } => operator(&config, Request::Explain { service, from }),
         Command::Maps { json, config } => match show_maps(&config, json) {
             Ok(text) => {
                 print!("{text}");
@@ -327,15 +353,19 @@ fn record_offline(config: &config::Config, request: &Request) -> Result<String> 
                 until: change.for_seconds.map(unix_deadline),
             });
         }
-        Request::Status | Request::Mode { change: None } => {
+        Request::Status | Request::Explain { .. } | Request::Mode { change: None } => {
             let now = unix_now();
             let recorded = match state.mode_override.filter(|o| o.in_force(now)) {
-                Some(o) => format!("an override to {} is recorded for when it starts", o.mode),
-                None => format!("it will start in mode {}", config.policy.mode),
+                Some(o) => format!("An override to {} is recorded for its next start.", o.mode),
+                None => format!("It will start in mode {}.", config.policy.mode),
             };
-            return Ok(format!(
-                "{not_running}: claimed addresses are not served; {recorded}"
-            ));
+            let claims: Vec<String> = config
+                .services
+                .iter()
+                .flat_map(|s| s.listen.iter().map(move |p| format!("{p} port {}", s.port)))
+                .collect();
+            let (_, text) = status::not_running(&config.daemon.pin_path, &claims);
+            return Ok(format!("{text} {recorded}"));
         }
     }
     state.save(&file)?;

@@ -22,7 +22,7 @@ use yensid_ebpf::{
 
 use crate::{
     bpf::Kernel,
-    config::{Config, Mode, Service},
+    config::{Config, Mode, Service, Strategy},
     health::{Answer, Failure, Tracker, Transition},
     hook::Decision,
     link::LinkState,
@@ -256,6 +256,78 @@ impl Inner {
             .iter()
             .filter_map(|(name, t)| Some((name.clone(), t.last_rtt()?)))
             .collect()
+    }
+
+    /// What the selection would do with the next connection of `svc` from
+    /// `from`, in words (the same code the kernel runs).
+    pub fn predict(&self, svc: &Service, from: Option<IpAddr>) -> String {
+        let inner = self;
+        let mut pool = Pool::new();
+        for name in &svc.builders {
+            pool.push(inner.candidate(name, &[]));
+        }
+        let name_of = |p: Option<u32>| p.and_then(|p| svc.builders.get(p as usize).cloned());
+        let draw = |affinity| Draw {
+            random: 0,
+            sequence: inner.sequence,
+            affinity,
+        };
+        match svc.strategy {
+            Strategy::Random => {
+                let total: u64 = svc
+                    .builders
+                    .iter()
+                    .map(|n| inner.candidate(n, &[]))
+                    .filter(|c| c.available)
+                    .map(|c| c.weight as u64)
+                    .sum();
+                let shares: Vec<String> = svc
+                    .builders
+                    .iter()
+                    .map(|n| (n, inner.candidate(n, &[])))
+                    .filter(|(_, c)| c.available && total > 0)
+                    .map(|(n, c)| format!("{n} {:.0}%", c.weight as f64 * 100.0 / total as f64))
+                    .collect();
+                format!("a random builder by weight: {}", shares.join(", "))
+            }
+            Strategy::SourceAffinity => {
+                let Some(ip) = from else {
+                    return "depends on the client address (source-affinity): pass --from".into();
+                };
+                let slot = select::client_hash(address_words(ip)) % AFFINITY_SLOTS;
+                let pinned = inner
+                    .affinity
+                    .get(&svc.name)
+                    .and_then(|t| t.get(slot as usize))
+                    .cloned();
+                match pinned {
+                    Some(b) if inner.candidate(&b, &[]).available => {
+                        format!("-> {b} (its affinity slot {slot})")
+                    }
+                    Some(b) => {
+                        match name_of(select::choose(svc.strategy.kernel_id(), &pool, &draw(None)))
+                        {
+                            Some(n) => format!(
+                                "-> {n} (slot {slot} belongs to {b}, which is not available; least connections)"
+                            ),
+                            None => "REFUSED (RST): no builder available".into(),
+                        }
+                    }
+                    None => "no affinity table yet".into(),
+                }
+            }
+            strategy => match name_of(select::choose(strategy.kernel_id(), &pool, &draw(None))) {
+                Some(n) => format!(
+                    "-> {n} ({})",
+                    match strategy {
+                        Strategy::LeastConnections => "fewest open connections per unit of weight",
+                        Strategy::RoundRobin => "next in the weighted rotation",
+                        _ => "first available in list order",
+                    }
+                ),
+                None => "REFUSED (RST): every eligible builder is at max_connections".into(),
+            },
+        }
     }
 
     /// Why each builder that may not take new connections may not.

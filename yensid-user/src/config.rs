@@ -38,6 +38,8 @@ pub struct Config {
     /// `[links]`: interface name globs and the kind they are, first match
     /// wins (the kernel cannot know that a USB dongle is a phone tether).
     pub links: Vec<(String, LinkKind)>,
+    /// `[metrics] listen`: where the Prometheus endpoint listens.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -427,6 +429,14 @@ mod raw {
         pub health: Option<Health>,
         #[serde(default)]
         pub links: BTreeMap<String, Spanned<String>>,
+        #[serde(default)]
+        pub metrics: Option<Metrics>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Metrics {
+        pub listen: Spanned<String>,
     }
 
     #[derive(Deserialize, Default)]
@@ -792,6 +802,17 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
         hook_timeout,
         control_group: raw_policy.control_group.map(Spanned::into_inner),
     };
+    let metrics_listen = raw.metrics.and_then(|m| match m.listen.get_ref().parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            check.report(
+                "metrics.listen",
+                &m.listen,
+                "must be ip:port, e.g. 127.0.0.1:9422",
+            );
+            None
+        }
+    });
     let mut links = Vec::new();
     for (glob, kind) in raw.links {
         match kind.get_ref().parse::<LinkKind>() {
@@ -807,6 +828,7 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             builders,
             policy,
             links,
+            metrics_listen,
         })
     } else {
         check.problems.sort_by_key(|p| p.line);

@@ -35,6 +35,7 @@ use crate::{
     health,
     hook::{self, BuilderInput, Decision, HookError, HookInput, OverrideInput},
     link::{self, LinkState},
+    metrics,
     policy::{self, Plan, Refusal, Snapshot},
     proxy::{self, DataPath, Dispatcher},
     registry::{ModeSource, Registry},
@@ -90,6 +91,12 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let registry = Arc::new(Registry::new(config, state, kernel.clone()));
     let (requests, incoming) = mpsc::channel(16);
     let (hook_results, hook_incoming) = mpsc::channel(1);
+    let metrics_listen = registry.inner().config.metrics_listen;
+    if let Some(listen) = metrics_listen {
+        metrics::serve(listen, requests.clone())
+            .await
+            .with_context(|| format!("cannot serve metrics on {listen}"))?;
+    }
     let control_task = tokio::spawn(control::serve(control, requests));
     let mut controller = Controller {
         config_path: config_path.to_owned(),
@@ -961,6 +968,11 @@ impl Controller {
                         .as_ref()
                         .zip(inner.addresses.get(&b.name))
                         .and_then(|(l, ip)| l.egress(*ip).cloned()),
+                    connect_seconds: inner
+                        .connect_times
+                        .get(&b.name)
+                        .cloned()
+                        .unwrap_or_default(),
                 }
             })
             .collect();

@@ -12,6 +12,7 @@ mod daemon;
 mod health;
 mod hook;
 mod link;
+mod metrics;
 mod policy;
 mod proxy;
 mod registry;

@@ -77,6 +77,9 @@ pub trait Dispatcher: Send + Sync + 'static {
         reason: &str,
         tried: &[String],
     ) -> Option<String>;
+    /// A builder answered with its identification line `elapsed` after
+    /// the connect started.
+    fn connected(&self, builder: &str, elapsed: Duration);
     /// The connection that was counted for `builder` is over.
     fn finished(&self, builder: &str, outcome: &Outcome);
 }
@@ -217,6 +220,7 @@ async fn open_upstream(
     let address = dispatcher
         .address(builder)
         .ok_or_else(|| io::Error::other("builder is no longer configured"))?;
+    let started = Instant::now();
     let upstream = timeout(dispatcher.connect_timeout(builder), connect(&address))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
@@ -231,6 +235,7 @@ async fn open_upstream(
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no SSH identification line"))??;
         lines.extend_from_slice(&line);
         if line.starts_with(b"SSH-") {
+            dispatcher.connected(builder, started.elapsed());
             return Ok((upstream, lines));
         }
         if lines.len() > MAX_SERVER_PREAMBLE {

@@ -26,6 +26,7 @@ use crate::{
     health::{Answer, Failure, Tracker, Transition},
     hook::Decision,
     link::LinkState,
+    metrics::Histogram,
     policy::Unavailable,
     proxy::{Dispatcher, Outcome},
     state::{ModeOverride, OperatorState, unix_now},
@@ -49,6 +50,8 @@ pub struct Inner {
     /// Per service, the affinity table by builder name.
     pub affinity: HashMap<String, Vec<String>>,
     pub totals: HashMap<String, BuilderTotals>,
+    /// Upstream connect-to-banner times per builder.
+    pub connect_times: HashMap<String, Histogram>,
     /// Kernel index of each builder (for the RELEASED counters).
     pub builder_index: HashMap<String, u32>,
     /// What userspace last wrote to the kernel's RELEASED map, by index.
@@ -96,6 +99,7 @@ impl Registry {
             active: HashMap::new(),
             affinity: HashMap::new(),
             totals: HashMap::new(),
+            connect_times: HashMap::new(),
             builder_index: HashMap::new(),
             released: HashMap::new(),
             sequence: 0,
@@ -436,6 +440,14 @@ impl Dispatcher for Registry {
         self.adjust_released(&mut inner, failed, 1);
         self.adjust_released(&mut inner, &next, -1);
         Some(next)
+    }
+
+    fn connected(&self, builder: &str, elapsed: Duration) {
+        self.inner()
+            .connect_times
+            .entry(builder.to_owned())
+            .or_default()
+            .observe(elapsed);
     }
 
     fn finished(&self, builder: &str, outcome: &Outcome) {

@@ -10,7 +10,7 @@ use std::{fmt::Write as _, path::Path};
 
 use serde::{Deserialize, Serialize};
 
-use crate::link::Link;
+use crate::{link::Link, metrics::Histogram};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
@@ -77,6 +77,9 @@ pub struct BuilderStatus {
     pub bytes_from_builder: u64,
     pub rtt_ms: Option<f64>,
     pub egress: Option<Link>,
+    /// From upstream connect to the builder's identification line.
+    #[serde(default)]
+    pub connect_seconds: Histogram,
 }
 
 /// Tables for humans.

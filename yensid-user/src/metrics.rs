@@ -1,0 +1,398 @@
+//! The Prometheus endpoint (`[metrics] listen`): `GET /metrics`.
+//!
+//! Every scrape asks the controller for the same [`Status`] document that
+//! `yensid status --json` prints and renders it in Prometheus' text format,
+//! so the two can never disagree. Rendering is a pure function.
+
+use std::{fmt::Write as _, net::SocketAddr, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, oneshot},
+    time::timeout,
+};
+use tracing::{info, warn};
+
+use crate::{
+    control::{Pending, Request},
+    status::Status,
+};
+
+/// Upper bounds of the connect-time histogram, in seconds.
+pub const CONNECT_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Time from the start of the upstream connect to the builder's
+/// identification line, per builder.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Histogram {
+    /// Cumulative counts per bound of [`CONNECT_BUCKETS`].
+    pub buckets: Vec<u64>,
+    pub sum_seconds: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, value: Duration) {
+        let seconds = value.as_secs_f64();
+        if self.buckets.len() != CONNECT_BUCKETS.len() {
+            self.buckets = vec![0; CONNECT_BUCKETS.len()];
+        }
+        for (count, bound) in self.buckets.iter_mut().zip(CONNECT_BUCKETS) {
+            if seconds <= bound {
+                *count += 1;
+            }
+        }
+        self.sum_seconds += seconds;
+        self.count += 1;
+    }
+}
+
+/// Serves `GET /metrics` on `listen` until the task is aborted.
+pub async fn serve(listen: SocketAddr, requests: mpsc::Sender<Pending>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    info!(%listen, "metrics endpoint listening");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let requests = requests.clone();
+            tokio::spawn(async move {
+                if let Err(e) = answer(stream, requests).await {
+                    warn!(error = %e, "metrics request failed");
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn answer(mut stream: TcpStream, requests: mpsc::Sender<Pending>) -> std::io::Result<()> {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read_head = async {
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            request.extend_from_slice(&buf[..n]);
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    timeout(Duration::from_secs(5), read_head)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "slow request"))??;
+    let first = String::from_utf8_lossy(&request);
+    let first = first.lines().next().unwrap_or_default();
+    let (code, body) = if first.starts_with("GET /metrics ") || first == "GET /metrics" {
+        let (tx, rx) = oneshot::channel();
+        let _ = requests.send((Request::Status, tx)).await;
+        match rx
+            .await
+            .ok()
+            .and_then(|r| serde_json::from_str::<Status>(&r.message).ok())
+        {
+            Some(status) => ("200 OK", render(&status)),
+            None => (
+                "503 Service Unavailable",
+                "the daemon is stopping\n".to_owned(),
+            ),
+        }
+    } else {
+        (
+            "404 Not Found",
+            "only GET /metrics is served here\n".to_owned(),
+        )
+    };
+    let head = format!(
+        "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// The Prometheus text exposition of a status document.
+pub fn render(status: &Status) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let by_builder =
+        |f: &dyn Fn(&crate::status::BuilderStatus) -> String| -> Vec<(String, String)> {
+            status
+                .builders
+                .iter()
+                .map(|b| (format!("{{builder=\"{}\"}}", b.name), f(b)))
+                .collect()
+        };
+    family(
+        "yensid_mode",
+        "gauge",
+        "1 for the mode in force (auto, remote, local), with its source.",
+        ["auto", "remote", "local"]
+            .iter()
+            .map(|m| {
+                (
+                    format!("{{mode=\"{m}\",source=\"{}\"}}", status.mode.source),
+                    ((status.mode.in_force == *m) as u8).to_string(),
+                )
+            })
+            .collect(),
+    );
+    family(
+        "yensid_service_accepting",
+        "gauge",
+        "1 while a service sends connections to builders, 0 while it refuses them.",
+        status
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    format!("{{service=\"{}\"}}", s.name),
+                    (s.refusal.is_none() as u8).to_string(),
+                )
+            })
+            .collect(),
+    );
+    family(
+        "yensid_dispatched_total",
+        "counter",
+        "Connections the kernel steered to a builder.",
+        status
+            .services
+            .iter()
+            .filter_map(|s| {
+                Some((
+                    format!("{{service=\"{}\"}}", s.name),
+                    s.dispatched?.to_string(),
+                ))
+            })
+            .collect(),
+    );
+    family(
+        "yensid_refused_total",
+        "counter",
+        "Connections the kernel refused (RST), by reason.",
+        status
+            .services
+            .iter()
+            .flat_map(|s| {
+                [
+                    ("mode_local", s.refused_mode_local),
+                    ("no_builder", s.refused_no_builder),
+                ]
+                .into_iter()
+                .filter_map(move |(reason, n)| {
+                    Some((
+                        format!("{{service=\"{}\",reason=\"{reason}\"}}", s.name),
+                        n?.to_string(),
+                    ))
+                })
+            })
+            .collect(),
+    );
+    family(
+        "yensid_builder_healthy",
+        "gauge",
+        "1 while probes (and real connections) find the builder serving SSH.",
+        by_builder(&|b| ((b.state != "unhealthy") as u8).to_string()),
+    );
+    family(
+        "yensid_builder_draining",
+        "gauge",
+        "1 while the operator drains the builder.",
+        by_builder(&|b| ((b.state == "draining") as u8).to_string()),
+    );
+    family(
+        "yensid_active_connections",
+        "gauge",
+        "Connections open to the builder.",
+        by_builder(&|b| b.active.to_string()),
+    );
+    family(
+        "yensid_connections_total",
+        "counter",
+        "Connections the builder served.",
+        by_builder(&|b| b.connections.to_string()),
+    );
+    family(
+        "yensid_failovers_total",
+        "counter",
+        "Connections moved away from the builder because it failed.",
+        by_builder(&|b| b.failed_over.to_string()),
+    );
+    family(
+        "yensid_rejected_clients_total",
+        "counter",
+        "Clients steered to the builder that did not speak SSH.",
+        by_builder(&|b| b.rejected_clients.to_string()),
+    );
+    family(
+        "yensid_bytes_total",
+        "counter",
+        "Bytes forwarded, by direction.",
+        status
+            .builders
+            .iter()
+            .flat_map(|b| {
+                [
+                    ("to_builder", b.bytes_to_builder),
+                    ("from_builder", b.bytes_from_builder),
+                ]
+                .into_iter()
+                .map(move |(direction, n)| {
+                    (
+                        format!("{{builder=\"{}\",direction=\"{direction}\"}}", b.name),
+                        n.to_string(),
+                    )
+                })
+            })
+            .collect(),
+    );
+    family(
+        "yensid_probe_rtt_seconds",
+        "gauge",
+        "Round-trip time of the builder's last successful health probe.",
+        status
+            .builders
+            .iter()
+            .filter_map(|b| {
+                Some((
+                    format!("{{builder=\"{}\"}}", b.name),
+                    (b.rtt_ms? / 1e3).to_string(),
+                ))
+            })
+            .collect(),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP yensid_connect_seconds From upstream connect to the builder's SSH identification line.\n# TYPE yensid_connect_seconds histogram"
+    );
+    for b in &status.builders {
+        let h = &b.connect_seconds;
+        for (i, bound) in CONNECT_BUCKETS.iter().enumerate() {
+            let count = h.buckets.get(i).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "yensid_connect_seconds_bucket{{builder=\"{}\",le=\"{bound}\"}} {count}",
+                b.name
+            );
+        }
+        let _ = writeln!(
+            out,
+            "yensid_connect_seconds_bucket{{builder=\"{}\",le=\"+Inf\"}} {}",
+            b.name, h.count
+        );
+        let _ = writeln!(
+            out,
+            "yensid_connect_seconds_sum{{builder=\"{}\"}} {}",
+            b.name, h.sum_seconds
+        );
+        let _ = writeln!(
+            out,
+            "yensid_connect_seconds_count{{builder=\"{}\"}} {}",
+            b.name, h.count
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{BuilderStatus, ModeStatus, ServiceStatus};
+
+    fn status() -> Status {
+        let mut connect = Histogram::default();
+        connect.observe(Duration::from_micros(300));
+        connect.observe(Duration::from_millis(30));
+        Status {
+            pid: 1,
+            dataplane: "kernel".into(),
+            bpf: true,
+            mode: ModeStatus {
+                in_force: "local".into(),
+                source: "override".into(),
+                until: None,
+                reason: None,
+                summary: String::new(),
+            },
+            services: vec![ServiceStatus {
+                name: "x86".into(),
+                listen: vec!["127.0.0.22/32".into()],
+                port: 22,
+                strategy: "least-connections".into(),
+                refusal: Some("mode is local".into()),
+                members: Vec::new(),
+                dispatched: Some(7),
+                refused_mode_local: Some(3),
+                refused_no_builder: Some(0),
+            }],
+            builders: vec![BuilderStatus {
+                name: "b1".into(),
+                address: "198.18.1.2:22".into(),
+                state: "draining".into(),
+                reason: None,
+                weight: 1,
+                max_connections: None,
+                active: 1,
+                connections: 6,
+                rejected_clients: 1,
+                failed_over: 0,
+                bytes_to_builder: 100,
+                bytes_from_builder: 200,
+                rtt_ms: Some(2.0),
+                egress: None,
+                connect_seconds: connect,
+            }],
+        }
+    }
+
+    #[test]
+    fn every_family_is_rendered_with_its_samples() {
+        let text = render(&status());
+        for line in [
+            "yensid_mode{mode=\"local\",source=\"override\"} 1",
+            "yensid_mode{mode=\"auto\",source=\"override\"} 0",
+            "yensid_service_accepting{service=\"x86\"} 0",
+            "yensid_dispatched_total{service=\"x86\"} 7",
+            "yensid_refused_total{service=\"x86\",reason=\"mode_local\"} 3",
+            "yensid_builder_healthy{builder=\"b1\"} 1",
+            "yensid_builder_draining{builder=\"b1\"} 1",
+            "yensid_connections_total{builder=\"b1\"} 6",
+            "yensid_bytes_total{builder=\"b1\",direction=\"from_builder\"} 200",
+            "yensid_probe_rtt_seconds{builder=\"b1\"} 0.002",
+            "yensid_connect_seconds_bucket{builder=\"b1\",le=\"0.0005\"} 1",
+            "yensid_connect_seconds_bucket{builder=\"b1\",le=\"0.05\"} 2",
+            "yensid_connect_seconds_count{builder=\"b1\"} 2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in:\n{text}"
+            );
+        }
+        let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
+        assert_eq!(families, 13);
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut h = Histogram::default();
+        h.observe(Duration::from_millis(2));
+        h.observe(Duration::from_secs(10));
+        assert_eq!(h.buckets[1], 0, "<= 1ms");
+        assert_eq!(h.buckets[2], 1, "<= 2.5ms");
+        assert_eq!(*h.buckets.last().unwrap(), 1, "10 s is only in +Inf");
+        assert_eq!(h.count, 2);
+    }
+}

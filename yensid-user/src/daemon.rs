@@ -963,6 +963,10 @@ impl Controller {
                     rtt_ms: tracker
                         .and_then(|t| t.last_rtt())
                         .map(|d| d.as_secs_f64() * 1e3),
+                    kernel_rtt_ms: totals
+                        .and_then(|t| t.kernel_rtt)
+                        .map(|d| d.as_secs_f64() * 1e3),
+                    retransmits: totals.map_or(0, |t| t.retransmits),
                     egress: inner
                         .links
                         .as_ref()

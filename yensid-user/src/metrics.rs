@@ -274,6 +274,27 @@ pub fn render(status: &Status) -> String {
             })
             .collect(),
     );
+    family(
+        "yensid_kernel_rtt_seconds",
+        "gauge",
+        "The kernel's smoothed RTT on the builder's finished connections.",
+        status
+            .builders
+            .iter()
+            .filter_map(|b| {
+                Some((
+                    format!("{{builder=\"{}\"}}", b.name),
+                    (b.kernel_rtt_ms? / 1e3).to_string(),
+                ))
+            })
+            .collect(),
+    );
+    family(
+        "yensid_retransmits_total",
+        "counter",
+        "TCP segments retransmitted to the builder.",
+        by_builder(&|b| b.retransmits.to_string()),
+    );
     let _ = writeln!(
         out,
         "# HELP yensid_connect_seconds From upstream connect to the builder's SSH identification line.\n# TYPE yensid_connect_seconds histogram"
@@ -352,6 +373,8 @@ mod tests {
                 bytes_to_builder: 100,
                 bytes_from_builder: 200,
                 rtt_ms: Some(2.0),
+                kernel_rtt_ms: Some(0.5),
+                retransmits: 4,
                 egress: None,
                 connect_seconds: connect,
             }],
@@ -375,6 +398,8 @@ mod tests {
             "yensid_connect_seconds_bucket{builder=\"b1\",le=\"0.0005\"} 1",
             "yensid_connect_seconds_bucket{builder=\"b1\",le=\"0.05\"} 2",
             "yensid_connect_seconds_count{builder=\"b1\"} 2",
+            "yensid_kernel_rtt_seconds{builder=\"b1\"} 0.0005",
+            "yensid_retransmits_total{builder=\"b1\"} 4",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -382,7 +407,7 @@ mod tests {
             );
         }
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
-        assert_eq!(families, 13);
+        assert_eq!(families, 15);
     }
 
     #[test]

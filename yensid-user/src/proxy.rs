@@ -106,6 +106,10 @@ pub struct Outcome {
     pub to_builder: u64,
     /// Bytes received from the builder.
     pub from_builder: u64,
+    /// The kernel's smoothed RTT to the builder at the end (microseconds).
+    pub rtt_us: Option<u32>,
+    /// Segments retransmitted to the builder.
+    pub retransmits: u32,
 }
 
 /// Serves one accepted connection that the kernel steered to `builder`.
@@ -312,6 +316,8 @@ fn count_upstream(upstream: &TcpStream, outcome: &mut Outcome) {
     if let Ok(counts) = sock::tcp_counts(upstream) {
         outcome.to_builder = counts.acked;
         outcome.from_builder = counts.received;
+        outcome.rtt_us = Some(counts.rtt_us);
+        outcome.retransmits = counts.retransmits;
     }
 }
 

@@ -84,6 +84,9 @@ pub struct BuilderTotals {
     pub failed_over: u64,
     pub to_builder: u64,
     pub from_builder: u64,
+    /// Exponentially smoothed kernel RTT over finished connections.
+    pub kernel_rtt: Option<Duration>,
+    pub retransmits: u64,
 }
 
 impl Registry {
@@ -462,6 +465,15 @@ impl Dispatcher for Registry {
             totals.connections += 1;
             totals.to_builder += outcome.to_builder;
             totals.from_builder += outcome.from_builder;
+            totals.retransmits += outcome.retransmits as u64;
+            if let Some(rtt) = outcome.rtt_us.filter(|&r| r > 0) {
+                let sample = Duration::from_micros(rtt as u64);
+                // The kernel's own smoothing factor (1/8), across connections.
+                totals.kernel_rtt = Some(match totals.kernel_rtt {
+                    None => sample,
+                    Some(old) => old * 7 / 8 + sample / 8,
+                });
+            }
         }
         self.adjust_released(&mut inner, builder, 1);
     }

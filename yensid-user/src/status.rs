@@ -76,6 +76,11 @@ pub struct BuilderStatus {
     pub bytes_to_builder: u64,
     pub bytes_from_builder: u64,
     pub rtt_ms: Option<f64>,
+    /// The kernel's smoothed RTT on real (spliced or copied) connections.
+    #[serde(default)]
+    pub kernel_rtt_ms: Option<f64>,
+    #[serde(default)]
+    pub retransmits: u64,
     pub egress: Option<Link>,
     /// From upstream connect to the builder's identification line.
     #[serde(default)]
@@ -126,7 +131,7 @@ pub fn render(status: &Status) -> String {
         "TOTAL".to_owned(),
         "FAILOVERS".to_owned(),
         "TO/FROM".to_owned(),
-        "RTT".to_owned(),
+        "RTT PROBE/CONN".to_owned(),
         "EGRESS".to_owned(),
     ]];
     for b in &status.builders {
@@ -147,7 +152,11 @@ pub fn render(status: &Status) -> String {
                 human_bytes(b.bytes_to_builder),
                 human_bytes(b.bytes_from_builder)
             ),
-            b.rtt_ms.map_or("-".into(), |r| format!("{r:.1}ms")),
+            format!(
+                "{}/{}",
+                b.rtt_ms.map_or("-".into(), |r| format!("{r:.1}ms")),
+                b.kernel_rtt_ms.map_or("-".into(), |r| format!("{r:.1}ms"))
+            ),
             b.egress.as_ref().map_or("-".into(), |l| {
                 format!("{} {}{}", l.name, l.kind, if l.up { "" } else { " DOWN" })
             }),

@@ -756,32 +756,15 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
         });
     }
 
-    let hook_duration = |check: &mut Checker<'_>,
-                         name: &str,
-                         value: Option<Spanned<String>>,
-                         default: Duration| match value {
-        None => default,
-        Some(v) => match parse_duration(v.get_ref()) {
-            Ok(d) if !d.is_zero() => d,
-            Ok(_) => {
-                check.report(format!("policy.{name}"), &v, "must be longer than zero");
-                default
-            }
-            Err(msg) => {
-                check.report(format!("policy.{name}"), &v, msg);
-                default
-            }
-        },
-    };
-    let hook_interval = hook_duration(
+    let hook_interval = duration_field(
         &mut check,
-        "hook_interval",
+        "policy.hook_interval",
         raw_policy.hook_interval,
         Duration::from_secs(30),
     );
-    let hook_timeout = hook_duration(
+    let hook_timeout = duration_field(
         &mut check,
-        "hook_timeout",
+        "policy.hook_timeout",
         raw_policy.hook_timeout,
         Duration::from_secs(2),
     );
@@ -892,19 +875,8 @@ fn health_settings(
     raw: raw::Health,
     base: HealthSettings,
 ) -> HealthSettings {
-    let mut duration = |name: &str, value: Option<Spanned<String>>, default: Duration| match value {
-        None => default,
-        Some(v) => match parse_duration(v.get_ref()) {
-            Ok(d) if !d.is_zero() => d,
-            Ok(_) => {
-                check.report(format!("{prefix}.{name}"), &v, "must be longer than zero");
-                default
-            }
-            Err(msg) => {
-                check.report(format!("{prefix}.{name}"), &v, msg);
-                default
-            }
-        },
+    let mut duration = |name: &str, value, default| {
+        duration_field(check, &format!("{prefix}.{name}"), value, default)
     };
     let interval = duration("interval", raw.interval, base.interval);
     let timeout = duration("timeout", raw.timeout, base.timeout);
@@ -931,6 +903,30 @@ fn health_settings(
         fall: count("fall", raw.fall, base.fall),
         max_interval: max_interval.max(interval),
         connect_timeout,
+    }
+}
+
+/// A duration key: `default` when absent; reported (and `default`) when
+/// it does not parse or is zero.
+fn duration_field(
+    check: &mut Checker<'_>,
+    key: &str,
+    value: Option<Spanned<String>>,
+    default: Duration,
+) -> Duration {
+    let Some(v) = value else {
+        return default;
+    };
+    match parse_duration(v.get_ref()) {
+        Ok(d) if !d.is_zero() => d,
+        Ok(_) => {
+            check.report(key, &v, "must be longer than zero");
+            default
+        }
+        Err(msg) => {
+            check.report(key, &v, msg);
+            default
+        }
     }
 }
 

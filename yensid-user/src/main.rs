@@ -6,6 +6,7 @@
 //! connections are spliced to their builder in the kernel.
 
 mod bpf;
+mod cli;
 mod config;
 mod control;
 mod daemon;
@@ -22,10 +23,9 @@ mod status;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use control::{ModeChange, Request};
-use state::{ModeOverride, OperatorState, unix_deadline, unix_now};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -44,6 +44,19 @@ struct Cli {
     command: Command,
 }
 
+/// The `--config` option every command but `check-config` takes.
+#[derive(clap::Args)]
+struct ConfigFile {
+    /// The configuration file (TOML).
+    #[arg(
+        long = "config",
+        short = 'c',
+        env = "YENSID_CONFIG",
+        default_value = "/etc/yensid/yensid.toml"
+    )]
+    path: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon (needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN).
@@ -56,14 +69,8 @@ enum Command {
     /// Nix builds locally instead of hanging. Log verbosity: RUST_LOG
     /// (default `info`).
     Run {
-        /// The configuration file (TOML).
-        #[arg(
-            long,
-            short,
-            env = "YENSID_CONFIG",
-            default_value = "/etc/yensid/yensid.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Stop sending new connections to a builder (maintenance).
     ///
@@ -74,25 +81,15 @@ enum Command {
     Drain {
         /// The builder's name, as in `[builders.NAME]`.
         builder: String,
-        #[arg(
-            long,
-            short,
-            env = "YENSID_CONFIG",
-            default_value = "/etc/yensid/yensid.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Let a drained builder take new connections again (when healthy).
     Undrain {
         /// The builder's name, as in `[builders.NAME]`.
         builder: String,
-        #[arg(
-            long,
-            short,
-            env = "YENSID_CONFIG",
-            default_value = "/etc/yensid/yensid.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Show or change the mode: local, remote or auto.
     ///
@@ -115,13 +112,8 @@ enum Command {
         /// Remove the override: back to the configured mode (or the hook's).
         #[arg(long, conflicts_with = "mode")]
         reset: bool,
-        #[arg(
-            long,
-            short,
-            env = "YENSID_CONFIG",
-            default_value = "/etc/yensid/yensid.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Show services, builders and the mode: what happens to the next
     /// connection and why.
@@ -136,29 +128,20 @@ enum Command {
         /// Print the status document as JSON (a stable interface).
         #[arg(long)]
         json: bool,
-        #[arg(
-            long,
-            short,
-            env = "YENSID_CONFIG",
-            default_value = "/etc/yensid/yensid.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
-    /// Dump every pinned map, decoded, read from the pins (works without
-    /// the daemon): bindings, services, backends, builders, connection
-    /// counts, the kernel's counters, affinity slots, the local override.
-    /// The tool for debugging the kernel side.
+    /// Dump every pinned map, decoded (works without the daemon).
+    ///
+    /// Bindings, services, backends, builders, connection counts, the
+    /// kernel's counters, affinity slots, the local override, read from the
+    /// pins: the tool for debugging the kernel side.
     Maps {
         /// Print the maps as JSON.
         #[arg(long)]
         json: bool,
-        #[arg(
-            long,
-            short,
-            env = "YENSID_CONFIG",
-            default_value = "/etc/yensid/yensid.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Explain what happens to the next connection, and why.
     ///
@@ -173,13 +156,8 @@ enum Command {
         /// The client's address (matters for source-affinity).
         #[arg(long)]
         from: Option<std::net::IpAddr>,
-        #[arg(
-            long,
-            short,
-            env = "YENSID_CONFIG",
-            default_value = "/etc/yensid/yensid.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Print known_hosts lines that trust every builder under one name.
     ///
@@ -192,13 +170,8 @@ enum Command {
         /// (with `[addr]:port` for a port other than 22).
         #[arg(long)]
         name: Option<String>,
-        #[arg(
-            long,
-            short,
-            env = "YENSID_CONFIG",
-            default_value = "/etc/yensid/yensid.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigFile,
     },
     /// Validate a configuration file without privileges.
     ///
@@ -212,17 +185,33 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
+    let output = match Cli::parse().command {
         Command::Run { config } => {
             init_logging();
-            match run(&config) {
+            return match run(&config.path) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
                     std::process::ExitCode::FAILURE
                 }
-            }
+            };
+        }
+        Command::CheckConfig { file } => {
+            return match config::Config::load(&file) {
+                Ok(c) => {
+                    println!(
+                        "ok: {} service(s), {} builder(s)",
+                        c.services.len(),
+                        c.builders.len()
+                    );
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: invalid configuration", file.display());
+                    eprintln!("{e}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
         }
         Command::Mode {
             mode,
@@ -234,69 +223,26 @@ fn main() -> std::process::ExitCode {
                 mode,
                 for_seconds: for_duration.map(|d| d.as_secs().max(1)),
             });
-            operator(&config, Request::Mode { change })
+            cli::send(&config.path, &Request::Mode { change }).map(|m| m + "\n")
         }
-        Command::Drain { builder, config } => operator(&config, Request::Drain { builder }),
-        Command::Undrain { builder, config } => operator(&config, Request::Undrain { builder }),
-        Command::Status { json, config } => match show_status(&config, json) {
-            Ok(text) => {
-                print!("{text}");
-                std::process::ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("yensid: {e:#}");
-                std::process::ExitCode::FAILURE
-            }
-        },
+        Command::Drain { builder, config } => {
+            cli::send(&config.path, &Request::Drain { builder }).map(|m| m + "\n")
+        }
+        Command::Undrain { builder, config } => {
+            cli::send(&config.path, &Request::Undrain { builder }).map(|m| m + "\n")
+        }
         Command::Explain {
             service,
             from,
             config,
-        } => operator(&config, Request::Explain { service, from }),
-        Command::Maps { json, config } => match show_maps(&config, json) {
-            Ok(text) => {
-                print!("{text}");
-                std::process::ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("yensid: {e:#}");
-                std::process::ExitCode::FAILURE
-            }
-        },
-        Command::KnownHosts { name, config } => match known_hosts(&config, name.as_deref()) {
-            Ok(lines) => {
-                print!("{lines}");
-                std::process::ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("yensid: {e:#}");
-                std::process::ExitCode::FAILURE
-            }
-        },
-        Command::CheckConfig { file } => match config::Config::load(&file) {
-            Ok(c) => {
-                println!(
-                    "ok: {} service(s), {} builder(s)",
-                    c.services.len(),
-                    c.builders.len()
-                );
-                std::process::ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{}: invalid configuration", file.display());
-                eprintln!("{e}");
-                std::process::ExitCode::FAILURE
-            }
-        },
-    }
-}
-
-/// Sends a verb to the running daemon, or records it in the state file
-/// when no daemon runs.
-fn operator(config_path: &Path, request: Request) -> std::process::ExitCode {
-    match send(config_path, &request) {
-        Ok(message) => {
-            println!("{message}");
+        } => cli::send(&config.path, &Request::Explain { service, from }).map(|m| m + "\n"),
+        Command::Status { json, config } => cli::show_status(&config.path, json),
+        Command::Maps { json, config } => cli::show_maps(&config.path, json),
+        Command::KnownHosts { name, config } => cli::known_hosts(&config.path, name.as_deref()),
+    };
+    match output {
+        Ok(text) => {
+            print!("{text}");
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
@@ -304,246 +250,6 @@ fn operator(config_path: &Path, request: Request) -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-fn send(config_path: &Path, request: &Request) -> Result<String> {
-    let config = config::Config::load(config_path)
-        .with_context(|| format!("invalid configuration {}", config_path.display()))?;
-    if let Request::Drain { builder } | Request::Undrain { builder } = request
-        && config.builder(builder).is_none()
-    {
-        let known: Vec<&str> = config.builders.iter().map(|b| b.name.as_str()).collect();
-        bail!(
-            "unknown builder `{builder}` (configured: {})",
-            known.join(", ")
-        );
-    }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let socket = config.daemon.control_socket();
-    match runtime.block_on(control::request(&socket, request)) {
-        Ok(reply) if reply.ok => Ok(reply.message),
-        Ok(reply) => bail!("{}", reply.message),
-        Err(control::ControlError::NotRunning { .. }) => record_offline(&config, request),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Without a daemon: changes go to the state file, to take effect when it
-/// starts; a query answers from the state file.
-fn record_offline(config: &config::Config, request: &Request) -> Result<String> {
-    let file = config.daemon.state_file();
-    let mut state = OperatorState::load(&file)?;
-    let not_running = format!(
-        "yensid is not running (no {})",
-        config.daemon.control_socket().display()
-    );
-    match request {
-        Request::Drain { builder } => {
-            state.drained.insert(builder.clone());
-        }
-        Request::Undrain { builder } => {
-            state.drained.remove(builder);
-        }
-        Request::Mode {
-            change: Some(change),
-        } => {
-            state.mode_override = change.mode.map(|mode| ModeOverride {
-                mode,
-                until: change.for_seconds.map(unix_deadline),
-            });
-        }
-        Request::Status | Request::Explain { .. } | Request::Mode { change: None } => {
-            let now = unix_now();
-            let recorded = match state.mode_override.filter(|o| o.in_force(now)) {
-                Some(o) => format!("An override to {} is recorded for its next start.", o.mode),
-                None => format!("It will start in mode {}.", config.policy.mode),
-            };
-            let claims: Vec<String> = config
-                .services
-                .iter()
-                .flat_map(|s| s.listen.iter().map(move |p| format!("{p} port {}", s.port)))
-                .collect();
-            let (_, text) = status::not_running(&config.daemon.pin_path, &claims);
-            return Ok(format!("{text} {recorded}"));
-        }
-    }
-    state.save(&file)?;
-    Ok(format!(
-        "{not_running}: recorded in {}; takes effect when it starts",
-        file.display()
-    ))
-}
-
-fn show_status(config_path: &Path, json: bool) -> Result<String> {
-    let config = config::Config::load(config_path)
-        .with_context(|| format!("invalid configuration {}", config_path.display()))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    match runtime.block_on(control::request(
-        &config.daemon.control_socket(),
-        &Request::Status,
-    )) {
-        Ok(reply) if reply.ok => {
-            if json {
-                return Ok(reply.message + "\n");
-            }
-            let status: status::Status = serde_json::from_str(&reply.message)
-                .context("unreadable status from the daemon")?;
-            Ok(status::render(&status))
-        }
-        Ok(reply) => bail!("{}", reply.message),
-        Err(control::ControlError::NotRunning { .. }) => {
-            let claims: Vec<String> = config
-                .services
-                .iter()
-                .flat_map(|s| s.listen.iter().map(move |p| format!("{p} port {}", s.port)))
-                .collect();
-            let (attached, text) = status::not_running(&config.daemon.pin_path, &claims);
-            if json {
-                let doc = serde_json::json!({
-                    "running": false,
-                    "claimed_traffic": if attached { "refused" } else { "not claimed" },
-                    "message": text,
-                });
-                Ok(format!("{doc}\n"))
-            } else {
-                Ok(text + "\n")
-            }
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn show_maps(config_path: &Path, json: bool) -> Result<String> {
-    use std::fmt::Write as _;
-    let config = config::Config::load(config_path)
-        .with_context(|| format!("invalid configuration {}", config_path.display()))?;
-    let pins = &config.daemon.pin_path;
-    let dump = bpf::read_pinned(pins).with_context(|| {
-        format!(
-            "no readable pinned maps under {} (yensid not running, or another version)",
-            pins.display()
-        )
-    })?;
-    if json {
-        return Ok(serde_json::to_string_pretty(&dump)? + "\n");
-    }
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "pins: {} (dispatch link {})",
-        dump.pin_path.display(),
-        if dump.dispatch_attached {
-            "attached"
-        } else {
-            "absent"
-        }
-    );
-    let _ = writeln!(out, "\nBINDINGS (claimed -> service)");
-    for (binding, service) in &dump.bindings {
-        let _ = writeln!(out, "  {binding} -> {service}");
-    }
-    let _ = writeln!(out, "\nSERVICES (accept, strategy, backends)");
-    for (i, s) in &dump.services {
-        let _ = writeln!(
-            out,
-            "  {i}: accept={} strategy={} backends={}",
-            s.accept, s.strategy, s.backends
-        );
-    }
-    let _ = writeln!(
-        out,
-        "\nSERVICE_BACKENDS (service/position -> builder, listener, eligible)"
-    );
-    for ((svc, pos), b) in &dump.service_backends {
-        let _ = writeln!(
-            out,
-            "  {svc}/{pos}: builder={} listener={} eligible={}",
-            b.builder, b.listener, b.eligible
-        );
-    }
-    let _ = writeln!(out, "\nBUILDERS (weight, max_connections, eligible)");
-    for (i, b) in &dump.builders {
-        let _ = writeln!(
-            out,
-            "  {i}: weight={} max={} eligible={}",
-            b.weight, b.max_connections, b.eligible
-        );
-    }
-    let _ = writeln!(
-        out,
-        "\nCONNECTIONS (assigned by the kernel, released by the daemon, active)"
-    );
-    for (i, (a, r, active)) in &dump.connections {
-        let _ = writeln!(out, "  {i}: assigned={a} released={r} active={active}");
-    }
-    let _ = writeln!(out, "\nSERVICE_COUNTERS");
-    for (i, c) in &dump.service_counters {
-        let _ = writeln!(
-            out,
-            "  {i}: dispatched={} refused_mode_local={} refused_no_builder={} sequence={}",
-            c.dispatched, c.refused_mode, c.refused_unavailable, c.sequence
-        );
-    }
-    if !dump.affinity.is_empty() {
-        let _ = writeln!(out, "\nAFFINITY (service: position x slots)");
-        for (i, slots) in &dump.affinity {
-            let shares: Vec<String> = slots.iter().map(|(p, n)| format!("{p}x{n}")).collect();
-            let _ = writeln!(out, "  {i}: {}", shares.join(" "));
-        }
-    }
-    let _ = writeln!(
-        out,
-        "\nOVERRIDE local_until_boot_ns={}",
-        match dump.local_override_until_boot_ns {
-            0 => "none".to_owned(),
-            u64::MAX => "until changed".to_owned(),
-            t => t.to_string(),
-        }
-    );
-    Ok(out)
-}
-
-/// known_hosts lines for every builder's host key under each client-facing
-/// name.
-fn known_hosts(config_path: &Path, name: Option<&str>) -> Result<String> {
-    let config = config::Config::load(config_path)
-        .with_context(|| format!("invalid configuration {}", config_path.display()))?;
-    let mut names: Vec<String> = match name {
-        Some(n) => vec![n.to_owned()],
-        None => config
-            .services
-            .iter()
-            .flat_map(|s| {
-                s.listen
-                    .iter()
-                    .filter(|p| p.is_host())
-                    .map(move |p| match s.port {
-                        22 => p.addr.to_string(),
-                        port => format!("[{}]:{port}", p.addr),
-                    })
-            })
-            .collect(),
-    };
-    names.dedup();
-    if names.is_empty() {
-        bail!("no service claims a single address; name the host with --name");
-    }
-    let mut out = String::new();
-    for b in &config.builders {
-        match &b.host_key {
-            Some(key) => {
-                for n in &names {
-                    out.push_str(&format!("{n} {key}\n"));
-                }
-            }
-            None => eprintln!("yensid: builder `{}` has no host_key; not listed", b.name),
-        }
-    }
-    Ok(out)
 }
 
 fn parse_for(text: &str) -> Result<std::time::Duration, String> {

@@ -539,17 +539,29 @@ impl Controller {
         match Config::load(&self.config_path) {
             Ok(mut config) => {
                 let running = self.registry.inner().config.clone();
-                if config.daemon != running.daemon {
+                if config.daemon != running.daemon
+                    || config.metrics_listen != running.metrics_listen
+                    || config.policy.control_group != running.policy.control_group
+                {
                     config.daemon = running.daemon.clone();
+                    config.metrics_listen = running.metrics_listen;
+                    config.policy.control_group = running.policy.control_group.clone();
                     warn!(
-                        "[daemon] settings (pin_path, dataplane) change only with a restart; keeping the running ones"
+                        "[daemon], [metrics] and policy.control_group change only with a restart; keeping the running ones"
                     );
                 }
+                let relabel = config.links != running.links;
                 info!(path = %self.config_path.display(), "configuration reloaded");
                 {
                     let mut inner = self.registry.inner();
                     inner.config = Arc::new(config);
                     inner.sync_health();
+                }
+                if relabel {
+                    let config = self.registry.inner().config.clone();
+                    self.links = watch_links(&config).await;
+                    let snapshot = self.links.as_ref().map(|rx| rx.borrow().clone());
+                    self.registry.inner().links = snapshot;
                 }
                 self.apply_logged().await;
             }

@@ -99,7 +99,17 @@ pub struct ServiceState {
     pub strategy: u32,
     /// Number of valid positions in `SERVICE_BACKENDS` for this service.
     pub backends: u32,
-    pub _reserved: u32,
+    /// Why it refuses while `accept` is 0: one of [`refusal`] (the kernel
+    /// counts refusals by reason).
+    pub refusal: u32,
+}
+
+/// Reasons in [`ServiceState::refusal`].
+pub mod refusal {
+    /// The mode in force is `local`.
+    pub const MODE_LOCAL: u32 = 0;
+    /// Too few eligible builders.
+    pub const NO_BUILDER: u32 = 1;
 }
 
 /// One position of a service's backend list, written by userspace.
@@ -154,9 +164,9 @@ pub struct Override {
 pub struct ServiceCounters {
     /// Connections steered to a builder's listener.
     pub dispatched: u64,
-    /// Connections refused because the service was set to refuse.
+    /// Connections refused because the mode is `local`.
     pub refused_mode: u64,
-    /// Connections refused because no builder was available.
+    /// Connections refused because no builder was eligible or available.
     pub refused_unavailable: u64,
     /// Round-robin sequence.
     pub sequence: u64,

@@ -25,7 +25,7 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 use yensid_ebpf::maps::{
-    Backend, BuilderState, MAX_BUILDERS, MAX_LISTENERS, MAX_SERVICES, ServiceState,
+    Backend, BuilderState, MAX_BUILDERS, MAX_LISTENERS, MAX_SERVICES, ServiceState, refusal,
 };
 
 use crate::{
@@ -686,7 +686,10 @@ impl Controller {
                     accept: sp.refusal.is_none() as u32,
                     strategy: svc.strategy.kernel_id(),
                     backends: backends.len() as u32,
-                    _reserved: 0,
+                    refusal: match sp.refusal {
+                        Some(Refusal::TooFewEligible { .. }) => refusal::NO_BUILDER,
+                        _ => refusal::MODE_LOCAL,
+                    },
                 },
             )?;
             for prefix in &svc.listen {
@@ -890,7 +893,13 @@ impl Controller {
             ));
             return Ok(lines);
         }
-        let decision = inner.predict(svc, from);
+        // The kernel rotates round-robin and least-connections ties on its
+        // own per-service sequence; userspace's counts only its own picks.
+        let sequence = match (self.registry.kernel(), self.services.by_name.get(&svc.name)) {
+            (Some(k), Some(&index)) => k.counters(index).map_or(0, |c| c.sequence),
+            _ => inner.next_sequence(),
+        };
+        let decision = inner.predict(svc, from, sequence);
         lines.push(format!("next connection from {client}: {decision}"));
         Ok(lines)
     }

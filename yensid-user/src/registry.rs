@@ -265,9 +265,15 @@ impl Inner {
             .collect()
     }
 
+    /// The sequence number userspace's next own choice will use.
+    pub fn next_sequence(&self) -> u64 {
+        self.sequence + 1
+    }
+
     /// What the selection would do with the next connection of `svc` from
-    /// `from`, in words (the same code the kernel runs).
-    pub fn predict(&self, svc: &Service, from: Option<IpAddr>) -> String {
+    /// `from`, in words (the same code the kernel runs, with the service's
+    /// `sequence`).
+    pub fn predict(&self, svc: &Service, from: Option<IpAddr>, sequence: u64) -> String {
         let inner = self;
         let mut pool = Pool::new();
         for name in &svc.builders {
@@ -276,7 +282,7 @@ impl Inner {
         let name_of = |p: Option<u32>| p.and_then(|p| svc.builders.get(p as usize).cloned());
         let draw = |affinity| Draw {
             random: 0,
-            sequence: inner.sequence,
+            sequence,
             affinity,
         };
         match svc.strategy {

@@ -21,7 +21,7 @@ use yensid_ebpf::{
     maps::{
         AFFINITY_SLOTS, BINDING_KEY_LEN, Backend, BuilderState, MAX_BACKENDS, MAX_BINDINGS,
         MAX_BUILDERS, MAX_LISTENERS, MAX_SERVICES, Override, ServiceCounters, ServiceState,
-        binding_key, strategy, v4_mapped,
+        binding_key, refusal, strategy, v4_mapped,
     },
     select::{Candidate, Draw, Pool, choose, client_hash},
 };
@@ -95,8 +95,12 @@ pub fn dispatch(ctx: SkLookupContext) -> u32 {
             &raw mut (*counters).sequence,
         )
     };
-    if state.accept == 0 || local_override() {
+    if local_override() || (state.accept == 0 && state.refusal == refusal::MODE_LOCAL) {
         count(refused_mode);
+        return SK_DROP;
+    }
+    if state.accept == 0 {
+        count(refused_unavailable);
         return SK_DROP;
     }
     let sequence = count(sequence);

@@ -70,6 +70,10 @@ pub enum ControlError {
     Create { path: PathBuf, source: io::Error },
     #[error("no daemon at {path}: {source}")]
     NotRunning { path: PathBuf, source: io::Error },
+    #[error(
+        "not allowed to talk to the daemon at {path}: run as root or as a member of policy.control_group"
+    )]
+    Denied { path: PathBuf },
     #[error("the daemon at {path} did not answer: {detail}")]
     NoAnswer { path: PathBuf, detail: String },
 }
@@ -157,12 +161,19 @@ async fn answer(stream: UnixStream, requests: mpsc::Sender<Pending>) -> io::Resu
 
 /// Sends one request to the daemon serving `path`.
 pub async fn request(path: &Path, request: &Request) -> Result<Reply, ControlError> {
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|source| ControlError::NotRunning {
-            path: path.to_owned(),
-            source,
-        })?;
+    let stream = UnixStream::connect(path).await.map_err(|source| {
+        // Only a missing socket or nobody listening means no daemon; a
+        // daemon the caller may not talk to is still running.
+        match source.kind() {
+            io::ErrorKind::PermissionDenied => ControlError::Denied {
+                path: path.to_owned(),
+            },
+            _ => ControlError::NotRunning {
+                path: path.to_owned(),
+                source,
+            },
+        }
+    })?;
     let no_answer = |detail: String| ControlError::NoAnswer {
         path: path.to_owned(),
         detail,

@@ -1054,10 +1054,11 @@ impl Controller {
         let mut inner = self.registry.inner();
         let mut tables = HashMap::new();
         for svc in &config.services {
+            // The weights in force: the hook's where it gave some.
             let members: Vec<(String, u32)> = svc
                 .builders
                 .iter()
-                .map(|n| (n.clone(), config.builder(n).map_or(1, |b| b.weight)))
+                .map(|n| (n.clone(), inner.weight(n)))
                 .collect();
             let previous = inner.affinity.remove(&svc.name).unwrap_or_default();
             tables.insert(

@@ -79,7 +79,10 @@ pub enum HookError {
     Invalid { error: String, output: String },
 }
 
-/// Runs the hook once.
+/// Runs the hook once. The hook runs in a process group of its own, and
+/// the whole group is killed when the run ends, so a hook stuck in a
+/// command (or one that left something in the background) leaves nothing
+/// behind.
 pub async fn run(
     command: &Path,
     input: &HookInput,
@@ -89,12 +92,14 @@ pub async fn run(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| HookError::Spawn {
             command: command.display().to_string(),
             source,
         })?;
+    let group = child.id();
     let document = serde_json::to_vec(input).expect("hook input serializes");
     let mut stdin = child.stdin.take().expect("stdin is piped");
     let exchange = async move {
@@ -104,8 +109,12 @@ pub async fn run(
         drop(stdin);
         child.wait_with_output().await
     };
-    let output = timeout(limit, exchange)
-        .await
+    let output = timeout(limit, exchange).await;
+    if let Some(group) = group {
+        // SAFETY: signals the process group this run created; no memory.
+        unsafe { libc::kill(-(group as i32), libc::SIGKILL) };
+    }
+    let output = output
         .map_err(|_| HookError::Timeout(limit))?
         .map_err(|source| HookError::Spawn {
             command: command.display().to_string(),
@@ -248,11 +257,16 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("boom"), "{err}");
-        let hang = Script::new("hang", "sleep 10");
+        let hang = Script::new("hang", "sleep 77.5 & sleep 77.5");
         let err = run(&hang.0, &input(), Duration::from_millis(200))
             .await
             .unwrap_err();
         assert!(matches!(err, HookError::Timeout(_)));
+        let leftover = std::process::Command::new("pgrep")
+            .args(["-f", "sleep 77.5"])
+            .output()
+            .unwrap();
+        assert!(leftover.stdout.is_empty(), "left running: {leftover:?}");
         let missing = Path::new("/nonexistent/yensid-hook");
         assert!(matches!(
             run(missing, &input(), Duration::from_secs(1)).await,

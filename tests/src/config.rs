@@ -63,6 +63,99 @@ impl PolicyMode {
     }
 }
 
+/// What kind of link an interface is, as `[links]` labels and `remote_via` name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    Ethernet,
+    Wifi,
+    Wwan,
+    Vpn,
+    Loopback,
+    /// veth, bridge, ...: what the test topology's links are unless labelled.
+    Virtual,
+    Other,
+}
+
+impl LinkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ethernet => "ethernet",
+            Self::Wifi => "wifi",
+            Self::Wwan => "wwan",
+            Self::Vpn => "vpn",
+            Self::Loopback => "loopback",
+            Self::Virtual => "virtual",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// The link rules of `[policy]`, or of a service's `policy = { ... }` over them;
+/// `None` fields are left out.
+#[derive(Clone, Debug, Default)]
+pub struct LinkRules {
+    /// Link kinds builders may be reached over.
+    pub remote_via: Option<Vec<LinkKind>>,
+    pub min_link_mbps: Option<u32>,
+    pub max_rtt_ms: Option<u32>,
+    pub min_healthy_builders: Option<u32>,
+}
+
+impl LinkRules {
+    /// `key = value` pairs, in a fixed order.
+    fn pairs(&self) -> Vec<(&'static str, String)> {
+        let mut pairs = Vec::new();
+        if let Some(kinds) = &self.remote_via {
+            let kinds: Vec<String> = kinds.iter().map(|k| k.as_str().to_owned()).collect();
+            pairs.push(("remote_via", list(&kinds)));
+        }
+        for (key, value) in [
+            ("min_link_mbps", self.min_link_mbps),
+            ("max_rtt_ms", self.max_rtt_ms),
+            ("min_healthy_builders", self.min_healthy_builders),
+        ] {
+            if let Some(value) = value {
+                pairs.push((key, value.to_string()));
+            }
+        }
+        pairs
+    }
+}
+
+/// The `[policy]` table but its `mode` ([`DaemonConfig::policy_mode`]); `None` fields
+/// are left out. Durations are written in milliseconds.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyConfig {
+    pub rules: LinkRules,
+    /// The policy hook: an absolute path.
+    pub command: Option<PathBuf>,
+    pub hook_interval: Option<Duration>,
+    pub hook_timeout: Option<Duration>,
+    pub control_group: Option<String>,
+}
+
+impl PolicyConfig {
+    /// `key = value` pairs, in a fixed order.
+    fn pairs(&self) -> Vec<(&'static str, String)> {
+        let mut pairs = self.rules.pairs();
+        if let Some(command) = &self.command {
+            pairs.push(("command", quote(&command.display().to_string())));
+        }
+        for (key, value) in [
+            ("hook_interval", self.hook_interval),
+            ("hook_timeout", self.hook_timeout),
+        ] {
+            if let Some(value) = value {
+                pairs.push((key, quote(&format!("{}ms", value.as_millis()))));
+            }
+        }
+        if let Some(group) = &self.control_group {
+            pairs.push(("control_group", quote(group)));
+        }
+        pairs
+    }
+}
+
 /// One `[[service]]`.
 #[derive(Clone, Debug)]
 pub struct ServiceConfig {
@@ -73,6 +166,8 @@ pub struct ServiceConfig {
     /// `None` leaves the key out: every builder.
     pub builders: Option<Vec<String>>,
     pub strategy: Strategy,
+    /// This service's `policy = { ... }` over the `[policy]` rules.
+    pub policy: Option<LinkRules>,
 }
 
 /// One `[builders.<name>]`; `None` fields are left out so the daemon's defaults apply.
@@ -148,8 +243,12 @@ pub struct DaemonConfig {
     pub dataplane: Dataplane,
     pub services: Vec<ServiceConfig>,
     pub builders: Vec<BuilderConfig>,
-    /// `None` leaves out the `[policy]` table.
+    /// `[policy] mode`; `None` leaves it out.
     pub policy_mode: Option<PolicyMode>,
+    /// The rest of `[policy]`; the table is left out when it and `policy_mode` are empty.
+    pub policy: PolicyConfig,
+    /// `[links]`: interface name globs and the kind they are, first match wins.
+    pub links: Vec<(String, LinkKind)>,
     /// `None` leaves out the `[health]` table.
     pub health: Option<HealthConfig>,
 }
@@ -166,6 +265,7 @@ impl DaemonConfig {
                 port: SERVICE_PORT,
                 builders: None,
                 strategy,
+                policy: None,
             }],
             builders: topology
                 .builders()
@@ -180,6 +280,8 @@ impl DaemonConfig {
                 })
                 .collect(),
             policy_mode: None,
+            policy: PolicyConfig::default(),
+            links: Vec::new(),
             health: None,
         }
     }
@@ -231,6 +333,9 @@ impl DaemonConfig {
                 let _ = writeln!(w, "builders = {}", list(builders));
             }
             let _ = writeln!(w, "strategy = {}", quote(service.strategy.as_str()));
+            if let Some(rules) = &service.policy {
+                let _ = writeln!(w, "policy = {}", inline_table(&rules.pairs()));
+            }
         }
         for builder in &self.builders {
             let _ = writeln!(w, "\n[builders.{}]", builder.name);
@@ -245,16 +350,24 @@ impl DaemonConfig {
                 let _ = writeln!(w, "host_key = {}", quote(key));
             }
             if let Some(health) = &builder.health {
-                let pairs: Vec<String> = health
-                    .pairs()
-                    .into_iter()
-                    .map(|(key, value)| format!("{key} = {value}"))
-                    .collect();
-                let _ = writeln!(w, "health = {{ {} }}", pairs.join(", "));
+                let _ = writeln!(w, "health = {}", inline_table(&health.pairs()));
             }
         }
+        let mut policy = self.policy.pairs();
         if let Some(mode) = self.policy_mode {
-            let _ = writeln!(w, "\n[policy]\nmode = {}", quote(mode.as_str()));
+            policy.insert(0, ("mode", quote(mode.as_str())));
+        }
+        if !policy.is_empty() {
+            let _ = writeln!(w, "\n[policy]");
+            for (key, value) in policy {
+                let _ = writeln!(w, "{key} = {value}");
+            }
+        }
+        if !self.links.is_empty() {
+            let _ = writeln!(w, "\n[links]");
+            for (glob, kind) in &self.links {
+                let _ = writeln!(w, "{} = {}", quote(glob), quote(kind.as_str()));
+            }
         }
         if let Some(health) = &self.health {
             let _ = writeln!(w, "\n[health]");
@@ -269,6 +382,15 @@ impl DaemonConfig {
 /// A TOML basic string.
 fn quote(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// `{ key = value, ... }`.
+fn inline_table(pairs: &[(&str, String)]) -> String {
+    let pairs: Vec<String> = pairs
+        .iter()
+        .map(|(key, value)| format!("{key} = {value}"))
+        .collect();
+    format!("{{ {} }}", pairs.join(", "))
 }
 
 fn list(items: &[String]) -> String {

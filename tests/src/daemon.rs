@@ -10,8 +10,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::command::run;
-use crate::config::{DaemonConfig, InstancePaths};
+use crate::config::{DaemonConfig, InstancePaths, PolicyMode};
 use crate::netns::Netns;
+use crate::status::Status;
 use crate::tempdir::TempDir;
 use crate::unique;
 use crate::wait::{wait_child, wait_until};
@@ -207,11 +208,78 @@ impl Daemon {
         self.operator("undrain", builder)
     }
 
-    /// The control socket lives in the host's mount namespace (the daemon runs there),
-    /// so the CLI needs no namespace.
+    /// `yensid mode --config <this instance's config>`: the mode in force and where it
+    /// comes from, as the CLI prints it (also while the daemon is stopped).
+    pub fn mode(&self) -> Result<String> {
+        self.cli(&["mode"])
+    }
+
+    /// `yensid mode <mode> [--for <duration>]`: an operator override.
+    pub fn set_mode(&self, mode: PolicyMode, duration: Option<Duration>) -> Result<String> {
+        let duration = duration.map(|d| format!("{}ms", d.as_millis()));
+        let mut args = vec!["mode", mode.as_str()];
+        if let Some(duration) = &duration {
+            args.extend(["--for", duration]);
+        }
+        self.cli(&args)
+    }
+
+    /// `yensid mode --reset`: removes the operator's override.
+    pub fn reset_mode(&self) -> Result<String> {
+        self.cli(&["mode", "--reset"])
+    }
+
+    /// `yensid status --json`, read.
+    pub fn status(&self) -> Result<Status> {
+        Status::parse(&self.cli(&["status", "--json"])?)
+    }
+
+    /// Polls [`Self::status`] until `condition` holds of it, and returns that status;
+    /// on a timeout the error carries the last document.
+    pub fn wait_for_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut condition: impl FnMut(&Status) -> Result<bool>,
+    ) -> Result<Status> {
+        let mut last = None;
+        wait_until(what, timeout, || {
+            let status = self.status()?;
+            let done = condition(&status)?;
+            last = Some(status);
+            Ok(done)
+        })
+        .with_context(|| match &last {
+            Some(status) => format!("last status: {}", status.json()),
+            None => "no status".to_owned(),
+        })?;
+        Ok(last.expect("wait_until returned after a status"))
+    }
+
+    /// [`Self::cli`] as user `uid` with group `gid` and no supplementary groups
+    /// (`setpriv`), e.g. to check that only root or `control_group` may change things.
+    pub fn cli_as(&self, uid: u32, gid: u32, args: &[&str]) -> Result<String> {
+        run(Command::new("setpriv")
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"))
+            .arg("--clear-groups")
+            .arg(&self.binary)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path))
+    }
+
     fn operator(&self, verb: &str, builder: &str) -> Result<String> {
+        self.cli(&[verb, builder])
+    }
+
+    /// `yensid <args> --config <this instance's config>`: its stdout; an error carrying
+    /// its stderr if it exits non-zero. The control socket lives in the host's mount
+    /// namespace (the daemon runs there), so the CLI needs no namespace.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
         run(Command::new(&self.binary)
-            .args([verb, builder, "--config"])
+            .args(args)
+            .arg("--config")
             .arg(&self.config_path))
     }
 
@@ -282,6 +350,21 @@ impl Drop for Daemon {
             );
         }
     }
+}
+
+/// `yensid check-config` on `config` rendered with throwaway instance paths: its stdout
+/// (`ok: ...`), or an error carrying the problems it printed.
+pub fn check_config(config: &DaemonConfig) -> Result<String> {
+    let dir = TempDir::new(&unique::name(&unique::next_id(), "config"))?;
+    let paths = InstancePaths {
+        pin_path: Path::new(BPFFS).join(unique::name(&unique::next_id(), "pins")),
+        state_dir: dir.path().join("state"),
+        runtime_dir: dir.path().join("run"),
+    };
+    let file = dir.path().join("yensid.toml");
+    fs::write(&file, config.render(&paths))?;
+    run(Command::new(yensid_binary()).arg("check-config").arg(&file))
+        .with_context(|| format!("the config was:\n{}", config.render(&paths)))
 }
 
 /// Starts `yensid run` in the network namespace `netns`, logging to `log`.

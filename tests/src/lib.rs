@@ -12,6 +12,7 @@
 //!
 //! Only loopback and the 198.18.0.0/15 benchmarking range are ever addressed.
 
+pub mod cli;
 mod command;
 pub mod config;
 pub mod daemon;
@@ -23,6 +24,7 @@ pub mod privileges;
 pub mod ssh;
 pub mod sshd;
 mod stale;
+pub mod status;
 pub mod tcp;
 mod tempdir;
 pub mod topology;
@@ -30,10 +32,10 @@ mod unique;
 pub mod wait;
 
 pub use config::{
-    BuilderConfig, DaemonConfig, Dataplane, HealthConfig, InstancePaths, PolicyMode, ServiceConfig,
-    Strategy,
+    BuilderConfig, DaemonConfig, Dataplane, HealthConfig, InstancePaths, LinkKind, LinkRules,
+    PolicyConfig, PolicyMode, ServiceConfig, Strategy,
 };
-pub use daemon::{Daemon, LogLine, yensid_binary};
+pub use daemon::{Daemon, LogLine, check_config, yensid_binary};
 pub use fake::{Fake, FakeConnection, FakeServer};
 pub use netns::Netns;
 pub use nix::{NixBuild, NixClient};
@@ -41,5 +43,6 @@ pub use payload::RandomFile;
 pub use privileges::privileged_or_skip;
 pub use ssh::{KnownHosts, SshClient};
 pub use sshd::{KeyPair, Sshd, SshdSpec};
+pub use status::{Egress, ModeStatus, Status};
 pub use tcp::{ConnectAttempt, JunkReply, RawClient, SshConnection};
-pub use topology::{Builder, SERVICE_ADDR, SERVICE_PORT, Topology, service};
+pub use topology::{Builder, LinkEnd, SERVICE_ADDR, SERVICE_PORT, SecondLink, Topology, service};

@@ -8,9 +8,13 @@
 //! ```
 //! Addresses repeat between topologies (each is isolated); namespace and interface
 //! names carry a machine-unique id so topologies can coexist.
+//!
+//! [`Topology::add_second_link`] adds a second veth between the client and one builder
+//! (198.18.K.5/30 and 198.18.K.6/30) that the route to the builder can be moved onto.
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -44,6 +48,21 @@ pub struct Builder {
     name: String,
     address: Ipv4Addr,
     gateway: Ipv4Addr,
+    /// The veth's end in the client namespace, `y<id>cK`.
+    client_link: String,
+    /// The veth's end in the builder's namespace, `y<id>bK`.
+    builder_link: String,
+}
+
+/// Which end of a builder's veth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkEnd {
+    /// In the client namespace: set down, it takes its connected route with it, so the
+    /// builder has no route.
+    Client,
+    /// In the builder's namespace: set down, the client's end loses its carrier (its
+    /// route stays, on a link that is down).
+    Builder,
 }
 
 impl Builder {
@@ -77,6 +96,17 @@ impl Builder {
 
     pub fn sshd(&self) -> &Sshd {
         &self.sshd
+    }
+
+    /// The name of its veth's end in the client namespace: what the daemon sees as the
+    /// builder's egress link.
+    pub fn client_link(&self) -> &str {
+        &self.client_link
+    }
+
+    /// The name of its veth's end in its own namespace.
+    pub fn builder_link(&self) -> &str {
+        &self.builder_link
     }
 
     /// Makes the builder vanish without a trace: a blackhole route in its namespace
@@ -181,6 +211,8 @@ impl Topology {
             name,
             address,
             gateway,
+            client_link: client_end,
+            builder_link: builder_end,
         })
     }
 
@@ -219,6 +251,70 @@ impl Topology {
             .iter()
             .find(|b| b.name == name)
             .unwrap_or_else(|| panic!("no builder {name} in this topology"))
+    }
+
+    /// Sets one end of builder `name`'s veth up or down (`ip link set`).
+    pub fn set_link(&self, name: &str, end: LinkEnd, up: bool) -> Result<()> {
+        let builder = self.builder(name);
+        let state = if up { "up" } else { "down" };
+        match end {
+            LinkEnd::Client => self
+                .client
+                .ip(&["link", "set", &builder.client_link, state]),
+            LinkEnd::Builder => builder
+                .ns
+                .ip(&["link", "set", &builder.builder_link, state]),
+        }
+    }
+
+    /// A second veth between the client namespace and builder `name` (client end
+    /// `y<id>eK` 198.18.K.5/30, builder end `y<id>fK` 198.18.K.6/30), both ends up. No
+    /// route uses it until [`SecondLink::route_builder`]. Removed on drop.
+    pub fn add_second_link(&self, name: &str) -> Result<SecondLink<'_>> {
+        let builder = self.builder(name);
+        let index = builder.address.octets()[2];
+        let client_end = format!("y{}e{index}", self.id);
+        let builder_end = format!("y{}f{index}", self.id);
+        check_ifname(&client_end)?;
+        check_ifname(&builder_end)?;
+        run(Command::new("ip").args([
+            "link",
+            "add",
+            &client_end,
+            "netns",
+            self.client.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &builder_end,
+            "netns",
+            builder.ns.name(),
+        ]))?;
+        let link = SecondLink {
+            client: &self.client,
+            client_end,
+            builder_address: builder.address,
+            peer: Ipv4Addr::new(198, 18, index, 6),
+        };
+        let client_addr = Ipv4Addr::new(198, 18, index, 5);
+        self.client.ip(&[
+            "addr",
+            "add",
+            &format!("{client_addr}/30"),
+            "dev",
+            &link.client_end,
+        ])?;
+        self.client.ip(&["link", "set", &link.client_end, "up"])?;
+        builder.ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", link.peer),
+            "dev",
+            &builder_end,
+        ])?;
+        builder.ns.ip(&["link", "set", &builder_end, "up"])?;
+        Ok(link)
     }
 
     pub fn host_sshd(&self) -> Option<&Sshd> {
@@ -280,9 +376,90 @@ impl Topology {
     }
 
     /// A fresh path in this topology's temp dir, for files that go away with it.
-    pub(crate) fn new_file(&self, stem: &str) -> PathBuf {
+    pub fn new_file(&self, stem: &str) -> PathBuf {
         self.dir
             .path()
             .join(format!("{stem}-{}", unique::next_id()))
+    }
+
+    /// Writes `body` to a fresh executable file in this topology's temp dir (e.g. a
+    /// `#!/bin/sh` policy hook) and returns its absolute path.
+    pub fn write_script(&self, stem: &str, body: &str) -> Result<PathBuf> {
+        let path = self.new_file(stem);
+        fs::write(&path, body).with_context(|| format!("write {}", path.display()))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("chmod {}", path.display()))?;
+        Ok(path)
+    }
+}
+
+/// A second veth between the client namespace and a builder, made by
+/// [`Topology::add_second_link`]; dropping it deletes both ends (and any route over it).
+pub struct SecondLink<'a> {
+    client: &'a Netns,
+    client_end: String,
+    builder_address: Ipv4Addr,
+    /// The builder's end's address, 198.18.K.6.
+    peer: Ipv4Addr,
+}
+
+impl SecondLink<'_> {
+    /// Its end in the client namespace.
+    pub fn client_end(&self) -> &str {
+        &self.client_end
+    }
+
+    /// Routes the builder's address over this link (a /32 via the builder's end, which
+    /// is more specific than the first link's /30). The builder answers from the same
+    /// link: its connected route to 198.18.K.4/30 leads back here.
+    pub fn route_builder(&self) -> Result<()> {
+        self.client.ip(&[
+            "route",
+            "add",
+            &format!("{}/32", self.builder_address),
+            "via",
+            &self.peer.to_string(),
+            "dev",
+            &self.client_end,
+        ])
+    }
+
+    /// Undoes [`Self::route_builder`]: the builder is reached over its first link again.
+    pub fn unroute_builder(&self) -> Result<()> {
+        self.client.ip(&[
+            "route",
+            "del",
+            &format!("{}/32", self.builder_address),
+            "via",
+            &self.peer.to_string(),
+            "dev",
+            &self.client_end,
+        ])
+    }
+
+    /// The interface the client namespace's kernel routes the builder's address out of
+    /// (`ip route get`).
+    pub fn kernel_egress(&self) -> Result<String> {
+        let out = run(Command::new("ip").args([
+            "-n",
+            self.client.name(),
+            "route",
+            "get",
+            &self.builder_address.to_string(),
+        ]))?;
+        out.split_whitespace()
+            .skip_while(|word| *word != "dev")
+            .nth(1)
+            .map(str::to_owned)
+            .with_context(|| format!("no `dev` in `ip route get`: {out:?}"))
+    }
+}
+
+impl Drop for SecondLink<'_> {
+    fn drop(&mut self) {
+        // Deleting one end of a veth deletes both; routes over it go with it.
+        if let Err(e) = self.client.ip(&["link", "del", &self.client_end]) {
+            eprintln!("yensid-tests: could not delete {}: {e:#}", self.client_end);
+        }
     }
 }

@@ -27,6 +27,9 @@
 //! By the time the transfer starts, yensid's kernel path has spliced the
 //! pair, so the payload crosses the sockmap. Byte counts are checked: a
 //! wrong count is an error, not a number.
+//!
+//! In the same run, on the same topology, `reaction.rs` measures how fast the
+//! kernel path starts refusing after a link event or `yensid mode local`.
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -43,6 +46,7 @@ use serde_json::{Map, Value, json};
 use yensid_tests::{Builder, Daemon, DaemonConfig, Dataplane, Netns, Strategy, Topology};
 
 use crate::build;
+use crate::reaction::{self, Reactions};
 
 /// Two builders, so yensid really spreads connections over a pool.
 const BUILDERS: usize = 2;
@@ -82,6 +86,9 @@ pub struct Options {
     /// Parallel streams in the multi-stream throughput figures.
     #[arg(long, default_value_t = 8)]
     streams: usize,
+    /// Trials per reaction-time series (link down, `yensid mode local`).
+    #[arg(long, default_value_t = 50)]
+    reaction_trials: usize,
     /// Where latest.md and latest.json go (relative to the workspace root).
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -93,8 +100,11 @@ pub fn run(options: &Options) -> Result<()> {
         "the bench needs root: it creates network namespaces and loads BPF programs"
     );
     ensure!(
-        options.bytes > 0 && options.streams > 0 && options.connections > 0,
-        "--bytes, --streams and --connections must be positive"
+        options.bytes > 0
+            && options.streams > 0
+            && options.connections > 0
+            && options.reaction_trials > 0,
+        "--bytes, --streams, --connections and --reaction-trials must be positive"
     );
     build::all(true)?;
     let testbed = Testbed::new(build::yensid_binary(true))?;
@@ -102,8 +112,9 @@ pub fn run(options: &Options) -> Result<()> {
         .iter()
         .map(|&contender| measure(contender, &testbed, options))
         .collect();
+    let reactions = reaction::measure(&testbed.yensid, &testbed.topology, options.reaction_trials);
     drop(testbed);
-    let report = Report::new(options, results)?;
+    let report = Report::new(options, results, reactions)?;
     println!("\n{}", report.markdown());
     report.write(&build::workspace_root().join(&options.out))?;
     let failed = report.failed_figures();
@@ -702,7 +713,7 @@ fn banner_latencies(
 }
 
 /// Nearest-rank percentile of sorted, non-empty `samples`.
-fn percentile_of(samples: &[Duration], percentile: usize) -> Duration {
+pub(crate) fn percentile_of(samples: &[Duration], percentile: usize) -> Duration {
     let rank = (percentile * samples.len()).div_ceil(100);
     samples[rank.saturating_sub(1)]
 }
@@ -717,10 +728,12 @@ struct Report {
     connections: usize,
     figures: Vec<Figure>,
     results: Vec<Results>,
+    /// Reaction times of the kernel path, in their own table.
+    reactions: Reactions,
 }
 
 impl Report {
-    fn new(options: &Options, results: Vec<Results>) -> Result<Self> {
+    fn new(options: &Options, results: Vec<Results>, reactions: Reactions) -> Result<Self> {
         Ok(Self {
             date: utc_now()?,
             kernel: fs::read_to_string("/proc/sys/kernel/osrelease")?
@@ -732,6 +745,7 @@ impl Report {
             connections: options.connections,
             figures: Figure::all(options),
             results,
+            reactions,
         })
     }
 
@@ -747,6 +761,7 @@ impl Report {
             .flat_map(|r| &r.values)
             .filter(|v| v.is_err())
             .count()
+            + self.reactions.failed()
     }
 
     fn markdown(&self) -> String {
@@ -789,6 +804,7 @@ impl Report {
                     .map(move |n| format!("- {}: {n}\n", r.contender))
             })
             .collect();
+        md += &self.reactions.markdown();
         if !notes.is_empty() {
             md += &format!("\n## Notes\n\n{}", notes.concat());
         }
@@ -855,6 +871,7 @@ impl Report {
                 "baseline": self.results.first().map(|r| r.contender),
             },
             "contenders": contenders,
+            "reactions": self.reactions.json(),
         })
     }
 

@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod demo;
+mod reaction;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -1,0 +1,200 @@
+//! `yensid status --json`, read: what the daemon decided and why, so a test can assert a
+//! decision precisely and wait for a state instead of sleeping.
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// One status document of a running daemon.
+#[derive(Clone, Debug)]
+pub struct Status {
+    doc: Value,
+}
+
+/// A builder's egress link: the interface the route to it goes out of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Egress {
+    pub name: String,
+    /// `ethernet`, `wifi`, ..., `virtual`.
+    pub kind: String,
+    pub up: bool,
+    pub speed_mbps: Option<u64>,
+}
+
+/// The mode in force and where it comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModeStatus {
+    /// `auto`, `remote` or `local`.
+    pub in_force: String,
+    /// `config`, `hook` or `override`.
+    pub source: String,
+    /// When an override ends, in seconds since the epoch.
+    pub until: Option<u64>,
+    /// The hook's reason.
+    pub reason: Option<String>,
+}
+
+impl Status {
+    pub fn parse(text: &str) -> Result<Self> {
+        let doc: Value = serde_json::from_str(text)
+            .with_context(|| format!("`yensid status --json` printed no JSON: {text:?}"))?;
+        if doc.get("running") == Some(&Value::Bool(false)) {
+            bail!("yensid is not running: {doc}");
+        }
+        Ok(Self { doc })
+    }
+
+    /// The whole document, for failure messages and for fields without an accessor.
+    pub fn json(&self) -> &Value {
+        &self.doc
+    }
+
+    /// Why service `service` refuses every connection; `None` while it serves.
+    pub fn refusal(&self, service: &str) -> Result<Option<String>> {
+        optional_string(self.service(service)?, "refusal")
+    }
+
+    /// Why `builder` takes no new connections of `service`; `None` when eligible.
+    pub fn exclusion(&self, service: &str, builder: &str) -> Result<Option<String>> {
+        let member = array(self.service(service)?, "members")?
+            .iter()
+            .find(|m| m.get("builder").and_then(Value::as_str) == Some(builder))
+            .with_context(|| {
+                format!("builder {builder} is no member of {service}: {}", self.doc)
+            })?;
+        optional_string(member, "excluded")
+    }
+
+    /// `builders[].state` of `builder`: `healthy`, `unhealthy`, `draining` or `full`.
+    pub fn builder_state(&self, builder: &str) -> Result<String> {
+        string(self.builder(builder)?, "state")
+    }
+
+    /// The weight the daemon uses for `builder` (the hook's, else the configured one).
+    pub fn weight(&self, builder: &str) -> Result<u64> {
+        self.builder(builder)?
+            .get("weight")
+            .and_then(Value::as_u64)
+            .with_context(|| format!("no weight for {builder}: {}", self.doc))
+    }
+
+    /// The link the route to `builder` goes out of; `None` without a route.
+    pub fn egress(&self, builder: &str) -> Result<Option<Egress>> {
+        let egress = match self.builder(builder)?.get("egress") {
+            None | Some(Value::Null) => return Ok(None),
+            Some(egress) => egress,
+        };
+        Ok(Some(Egress {
+            name: string(egress, "name")?,
+            kind: string(egress, "kind")?,
+            up: egress
+                .get("up")
+                .and_then(Value::as_bool)
+                .with_context(|| format!("egress without `up`: {egress}"))?,
+            speed_mbps: egress.get("speed_mbps").and_then(Value::as_u64),
+        }))
+    }
+
+    pub fn mode(&self) -> Result<ModeStatus> {
+        let mode = self
+            .doc
+            .get("mode")
+            .with_context(|| format!("no mode in {}", self.doc))?;
+        Ok(ModeStatus {
+            in_force: string(mode, "in_force")?,
+            source: string(mode, "source")?,
+            until: mode.get("until").and_then(Value::as_u64),
+            reason: optional_string(mode, "reason")?,
+        })
+    }
+
+    fn service(&self, name: &str) -> Result<&Value> {
+        array(&self.doc, "services")?
+            .iter()
+            .find(|s| s.get("name").and_then(Value::as_str) == Some(name))
+            .with_context(|| format!("no service {name} in {}", self.doc))
+    }
+
+    fn builder(&self, name: &str) -> Result<&Value> {
+        array(&self.doc, "builders")?
+            .iter()
+            .find(|b| b.get("name").and_then(Value::as_str) == Some(name))
+            .with_context(|| format!("no builder {name} in {}", self.doc))
+    }
+}
+
+fn array<'a>(value: &'a Value, key: &str) -> Result<&'a Vec<Value>> {
+    value
+        .get(key)
+        .and_then(Value::as_array)
+        .with_context(|| format!("no array `{key}` in {value}"))
+}
+
+fn string(value: &Value, key: &str) -> Result<String> {
+    value
+        .get(key)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .with_context(|| format!("no string `{key}` in {value}"))
+}
+
+/// A key that is a string or null (or absent).
+fn optional_string(value: &Value, key: &str) -> Result<Option<String>> {
+    match value.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => bail!("`{key}` is neither a string nor null: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_decisions_from_a_status_document() {
+        let status = Status::parse(
+            r#"{"pid": 1, "dataplane": "kernel", "bpf": true,
+                "mode": {"in_force": "local", "source": "override", "until": 1795000000,
+                         "reason": null, "summary": "mode local"},
+                "services": [{"name": "ssh", "refusal": "mode is local", "members": [
+                    {"builder": "b1", "excluded": null},
+                    {"builder": "b2", "excluded": "egress link y2 is wifi, not in remote_via"}]}],
+                "builders": [{"name": "b1", "state": "healthy", "weight": 3,
+                              "egress": {"index": 4, "name": "y1", "kind": "ethernet",
+                                         "up": true, "speed_mbps": null}},
+                             {"name": "b2", "state": "healthy", "weight": 1, "egress": null}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(
+            status.refusal("ssh").unwrap().as_deref(),
+            Some("mode is local")
+        );
+        assert_eq!(status.exclusion("ssh", "b1").unwrap(), None);
+        assert!(
+            status
+                .exclusion("ssh", "b2")
+                .unwrap()
+                .unwrap()
+                .contains("wifi")
+        );
+        assert!(status.exclusion("ssh", "b3").is_err());
+        assert_eq!(
+            status.egress("b1").unwrap(),
+            Some(Egress {
+                name: "y1".into(),
+                kind: "ethernet".into(),
+                up: true,
+                speed_mbps: None
+            })
+        );
+        assert_eq!(status.egress("b2").unwrap(), None);
+        assert_eq!(status.weight("b1").unwrap(), 3);
+        assert_eq!(status.builder_state("b2").unwrap(), "healthy");
+        let mode = status.mode().unwrap();
+        assert_eq!(
+            (mode.in_force.as_str(), mode.source.as_str(), mode.until),
+            ("local", "override", Some(1_795_000_000))
+        );
+        assert!(Status::parse(r#"{"running": false, "message": "x"}"#).is_err());
+    }
+}

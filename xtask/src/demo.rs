@@ -4,7 +4,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Result, bail};
@@ -28,7 +28,7 @@ pub fn run() -> Result<()> {
     );
     let mut topology = Topology::new(2)?;
     topology.start_host_sshd()?;
-    let mut config =
+    let config =
         DaemonConfig::for_topology(&topology, Dataplane::Kernel, Strategy::LeastConnections);
     say(&format!(
         "Starting `yensid run` in the client namespace; it claims {} in the kernel.",
@@ -58,9 +58,9 @@ pub fn run() -> Result<()> {
         banner.trim()
     ));
 
-    say("Switching [policy] mode to \"local\" and reloading with SIGHUP (no restart):");
-    config.policy_mode = Some(PolicyMode::Local);
-    daemon.reload(&config)?;
+    say("The operator switches to local builds for ten minutes: `yensid mode local --for 10m`");
+    let answer = daemon.set_mode(PolicyMode::Local, Some(Duration::from_secs(600)))?;
+    say(&format!("  yensid: {}", answer.trim()));
     let started = Instant::now();
     let attempt = topology.raw_client().connect(service());
     let elapsed = started.elapsed();
@@ -73,10 +73,15 @@ pub fn run() -> Result<()> {
         elapsed.as_micros()
     ));
 
-    config.policy_mode = Some(PolicyMode::Auto);
-    daemon.reload(&config)?;
+    say("Back to the rules of the configuration: `yensid mode --reset`");
+    daemon.reset_mode()?;
     let who = ssh.served_by(service())?;
-    say(&format!("Back to \"auto\": served by {who}."));
+    say(&format!("  served by {who} again."));
+
+    say("`yensid status` meanwhile:");
+    for line in daemon.cli(&["status"])?.lines() {
+        say(&format!("  | {line}"));
+    }
 
     say("The daemon's log (one line per decision and per connection):");
     for line in daemon.log().lines().filter(|l| !l.trim().is_empty()) {

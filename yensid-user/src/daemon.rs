@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -38,9 +38,9 @@ use crate::{
     metrics,
     policy::{self, Plan, Refusal, Snapshot},
     proxy::{self, DataPath, Dispatcher},
-    registry::{ModeSource, Registry},
+    registry::Registry,
+    report,
     state::{ModeOverride, OperatorState, unix_deadline, unix_now},
-    status::{BuilderStatus, MemberStatus, ModeStatus, ServiceStatus, Status},
 };
 
 /// How long a listener that left the plan keeps accepting what the kernel
@@ -459,13 +459,17 @@ impl Controller {
             Request::Undrain { builder } => (builder, false),
             Request::Mode { change } => return self.change_mode(*change).await,
             Request::Status => {
+                let status = report::status(&self.registry.inner(), &self.report_context());
                 return Reply {
                     ok: true,
-                    message: serde_json::to_string(&self.status()).expect("status serializes"),
+                    message: serde_json::to_string(&status).expect("status serializes"),
                 };
             }
             Request::Explain { service, from } => {
-                return match self.explain(service.as_deref(), *from) {
+                let context = self.report_context();
+                let explained =
+                    report::explain(&self.registry.inner(), &context, service.as_deref(), *from);
+                return match explained {
                     Ok(lines) => Reply {
                         ok: true,
                         message: lines.join("\n"),
@@ -837,187 +841,25 @@ impl Controller {
         }
     }
 
-    /// `yensid explain`: the decision for the next connection of a service
-    /// from `from`, with every rule that made it.
-    fn explain(&self, service: Option<&str>, from: Option<IpAddr>) -> Result<Vec<String>, String> {
-        let inner = self.registry.inner();
-        let svc = match service {
-            Some(name) => inner.config.services.iter().find(|s| s.name == name),
-            None => inner.config.services.first(),
-        }
-        .ok_or_else(|| {
-            let known: Vec<&str> = inner
-                .config
-                .services
-                .iter()
-                .map(|s| s.name.as_str())
-                .collect();
-            format!(
-                "unknown service `{}` (configured: {})",
-                service.unwrap_or(""),
-                known.join(", ")
-            )
-        })?;
-        let plan = self
-            .last_plan
-            .as_ref()
-            .and_then(|p| p.services.iter().find(|s| s.name == svc.name))
-            .ok_or("no plan yet")?;
-        let claims: Vec<String> = svc.listen.iter().map(ToString::to_string).collect();
-        let mut lines = vec![
-            format!(
-                "service {} ({} port {}, strategy {})",
-                svc.name,
-                claims.join(", "),
-                svc.port,
-                svc.strategy
-            ),
-            describe_mode(&inner),
-        ];
-        for m in &plan.members {
-            let active = inner.active.get(&m.builder).copied().unwrap_or(0);
-            let line = match &m.excluded {
-                None => format!(
-                    "  {}: eligible, {active} open connection(s), weight {}",
-                    m.builder,
-                    inner.weight(&m.builder)
-                ),
-                Some(why) => format!("  {}: excluded: {why}", m.builder),
-            };
-            lines.push(line);
-        }
-        let client = from.map_or("a client".to_owned(), |ip| ip.to_string());
-        if let Some(refusal) = &plan.refusal {
-            lines.push(format!(
-                "next connection from {client}: REFUSED (RST) because {refusal}: Nix builds locally"
-            ));
-            return Ok(lines);
-        }
-        // The kernel rotates round-robin and least-connections ties on its
-        // own per-service sequence; userspace's counts only its own picks.
-        let sequence = match (self.registry.kernel(), self.services.by_name.get(&svc.name)) {
-            (Some(k), Some(&index)) => k.counters(index).map_or(0, |c| c.sequence),
-            _ => inner.next_sequence(),
-        };
-        let decision = inner.predict(svc, from, sequence);
-        lines.push(format!("next connection from {client}: {decision}"));
-        Ok(lines)
-    }
-
-    /// Everything `yensid status` shows.
-    fn status(&self) -> Status {
+    /// The facts `report` needs besides the registry.
+    fn report_context(&self) -> report::Context<'_> {
         let kernel = self.registry.kernel();
-        let inner = self.registry.inner();
-        let now = unix_now();
-        let (mode, source) = inner.mode_in_force(now);
-        let (source, until, reason) = match source {
-            ModeSource::Config => ("config", None, None),
-            ModeSource::Hook { reason } => ("hook", None, reason),
-            ModeSource::Override { until } => ("override", until, None),
-        };
-        let plan = self.last_plan.as_ref();
-        let services = inner
-            .config
+        let counters = self
             .services
+            .by_name
             .iter()
-            .map(|svc| {
-                let sp = plan.and_then(|p| p.services.iter().find(|s| s.name == svc.name));
-                let counters = kernel
-                    .as_ref()
-                    .zip(self.services.by_name.get(&svc.name))
-                    .and_then(|(k, &i)| k.counters(i).ok());
-                ServiceStatus {
-                    name: svc.name.clone(),
-                    listen: svc.listen.iter().map(ToString::to_string).collect(),
-                    port: svc.port,
-                    strategy: svc.strategy.to_string(),
-                    refusal: sp.and_then(|s| s.refusal.as_ref()).map(ToString::to_string),
-                    members: sp
-                        .map(|s| {
-                            s.members
-                                .iter()
-                                .map(|m| MemberStatus {
-                                    builder: m.builder.clone(),
-                                    excluded: m.excluded.as_ref().map(ToString::to_string),
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    dispatched: counters.map(|c| c.dispatched),
-                    refused_mode_local: counters.map(|c| c.refused_mode),
-                    refused_no_builder: counters.map(|c| c.refused_unavailable),
-                }
+            .filter_map(|(name, &index)| {
+                Some((name.clone(), kernel.as_ref()?.counters(index).ok()?))
             })
             .collect();
-        let builders = inner
-            .config
-            .builders
-            .iter()
-            .map(|b| {
-                let tracker = inner.health.get(&b.name);
-                let failure = tracker.and_then(|t| t.failure()).map(ToString::to_string);
-                let active = inner.active.get(&b.name).copied().unwrap_or(0);
-                let full = b.max_connections.is_some_and(|m| active >= m as u64);
-                let (state, reason) = if inner.drained.contains(&b.name) {
-                    ("draining", None)
-                } else if failure.is_some() {
-                    ("unhealthy", failure)
-                } else if full {
-                    ("full", None)
-                } else {
-                    ("healthy", None)
-                };
-                let totals = inner.totals.get(&b.name);
-                BuilderStatus {
-                    name: b.name.clone(),
-                    address: b.address.clone(),
-                    state: state.to_owned(),
-                    reason,
-                    weight: inner.weight(&b.name),
-                    max_connections: b.max_connections,
-                    active,
-                    connections: totals.map_or(0, |t| t.connections),
-                    rejected_clients: totals.map_or(0, |t| t.rejected_clients),
-                    failed_over: totals.map_or(0, |t| t.failed_over),
-                    bytes_to_builder: totals.map_or(0, |t| t.to_builder),
-                    bytes_from_builder: totals.map_or(0, |t| t.from_builder),
-                    rtt_ms: tracker
-                        .and_then(|t| t.last_rtt())
-                        .map(|d| d.as_secs_f64() * 1e3),
-                    kernel_rtt_ms: totals
-                        .and_then(|t| t.kernel_rtt)
-                        .map(|d| d.as_secs_f64() * 1e3),
-                    retransmits: totals.map_or(0, |t| t.retransmits),
-                    egress: inner
-                        .links
-                        .as_ref()
-                        .zip(inner.addresses.get(&b.name))
-                        .and_then(|(l, ip)| l.egress(*ip).cloned()),
-                    connect_seconds: inner
-                        .connect_times
-                        .get(&b.name)
-                        .cloned()
-                        .unwrap_or_default(),
-                }
-            })
-            .collect();
-        Status {
-            pid: std::process::id(),
+        report::Context {
+            plan: self.last_plan.as_ref(),
+            counters,
             dataplane: match self.path {
                 DataPath::Kernel(_) => "kernel",
                 DataPath::Userspace => "userspace",
-            }
-            .to_owned(),
-            bpf: kernel.is_some(),
-            mode: ModeStatus {
-                in_force: mode.to_string(),
-                source: source.to_owned(),
-                until,
-                reason,
-                summary: describe_mode(&inner),
             },
-            services,
-            builders,
+            bpf: kernel.is_some(),
         }
     }
 
@@ -1044,7 +886,7 @@ impl Controller {
         }
         Reply {
             ok: true,
-            message: describe_mode(&self.registry.inner()),
+            message: report::describe_mode(&self.registry.inner()),
         }
     }
 
@@ -1121,27 +963,6 @@ async fn sleep_until(deadline: Option<std::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,
     }
-}
-
-/// `yensid mode`'s answer: the mode in force, where it comes from, and
-/// when an override ends.
-pub fn describe_mode(inner: &crate::registry::Inner) -> String {
-    let now = unix_now();
-    let (mode, source) = inner.mode_in_force(now);
-    let from = match source {
-        ModeSource::Config => "from the configuration".to_owned(),
-        ModeSource::Hook { reason: Some(r) } => format!("from the policy hook: {r}"),
-        ModeSource::Hook { reason: None } => "from the policy hook".to_owned(),
-        ModeSource::Override { until: None } => {
-            "operator override, until changed (yensid mode --reset)".to_owned()
-        }
-        ModeSource::Override { until: Some(t) } => format!(
-            "operator override, expires in {}s (then: {})",
-            t.saturating_sub(now),
-            inner.config.policy.mode
-        ),
-    };
-    format!("mode {mode} ({from})")
 }
 
 fn set_v6only(socket: &tokio::net::TcpSocket, on: bool) -> std::io::Result<()> {

@@ -17,6 +17,7 @@ mod metrics;
 mod policy;
 mod proxy;
 mod registry;
+mod report;
 mod sock;
 mod state;
 mod status;

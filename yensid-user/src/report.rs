@@ -1,0 +1,223 @@
+//! What `yensid status`, `yensid explain` and `yensid mode` say: documents
+//! and sentences built from the registry, the last plan and the kernel's
+//! counters. Read-only; the controller gathers the [`Context`].
+
+use std::{collections::HashMap, net::IpAddr};
+
+use yensid_ebpf::maps::ServiceCounters;
+
+use crate::{
+    policy::Plan,
+    registry::{Inner, ModeSource},
+    state::unix_now,
+    status::{BuilderStatus, MemberStatus, ModeStatus, ServiceStatus, Status},
+};
+
+/// What the reports need besides the registry.
+pub struct Context<'a> {
+    pub plan: Option<&'a Plan>,
+    /// The kernel's counters by service name (empty without BPF).
+    pub counters: HashMap<String, ServiceCounters>,
+    /// `kernel` or `userspace`.
+    pub dataplane: &'static str,
+    pub bpf: bool,
+}
+
+/// `yensid explain`: the decision for the next connection of a service
+/// from `from`, with every rule that made it.
+pub fn explain(
+    inner: &Inner,
+    context: &Context<'_>,
+    service: Option<&str>,
+    from: Option<IpAddr>,
+) -> Result<Vec<String>, String> {
+    let svc = match service {
+        Some(name) => inner.config.services.iter().find(|s| s.name == name),
+        None => inner.config.services.first(),
+    }
+    .ok_or_else(|| {
+        let known: Vec<&str> = inner
+            .config
+            .services
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        format!(
+            "unknown service `{}` (configured: {})",
+            service.unwrap_or(""),
+            known.join(", ")
+        )
+    })?;
+    let plan = context
+        .plan
+        .and_then(|p| p.services.iter().find(|s| s.name == svc.name))
+        .ok_or("no plan yet")?;
+    let claims: Vec<String> = svc.listen.iter().map(ToString::to_string).collect();
+    let mut lines = vec![
+        format!(
+            "service {} ({} port {}, strategy {})",
+            svc.name,
+            claims.join(", "),
+            svc.port,
+            svc.strategy
+        ),
+        describe_mode(inner),
+    ];
+    for m in &plan.members {
+        let active = inner.active.get(&m.builder).copied().unwrap_or(0);
+        let line = match &m.excluded {
+            None => format!(
+                "  {}: eligible, {active} open connection(s), weight {}",
+                m.builder,
+                inner.weight(&m.builder)
+            ),
+            Some(why) => format!("  {}: excluded: {why}", m.builder),
+        };
+        lines.push(line);
+    }
+    let client = from.map_or("a client".to_owned(), |ip| ip.to_string());
+    if let Some(refusal) = &plan.refusal {
+        lines.push(format!(
+            "next connection from {client}: REFUSED (RST) because {refusal}: Nix builds locally"
+        ));
+        return Ok(lines);
+    }
+    // The kernel rotates round-robin and least-connections ties on its
+    // own per-service sequence; userspace's counts only its own picks.
+    let sequence = match context.counters.get(&svc.name) {
+        Some(c) => c.sequence,
+        None => inner.next_sequence(),
+    };
+    let decision = inner.predict(svc, from, sequence);
+    lines.push(format!("next connection from {client}: {decision}"));
+    Ok(lines)
+}
+
+/// Everything `yensid status` shows.
+pub fn status(inner: &Inner, context: &Context<'_>) -> Status {
+    let now = unix_now();
+    let (mode, source) = inner.mode_in_force(now);
+    let (source, until, reason) = match source {
+        ModeSource::Config => ("config", None, None),
+        ModeSource::Hook { reason } => ("hook", None, reason),
+        ModeSource::Override { until } => ("override", until, None),
+    };
+    let plan = context.plan;
+    let services = inner
+        .config
+        .services
+        .iter()
+        .map(|svc| {
+            let sp = plan.and_then(|p| p.services.iter().find(|s| s.name == svc.name));
+            let counters = context.counters.get(&svc.name).copied();
+            ServiceStatus {
+                name: svc.name.clone(),
+                listen: svc.listen.iter().map(ToString::to_string).collect(),
+                port: svc.port,
+                strategy: svc.strategy.to_string(),
+                refusal: sp.and_then(|s| s.refusal.as_ref()).map(ToString::to_string),
+                members: sp
+                    .map(|s| {
+                        s.members
+                            .iter()
+                            .map(|m| MemberStatus {
+                                builder: m.builder.clone(),
+                                excluded: m.excluded.as_ref().map(ToString::to_string),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                dispatched: counters.map(|c| c.dispatched),
+                refused_mode_local: counters.map(|c| c.refused_mode),
+                refused_no_builder: counters.map(|c| c.refused_unavailable),
+            }
+        })
+        .collect();
+    let builders = inner
+        .config
+        .builders
+        .iter()
+        .map(|b| {
+            let tracker = inner.health.get(&b.name);
+            let failure = tracker.and_then(|t| t.failure()).map(ToString::to_string);
+            let active = inner.active.get(&b.name).copied().unwrap_or(0);
+            let full = b.max_connections.is_some_and(|m| active >= m as u64);
+            let (state, reason) = if inner.drained.contains(&b.name) {
+                ("draining", None)
+            } else if failure.is_some() {
+                ("unhealthy", failure)
+            } else if full {
+                ("full", None)
+            } else {
+                ("healthy", None)
+            };
+            let totals = inner.totals.get(&b.name);
+            BuilderStatus {
+                name: b.name.clone(),
+                address: b.address.clone(),
+                state: state.to_owned(),
+                reason,
+                weight: inner.weight(&b.name),
+                max_connections: b.max_connections,
+                active,
+                connections: totals.map_or(0, |t| t.connections),
+                rejected_clients: totals.map_or(0, |t| t.rejected_clients),
+                failed_over: totals.map_or(0, |t| t.failed_over),
+                bytes_to_builder: totals.map_or(0, |t| t.to_builder),
+                bytes_from_builder: totals.map_or(0, |t| t.from_builder),
+                rtt_ms: tracker
+                    .and_then(|t| t.last_rtt())
+                    .map(|d| d.as_secs_f64() * 1e3),
+                kernel_rtt_ms: totals
+                    .and_then(|t| t.kernel_rtt)
+                    .map(|d| d.as_secs_f64() * 1e3),
+                retransmits: totals.map_or(0, |t| t.retransmits),
+                egress: inner
+                    .links
+                    .as_ref()
+                    .zip(inner.addresses.get(&b.name))
+                    .and_then(|(l, ip)| l.egress(*ip).cloned()),
+                connect_seconds: inner
+                    .connect_times
+                    .get(&b.name)
+                    .cloned()
+                    .unwrap_or_default(),
+            }
+        })
+        .collect();
+    Status {
+        pid: std::process::id(),
+        dataplane: context.dataplane.to_owned(),
+        bpf: context.bpf,
+        mode: ModeStatus {
+            in_force: mode.to_string(),
+            source: source.to_owned(),
+            until,
+            reason,
+            summary: describe_mode(inner),
+        },
+        services,
+        builders,
+    }
+}
+
+/// `yensid mode`'s answer: the mode in force, where it comes from, and
+/// when an override ends.
+pub fn describe_mode(inner: &Inner) -> String {
+    let now = unix_now();
+    let (mode, source) = inner.mode_in_force(now);
+    let from = match source {
+        ModeSource::Config => "from the configuration".to_owned(),
+        ModeSource::Hook { reason: Some(r) } => format!("from the policy hook: {r}"),
+        ModeSource::Hook { reason: None } => "from the policy hook".to_owned(),
+        ModeSource::Override { until: None } => {
+            "operator override, until changed (yensid mode --reset)".to_owned()
+        }
+        ModeSource::Override { until: Some(t) } => format!(
+            "operator override, expires in {}s (then: {})",
+            t.saturating_sub(now),
+            inner.config.policy.mode
+        ),
+    };
+    format!("mode {mode} ({from})")
+}

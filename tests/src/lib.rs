@@ -41,7 +41,7 @@ pub use netns::Netns;
 pub use nix::{NixBuild, NixClient};
 pub use payload::RandomFile;
 pub use privileges::privileged_or_skip;
-pub use ssh::{KnownHosts, SshClient};
+pub use ssh::{KnownHosts, LiveSession, SshClient};
 pub use sshd::{KeyPair, Sshd, SshdSpec};
 pub use status::{Egress, ModeStatus, Status};
 pub use tcp::{ConnectAttempt, JunkReply, RawClient, SshConnection};

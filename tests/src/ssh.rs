@@ -177,3 +177,73 @@ impl SshClient {
         Ok(name.to_owned())
     }
 }
+
+/// A real ssh session that stays open until told to finish: it prints its
+/// builder, waits for a line on stdin, then prints its builder and that
+/// line. Killed on drop.
+pub struct LiveSession {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    builder: String,
+}
+
+impl LiveSession {
+    /// Opens the session to `target` and waits until a builder answered.
+    pub fn start(ssh: &SshClient, target: SocketAddr) -> Result<Self> {
+        use std::io::BufRead;
+        let mut child = ssh
+            .command(
+                target,
+                "echo $YENSID_BUILDER; read line; echo $YENSID_BUILDER $line",
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("spawn ssh")?;
+        let stdin = child.stdin.take().context("ssh stdin")?;
+        let mut stdout = std::io::BufReader::new(child.stdout.take().context("ssh stdout")?);
+        let mut first = String::new();
+        stdout.read_line(&mut first)?;
+        let builder = first.trim().to_owned();
+        ensure!(
+            builder.starts_with('b') && builder.len() > 1,
+            "live session served by {builder:?}"
+        );
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+            builder,
+        })
+    }
+
+    /// The builder serving the session.
+    pub fn builder(&self) -> &str {
+        &self.builder
+    }
+
+    /// Lets the session end and checks it did so normally, on the same
+    /// builder, with its output.
+    pub fn finish(&mut self) -> Result<()> {
+        use std::io::{Read, Write};
+        self.stdin.write_all(b"done\n")?;
+        let mut rest = String::new();
+        self.stdout.read_to_string(&mut rest)?;
+        let status = crate::wait::wait_child(&mut self.child, Duration::from_secs(60))?
+            .context("live session did not end")?;
+        ensure!(
+            status.success() && rest.trim() == format!("{} done", self.builder),
+            "live session on {} ended with {status}, output {rest:?}",
+            self.builder
+        );
+        Ok(())
+    }
+}
+
+impl Drop for LiveSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -9,19 +9,18 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, Result, bail, ensure};
-use yensid_tests::wait::{wait_child, wait_until};
+use anyhow::{Context, Result, ensure};
+use yensid_tests::wait::wait_until;
 use yensid_tests::{
     BuilderConfig, ConnectAttempt, Daemon, DaemonConfig, Dataplane, Fake, FakeServer, HealthConfig,
-    LogLine, NixClient, SshClient, Strategy, Topology, service,
+    LiveSession, LogLine, NixClient, SshClient, Strategy, Topology, service,
 };
 
 common::dataplane_tests!(
@@ -498,8 +497,8 @@ fn drain_keeps_live_session_and_survives_restart(dataplane: Dataplane) -> Result
     config.health = Some(fast_health());
     let mut daemon = Daemon::start(topology.client_ns(), &config)?;
     let ssh = topology.ssh_client()?;
-    let mut live = LiveSession::start(&ssh)?;
-    let held = live.builder.clone();
+    let mut live = LiveSession::start(&ssh, service())?;
+    let held = live.builder().to_owned();
     let other = if held == "b1" { "b2" } else { "b1" };
 
     let drained_at = SystemTime::now();
@@ -763,65 +762,6 @@ impl SessionLoop {
 /// `count` back-to-back sessions; the builders that served them.
 fn sessions_on(ssh: &SshClient, count: usize) -> Result<Vec<String>> {
     (0..count).map(|_| ssh.served_by(service())).collect()
-}
-
-/// A real ssh session that stays open until told to finish: it prints its builder,
-/// waits for a line on stdin, then prints `done-<builder> <line>`.
-struct LiveSession {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    builder: String,
-}
-
-impl LiveSession {
-    fn start(ssh: &SshClient) -> Result<Self> {
-        let mut child = ssh
-            .command(
-                service(),
-                "echo $YENSID_BUILDER; read line; echo done-$YENSID_BUILDER $line",
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("spawn ssh")?;
-        let stdin = child.stdin.take().context("ssh stdin")?;
-        let mut stdout = BufReader::new(child.stdout.take().context("ssh stdout")?);
-        let mut first = String::new();
-        stdout.read_line(&mut first)?;
-        let builder = first.trim().to_owned();
-        if !matches!(builder.as_str(), "b1" | "b2") {
-            bail!("live session served by {builder:?}");
-        }
-        Ok(Self {
-            child,
-            stdin,
-            stdout,
-            builder,
-        })
-    }
-
-    /// Lets the session end and checks it did so normally, with its output.
-    fn finish(&mut self) -> Result<()> {
-        self.stdin.write_all(b"ok\n")?;
-        let mut rest = String::new();
-        self.stdout.read_to_string(&mut rest)?;
-        let status = wait_child(&mut self.child, Duration::from_secs(60))?
-            .context("live session did not end")?;
-        ensure!(
-            status.success() && rest.trim() == format!("done-{} ok", self.builder),
-            "live session on {} ended with {status}, output {rest:?}",
-            self.builder
-        );
-        Ok(())
-    }
-}
-
-impl Drop for LiveSession {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// How long after `from` the daemon logged `line`.

@@ -3,16 +3,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
-use yensid_tests::wait::{wait_child, wait_until};
+use anyhow::{Result, bail, ensure};
+use yensid_tests::wait::wait_until;
 use yensid_tests::{
-    ConnectAttempt, Daemon, DaemonConfig, Dataplane, SshClient, SshConnection, Strategy, Topology,
-    service,
+    ConnectAttempt, Daemon, DaemonConfig, Dataplane, LiveSession, SshConnection, Strategy,
+    Topology, service,
 };
 
 common::dataplane_tests!(
@@ -126,7 +124,7 @@ fn sighup_reload_keeps_live_session(dataplane: Dataplane) -> Result<()> {
     config.service_mut().builders = Some(vec!["b1".to_owned(), "b2".to_owned()]);
     let mut daemon = Daemon::start(topology.client_ns(), &config)?;
     let ssh = topology.ssh_client()?;
-    let mut session = LiveSession::start(&ssh)?;
+    let mut session = LiveSession::start(&ssh, service())?;
 
     config.service_mut().builders = None;
     daemon.reload(&config)?;
@@ -150,78 +148,25 @@ fn sighup_removing_its_builder_keeps_live_session(dataplane: Dataplane) -> Resul
     let mut config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
     let mut daemon = Daemon::start(topology.client_ns(), &config)?;
     let ssh = topology.ssh_client()?;
-    let mut session = LiveSession::start(&ssh)?;
-    let other = if session.builder == "b1" { "b2" } else { "b1" };
+    let mut session = LiveSession::start(&ssh, service())?;
+    let other = if session.builder() == "b1" {
+        "b2"
+    } else {
+        "b1"
+    };
 
-    config.remove_builder(&session.builder);
+    config.remove_builder(session.builder());
     daemon.reload(&config)?;
     let raw = topology.raw_client();
     // Round-robin alternates while both builders are in; four in a row on the other
     // one means the reload has taken effect.
     wait_until(
-        &format!("{} to leave the rotation", session.builder),
+        &format!("{} to leave the rotation", session.builder()),
         Duration::from_secs(20),
         || Ok(raw.banners(service(), 4)?.iter().all(|b| b == other)),
     )?;
 
     session.finish()
-}
-
-/// A real ssh session that stays open until told to finish: it prints its builder,
-/// waits for a line on stdin, then prints its builder again.
-struct LiveSession {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    builder: String,
-}
-
-impl LiveSession {
-    fn start(ssh: &SshClient) -> Result<Self> {
-        let mut child = ssh
-            .command(
-                service(),
-                "echo $YENSID_BUILDER; read line; echo $YENSID_BUILDER $line",
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("spawn ssh")?;
-        let stdin = child.stdin.take().context("ssh stdin")?;
-        let mut stdout = BufReader::new(child.stdout.take().context("ssh stdout")?);
-        let mut first = String::new();
-        stdout.read_line(&mut first)?;
-        let builder = first.trim().to_owned();
-        ensure!(is_builder(&builder), "live session served by {builder:?}");
-        Ok(Self {
-            child,
-            stdin,
-            stdout,
-            builder,
-        })
-    }
-
-    /// Lets the session end and checks it did so normally, on the same builder.
-    fn finish(&mut self) -> Result<()> {
-        self.stdin.write_all(b"done\n")?;
-        let mut rest = String::new();
-        self.stdout.read_to_string(&mut rest)?;
-        let status = wait_child(&mut self.child, Duration::from_secs(60))?
-            .context("live session did not end")?;
-        ensure!(
-            status.success() && rest.trim() == format!("{} done", self.builder),
-            "live session on {} ended with {status}, output {rest:?}",
-            self.builder
-        );
-        Ok(())
-    }
-}
-
-impl Drop for LiveSession {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn is_builder(name: &str) -> bool {

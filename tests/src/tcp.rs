@@ -325,7 +325,9 @@ fn wait_writable(fd: RawFd, timeout: Duration) -> io::Result<()> {
     }
 }
 
-fn socket_error(fd: RawFd) -> io::Result<libc::c_int> {
+/// The pending error of a socket (`SO_ERROR`), e.g. after a non-blocking
+/// connect.
+pub fn socket_error(fd: RawFd) -> io::Result<libc::c_int> {
     let mut value: libc::c_int = 0;
     let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `value` and `len` describe a c_int buffer, as SO_ERROR expects.

@@ -510,22 +510,7 @@ fn wait_connected(fd: libc::c_int) -> Result<libc::c_int> {
         n if n < 0 => return Err(io::Error::last_os_error()).context("poll"),
         _ => {}
     }
-    let mut value: libc::c_int = 0;
-    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `value` and `len` describe a c_int buffer, as SO_ERROR expects.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&raw mut value).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error()).context("SO_ERROR");
-    }
-    Ok(value)
+    yensid_tests::tcp::socket_error(fd).context("SO_ERROR")
 }
 
 /// Closes with RST (SO_LINGER 0): no TIME_WAIT left behind by the thousands

@@ -168,27 +168,34 @@ impl Topology {
         Ok(topology)
     }
 
-    fn add_builder(&self, index: u8) -> Result<Builder> {
-        let name = format!("b{index}");
-        let ns = Netns::create(&unique::name(&self.id, &name))?;
-        let client_end = format!("y{}c{index}", self.id);
-        let builder_end = format!("y{}b{index}", self.id);
-        check_ifname(&client_end)?;
-        check_ifname(&builder_end)?;
+    /// A veth pair with `client_end` in the client namespace and
+    /// `builder_end` in `builder_ns`.
+    fn add_veth(&self, client_end: &str, builder_end: &str, builder_ns: &Netns) -> Result<()> {
+        check_ifname(client_end)?;
+        check_ifname(builder_end)?;
         run(Command::new("ip").args([
             "link",
             "add",
-            &client_end,
+            client_end,
             "netns",
             self.client.name(),
             "type",
             "veth",
             "peer",
             "name",
-            &builder_end,
+            builder_end,
             "netns",
-            ns.name(),
-        ]))?;
+            builder_ns.name(),
+        ]))
+        .map(drop)
+    }
+
+    fn add_builder(&self, index: u8) -> Result<Builder> {
+        let name = format!("b{index}");
+        let ns = Netns::create(&unique::name(&self.id, &name))?;
+        let client_end = format!("y{}c{index}", self.id);
+        let builder_end = format!("y{}b{index}", self.id);
+        self.add_veth(&client_end, &builder_end, &ns)?;
         let gateway = Ipv4Addr::new(198, 18, index, 1);
         let address = Ipv4Addr::new(198, 18, index, 2);
         self.client
@@ -275,22 +282,7 @@ impl Topology {
         let index = builder.address.octets()[2];
         let client_end = format!("y{}e{index}", self.id);
         let builder_end = format!("y{}f{index}", self.id);
-        check_ifname(&client_end)?;
-        check_ifname(&builder_end)?;
-        run(Command::new("ip").args([
-            "link",
-            "add",
-            &client_end,
-            "netns",
-            self.client.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &builder_end,
-            "netns",
-            builder.ns.name(),
-        ]))?;
+        self.add_veth(&client_end, &builder_end, &builder.ns)?;
         let link = SecondLink {
             client: &self.client,
             client_end,

@@ -841,19 +841,8 @@ fn link_rules(
                 .collect(),
         ),
     };
-    let mut positive = |name: &str, value: Option<Spanned<i64>>, default: Option<u32>| match value {
-        None => default,
-        Some(v) => match u32::try_from(*v.get_ref()) {
-            Ok(n @ 1..) => Some(n),
-            _ => {
-                check.report(
-                    format!("{prefix}.{name}"),
-                    &v,
-                    "must be a whole number of at least 1",
-                );
-                default
-            }
-        },
+    let mut positive = |name: &str, value, default: Option<u32>| {
+        count_field(check, &format!("{prefix}.{name}"), value).or(default)
     };
     LinkRules {
         remote_via,
@@ -882,19 +871,8 @@ fn health_settings(
     let timeout = duration("timeout", raw.timeout, base.timeout);
     let max_interval = duration("max_interval", raw.max_interval, base.max_interval);
     let connect_timeout = duration("connect_timeout", raw.connect_timeout, base.connect_timeout);
-    let mut count = |name: &str, value: Option<Spanned<i64>>, default: u32| match value {
-        None => default,
-        Some(v) => match u32::try_from(*v.get_ref()) {
-            Ok(n @ 1..) => n,
-            _ => {
-                check.report(
-                    format!("{prefix}.{name}"),
-                    &v,
-                    "must be a whole number of at least 1",
-                );
-                default
-            }
-        },
+    let mut count = |name: &str, value, default: u32| {
+        count_field(check, &format!("{prefix}.{name}"), value).unwrap_or(default)
     };
     HealthSettings {
         interval,
@@ -903,6 +881,19 @@ fn health_settings(
         fall: count("fall", raw.fall, base.fall),
         max_interval: max_interval.max(interval),
         connect_timeout,
+    }
+}
+
+/// A whole-number key of at least 1: `None` when absent, or when it is
+/// invalid (then reported).
+fn count_field(check: &mut Checker<'_>, key: &str, value: Option<Spanned<i64>>) -> Option<u32> {
+    let v = value?;
+    match u32::try_from(*v.get_ref()) {
+        Ok(n @ 1..) => Some(n),
+        _ => {
+            check.report(key, &v, "must be a whole number of at least 1");
+            None
+        }
     }
 }
 

@@ -251,6 +251,8 @@ pub struct DaemonConfig {
     pub links: Vec<(String, LinkKind)>,
     /// `None` leaves out the `[health]` table.
     pub health: Option<HealthConfig>,
+    /// `[daemon] read_group`; `None` leaves it out.
+    pub read_group: Option<String>,
 }
 
 impl DaemonConfig {
@@ -283,6 +285,7 @@ impl DaemonConfig {
             policy: PolicyConfig::default(),
             links: Vec::new(),
             health: None,
+            read_group: None,
         }
     }
 
@@ -324,6 +327,9 @@ impl DaemonConfig {
             let _ = writeln!(w, "{key} = {}", quote(&path.display().to_string()));
         }
         let _ = writeln!(w, "dataplane = {}", quote(self.dataplane.as_str()));
+        if let Some(group) = &self.read_group {
+            let _ = writeln!(w, "read_group = {}", quote(group));
+        }
         for service in &self.services {
             let _ = writeln!(w, "\n[[service]]");
             let _ = writeln!(w, "name = {}", quote(&service.name));

@@ -274,6 +274,47 @@ impl Topology {
         }
     }
 
+    /// Makes the client namespace's link to builder `name` a slow uplink of `kbit`
+    /// kbit/s (a token bucket on the client end): bulk transfers to the builder then
+    /// queue, and TCP's round-trip time to it grows to hundreds of milliseconds. Gone
+    /// with the topology.
+    pub fn throttle(&self, name: &str, kbit: u32) -> Result<()> {
+        let builder = self.builder(name);
+        run(self.client.command("tc").args([
+            "qdisc",
+            "add",
+            "dev",
+            &builder.client_link,
+            "root",
+            "tbf",
+            "rate",
+            &format!("{kbit}kbit"),
+            "burst",
+            "1600",
+            "limit",
+            "30000",
+        ]))
+        .map(drop)
+    }
+
+    /// Makes builder `name` lose every `n`-th full-size packet that reaches its sshd
+    /// (an nftables rule in its namespace), so whoever sends it data has to retransmit:
+    /// deterministic loss, unlike a random one. Gone with the topology.
+    pub fn lose_data_packets(&self, name: &str, n: u32) -> Result<()> {
+        let builder = self.builder(name);
+        let rules = format!(
+            "table inet yensid_test_loss {{\n\
+               chain input {{\n\
+                 type filter hook input priority 0; policy accept;\n\
+                 tcp dport {SSH_PORT} meta length > 1000 numgen inc mod {n} == 0 drop\n\
+               }}\n\
+             }}\n"
+        );
+        let file = self.new_file("loss.nft");
+        fs::write(&file, rules).with_context(|| format!("write {}", file.display()))?;
+        run(builder.ns.command("nft").arg("-f").arg(&file)).map(drop)
+    }
+
     /// A second veth between the client namespace and builder `name` (client end
     /// `y<id>eK` 198.18.K.5/30, builder end `y<id>fK` 198.18.K.6/30), both ends up. No
     /// route uses it until [`SecondLink::route_builder`]. Removed on drop.

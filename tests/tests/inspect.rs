@@ -33,6 +33,10 @@ common::dataplane_tests!(
     counters_add_up_after_served_connections,
 );
 
+const NOBODY: u32 = 65534;
+const NOGROUP: u32 = 65534;
+const USERS: u32 = 100;
+
 /// Only against hangs: every state change here takes a second or two at most.
 const WAIT: Duration = Duration::from_secs(30);
 /// The one service every test's config has.
@@ -1206,5 +1210,120 @@ fn metrics_endpoint_counts_and_reflects_state() -> Result<()> {
     // Only GET /metrics is served.
     let other = cli::http_get(topology.client_ns(), metrics_addr(), "/other");
     ensure!(other.is_err(), "GET /other answered: {other:?}");
+    Ok(())
+}
+
+/// With `read_group = "nogroup"`, a member looks without root: `status`, `explain`,
+/// `mode` and `maps` (the pins are 0640 root:nogroup, their directories 0750, opened
+/// read-only), also once the daemon is killed; it may not drain or change the mode, and
+/// is told which group would let it. A non-member is told it may not look, and neither
+/// the daemon nor the pins tell it anything.
+#[test]
+fn a_read_group_member_may_look_but_not_change() -> Result<()> {
+    if !yensid_tests::privileged_or_skip("inspect::a_read_group_member_may_look_but_not_change") {
+        return Ok(());
+    }
+    let topology = Topology::new(2)?;
+    let mut config =
+        DaemonConfig::for_topology(&topology, Dataplane::Kernel, Strategy::LeastConnections);
+    config.read_group = Some("nogroup".to_owned());
+    let mut daemon = Daemon::start(topology.client_ns(), &config)?;
+
+    let doc: Value = serde_json::from_str(&member(&daemon, &["status", "--json"])?)?;
+    ensure!(
+        doc["pid"].as_u64() == Some(u64::from(daemon.pid())) && states(&doc)?.len() == 2,
+        "a member's status: {doc}"
+    );
+    let explained = member(&daemon, &["explain"])?;
+    ensure!(
+        explained.contains("next connection"),
+        "a member's explain: {explained}"
+    );
+    let mode = member(&daemon, &["mode"])?;
+    ensure!(mode.contains("mode auto"), "a member's mode: {mode}");
+    let maps: Value = serde_json::from_str(&member(&daemon, &["maps", "--json"])?)?;
+    ensure!(
+        maps["dispatch_attached"] == true && builder_indices(&maps, &topology)?.len() == 2,
+        "a member's maps: {maps}"
+    );
+    let pins = Path::new(maps["pin_path"].as_str().context("no pin_path")?).to_owned();
+    expect_shared(&pins, 0o750)?;
+    expect_shared(&pins.join("maps-v4"), 0o750)?;
+    expect_shared(&pins.join("maps-v4/BUILDERS"), 0o640)?;
+
+    for change in [&["mode", "local"][..], &["drain", "b1"]] {
+        let denied = member(&daemon, change);
+        let why = format!("{:#}", denied.as_ref().err().context("allowed")?);
+        ensure!(
+            why.contains("permission denied") && why.contains("needs root"),
+            "a member's `{}`: {why}",
+            change.join(" ")
+        );
+    }
+    let doc = cli::status_json(daemon.config_path())?;
+    ensure!(
+        doc["mode"]["in_force"] == "auto"
+            && states(&doc)?.get("b1").map(String::as_str) == Some("healthy"),
+        "after the member's refused changes: {doc}"
+    );
+
+    let denied = format!(
+        "{:#}",
+        outsider(&daemon, &["status"])
+            .err()
+            .context("an outsider looked")?
+    );
+    ensure!(
+        denied.contains("daemon.read_group (`nogroup`)"),
+        "an outsider's status: {denied}"
+    );
+    let denied = format!(
+        "{:#}",
+        outsider(&daemon, &["maps"])
+            .err()
+            .context("an outsider read the maps")?
+    );
+    ensure!(
+        denied.contains("permission denied") && denied.contains("daemon.read_group"),
+        "an outsider's maps: {denied}"
+    );
+
+    daemon.kill9()?;
+    let doc: Value = serde_json::from_str(&member(&daemon, &["status", "--json"])?)?;
+    ensure!(
+        doc["running"] == false && doc["claimed_traffic"] == "refused",
+        "a member's status after kill -9: {doc}"
+    );
+    let doc: Value = serde_json::from_str(&outsider(&daemon, &["status", "--json"])?)?;
+    ensure!(
+        doc["running"] == false && doc["claimed_traffic"] == "unknown",
+        "an outsider's status after kill -9: {doc}"
+    );
+    member(&daemon, &["maps"]).context("a member's maps after kill -9")?;
+    Ok(())
+}
+
+/// The CLI as `nobody` in group `nogroup` (the configured read group).
+fn member(daemon: &Daemon, args: &[&str]) -> Result<String> {
+    daemon.cli_as(NOBODY, NOGROUP, args)
+}
+
+/// The CLI as `nobody` in group `users` (no configured group).
+fn outsider(daemon: &Daemon, args: &[&str]) -> Result<String> {
+    daemon.cli_as(NOBODY, USERS, args)
+}
+
+/// `path` is owned by root:nogroup with exactly `mode`.
+fn expect_shared(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    ensure!(
+        meta.uid() == 0 && meta.gid() == NOGROUP && meta.permissions().mode() & 0o7777 == mode,
+        "{}: uid {} gid {} mode {:o}, want root:nogroup {mode:o}",
+        path.display(),
+        meta.uid(),
+        meta.gid(),
+        meta.permissions().mode() & 0o7777
+    );
     Ok(())
 }

@@ -1121,6 +1121,7 @@ fn every_policy_key_renders_to_a_valid_config() -> Result<()> {
             ("veth*".to_owned(), LinkKind::Other),
         ],
         health: None,
+        read_group: Some("nogroup".to_owned()),
     };
     let out = yensid_tests::check_config(&config)?;
     ensure!(out.starts_with("ok"), "check-config said {out:?}");

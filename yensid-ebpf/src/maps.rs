@@ -46,6 +46,12 @@ pub const LISTENERS: &str = "LISTENERS";
 pub const SPLICED: &str = "SPLICED";
 /// Hash: socket cookie -> cookie of the socket its bytes go to.
 pub const PEERS: &str = "PEERS";
+/// Hash: socket cookie -> builder index, for the daemon's upstream sockets
+/// whose path the `observe` program measures. Userspace-owned: an entry is
+/// added before the socket connects and removed when the connection ends.
+pub const OBSERVED: &str = "OBSERVED";
+/// Array: builder index -> [`PathStats`] (kernel-owned).
+pub const PATH_STATS: &str = "PATH_STATS";
 
 /// Strategy numbers as stored in [`ServiceState::strategy`].
 pub mod strategy {
@@ -172,6 +178,24 @@ pub struct ServiceCounters {
     pub sequence: u64,
 }
 
+/// What the kernel measured on the daemon's connections to one builder,
+/// written by the `observe` program only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+pub struct PathStats {
+    /// The smoothed round-trip time (microseconds) of the connection that
+    /// took the latest sample: TCP's own estimate, not a probe's.
+    pub srtt_us: u32,
+    pub _reserved: u32,
+    /// `bpf_ktime_get_boot_ns()` of that sample (CLOCK_BOOTTIME); 0: none.
+    pub sampled_boot_ns: u64,
+    /// RTT samples taken (one per ACK that carried one).
+    pub samples: u64,
+    /// Segments retransmitted to the builder.
+    pub retransmits: u64,
+}
+
 // SAFETY: plain `#[repr(C)]` structs of integers without padding holes.
 #[cfg(feature = "user")]
 mod pod {
@@ -180,4 +204,5 @@ mod pod {
     unsafe impl aya::Pod for super::BuilderState {}
     unsafe impl aya::Pod for super::ServiceCounters {}
     unsafe impl aya::Pod for super::Override {}
+    unsafe impl aya::Pod for super::PathStats {}
 }

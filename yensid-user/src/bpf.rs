@@ -6,8 +6,19 @@
 //!   attached to the network namespace, even if the daemon dies, so claimed
 //!   connections keep being refused (their listeners are gone) instead of
 //!   reaching another local listener.
-//! - `maps-v<ABI>/`: the dispatch maps, readable without the daemon. The ABI
-//!   version in the name keeps a daemon from reusing maps of another layout.
+//! - `maps-v<ABI>/`: the dispatch maps and the path measurements, readable
+//!   without the daemon. The ABI version in the name keeps a daemon from
+//!   reusing maps of another layout.
+//!
+//! With a read group, the pin directories are `0750` and the pins `0640`,
+//! owned by root and that group: its members can open the maps read-only
+//! (what `yensid status` and `yensid maps` do), and only root can write.
+//! Since Linux 6.5 `bpf()` checks no capability for opening a pin; the
+//! file's mode decides.
+//!
+//! The `observe` program is attached to the daemon's own cgroup (v2) with
+//! an unpinned link: it measures the daemon's sockets and has nothing to do
+//! once the daemon is gone.
 //!
 //! Requirements: Linux >= 5.9 (sk_lookup), >= 5.10 for verdict-only
 //! stream_verdict; CAP_BPF + CAP_NET_ADMIN (or root).
@@ -15,9 +26,12 @@
 use std::{
     fs::File,
     io,
-    os::fd::{AsFd, AsRawFd},
+    os::{
+        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+        unix::fs::PermissionsExt,
+    },
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use aya::{
@@ -26,14 +40,14 @@ use aya::{
         Array, HashMap, MapData, SockHash, SockMap,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{SkLookup, SkSkb, links::FdLink},
+    programs::{CgroupAttachMode, SkLookup, SkSkb, SockOps, links::FdLink},
 };
 use tracing::{info, warn};
 use yensid_ebpf::{
     ABI_VERSION,
     maps::{
         self as names, AFFINITY_SLOTS, BINDING_KEY_LEN, BINDING_PORT_BITS, Backend, BuilderState,
-        MAX_BACKENDS, Override, ServiceCounters, ServiceState,
+        MAX_BACKENDS, Override, PathStats, ServiceCounters, ServiceState,
     },
 };
 
@@ -49,12 +63,12 @@ pub enum BpfError {
     Bpffs { path: PathBuf, source: io::Error },
     #[error("cannot load the BPF object: {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("BPF program `{name}`: {source}")]
+    #[error("BPF program `{name}`: {}", with_causes(.source))]
     Program {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
-    #[error("BPF map `{name}`: {source}")]
+    #[error("BPF map `{name}`: {}", with_causes(.source))]
     Map {
         name: &'static str,
         source: aya::maps::MapError,
@@ -66,6 +80,31 @@ pub enum BpfError {
     },
     #[error("cannot open this network namespace: {0}")]
     Netns(io::Error),
+    #[error("cannot find this process's cgroup (v2): {0}")]
+    Cgroup(io::Error),
+    #[error("cannot give group {gid} read access to {path}: {source}")]
+    Share {
+        gid: u32,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("cannot open the pinned map {path} read-only: {source}")]
+    OpenPin { path: PathBuf, source: io::Error },
+}
+
+/// An error and its causes on one line: aya's syscall errors keep the
+/// errno in their source, which `Display` alone leaves out.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> BpfError {
@@ -80,6 +119,11 @@ pub struct Kernel {
     _link: FdLink,
     tables: Mutex<Tables>,
     splice: Mutex<Splice>,
+    observed: Mutex<HashMap<MapData, u64, u32>>,
+    path_stats: Array<MapData, PathStats>,
+    /// Why the path is not measured, when the `observe` program could not
+    /// be attached.
+    observe_error: Option<String>,
 }
 
 struct Tables {
@@ -112,10 +156,11 @@ pub fn binding_key(port: u16, mapped_addr: &[u8; 16], mapped_len: u32) -> Bindin
 
 impl Kernel {
     /// Loads the programs, pins the maps under `pin_path` (reusing maps a
-    /// crashed daemon of the same version left there), attaches `dispatch`
-    /// to the calling thread's network namespace and `splice` to the
-    /// SOCKHASH.
-    pub fn load(pin_path: &Path) -> Result<Kernel, BpfError> {
+    /// crashed daemon of the same version left there, and readable by
+    /// `read_group` when given), attaches `dispatch` to the calling
+    /// thread's network namespace, `splice` to the SOCKHASH and `observe`
+    /// to this process's cgroup.
+    pub fn load(pin_path: &Path, read_group: Option<u32>) -> Result<Kernel, BpfError> {
         prepare_bpffs(pin_path)?;
         let maps_dir = pin_path.join(format!("maps-v{ABI_VERSION}"));
         std::fs::create_dir_all(&maps_dir).map_err(|source| BpfError::Bpffs {
@@ -175,6 +220,13 @@ impl Kernel {
         })?;
         let link = FdLink::from(pinned);
         remove_other_versions(pin_path, &maps_dir);
+        if let Some(gid) = read_group {
+            share_with_group(pin_path, gid)?;
+        }
+        let observe_error = attach_observe(&mut ebpf).err().map(|e| e.to_string());
+        if let Some(error) = &observe_error {
+            warn!(%error, "the kernel will not measure builder RTT and retransmits; max_rtt_ms uses the probes' RTT");
+        }
 
         let tables = Tables {
             bindings: take(&mut ebpf, names::BINDINGS)?,
@@ -189,6 +241,8 @@ impl Kernel {
             mode_override: take(&mut ebpf, names::OVERRIDE)?,
         };
         let peers = take(&mut ebpf, names::PEERS)?;
+        let observed = take(&mut ebpf, names::OBSERVED)?;
+        let path_stats = take(&mut ebpf, names::PATH_STATS)?;
         info!(pin_path = %pin_path.display(), "BPF programs loaded and attached");
         Ok(Kernel {
             pin_path: pin_path.to_owned(),
@@ -196,7 +250,40 @@ impl Kernel {
             _link: link,
             tables: Mutex::new(tables),
             splice: Mutex::new(Splice { spliced, peers }),
+            observed: Mutex::new(observed),
+            path_stats,
+            observe_error,
         })
+    }
+
+    /// Whether the kernel measures the path to builders; if not, why.
+    pub fn observing(&self) -> Result<(), &str> {
+        match &self.observe_error {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// Has the kernel measure the path of an upstream socket to `builder`
+    /// until the returned guard is dropped. Call it before the socket
+    /// connects: the handshake gives the first sample.
+    pub fn observe(self: &Arc<Self>, cookie: u64, builder: u32) -> Result<Observation, BpfError> {
+        self.observed
+            .lock()
+            .expect("observed map poisoned")
+            .insert(cookie, builder, 0)
+            .map_err(map_err(names::OBSERVED))?;
+        Ok(Observation {
+            kernel: self.clone(),
+            cookie,
+        })
+    }
+
+    /// What the kernel measured on the connections to a builder.
+    pub fn path_stats(&self, builder: u32) -> Result<PathStats, BpfError> {
+        self.path_stats
+            .get(&builder, 0)
+            .map_err(map_err(names::PATH_STATS))
     }
 
     /// Removes every pinned object. The programs stay attached only while
@@ -358,6 +445,23 @@ impl Kernel {
     }
 }
 
+/// One upstream socket the kernel measures; dropping it stops that.
+pub struct Observation {
+    kernel: Arc<Kernel>,
+    cookie: u64,
+}
+
+impl Drop for Observation {
+    fn drop(&mut self) {
+        let _ = self
+            .kernel
+            .observed
+            .lock()
+            .expect("observed map poisoned")
+            .remove(&self.cookie);
+    }
+}
+
 /// Every pinned dispatch map, decoded; entries that were never written
 /// (all zero) are left out. Read without the daemon, from the pins.
 #[derive(Debug, serde::Serialize)]
@@ -375,6 +479,8 @@ pub struct MapsDump {
     /// active = assigned - released).
     pub connections: Vec<(u32, (u64, u64, u64))>,
     pub service_counters: Vec<(u32, ServiceCounters)>,
+    /// Builder index -> what the kernel measured on its connections.
+    pub path_stats: Vec<(u32, PathStats)>,
     /// Service -> slots per backend position.
     pub affinity: Vec<(u32, Vec<(u32, u32)>)>,
     pub local_override_until_boot_ns: u64,
@@ -392,6 +498,7 @@ pub fn read_pinned(pin_path: &Path) -> Result<MapsDump, BpfError> {
     let counters: Array<MapData, ServiceCounters> = open(&dir, names::SERVICE_COUNTERS)?;
     let affinity: Array<MapData, u32> = open(&dir, names::AFFINITY)?;
     let mode_override: Array<MapData, Override> = open(&dir, names::OVERRIDE)?;
+    let path_stats: Array<MapData, PathStats> = open(&dir, names::PATH_STATS)?;
     let mut dump = MapsDump {
         pin_path: pin_path.to_owned(),
         dispatch_attached: pin_path.join(LINK_PIN).exists(),
@@ -405,6 +512,7 @@ pub fn read_pinned(pin_path: &Path) -> Result<MapsDump, BpfError> {
         builders: Vec::new(),
         connections: Vec::new(),
         service_counters: Vec::new(),
+        path_stats: Vec::new(),
         affinity: Vec::new(),
         local_override_until_boot_ns: mode_override.get(&0, 0).map_or(0, |o| o.local_until_ns),
     };
@@ -449,16 +557,143 @@ pub fn read_pinned(pin_path: &Path) -> Result<MapsDump, BpfError> {
             dump.service_counters.push((i as u32, c));
         }
     }
+    for (i, stats) in path_stats.iter().enumerate() {
+        let Ok(stats) = stats else { continue };
+        if stats != PathStats::default() {
+            dump.path_stats.push((i as u32, stats));
+        }
+    }
     Ok(dump)
 }
 
+/// Opens a pinned map read-only: all a member of the read group may do.
 fn open<T>(dir: &Path, name: &'static str) -> Result<T, BpfError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+    let path = dir.join(name);
+    let fd = open_pin_read_only(&path).map_err(|source| BpfError::OpenPin {
+        path: path.clone(),
+        source,
+    })?;
+    let data = MapData::from_fd(fd).map_err(map_err(name))?;
     let map = aya::maps::Map::from_map_data(data).map_err(map_err(name))?;
     T::try_from(map).map_err(map_err(name))
+}
+
+/// `BPF_OBJ_GET` with `BPF_F_RDONLY` (aya's `from_pin` asks for
+/// read-write, which a `0640` pin refuses to its group).
+fn open_pin_read_only(path: &Path) -> io::Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_F_RDONLY: u32 = 1 << 3;
+    /// The `BPF_OBJ_*` member of `union bpf_attr`.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: [u8; 108],
+    }
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let attr = ObjGet {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: BPF_F_RDONLY,
+        path_fd: 0,
+        _pad: [0; 108],
+    };
+    // SAFETY: a valid, zero-padded bpf_attr that outlives the call; the
+    // path is a valid C string.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Loads `observe` and attaches it to this process's cgroup next to any
+/// other program there (other daemons in the same cgroup keep theirs):
+/// cgroup programs attached through a BPF link always stack, and the
+/// kernel rejects `BPF_F_ALLOW_MULTI` on a link, hence `Single`.
+fn attach_observe(ebpf: &mut Ebpf) -> Result<(), BpfError> {
+    let cgroup = own_cgroup().map_err(BpfError::Cgroup)?;
+    let cgroup = File::open(&cgroup).map_err(BpfError::Cgroup)?;
+    let observe: &mut SockOps = program(ebpf, "observe")?;
+    observe.load().map_err(|source| BpfError::Program {
+        name: "observe",
+        source,
+    })?;
+    observe
+        .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+        .map_err(|source| BpfError::Program {
+            name: "observe",
+            source,
+        })?;
+    Ok(())
+}
+
+/// This process's cgroup directory on the cgroup v2 hierarchy (its mount
+/// point from `/proc/self/mountinfo`, its path from `/proc/self/cgroup`).
+fn own_cgroup() -> io::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mount = cgroup2_mount(&mounts)
+        .ok_or_else(|| io::Error::other("no cgroup2 file system is mounted"))?;
+    let membership = std::fs::read_to_string("/proc/self/cgroup")?;
+    let path = membership
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .ok_or_else(|| io::Error::other("this process is in no cgroup v2"))?;
+    Ok(Path::new(mount).join(path.trim_start_matches('/')))
+}
+
+/// The mount point of the first cgroup2 file system in a mountinfo text.
+fn cgroup2_mount(mountinfo: &str) -> Option<&str> {
+    mountinfo.lines().find_map(|line| {
+        let (fields, rest) = line.split_once(" - ")?;
+        (rest.split_whitespace().next()? == "cgroup2").then(|| fields.split_whitespace().nth(4))?
+    })
+}
+
+/// Makes everything under `pin_path` readable by group `gid` and nobody
+/// else but root.
+fn share_with_group(pin_path: &Path, gid: u32) -> Result<(), BpfError> {
+    let share = |path: &Path, mode: u32| {
+        std::os::unix::fs::chown(path, Some(0), Some(gid))
+            .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)))
+            .map_err(|source| BpfError::Share {
+                gid,
+                path: path.to_owned(),
+                source,
+            })
+    };
+    share(pin_path, 0o750)?;
+    let mut dirs = vec![pin_path.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(|source| BpfError::Share {
+            gid,
+            path: dir.clone(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                share(&path, 0o750)?;
+                dirs.push(path);
+            } else {
+                share(&path, 0o640)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `"127.0.0.22/32 port 22"` from a binding trie key.
@@ -563,5 +798,33 @@ fn remove_other_versions(pin_path: &Path, current: &Path) {
             warn!(path = %path.display(), "removing maps of another yensid version");
             let _ = std::fs::remove_dir_all(&path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cgroup2_mount_is_found_among_v1_hierarchies() {
+        let mountinfo = "\
+30 23 0:26 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+31 30 0:27 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+40 30 0:36 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+        assert_eq!(cgroup2_mount(mountinfo), Some("/sys/fs/cgroup/unified"));
+        let optional_fields =
+            "29 1 0:25 / /sys/fs/cgroup rw shared:4 - cgroup2 cgroup2 rw,nsdelegate";
+        assert_eq!(cgroup2_mount(optional_fields), Some("/sys/fs/cgroup"));
+        assert_eq!(
+            cgroup2_mount("31 30 0:27 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw"),
+            None
+        );
+    }
+
+    #[test]
+    fn this_process_has_a_cgroup_directory() {
+        let dir = own_cgroup().unwrap();
+        assert!(dir.join("cgroup.procs").exists(), "{}", dir.display());
     }
 }

@@ -19,6 +19,15 @@ fn load(config_path: &Path) -> Result<Config> {
         .with_context(|| format!("invalid configuration {}", config_path.display()))
 }
 
+/// Every (prefix, port) the configuration claims, in words.
+fn claims(config: &Config) -> Vec<String> {
+    config
+        .services
+        .iter()
+        .flat_map(|s| s.listen.iter().map(move |p| format!("{p} port {}", s.port)))
+        .collect()
+}
+
 /// Sends a verb to the running daemon, or records it in the state file
 /// when no daemon runs.
 pub fn send(config_path: &Path, request: &Request) -> Result<String> {
@@ -74,12 +83,7 @@ fn record_offline(config: &Config, request: &Request) -> Result<String> {
                 Some(o) => format!("An override to {} is recorded for its next start.", o.mode),
                 None => format!("It will start in mode {}.", config.policy.mode),
             };
-            let claims: Vec<String> = config
-                .services
-                .iter()
-                .flat_map(|s| s.listen.iter().map(move |p| format!("{p} port {}", s.port)))
-                .collect();
-            let (_, text) = status::not_running(&config.daemon.pin_path, &claims);
+            let (_, text) = status::not_running(&config.daemon.pin_path, &claims(config));
             return Ok(format!("{text} {recorded}"));
         }
     }
@@ -110,16 +114,11 @@ pub fn show_status(config_path: &Path, json: bool) -> Result<String> {
         }
         Ok(reply) => bail!("{}", reply.message),
         Err(control::ControlError::NotRunning { .. }) => {
-            let claims: Vec<String> = config
-                .services
-                .iter()
-                .flat_map(|s| s.listen.iter().map(move |p| format!("{p} port {}", s.port)))
-                .collect();
-            let (attached, text) = status::not_running(&config.daemon.pin_path, &claims);
+            let (claim, text) = status::not_running(&config.daemon.pin_path, &claims(&config));
             if json {
                 let doc = serde_json::json!({
                     "running": false,
-                    "claimed_traffic": if attached { "refused" } else { "not claimed" },
+                    "claimed_traffic": claim.as_str(),
                     "message": text,
                 });
                 Ok(format!("{doc}\n"))
@@ -136,12 +135,26 @@ pub fn show_maps(config_path: &Path, json: bool) -> Result<String> {
     use std::fmt::Write as _;
     let config = load(config_path)?;
     let pins = &config.daemon.pin_path;
-    let dump = bpf::read_pinned(pins).with_context(|| {
-        format!(
-            "no readable pinned maps under {} (yensid not running, or another version)",
-            pins.display()
-        )
-    })?;
+    let dump = match bpf::read_pinned(pins) {
+        Ok(dump) => dump,
+        Err(bpf::BpfError::OpenPin { source, .. })
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            bail!(
+                "cannot read the pinned maps under {}: permission denied (root or a member of \
+                 daemon.read_group can)",
+                pins.display()
+            )
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "no readable pinned maps under {} (yensid not running, or another version)",
+                    pins.display()
+                )
+            });
+        }
+    };
     if json {
         return Ok(serde_json::to_string_pretty(&dump)? + "\n");
     }

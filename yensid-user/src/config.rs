@@ -50,6 +50,9 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     /// The control socket (`<instance>.sock`) for `yensid drain` and friends.
     pub runtime_dir: PathBuf,
+    /// Members of this group may read the pinned maps and ask the daemon
+    /// for its status (no changes).
+    pub read_group: Option<String>,
 }
 
 impl Daemon {
@@ -457,6 +460,7 @@ mod raw {
         pub dataplane: Option<super::Dataplane>,
         pub state_dir: Option<Spanned<String>>,
         pub runtime_dir: Option<Spanned<String>>,
+        pub read_group: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]
@@ -529,10 +533,22 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
 
     let daemon = {
         let d = raw.daemon.map(Spanned::into_inner);
-        let (pin_path, dataplane, state_dir, runtime_dir) = match d {
-            None => (None, None, None, None),
-            Some(d) => (d.pin_path, d.dataplane, d.state_dir, d.runtime_dir),
+        let (pin_path, dataplane, state_dir, runtime_dir, read_group) = match d {
+            None => (None, None, None, None, None),
+            Some(d) => (
+                d.pin_path,
+                d.dataplane,
+                d.state_dir,
+                d.runtime_dir,
+                d.read_group,
+            ),
         };
+        let read_group = read_group.map(|g| {
+            if g.get_ref().trim().is_empty() {
+                check.report("daemon.read_group", &g, "must name a group");
+            }
+            g.into_inner()
+        });
         let mut dir = |key: &str, value: Option<Spanned<String>>, default: &str| match value {
             None => PathBuf::from(default),
             Some(p) => {
@@ -547,6 +563,7 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             dataplane: dataplane.unwrap_or(Dataplane::Kernel),
             state_dir: dir("state_dir", state_dir, DEFAULT_STATE_DIR),
             runtime_dir: dir("runtime_dir", runtime_dir, DEFAULT_RUNTIME_DIR),
+            read_group,
         }
     };
 

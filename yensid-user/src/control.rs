@@ -1,8 +1,6 @@
-//! The control socket: how the CLI's verbs (`drain`, `undrain`) reach a
-//! running daemon. One JSON request per connection, one JSON reply.
-//!
-//! The socket is created mode 0600, so only root (the daemon's user) can
-//! change anything; inspecting needs no socket (pinned maps, state file).
+//! The control socket: how the CLI's verbs and the live `status` and
+//! `explain` reach a running daemon. One JSON request per connection, one
+//! JSON reply. Who may send what is decided in [`crate::access`].
 
 use std::{
     io,
@@ -18,7 +16,9 @@ use tokio::{
     sync::{mpsc, oneshot},
     time::timeout,
 };
-use tracing::warn;
+use tracing::{info, warn};
+
+use crate::access::{self, Access, Right};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -71,16 +71,18 @@ pub enum ControlError {
     #[error("no daemon at {path}: {source}")]
     NotRunning { path: PathBuf, source: io::Error },
     #[error(
-        "not allowed to talk to the daemon at {path}: run as root or as a member of policy.control_group"
+        "not allowed to talk to the daemon at {path}: run as root, or configure daemon.read_group or policy.control_group"
     )]
     Denied { path: PathBuf },
+    #[error(transparent)]
+    Group(#[from] access::UnknownGroup),
     #[error("the daemon at {path} did not answer: {detail}")]
     NoAnswer { path: PathBuf, detail: String },
 }
 
-/// Binds the control socket, refusing to steal one a live daemon serves.
-/// Mode 0600, or 0660 owned by `group` so its members may change things.
-pub async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, ControlError> {
+/// Binds the control socket, refusing to steal one a live daemon serves,
+/// with the mode `access` asks for.
+pub async fn bind(path: &Path, access: &Access) -> Result<UnixListener, ControlError> {
     let create = |source| ControlError::Create {
         path: path.to_owned(),
         source,
@@ -93,46 +95,35 @@ pub async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, Cont
     }
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(create)?;
-    let mode = match group {
-        None => 0o600,
-        Some(name) => {
-            let gid = group_id(name).ok_or_else(|| {
-                create(io::Error::other(format!(
-                    "no group `{name}` (policy.control_group)"
-                )))
-            })?;
-            std::os::unix::fs::chown(path, None, Some(gid)).map_err(create)?;
-            0o660
-        }
-    };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(create)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.socket_mode()))
+        .map_err(create)?;
     Ok(listener)
 }
 
-fn group_id(name: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: valid C string; the result is read at once, before any other
-    // call that could reuse libc's static buffer.
-    let entry = unsafe { libc::getgrnam(name.as_ptr()) };
-    (!entry.is_null()).then(|| unsafe { (*entry).gr_gid })
-}
-
-/// Accepts requests and hands them to the controller through `requests`.
-pub async fn serve(listener: UnixListener, requests: mpsc::Sender<Pending>) {
+/// Accepts requests, checks each against `access`, and hands the allowed
+/// ones to the controller through `requests`.
+pub async fn serve(listener: UnixListener, requests: mpsc::Sender<Pending>, access: Access) {
+    let access = std::sync::Arc::new(access);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let requests = requests.clone();
+        let access = access.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, requests).await {
+            if let Err(e) = answer(stream, requests, &access).await {
                 warn!(error = %e, "control request failed");
             }
         });
     }
 }
 
-async fn answer(stream: UnixStream, requests: mpsc::Sender<Pending>) -> io::Result<()> {
+async fn answer(
+    stream: UnixStream,
+    requests: mpsc::Sender<Pending>,
+    access: &Access,
+) -> io::Result<()> {
+    let peer = access::peer(&stream)?;
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     timeout(REQUEST_TIMEOUT, BufReader::new(read).read_line(&mut line))
@@ -143,16 +134,25 @@ async fn answer(stream: UnixStream, requests: mpsc::Sender<Pending>) -> io::Resu
             ok: false,
             message: format!("bad request: {e}"),
         },
-        Ok(request) => {
-            let (tx, rx) = oneshot::channel();
-            if requests.send((request, tx)).await.is_err() {
-                return Ok(());
+        Ok(request) => match access.check(&peer, Right::of(&request)) {
+            Some(why) => {
+                info!(uid = peer.uid, ?request, "control request refused: {why}");
+                Reply {
+                    ok: false,
+                    message: why,
+                }
             }
-            rx.await.unwrap_or(Reply {
-                ok: false,
-                message: "the daemon is stopping".into(),
-            })
-        }
+            None => {
+                let (tx, rx) = oneshot::channel();
+                if requests.send((request, tx)).await.is_err() {
+                    return Ok(());
+                }
+                rx.await.unwrap_or(Reply {
+                    ok: false,
+                    message: "the daemon is stopping".into(),
+                })
+            }
+        },
     };
     let mut text = serde_json::to_string(&reply).expect("reply serializes");
     text.push('\n');
@@ -202,15 +202,15 @@ mod tests {
     async fn a_request_reaches_the_controller_and_its_reply_the_client() {
         let dir = std::env::temp_dir().join(format!("yensid-control-{}", std::process::id()));
         let path = dir.join("control.sock");
-        let listener = bind(&path, None).await.unwrap();
+        let listener = bind(&path, &Access::default()).await.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(matches!(
-            bind(&path, None).await,
+            bind(&path, &Access::default()).await,
             Err(ControlError::InUse(_))
         ));
         let (tx, mut rx) = mpsc::channel(1);
-        tokio::spawn(serve(listener, tx));
+        tokio::spawn(serve(listener, tx, Access::default()));
         tokio::spawn(async move {
             let (request, reply) = rx.recv().await.unwrap();
             assert_eq!(
@@ -237,14 +237,13 @@ mod tests {
         assert_eq!(reply.message, "drained");
         drop(std::fs::remove_file(&path));
         let other = dir.join("group.sock");
-        drop(bind(&other, Some("root")).await.unwrap());
+        let shared = Access {
+            read: Some(access::Group::resolve("daemon.read_group", "root").unwrap()),
+            control: None,
+        };
+        drop(bind(&other, &shared).await.unwrap());
         let meta = std::fs::metadata(&other).unwrap();
-        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
-        assert!(
-            bind(&dir.join("x.sock"), Some("no-such-group-yensid"))
-                .await
-                .is_err()
-        );
+        assert_eq!(meta.permissions().mode() & 0o777, 0o666);
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(matches!(
             request(

@@ -29,13 +29,14 @@ use yensid_ebpf::maps::{
 };
 
 use crate::{
+    access::{Access, Group},
     bpf::{self, Kernel},
     config::{Config, Dataplane, Mode, Service},
     control::{self, ModeChange, Pending, Reply, Request},
     health,
     hook::{self, BuilderInput, Decision, HookError, HookInput, OverrideInput},
     link::{self, LinkState},
-    metrics,
+    metrics, path,
     policy::{self, Plan, Refusal, Snapshot},
     proxy::{self, DataPath, Dispatcher},
     registry::Registry,
@@ -66,12 +67,23 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
         None => {}
     }
-    let control = control::bind(
-        &config.daemon.control_socket(),
-        config.policy.control_group.as_deref(),
-    )
-    .await?;
-    let kernel = match Kernel::load(&config.daemon.pin_path) {
+    let access = Access {
+        read: config
+            .daemon
+            .read_group
+            .as_deref()
+            .map(|name| Group::resolve("daemon.read_group", name))
+            .transpose()?,
+        control: config
+            .policy
+            .control_group
+            .as_deref()
+            .map(|name| Group::resolve("policy.control_group", name))
+            .transpose()?,
+    };
+    let control = control::bind(&config.daemon.control_socket(), &access).await?;
+    let read_gid = access.read.as_ref().map(|g| g.gid);
+    let kernel = match Kernel::load(&config.daemon.pin_path, read_gid) {
         Ok(kernel) => Some(Arc::new(kernel)),
         Err(e) => {
             error!(
@@ -97,7 +109,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             .await
             .with_context(|| format!("cannot serve metrics on {listen}"))?;
     }
-    let control_task = tokio::spawn(control::serve(control, requests));
+    let control_task = tokio::spawn(control::serve(control, requests, access));
     let mut controller = Controller {
         config_path: config_path.to_owned(),
         state_file,
@@ -145,6 +157,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
     info!(open_connections_closed = cut, "yensid stopped");
     result
 }
+
+/// How often the kernel's path measurements are read (for status,
+/// metrics and `max_rtt_ms`).
+const PATH_READ_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Starts watching links and routes with the configured labels; without
 /// it, link rules cannot be applied (said loudly).
@@ -225,6 +241,11 @@ fn hook_input(inner: &crate::registry::Inner) -> HookInput {
                     rtt_ms: tracker
                         .and_then(|t| t.last_rtt())
                         .map(|d| d.as_secs_f64() * 1e3),
+                    kernel_rtt_ms: inner
+                        .paths
+                        .get(&b.name)
+                        .and_then(|p| p.rtt())
+                        .map(|d| d.as_secs_f64() * 1e3),
                     egress: links
                         .zip(address)
                         .and_then(|(l, ip)| l.egress(*ip).cloned()),
@@ -234,17 +255,6 @@ fn hook_input(inner: &crate::registry::Inner) -> HookInput {
             })
             .collect(),
     }
-}
-
-/// CLOCK_BOOTTIME in nanoseconds: the clock `bpf_ktime_get_boot_ns` reads.
-fn boottime_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// An error without the verifier's full log: its last lines say why.
@@ -349,6 +359,8 @@ impl Controller {
         let registry = self.registry.clone();
         let config = registry.inner().config.clone();
         let mut hook_tick = tokio::time::interval(config.policy.hook_interval);
+        let mut path_tick = tokio::time::interval(PATH_READ_INTERVAL);
+        let measuring = registry.kernel().is_some_and(|k| k.observing().is_ok());
         info!(
             services = config.services.len(),
             builders = config.builders.len(),
@@ -382,6 +394,7 @@ impl Controller {
                 }
                 _ = registry.state_changed.notified() => self.hook.pending = true,
                 _ = hook_tick.tick() => self.hook.pending = true,
+                _ = path_tick.tick(), if measuring => registry.read_paths(),
                 Some(result) = hook_results.recv() => {
                     self.hook.running = false;
                     self.hook_finished(result).await;
@@ -606,7 +619,7 @@ impl Controller {
                 .filter(|o| o.mode == Mode::Local && o.in_force(now))
                 .map(|o| match o.until {
                     None => u64::MAX,
-                    Some(until) => boottime_ns() + (until - now) * 1_000_000_000,
+                    Some(until) => path::boottime_ns() + (until - now) * 1_000_000_000,
                 });
             (inner.config.clone(), plan, local_until)
         };
@@ -620,6 +633,7 @@ impl Controller {
             }
             None => self.apply_fallback(&config).await?,
         }
+        self.registry.follow_plan(&plan);
         self.last_plan = Some(plan);
         Ok(())
     }
@@ -860,6 +874,11 @@ impl Controller {
                 DataPath::Userspace => "userspace",
             },
             bpf: kernel.is_some(),
+            path_measurement: match kernel.as_ref().map(|k| k.observing()) {
+                Some(Ok(())) => "kernel".to_owned(),
+                Some(Err(why)) => format!("probes only: {why}"),
+                None => "probes only: BPF is unavailable".to_owned(),
+            },
         }
     }
 

@@ -45,6 +45,9 @@ pub struct BuilderInput {
     pub drained: bool,
     /// From the last successful probe.
     pub rtt_ms: Option<f64>,
+    /// TCP's smoothed RTT on the daemon's connections to the builder, at
+    /// the kernel's latest sample (absent before any).
+    pub kernel_rtt_ms: Option<f64>,
     /// The interface the route to the builder goes out of.
     pub egress: Option<Link>,
     pub active_connections: u64,
@@ -175,6 +178,7 @@ mod tests {
                 health_reason: None,
                 drained: false,
                 rtt_ms: Some(0.4),
+                kernel_rtt_ms: Some(0.1),
                 egress: None,
                 active_connections: 2,
                 weight: 1,

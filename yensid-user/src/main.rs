@@ -5,6 +5,7 @@
 //! of a pool, or refuses it at once so that Nix builds locally. Accepted
 //! connections are spliced to their builder in the kernel.
 
+mod access;
 mod bpf;
 mod cli;
 mod config;
@@ -14,6 +15,7 @@ mod health;
 mod hook;
 mod link;
 mod metrics;
+mod path;
 mod policy;
 mod proxy;
 mod registry;

@@ -277,7 +277,7 @@ pub fn render(status: &Status) -> String {
     family(
         "yensid_kernel_rtt_seconds",
         "gauge",
-        "The kernel's smoothed RTT on the builder's finished connections.",
+        "TCP's smoothed RTT on the daemon's connections to the builder, at the kernel's latest sample.",
         status
             .builders
             .iter()
@@ -294,6 +294,12 @@ pub fn render(status: &Status) -> String {
         "counter",
         "TCP segments retransmitted to the builder.",
         by_builder(&|b| b.retransmits.to_string()),
+    );
+    family(
+        "yensid_rtt_samples_total",
+        "counter",
+        "RTT samples the kernel took on the daemon's connections to the builder.",
+        by_builder(&|b| b.rtt_samples.to_string()),
     );
     let _ = writeln!(
         out,
@@ -341,6 +347,7 @@ mod tests {
             pid: 1,
             dataplane: "kernel".into(),
             bpf: true,
+            path_measurement: "kernel".into(),
             mode: ModeStatus {
                 in_force: "local".into(),
                 source: "override".into(),
@@ -374,6 +381,7 @@ mod tests {
                 bytes_from_builder: 200,
                 rtt_ms: Some(2.0),
                 kernel_rtt_ms: Some(0.5),
+                rtt_samples: 9,
                 retransmits: 4,
                 egress: None,
                 connect_seconds: connect,
@@ -400,6 +408,7 @@ mod tests {
             "yensid_connect_seconds_count{builder=\"b1\"} 2",
             "yensid_kernel_rtt_seconds{builder=\"b1\"} 0.0005",
             "yensid_retransmits_total{builder=\"b1\"} 4",
+            "yensid_rtt_samples_total{builder=\"b1\"} 9",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -407,7 +416,7 @@ mod tests {
             );
         }
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
-        assert_eq!(families, 15);
+        assert_eq!(families, 16);
     }
 
     #[test]

@@ -10,7 +10,6 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
-    time::Duration,
 };
 
 use yensid_ebpf::maps::AFFINITY_SLOTS;
@@ -18,6 +17,7 @@ use yensid_ebpf::maps::AFFINITY_SLOTS;
 use crate::{
     config::{Config, LinkRules, Mode},
     link::{LinkKind, LinkState},
+    path::{Rtt, RttSource},
 };
 
 /// Why a builder may not take new connections right now.
@@ -51,8 +51,9 @@ pub struct Snapshot<'a> {
     pub links: Option<&'a LinkState>,
     /// Each builder's address, for its egress route.
     pub addresses: &'a HashMap<String, IpAddr>,
-    /// Each builder's round-trip time from its last successful probe.
-    pub rtt: &'a HashMap<String, Duration>,
+    /// Each builder's round-trip time: the kernel's while fresh, else the
+    /// last successful probe's (see [`crate::path`]).
+    pub rtt: &'a HashMap<String, Rtt>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,9 +100,10 @@ pub enum Exclusion {
         mbps: Option<u32>,
         min: u32,
     },
-    /// The probes' round-trip time exceeds `max_rtt_ms` (or is unknown).
+    /// The round-trip time exceeds `max_rtt_ms` (or is unknown).
     SlowBuilder {
-        rtt_ms: Option<u64>,
+        /// Milliseconds and where they were measured.
+        rtt_ms: Option<(u64, RttSource)>,
         max: u32,
     },
 }
@@ -136,10 +138,13 @@ impl std::fmt::Display for Exclusion {
                 )
             }
             Exclusion::SlowBuilder {
-                rtt_ms: Some(r),
+                rtt_ms: Some((r, source)),
                 max,
             } => {
-                write!(f, "round-trip time {r} ms is above max_rtt_ms {max}")
+                write!(
+                    f,
+                    "{source} round-trip time {r} ms is above max_rtt_ms {max}"
+                )
             }
             Exclusion::SlowBuilder { rtt_ms: None, max } => {
                 write!(f, "no round-trip time measured yet (max_rtt_ms {max})")
@@ -235,8 +240,11 @@ fn exclusion(s: &Snapshot<'_>, rules: &LinkRules, builder: &str) -> Option<Exclu
         return None;
     }
     if let Some(max) = rules.max_rtt_ms {
-        let rtt_ms = s.rtt.get(builder).map(|d| d.as_millis() as u64);
-        if rtt_ms.is_none_or(|r| r > max as u64) {
+        let rtt_ms = s
+            .rtt
+            .get(builder)
+            .map(|r| (r.value.as_millis() as u64, r.source));
+        if rtt_ms.is_none_or(|(r, _)| r > max as u64) {
             return Some(Exclusion::SlowBuilder { rtt_ms, max });
         }
     }
@@ -346,6 +354,8 @@ fn quotas(members: &[(String, u32)], slots: usize) -> HashMap<&str, usize> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::{config::Config, link::Link};
 
@@ -392,7 +402,7 @@ mod tests {
         unavailable: HashMap<String, Unavailable>,
         links: Option<LinkState>,
         addresses: HashMap<String, IpAddr>,
-        rtt: HashMap<String, Duration>,
+        rtt: HashMap<String, Rtt>,
     }
 
     impl World {
@@ -576,16 +586,39 @@ mod tests {
     #[test]
     fn max_rtt_ms_needs_a_measured_low_enough_rtt() {
         let mut w = World::new(&with_policy("max_rtt_ms = 50"));
-        w.rtt.insert("b1".into(), Duration::from_millis(3));
-        w.rtt.insert("b2".into(), Duration::from_millis(80));
+        let rtt = |ms, source| Rtt {
+            value: Duration::from_millis(ms),
+            source,
+        };
+        w.rtt.insert("b1".into(), rtt(3, RttSource::Probe));
+        w.rtt.insert("b2".into(), rtt(80, RttSource::Kernel));
         let plan = w.decide(Mode::Auto);
         assert_eq!(excluded(&plan, 0)[0], None);
+        let slow = excluded(&plan, 0)[1].clone().unwrap();
         assert_eq!(
-            excluded(&plan, 0)[1],
-            Some(Exclusion::SlowBuilder {
-                rtt_ms: Some(80),
+            slow,
+            Exclusion::SlowBuilder {
+                rtt_ms: Some((80, RttSource::Kernel)),
                 max: 50
-            })
+            }
+        );
+        assert_eq!(
+            slow.to_string(),
+            "kernel round-trip time 80 ms is above max_rtt_ms 50"
+        );
+        w.rtt.insert("b1".into(), rtt(51, RttSource::Probe));
+        assert_eq!(
+            excluded(&w.decide(Mode::Auto), 0)[0]
+                .as_ref()
+                .unwrap()
+                .to_string(),
+            "probe round-trip time 51 ms is above max_rtt_ms 50"
+        );
+        w.rtt.insert("b1".into(), rtt(50, RttSource::Probe));
+        assert_eq!(
+            excluded(&w.decide(Mode::Auto), 0)[0],
+            None,
+            "50 is not above 50"
         );
         w.rtt.clear();
         assert!(

@@ -43,12 +43,15 @@ use std::{
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
     time::timeout,
 };
 use tracing::{debug, info, warn};
 
-use crate::{bpf::Kernel, sock};
+use crate::{
+    bpf::{Kernel, Observation},
+    sock,
+};
 
 /// Longest identification line (RFC 4253 4.2: 255 bytes including CRLF).
 const MAX_IDENT_LINE: usize = 255;
@@ -77,6 +80,10 @@ pub trait Dispatcher: Send + Sync + 'static {
         reason: &str,
         tried: &[String],
     ) -> Option<String>;
+    /// Has the kernel measure the path of the socket with `cookie`, about
+    /// to connect to `builder`, for as long as the guard lives (`None`
+    /// when nothing measures).
+    fn observe(&self, builder: &str, cookie: u64) -> Option<Observation>;
     /// A builder answered with its identification line `elapsed` after
     /// the connect started.
     fn connected(&self, builder: &str, elapsed: Duration);
@@ -106,10 +113,6 @@ pub struct Outcome {
     pub to_builder: u64,
     /// Bytes received from the builder.
     pub from_builder: u64,
-    /// The kernel's smoothed RTT to the builder at the end (microseconds).
-    pub rtt_us: Option<u32>,
-    /// Segments retransmitted to the builder.
-    pub retransmits: u32,
 }
 
 /// Serves one accepted connection that the kernel steered to `builder`.
@@ -159,6 +162,9 @@ pub async fn serve(
 struct Opening {
     builder: String,
     upstream: TcpStream,
+    /// Keeps the kernel measuring the upstream path while the connection
+    /// lives.
+    observation: Option<Observation>,
     /// The client's identification line, not yet sent to the builder.
     client_line: Vec<u8>,
     /// The server's lines up to and including its identification line.
@@ -189,10 +195,11 @@ async fn handoff(
     let mut tried = Vec::new();
     loop {
         match open_upstream(&builder, dispatcher).await {
-            Ok((upstream, server_lines)) => {
+            Ok((upstream, observation, server_lines)) => {
                 return Ok(Opening {
                     builder,
                     upstream,
+                    observation,
                     client_line,
                     server_lines,
                 });
@@ -220,14 +227,18 @@ async fn handoff(
 async fn open_upstream(
     builder: &str,
     dispatcher: &dyn Dispatcher,
-) -> io::Result<(TcpStream, Vec<u8>)> {
+) -> io::Result<(TcpStream, Option<Observation>, Vec<u8>)> {
     let address = dispatcher
         .address(builder)
         .ok_or_else(|| io::Error::other("builder is no longer configured"))?;
     let started = Instant::now();
-    let upstream = timeout(dispatcher.connect_timeout(builder), connect(&address))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    let observe = |socket: &TcpSocket| dispatcher.observe(builder, sock::cookie(socket).ok()?);
+    let (upstream, observation) = timeout(
+        dispatcher.connect_timeout(builder),
+        connect_with(&address, observe),
+    )
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     upstream.set_nodelay(true)?;
     let mut lines = Vec::new();
     loop {
@@ -240,7 +251,7 @@ async fn open_upstream(
         lines.extend_from_slice(&line);
         if line.starts_with(b"SSH-") {
             dispatcher.connected(builder, started.elapsed());
-            return Ok((upstream, lines));
+            return Ok((upstream, observation, lines));
         }
         if lines.len() > MAX_SERVER_PREAMBLE {
             return Err(io::Error::other("builder is not speaking SSH"));
@@ -250,10 +261,27 @@ async fn open_upstream(
 
 /// Connects to `host:port`, trying each address it resolves to.
 pub async fn connect(address: &str) -> io::Result<TcpStream> {
+    connect_with(address, |_| None::<()>)
+        .await
+        .map(|(stream, _)| stream)
+}
+
+/// [`connect`], showing each socket to `prepare` before its SYN leaves;
+/// what `prepare` returns for the socket that connected comes back with it.
+async fn connect_with<T>(
+    address: &str,
+    mut prepare: impl FnMut(&TcpSocket) -> Option<T>,
+) -> io::Result<(TcpStream, Option<T>)> {
     let mut last = io::Error::other(format!("`{address}` resolves to no address"));
     for addr in tokio::net::lookup_host(address).await? {
-        match TcpStream::connect(addr).await {
-            Ok(s) => return Ok(s),
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        let prepared = prepare(&socket);
+        match socket.connect(addr).await {
+            Ok(stream) => return Ok((stream, prepared)),
             Err(e) => last = e,
         }
     }
@@ -268,6 +296,7 @@ async fn forward(
 ) -> io::Result<()> {
     let Opening {
         mut upstream,
+        observation: _observation,
         client_line,
         server_lines,
         ..
@@ -316,8 +345,6 @@ fn count_upstream(upstream: &TcpStream, outcome: &mut Outcome) {
     if let Ok(counts) = sock::tcp_counts(upstream) {
         outcome.to_builder = counts.acked;
         outcome.from_builder = counts.received;
-        outcome.rtt_us = Some(counts.rtt_us);
-        outcome.retransmits = counts.retransmits;
     }
 }
 

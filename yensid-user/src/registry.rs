@@ -21,13 +21,14 @@ use yensid_ebpf::{
 };
 
 use crate::{
-    bpf::Kernel,
+    bpf::{Kernel, Observation},
     config::{Config, Mode, Service, Strategy},
     health::{Answer, Failure, Tracker, Transition},
     hook::Decision,
     link::LinkState,
     metrics::Histogram,
-    policy::Unavailable,
+    path::{self, PathTracker, Rtt},
+    policy::{Plan, Unavailable},
     proxy::{Dispatcher, Outcome},
     state::{ModeOverride, OperatorState, unix_now},
 };
@@ -54,6 +55,15 @@ pub struct Inner {
     pub connect_times: HashMap<String, Histogram>,
     /// Kernel index of each builder (for the RELEASED counters).
     pub builder_index: HashMap<String, u32>,
+    /// What the kernel measured on the connections to each builder.
+    pub paths: HashMap<String, PathTracker>,
+    /// Per service, the builders the plan in force excludes (what the
+    /// kernel's `Backend::eligible` says): userspace's own choices
+    /// (failover, the no-BPF fallback, `explain`) must honour the same
+    /// rules.
+    pub excluded: HashMap<String, BTreeSet<String>>,
+    /// Services the plan in force refuses (the kernel's `accept` is 0).
+    pub refusing: BTreeSet<String>,
     /// What userspace last wrote to the kernel's RELEASED map, by index.
     released: HashMap<u32, u64>,
     sequence: u64,
@@ -84,9 +94,6 @@ pub struct BuilderTotals {
     pub failed_over: u64,
     pub to_builder: u64,
     pub from_builder: u64,
-    /// Exponentially smoothed kernel RTT over finished connections.
-    pub kernel_rtt: Option<Duration>,
-    pub retransmits: u64,
 }
 
 impl Registry {
@@ -104,6 +111,9 @@ impl Registry {
             totals: HashMap::new(),
             connect_times: HashMap::new(),
             builder_index: HashMap::new(),
+            paths: HashMap::new(),
+            excluded: HashMap::new(),
+            refusing: BTreeSet::new(),
             released: HashMap::new(),
             sequence: 0,
         };
@@ -166,6 +176,31 @@ impl Registry {
         }
     }
 
+    /// Makes userspace's own choices follow the plan the kernel was just
+    /// given.
+    pub fn follow_plan(&self, plan: &Plan) {
+        let mut inner = self.inner();
+        inner.excluded = plan
+            .services
+            .iter()
+            .map(|s| {
+                let excluded = s
+                    .members
+                    .iter()
+                    .filter(|m| m.excluded.is_some())
+                    .map(|m| m.builder.clone())
+                    .collect();
+                (s.name.clone(), excluded)
+            })
+            .collect();
+        inner.refusing = plan
+            .services
+            .iter()
+            .filter(|s| s.refusal.is_some())
+            .map(|s| s.name.clone())
+            .collect();
+    }
+
     /// Something a decision depends on changed: replan, and tell the hook.
     pub fn changed(&self) {
         self.replan.notify_one();
@@ -178,7 +213,7 @@ impl Registry {
         let mut inner = self.inner();
         let config = inner.config.clone();
         let svc = config.services.iter().find(|s| s.name == service)?;
-        if inner.mode_in_force(unix_now()).0 == Mode::Local {
+        if inner.mode_in_force(unix_now()).0 == Mode::Local || inner.refusing.contains(service) {
             return None;
         }
         let affinity = inner.affinity.get(service).and_then(|table| {
@@ -186,7 +221,7 @@ impl Registry {
             let name = table.get(slot as usize)?;
             let position = svc.builders.iter().position(|b| b == name)?;
             inner
-                .candidate(name, &[])
+                .candidate(service, name, &[])
                 .available
                 .then_some(position as u32)
         });
@@ -211,9 +246,62 @@ impl Registry {
     /// Starts counting a builder index afresh: no connection of this
     /// daemon is open to it, whatever the kernel's counters say.
     pub fn adopt_index(&self, builder: &str, index: u32, assigned: u64) {
+        let paths = self
+            .kernel
+            .as_ref()
+            .and_then(|k| k.path_stats(index).ok())
+            .unwrap_or_default();
         let mut inner = self.inner();
         inner.builder_index.insert(builder.to_owned(), index);
         inner.released.insert(index, assigned);
+        inner.paths.insert(
+            builder.to_owned(),
+            PathTracker::adopt(paths, path::boottime_ns()),
+        );
+    }
+
+    /// Reads what the kernel measured on the builder connections. Under a
+    /// `max_rtt_ms` rule, a change of a builder's RTT (in whole
+    /// milliseconds, or of its source) replans.
+    pub fn read_paths(&self) {
+        let Some(kernel) = &self.kernel else {
+            return;
+        };
+        let mut inner = self.inner();
+        let before = inner.rtt();
+        let indices: Vec<(String, u32)> = inner
+            .builder_index
+            .iter()
+            .map(|(name, &index)| (name.clone(), index))
+            .collect();
+        for (name, index) in indices {
+            match kernel.path_stats(index) {
+                Ok(stats) => {
+                    if let Some(tracker) = inner.paths.get_mut(&name) {
+                        tracker.update(stats);
+                    }
+                }
+                Err(e) => {
+                    warn!(builder = name, error = %e, "cannot read the kernel's path measurements")
+                }
+            }
+        }
+        let max_rtt = inner
+            .config
+            .services
+            .iter()
+            .any(|s| s.rules.max_rtt_ms.is_some());
+        let whole_ms = |rtt: &HashMap<String, Rtt>| -> Vec<(String, u128, path::RttSource)> {
+            let mut v: Vec<_> = rtt
+                .iter()
+                .map(|(n, r)| (n.clone(), r.value.as_millis(), r.source))
+                .collect();
+            v.sort();
+            v
+        };
+        if max_rtt && whole_ms(&before) != whole_ms(&inner.rtt()) {
+            self.replan.notify_one();
+        }
     }
 }
 
@@ -257,11 +345,16 @@ impl Inner {
             .unwrap_or(1)
     }
 
-    /// Each builder's RTT from its last successful probe.
-    pub fn rtt(&self) -> HashMap<String, Duration> {
+    /// Each builder's RTT as `max_rtt_ms` sees it: the kernel's while
+    /// fresh, else its last successful probe's.
+    pub fn rtt(&self) -> HashMap<String, Rtt> {
+        let now = path::boottime_ns();
         self.health
             .iter()
-            .filter_map(|(name, t)| Some((name.clone(), t.last_rtt()?)))
+            .filter_map(|(name, t)| {
+                let kernel = self.paths.get(name).and_then(|p| p.fresh_rtt(now));
+                Some((name.clone(), Rtt::pick(kernel, t.last_rtt())?))
+            })
             .collect()
     }
 
@@ -277,7 +370,7 @@ impl Inner {
         let inner = self;
         let mut pool = Pool::new();
         for name in &svc.builders {
-            pool.push(inner.candidate(name, &[]));
+            pool.push(inner.candidate(&svc.name, name, &[]));
         }
         let name_of = |p: Option<u32>| p.and_then(|p| svc.builders.get(p as usize).cloned());
         let draw = |affinity| Draw {
@@ -290,14 +383,14 @@ impl Inner {
                 let total: u64 = svc
                     .builders
                     .iter()
-                    .map(|n| inner.candidate(n, &[]))
+                    .map(|n| inner.candidate(&svc.name, n, &[]))
                     .filter(|c| c.available)
                     .map(|c| c.weight as u64)
                     .sum();
                 let shares: Vec<String> = svc
                     .builders
                     .iter()
-                    .map(|n| (n, inner.candidate(n, &[])))
+                    .map(|n| (n, inner.candidate(&svc.name, n, &[])))
                     .filter(|(_, c)| c.available && total > 0)
                     .map(|(n, c)| format!("{n} {:.0}%", c.weight as f64 * 100.0 / total as f64))
                     .collect();
@@ -314,7 +407,7 @@ impl Inner {
                     .and_then(|t| t.get(slot as usize))
                     .cloned();
                 match pinned {
-                    Some(b) if inner.candidate(&b, &[]).available => {
+                    Some(b) if inner.candidate(&svc.name, &b, &[]).available => {
                         format!("-> {b} (its affinity slot {slot})")
                     }
                     Some(b) => {
@@ -362,11 +455,17 @@ impl Inner {
         out
     }
 
-    fn candidate(&self, name: &str, exclude: &[String]) -> Candidate {
+    fn candidate(&self, service: &str, name: &str, exclude: &[String]) -> Candidate {
         let b = self.config.builder(name);
         let healthy = self.health.get(name).is_some_and(|t| t.failure().is_none());
-        let eligible =
-            healthy && !self.drained.contains(name) && !exclude.iter().any(|e| e == name);
+        let planned = !self
+            .excluded
+            .get(service)
+            .is_some_and(|excluded| excluded.contains(name));
+        let eligible = healthy
+            && planned
+            && !self.drained.contains(name)
+            && !exclude.iter().any(|e| e == name);
         Candidate::new(
             if b.is_some() { self.weight(name) } else { 0 },
             b.and_then(|b| b.max_connections).unwrap_or(0),
@@ -384,7 +483,7 @@ impl Inner {
     ) -> Option<String> {
         let mut pool = Pool::new();
         for name in &svc.builders {
-            pool.push(self.candidate(name, exclude));
+            pool.push(self.candidate(&svc.name, name, exclude));
         }
         self.sequence += 1;
         let draw = Draw {
@@ -398,6 +497,18 @@ impl Inner {
 }
 
 impl Dispatcher for Registry {
+    fn observe(&self, builder: &str, cookie: u64) -> Option<Observation> {
+        let kernel = self.kernel.as_ref()?;
+        kernel.observing().ok()?;
+        let index = *self.inner().builder_index.get(builder)?;
+        kernel
+            .observe(cookie, index)
+            .inspect_err(
+                |e| warn!(builder, error = %e, "the kernel will not measure this connection"),
+            )
+            .ok()
+    }
+
     fn address(&self, builder: &str) -> Option<String> {
         self.inner()
             .config
@@ -471,15 +582,6 @@ impl Dispatcher for Registry {
             totals.connections += 1;
             totals.to_builder += outcome.to_builder;
             totals.from_builder += outcome.from_builder;
-            totals.retransmits += outcome.retransmits as u64;
-            if let Some(rtt) = outcome.rtt_us.filter(|&r| r > 0) {
-                let sample = Duration::from_micros(rtt as u64);
-                // The kernel's own smoothing factor (1/8), across connections.
-                totals.kernel_rtt = Some(match totals.kernel_rtt {
-                    None => sample,
-                    Some(old) => old * 7 / 8 + sample / 8,
-                });
-            }
         }
         self.adjust_released(&mut inner, builder, 1);
     }
@@ -515,6 +617,55 @@ mod tests {
         )
         .unwrap();
         Registry::new(config, OperatorState::default(), None)
+    }
+
+    /// A plan that excludes b1 (say, for its RTT) from service `s`: userspace must
+    /// not pick it either, and a refusing plan refuses the fallback's clients.
+    #[test]
+    fn userspace_choices_follow_the_plans_exclusions_and_refusals() {
+        use crate::policy::{Exclusion, MemberPlan, Refusal, ServicePlan};
+        let r = registry();
+        let svc = r.inner().config.services[0].clone();
+        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        for name in ["b1", "b2"] {
+            r.probed(
+                name,
+                Ok(Answer {
+                    rtt: Duration::from_millis(1),
+                    peer: "198.18.1.2".parse().unwrap(),
+                }),
+            );
+        }
+        assert!(r.inner().predict(&svc, None, 1).contains("b1"));
+        let member = |builder: &str, excluded| MemberPlan {
+            builder: builder.to_owned(),
+            excluded,
+        };
+        let slow = Exclusion::SlowBuilder {
+            rtt_ms: Some((900, crate::path::RttSource::Kernel)),
+            max: 100,
+        };
+        let mut plan = Plan {
+            services: vec![ServicePlan {
+                name: "s".into(),
+                refusal: None,
+                members: vec![member("b1", Some(slow)), member("b2", None)],
+            }],
+            builders: Vec::new(),
+        };
+        r.follow_plan(&plan);
+        let prediction = r.inner().predict(&svc, None, 1);
+        assert!(prediction.starts_with("-> b2"), "{prediction}");
+        assert_eq!(r.route("s", peer).as_deref(), Some("b2"));
+        r.accepted("b2");
+        assert_eq!(r.fail_over("s", "b2", "reset", &["b2".to_owned()]), None);
+
+        plan.services[0].refusal = Some(Refusal::TooFewEligible {
+            eligible: 1,
+            needed: 2,
+        });
+        r.follow_plan(&plan);
+        assert_eq!(r.route("s", peer), None);
     }
 
     #[test]
@@ -576,7 +727,13 @@ mod tests {
         r.probed("b2", Ok(answer));
         assert!(r.inner().unavailable().is_empty(), "rise = 1");
         assert_eq!(r.inner().addresses.get("b2"), Some(&answer.peer));
-        assert_eq!(r.inner().rtt().get("b2"), Some(&answer.rtt));
+        assert_eq!(
+            r.inner().rtt().get("b2"),
+            Some(&Rtt {
+                value: answer.rtt,
+                source: path::RttSource::Probe
+            })
+        );
     }
 
     #[test]

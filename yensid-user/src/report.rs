@@ -21,6 +21,9 @@ pub struct Context<'a> {
     /// `kernel` or `userspace`.
     pub dataplane: &'static str,
     pub bpf: bool,
+    /// `kernel` when the `observe` program measures builder paths,
+    /// otherwise `probes only: <why>`.
+    pub path_measurement: String,
 }
 
 /// `yensid explain`: the decision for the next connection of a service
@@ -152,6 +155,7 @@ pub fn status(inner: &Inner, context: &Context<'_>) -> Status {
                 ("healthy", None)
             };
             let totals = inner.totals.get(&b.name);
+            let path = inner.paths.get(&b.name);
             BuilderStatus {
                 name: b.name.clone(),
                 address: b.address.clone(),
@@ -168,10 +172,9 @@ pub fn status(inner: &Inner, context: &Context<'_>) -> Status {
                 rtt_ms: tracker
                     .and_then(|t| t.last_rtt())
                     .map(|d| d.as_secs_f64() * 1e3),
-                kernel_rtt_ms: totals
-                    .and_then(|t| t.kernel_rtt)
-                    .map(|d| d.as_secs_f64() * 1e3),
-                retransmits: totals.map_or(0, |t| t.retransmits),
+                kernel_rtt_ms: path.and_then(|p| p.rtt()).map(|d| d.as_secs_f64() * 1e3),
+                rtt_samples: path.map_or(0, |p| p.samples()),
+                retransmits: path.map_or(0, |p| p.retransmits()),
                 egress: inner
                     .links
                     .as_ref()
@@ -189,6 +192,7 @@ pub fn status(inner: &Inner, context: &Context<'_>) -> Status {
         pid: std::process::id(),
         dataplane: context.dataplane.to_owned(),
         bpf: context.bpf,
+        path_measurement: context.path_measurement.clone(),
         mode: ModeStatus {
             in_force: mode.to_string(),
             source: source.to_owned(),

@@ -19,6 +19,10 @@ pub struct Status {
     pub dataplane: String,
     /// False in the userspace fallback (BPF could not be loaded).
     pub bpf: bool,
+    /// `kernel` when the kernel measures RTT and retransmits on the builder
+    /// connections, otherwise `probes only: <why>`.
+    #[serde(default)]
+    pub path_measurement: String,
     pub mode: ModeStatus,
     pub services: Vec<ServiceStatus>,
     pub builders: Vec<BuilderStatus>,
@@ -76,9 +80,14 @@ pub struct BuilderStatus {
     pub bytes_to_builder: u64,
     pub bytes_from_builder: u64,
     pub rtt_ms: Option<f64>,
-    /// The kernel's smoothed RTT on real (spliced or copied) connections.
+    /// TCP's smoothed RTT on the daemon's connections to the builder
+    /// (spliced or copied), at the latest sample the kernel took.
     #[serde(default)]
     pub kernel_rtt_ms: Option<f64>,
+    /// RTT samples the kernel took on those connections.
+    #[serde(default)]
+    pub rtt_samples: u64,
+    /// Segments retransmitted to the builder.
     #[serde(default)]
     pub retransmits: u64,
     pub egress: Option<Link>,
@@ -101,6 +110,9 @@ pub fn render(status: &Status) -> String {
             " -- BPF UNAVAILABLE, userspace fallback"
         }
     );
+    if status.path_measurement != "kernel" {
+        let _ = writeln!(out, "builder RTT: {}", status.path_measurement);
+    }
     let _ = writeln!(out, "{}\n", status.mode.summary);
     let mut rows = vec![vec![
         "SERVICE".to_owned(),
@@ -132,6 +144,7 @@ pub fn render(status: &Status) -> String {
         "FAILOVERS".to_owned(),
         "TO/FROM".to_owned(),
         "RTT PROBE/CONN".to_owned(),
+        "RETRANS".to_owned(),
         "EGRESS".to_owned(),
     ]];
     for b in &status.builders {
@@ -157,6 +170,7 @@ pub fn render(status: &Status) -> String {
                 b.rtt_ms.map_or("-".into(), |r| format!("{r:.1}ms")),
                 b.kernel_rtt_ms.map_or("-".into(), |r| format!("{r:.1}ms"))
             ),
+            b.retransmits.to_string(),
             b.egress.as_ref().map_or("-".into(), |l| {
                 format!("{} {}{}", l.name, l.kind, if l.up { "" } else { " DOWN" })
             }),
@@ -178,27 +192,63 @@ pub fn render(status: &Status) -> String {
     out
 }
 
+/// What happens to claimed connections while no daemon runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The pinned dispatch program still claims the addresses and refuses
+    /// every connection.
+    Refused,
+    /// Nothing is attached.
+    NotClaimed,
+    /// The pins cannot be looked at (no read access).
+    Unknown,
+}
+
+impl Claim {
+    /// The `claimed_traffic` value of `status --json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Claim::Refused => "refused",
+            Claim::NotClaimed => "not claimed",
+            Claim::Unknown => "unknown",
+        }
+    }
+}
+
 /// What `status` says without a daemon: whether the pinned program still
 /// claims the addresses (it refuses every claimed connection then).
-pub fn not_running(pin_path: &Path, claims: &[String]) -> (bool, String) {
-    let attached = pin_path.join("dispatch").exists();
-    let text = if attached {
-        format!(
-            "yensid is NOT running, but its dispatch program is still attached ({}): \
-             claimed connections to {} are refused at once (RST), so Nix builds locally. \
-             Start yensid, or remove {} to release the addresses.",
-            pin_path.join("dispatch").display(),
-            claims.join(", "),
-            pin_path.display()
-        )
-    } else {
-        format!(
-            "yensid is not running and nothing is attached: {} are not claimed \
-             (connections reach whatever else listens there).",
-            claims.join(", ")
-        )
-    };
-    (attached, text)
+pub fn not_running(pin_path: &Path, claims: &[String]) -> (Claim, String) {
+    let link = pin_path.join("dispatch");
+    match link.try_exists() {
+        Ok(true) => (
+            Claim::Refused,
+            format!(
+                "yensid is NOT running, but its dispatch program is still attached ({}): \
+                 claimed connections to {} are refused at once (RST), so Nix builds locally. \
+                 Start yensid, or remove {} to release the addresses.",
+                link.display(),
+                claims.join(", "),
+                pin_path.display()
+            ),
+        ),
+        Ok(false) => (
+            Claim::NotClaimed,
+            format!(
+                "yensid is not running and nothing is attached: {} are not claimed \
+                 (connections reach whatever else listens there).",
+                claims.join(", ")
+            ),
+        ),
+        Err(e) => (
+            Claim::Unknown,
+            format!(
+                "yensid is not running; whether its program still claims {} is unknown: \
+                 cannot look at {}: {e} (root or a member of daemon.read_group can).",
+                claims.join(", "),
+                pin_path.display()
+            ),
+        ),
+    }
 }
 
 fn table(out: &mut String, rows: &[Vec<String>]) {
@@ -255,11 +305,23 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("yensid-status-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let claims = vec!["127.0.0.22/32 port 22".to_owned()];
-        let (attached, text) = not_running(&dir, &claims);
-        assert!(!attached && text.contains("not claimed"), "{text}");
+        let (claim, text) = not_running(&dir, &claims);
+        assert!(
+            claim == Claim::NotClaimed && text.contains("not claimed"),
+            "{text}"
+        );
         std::fs::write(dir.join("dispatch"), "").unwrap();
-        let (attached, text) = not_running(&dir, &claims);
-        assert!(attached && text.contains("refused at once (RST)"), "{text}");
+        let (claim, text) = not_running(&dir, &claims);
+        assert!(
+            claim == Claim::Refused && text.contains("refused at once (RST)"),
+            "{text}"
+        );
+        let file_as_dir = dir.join("dispatch").join("pins");
+        let (claim, text) = not_running(&file_as_dir, &claims);
+        assert!(
+            claim == Claim::Unknown && text.contains("is unknown"),
+            "{text}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,6 +10,8 @@
 
 use core::ptr::read_volatile;
 
+use super::atomic;
+
 use aya_ebpf::{
     bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
@@ -86,7 +88,7 @@ pub fn dispatch(ctx: SkLookupContext) -> u32 {
         return SK_DROP;
     };
     // SAFETY: array values live as long as the map; fields are only
-    // projected here, every access is atomic (see `count`).
+    // projected here, every access is atomic (see `atomic::add`).
     let (dispatched, refused_mode, refused_unavailable, sequence) = unsafe {
         (
             &raw mut (*counters).dispatched,
@@ -250,19 +252,10 @@ fn candidate(backend: &Backend) -> Candidate {
     )
 }
 
-/// Atomically increments a kernel-owned counter (a BPF `lock xadd`; the
-/// target has no fetch-and-add in core's atomics), returning the value it
-/// had just before. Concurrent SYNs may read the same old value; that only
-/// affects round-robin order, never a counter's total.
+/// Counts one more, returning the count before (round-robin's sequence).
 #[inline(always)]
 fn count(counter: *mut u64) -> u64 {
-    // SAFETY: counters live in map memory, are 8-byte aligned, and are only
-    // written through this atomic add.
-    unsafe {
-        let old = read_volatile(counter);
-        core::arch::asm!("lock *(u64 *)({0} + 0) += {1}", in(reg) counter, in(reg) 1u64);
-        old
-    }
+    atomic::add(counter, 1)
 }
 
 #[inline(always)]

@@ -1,2 +1,4 @@
+mod atomic;
 mod dispatch;
+mod observe;
 mod splice;

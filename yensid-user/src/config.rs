@@ -1066,6 +1066,20 @@ mode = "local"
     }
 
     #[test]
+    fn read_group_is_optional_and_must_name_a_group() {
+        assert_eq!(Config::parse(GOOD).unwrap().daemon.read_group, None);
+        let with = |group: &str| format!("[daemon]\nread_group = \"{group}\"\n{GOOD}");
+        assert_eq!(
+            Config::parse(&with("adm")).unwrap().daemon.read_group.as_deref(),
+            Some("adm")
+        );
+        assert_eq!(
+            problems(&with(" ")),
+            ["line 2: daemon.read_group: must name a group"]
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_named_with_their_line() {
         let p = problems(&GOOD.replace("weight = 2", "wieght = 2"));
         assert_eq!(p.len(), 1);

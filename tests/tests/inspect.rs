@@ -623,9 +623,23 @@ fn killed_and_stopped_daemon_are_reported(dataplane: Dataplane) -> Result<()> {
         attempt.is_refused(),
         "status says refused, the connection was not: {attempt:?}"
     );
+    // The pinned maps keep counting: the refusal above is there, named.
+    let doc = cli::status_json(&file)?;
+    let pinned = &doc["pinned"];
+    ensure!(
+        pinned["services"][0]["name"] == SERVICE
+            && pinned["services"][0]["dispatched"] == SERVED
+            && pinned["services"][0]["refused_no_builder"].as_u64() >= Some(1)
+            && pinned["builders"]
+                .as_array()
+                .is_some_and(|b| b.len() == 2 && b.iter().all(|b| b["eligible"] == true)),
+        "the pinned state after kill -9: {doc}"
+    );
     let text = cli::yensid_ok(&file, &["status"])?;
     ensure!(
-        text.contains("NOT running") && text.contains("refused"),
+        text.contains("NOT running")
+            && text.contains("refused")
+            && text.contains("Last state in the pinned maps"),
         "human status after kill -9: {text}"
     );
     let explained = cli::yensid_ok(&file, &["explain"])?;

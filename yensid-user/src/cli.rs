@@ -115,15 +115,23 @@ pub fn show_status(config_path: &Path, json: bool) -> Result<String> {
         Ok(reply) => bail!("{}", reply.message),
         Err(control::ControlError::NotRunning { .. }) => {
             let (claim, text) = status::not_running(&config.daemon.pin_path, &claims(&config));
+            let pinned = bpf::read_pinned(&config.daemon.pin_path)
+                .ok()
+                .map(|dump| status::pinned(&config, &dump));
             if json {
                 let doc = serde_json::json!({
                     "running": false,
                     "claimed_traffic": claim.as_str(),
                     "message": text,
+                    "pinned": pinned,
                 });
                 Ok(format!("{doc}\n"))
             } else {
-                Ok(text + "\n")
+                let tables = pinned
+                    .as_ref()
+                    .map(status::render_pinned)
+                    .unwrap_or_default();
+                Ok(format!("{text}\n{tables}"))
             }
         }
         Err(e) => Err(e.into()),

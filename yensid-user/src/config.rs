@@ -1070,7 +1070,11 @@ mode = "local"
         assert_eq!(Config::parse(GOOD).unwrap().daemon.read_group, None);
         let with = |group: &str| format!("[daemon]\nread_group = \"{group}\"\n{GOOD}");
         assert_eq!(
-            Config::parse(&with("adm")).unwrap().daemon.read_group.as_deref(),
+            Config::parse(&with("adm"))
+                .unwrap()
+                .daemon
+                .read_group
+                .as_deref(),
             Some("adm")
         );
         assert_eq!(

@@ -10,7 +10,7 @@ use std::{fmt::Write as _, path::Path};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{link::Link, metrics::Histogram};
+use crate::{bpf::MapsDump, config::Config, link::Link, metrics::Histogram};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
@@ -192,6 +192,144 @@ pub fn render(status: &Status) -> String {
     out
 }
 
+/// What the pinned maps say while no daemon runs: the kernel's counters go
+/// on (every refusal is counted), the rest is the daemon's last word.
+/// Indices become names through the claims and the builder lists of the
+/// configuration, as the daemon wrote them.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Pinned {
+    pub services: Vec<PinnedService>,
+    pub builders: Vec<PinnedBuilder>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PinnedService {
+    pub name: String,
+    /// Whether the daemon last let connections through to builders.
+    pub accepting: bool,
+    pub dispatched: u64,
+    pub refused_mode_local: u64,
+    pub refused_no_builder: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PinnedBuilder {
+    pub name: String,
+    /// Whether the daemon last allowed new connections to it.
+    pub eligible: bool,
+    /// The kernel's latest RTT sample on a connection to it.
+    pub kernel_rtt_ms: Option<f64>,
+    /// Segments retransmitted to it since the maps were created.
+    pub retransmits: u64,
+}
+
+/// Names the pinned state with `config`; entries it cannot name are left
+/// out.
+pub fn pinned(config: &Config, dump: &MapsDump) -> Pinned {
+    let mut out = Pinned::default();
+    let mut builder_names = std::collections::BTreeMap::new();
+    for svc in &config.services {
+        let claims: Vec<String> = svc
+            .listen
+            .iter()
+            .map(|p| format!("{p} port {}", svc.port))
+            .collect();
+        let Some(&(_, index)) = dump.bindings.iter().find(|(b, _)| claims.contains(b)) else {
+            continue;
+        };
+        for ((_, position), backend) in dump
+            .service_backends
+            .iter()
+            .filter(|((s, _), _)| *s == index)
+        {
+            if let Some(name) = svc.builders.get(*position as usize) {
+                builder_names.insert(backend.builder, name.clone());
+            }
+        }
+        let state = dump
+            .services
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, s)| *s);
+        let counters = dump
+            .service_counters
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, c)| *c)
+            .unwrap_or_default();
+        out.services.push(PinnedService {
+            name: svc.name.clone(),
+            accepting: state.is_some_and(|s| s.accept == 1),
+            dispatched: counters.dispatched,
+            refused_mode_local: counters.refused_mode,
+            refused_no_builder: counters.refused_unavailable,
+        });
+    }
+    for (index, name) in builder_names {
+        let state = dump
+            .builders
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, b)| *b);
+        let path = dump
+            .path_stats
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, p)| *p);
+        out.builders.push(PinnedBuilder {
+            name,
+            eligible: state.is_some_and(|b| b.eligible == 1),
+            kernel_rtt_ms: path
+                .filter(|p| p.sampled_boot_ns != 0)
+                .map(|p| p.srtt_us as f64 / 1e3),
+            retransmits: path.map_or(0, |p| p.retransmits),
+        });
+    }
+    out
+}
+
+/// [`Pinned`] as tables for humans.
+pub fn render_pinned(pinned: &Pinned) -> String {
+    let mut out = String::from("\nLast state in the pinned maps:\n");
+    let mut rows = vec![vec![
+        "SERVICE".to_owned(),
+        "STATE".to_owned(),
+        "DISPATCHED".to_owned(),
+        "REFUSED".to_owned(),
+    ]];
+    for s in &pinned.services {
+        rows.push(vec![
+            s.name.clone(),
+            if s.accepting {
+                "to builders"
+            } else {
+                "refusing"
+            }
+            .to_owned(),
+            s.dispatched.to_string(),
+            (s.refused_mode_local + s.refused_no_builder).to_string(),
+        ]);
+    }
+    table(&mut out, &rows);
+    let mut rows = vec![vec![
+        "BUILDER".to_owned(),
+        "ELIGIBLE".to_owned(),
+        "RTT".to_owned(),
+        "RETRANS".to_owned(),
+    ]];
+    for b in &pinned.builders {
+        rows.push(vec![
+            b.name.clone(),
+            if b.eligible { "yes" } else { "no" }.to_owned(),
+            b.kernel_rtt_ms.map_or("-".into(), |r| format!("{r:.1}ms")),
+            b.retransmits.to_string(),
+        ]);
+    }
+    out.push('\n');
+    table(&mut out, &rows);
+    out
+}
+
 /// What happens to claimed connections while no daemon runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Claim {
@@ -298,6 +436,90 @@ mod tests {
         assert_eq!(out, "A          LONG HEADER\nwide cell  x\n");
         assert_eq!(human_bytes(512), "512B");
         assert_eq!(human_bytes(3 * 1024 * 1024 / 2), "1.5MiB");
+    }
+
+    #[test]
+    fn pinned_state_is_named_through_the_configuration() {
+        use yensid_ebpf::maps::{Backend, BuilderState, PathStats, ServiceCounters, ServiceState};
+        let config = Config::parse(
+            "[[service]]\nname = \"x86\"\nlisten = [\"127.0.0.22/32\"]\nbuilders = [\"b2\", \"b1\"]\n\
+             [[service]]\nname = \"arm\"\nlisten = [\"127.0.0.23/32\"]\n\
+             [builders.b1]\naddress = \"198.18.1.2:22\"\n[builders.b2]\naddress = \"198.18.2.2:22\"\n",
+        )
+        .unwrap();
+        let backend = |builder, eligible| Backend {
+            builder,
+            listener: 0,
+            eligible,
+            _reserved: 0,
+        };
+        let builder = |eligible| BuilderState {
+            weight: 1,
+            max_connections: 0,
+            eligible,
+            _reserved: 0,
+        };
+        let dump = MapsDump {
+            pin_path: "/sys/fs/bpf/yensid".into(),
+            dispatch_attached: true,
+            bindings: vec![("127.0.0.22/32 port 22".into(), 3)],
+            services: vec![(
+                3,
+                ServiceState {
+                    accept: 1,
+                    strategy: 0,
+                    backends: 2,
+                    refusal: 0,
+                },
+            )],
+            service_backends: vec![((3, 0), backend(7, 1)), ((3, 1), backend(4, 1))],
+            builders: vec![(7, builder(1)), (4, builder(0))],
+            connections: Vec::new(),
+            service_counters: vec![(
+                3,
+                ServiceCounters {
+                    dispatched: 5,
+                    refused_mode: 0,
+                    refused_unavailable: 2,
+                    sequence: 5,
+                },
+            )],
+            path_stats: vec![(
+                7,
+                PathStats {
+                    srtt_us: 1500,
+                    _reserved: 0,
+                    sampled_boot_ns: 1,
+                    samples: 3,
+                    retransmits: 4,
+                },
+            )],
+            affinity: Vec::new(),
+            local_override_until_boot_ns: 0,
+        };
+        let p = pinned(&config, &dump);
+        assert_eq!(p.services.len(), 1, "arm claims nothing in the pins");
+        let x86 = &p.services[0];
+        assert_eq!(
+            (
+                x86.name.as_str(),
+                x86.accepting,
+                x86.dispatched,
+                x86.refused_no_builder
+            ),
+            ("x86", true, 5, 2)
+        );
+        let names: Vec<(&str, bool, Option<f64>, u64)> = p
+            .builders
+            .iter()
+            .map(|b| (b.name.as_str(), b.eligible, b.kernel_rtt_ms, b.retransmits))
+            .collect();
+        assert_eq!(names, [("b1", false, None, 0), ("b2", true, Some(1.5), 4)]);
+        let text = render_pinned(&p);
+        assert!(
+            text.contains("x86      to builders  5           2"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! namespace.
 //!
 //! Faults on demand: a builder's sshd killed and restarted, a builder black-holed, fake
-//! builders that do not speak SSH; and a real Nix client with a private store.
+//! builders that do not speak SSH; and a real Nix client with a private store; builders
+//! with Nix stores of their own.
 //!
 //! Used by the integration tests in `tests/tests/` and by `cargo xtask bench`. Every
 //! object owns what it created (namespaces, processes, temp files, bpffs pins) and
@@ -25,6 +26,7 @@ pub mod ssh;
 pub mod sshd;
 mod stale;
 pub mod status;
+pub mod store;
 pub mod tcp;
 mod tempdir;
 pub mod topology;
@@ -44,5 +46,6 @@ pub use privileges::privileged_or_skip;
 pub use ssh::{KnownHosts, LiveSession, SshClient};
 pub use sshd::{KeyPair, Sshd, SshdSpec};
 pub use status::{Egress, ModeStatus, Status};
+pub use store::NixStore;
 pub use tcp::{ConnectAttempt, JunkReply, RawClient, SshConnection};
 pub use topology::{Builder, LinkEnd, SERVICE_ADDR, SERVICE_PORT, SecondLink, Topology, service};

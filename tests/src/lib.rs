@@ -3,8 +3,8 @@
 //! namespace.
 //!
 //! Faults on demand: a builder's sshd killed and restarted, a builder black-holed, fake
-//! builders that do not speak SSH; and a real Nix client with a private store; builders
-//! with Nix stores of their own.
+//! builders that do not speak SSH; and a real Nix client with a private store, building
+//! on builders that have stores of their own.
 //!
 //! Used by the integration tests in `tests/tests/` and by `cargo xtask bench`. Every
 //! object owns what it created (namespaces, processes, temp files, bpffs pins) and
@@ -17,6 +17,7 @@ pub mod cli;
 mod command;
 pub mod config;
 pub mod daemon;
+pub mod derivation;
 pub mod fake;
 pub mod netns;
 pub mod nix;
@@ -38,9 +39,10 @@ pub use config::{
     PolicyConfig, PolicyMode, ServiceConfig, Strategy,
 };
 pub use daemon::{Daemon, LogLine, check_config, yensid_binary};
+pub use derivation::{Derivation, Gate, Site, Sites};
 pub use fake::{Fake, FakeConnection, FakeServer};
 pub use netns::Netns;
-pub use nix::{NixBuild, NixClient};
+pub use nix::{NixBuild, NixClient, NixOutput, NixRun, RunningNix, StoreScheme, remote_builder};
 pub use payload::RandomFile;
 pub use privileges::privileged_or_skip;
 pub use ssh::{KnownHosts, LiveSession, SshClient};

@@ -24,6 +24,7 @@ use std::process::Command;
 use anyhow::{Context, Result, ensure};
 
 use crate::command::run;
+use crate::derivation::Sites;
 use crate::netns::{Netns, check_ifname};
 use crate::ssh::{KnownHosts, SshClient};
 use crate::sshd::{KeyPair, SSH_PORT, Sshd, SshdSpec};
@@ -271,6 +272,17 @@ impl Topology {
 
     pub fn client_ns(&self) -> &Netns {
         &self.client
+    }
+
+    /// Where a program ran, told by the network interfaces it saw: a builder's
+    /// namespace has its end of the builder's veth, the client namespace the other.
+    pub fn sites(&self) -> Sites {
+        let mut sites = Sites::default();
+        for builder in &self.builders {
+            sites.add_client_link(&builder.client_link);
+            sites.add_builder_link(&builder.builder_link, &builder.name);
+        }
+        sites
     }
 
     /// The private key every builder (and the host sshd) accepts for root.

@@ -51,6 +51,7 @@ const LISTENER_GRACE: Duration = Duration::from_secs(2);
 pub async fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)
         .with_context(|| format!("invalid configuration {}", config_path.display()))?;
+    raise_descriptor_limit();
     let state_file = config.daemon.state_file();
     let mut state = OperatorState::load(&state_file)?;
     if !state.drained.is_empty() {
@@ -156,6 +157,32 @@ pub async fn run(config_path: &Path) -> Result<()> {
     }
     info!(open_connections_closed = cut, "yensid stopped");
     result
+}
+
+/// Every proxied connection holds two descriptors (client and builder), so
+/// the usual soft limit of 1024 would cap the daemon near 500 connections:
+/// raise it to the hard limit (systemd's default hard limit is 524288).
+fn raise_descriptor_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur >= limit.rlim_max {
+        return;
+    }
+    let from = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: valid pointer; raising the soft limit up to the hard one needs
+    // no privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+        info!(from, to = limit.rlim_max, "raised the open-file limit");
+    } else {
+        warn!(error = %std::io::Error::last_os_error(), limit = from, "cannot raise the open-file limit");
+    }
 }
 
 /// How often the kernel's path measurements are read (for status,

@@ -30,7 +30,7 @@ use yensid_tests::{
     PolicyMode, SshConnection, Strategy, Topology, service,
 };
 
-use crate::bench::percentile_of;
+use super::figure::percentile_of;
 use crate::build;
 
 /// A trial's prober gives up after this long without a refusal.

@@ -3,7 +3,8 @@
 //! namespace.
 //!
 //! Faults on demand: a builder's sshd killed and restarted, a builder black-holed, fake
-//! builders that do not speak SSH; and a real Nix client with a private store.
+//! builders that do not speak SSH; and a real Nix client with a private store, building
+//! on builders that have stores of their own.
 //!
 //! Used by the integration tests in `tests/tests/` and by `cargo xtask bench`. Every
 //! object owns what it created (namespaces, processes, temp files, bpffs pins) and
@@ -16,6 +17,7 @@ pub mod cli;
 mod command;
 pub mod config;
 pub mod daemon;
+pub mod derivation;
 pub mod fake;
 pub mod netns;
 pub mod nix;
@@ -25,6 +27,7 @@ pub mod ssh;
 pub mod sshd;
 mod stale;
 pub mod status;
+pub mod store;
 pub mod tcp;
 mod tempdir;
 pub mod topology;
@@ -36,13 +39,15 @@ pub use config::{
     PolicyConfig, PolicyMode, ServiceConfig, Strategy,
 };
 pub use daemon::{Daemon, LogLine, check_config, yensid_binary};
+pub use derivation::{Derivation, Gate, Site, Sites};
 pub use fake::{Fake, FakeConnection, FakeServer};
 pub use netns::Netns;
-pub use nix::{NixBuild, NixClient};
+pub use nix::{NixBuild, NixClient, NixOutput, NixRun, RunningNix, StoreScheme, remote_builder};
 pub use payload::RandomFile;
 pub use privileges::privileged_or_skip;
 pub use ssh::{KnownHosts, LiveSession, SshClient};
 pub use sshd::{KeyPair, Sshd, SshdSpec};
 pub use status::{Egress, ModeStatus, Status};
+pub use store::NixStore;
 pub use tcp::{ConnectAttempt, JunkReply, RawClient, SshConnection};
 pub use topology::{Builder, LinkEnd, SERVICE_ADDR, SERVICE_PORT, SecondLink, Topology, service};

@@ -1,59 +1,150 @@
 //! A real Nix client (Debian's `nix-bin`, single-user) in the client namespace, with a
-//! store of its own: every build runs in a private mount namespace over a fresh tmpfs
-//! on /nix, so the host's /nix is never touched and every build starts uncached.
+//! store of its own: every run is a private mount namespace over a fresh tmpfs on /nix,
+//! so the host's /nix is never touched and every run starts uncached.
+//!
+//! One run builds any number of [`Derivation`]s with a `--builders` value of the
+//! caller's choosing ([`remote_builder`]) and reports, per derivation, its output path
+//! and where it was built ([`Site`]). Runs can go on side by side
+//! ([`NixClient::spawn`]).
 
 use std::fs;
+use std::net::IpAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 
-use crate::command::{drain, wait_or_kill};
+use crate::command::drain;
+use crate::derivation::{Derivation, Site, Sites, expression_of};
 use crate::netns::exec_command;
 use crate::tempdir::TempDir;
 use crate::topology::Topology;
 use crate::unique;
+use crate::wait::wait_child;
 
 /// Where Debian's nix-bin puts `nix-build`.
 pub const NIX_BUILD: &str = "/usr/bin/nix-build";
 
-/// Mounts the private store, builds, and prints the output path and then the output's
-/// content (the store is gone once the mount namespace is).
+/// Mounts the private store and builds every derivation (`--keep-going`: one failure
+/// does not stop the others). Then, since the store is gone with the mount namespace,
+/// prints `<output path> <output>` for each output that made it into the store, and
+/// exits with nix-build's status.
 const BUILD_SCRIPT: &str = r#"
-set -eu
+set -u
 mount -t tmpfs yensid-test-nix /nix
-out=$(nix-build "$YENSID_NIX_EXPR" --no-out-link \
+status=0
+nix-build "$YENSID_NIX_EXPR" --no-out-link --keep-going \
     --max-jobs "$YENSID_NIX_MAX_JOBS" --builders "$YENSID_NIX_BUILDERS" \
-    --option sandbox false --option substituters '' --option build-users-group '')
-printf '%s\n' "$out"
-cat "$out"
+    --option sandbox false --option substituters '' --option build-users-group '' \
+    >/dev/null || status=$?
+for name in $YENSID_NIX_NAMES; do
+    for out in /nix/store/*-"$name"; do
+        if [ -f "$out" ]; then printf '%s %s\n' "$out" "$(cat "$out")"; fi
+    done
+done
+exit $status
 "#;
 
-/// Runs `nix-build` in a namespace as a single-user Nix with a throw-away store.
+/// The store a remote builder is reached as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreScheme {
+    /// `ssh-ng://`: the builder runs `nix-daemon --stdio`.
+    SshNg,
+    /// `ssh://`: the builder runs `nix-store --serve --write`.
+    Ssh,
+}
+
+impl StoreScheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SshNg => "ssh-ng",
+            Self::Ssh => "ssh",
+        }
+    }
+}
+
+/// A `--builders` value with one machine: `<scheme>://root@<host>` for this system,
+/// `max_jobs` builds at a time, default identity, features and host key (ssh finds
+/// the key in the client's known_hosts). Nix before 2.31 takes no port in the URI: the
+/// machine is on port 22.
+pub fn remote_builder(scheme: StoreScheme, host: IpAddr, max_jobs: u32) -> String {
+    format!(
+        "{}://root@{host} {}-linux - {max_jobs} 1",
+        scheme.as_str(),
+        std::env::consts::ARCH
+    )
+}
+
+/// Runs `nix-build` in the client namespace as a single-user Nix with a throw-away
+/// store, logging in to builders as root with the topology's client key.
 pub struct NixClient {
     ns: String,
     identity: PathBuf,
     known_hosts: PathBuf,
+    sites: Sites,
     dir: TempDir,
 }
 
-/// How one `nix-build` went.
+/// How one `nix-build` run went.
 #[derive(Debug)]
-pub struct NixBuild {
+pub struct NixRun {
     pub status: ExitStatus,
-    /// The store path built, if it succeeded.
-    pub out_path: Option<String>,
-    /// The content of the built file.
-    pub output: String,
     /// Everything Nix (and ssh under it) said on stderr.
     pub stderr: String,
+    /// One per derivation, in the order they were given.
+    pub builds: Vec<NixBuild>,
+}
+
+/// One derivation of a run.
+#[derive(Debug)]
+pub struct NixBuild {
+    pub name: String,
+    /// `None` if it did not build.
+    pub output: Option<NixOutput>,
+}
+
+/// A built derivation's output, as it arrived in the client's store.
+#[derive(Debug)]
+pub struct NixOutput {
+    /// `/nix/store/<hash>-<name>`.
+    pub path: String,
+    pub site: Site,
+}
+
+impl NixBuild {
+    /// Where it was built, if it was.
+    pub fn site(&self) -> Option<&Site> {
+        self.output.as_ref().map(|output| &output.site)
+    }
+}
+
+impl NixRun {
+    /// Where each derivation was built (`None`: it was not).
+    pub fn sites(&self) -> Vec<Option<&Site>> {
+        self.builds.iter().map(NixBuild::site).collect()
+    }
+
+    /// Fails, with Nix's stderr, unless the run succeeded and every derivation built.
+    pub fn ensure_built(&self) -> Result<()> {
+        ensure!(
+            self.status.success() && self.builds.iter().all(|b| b.output.is_some()),
+            "nix-build failed ({}), built {:?}:\n{}",
+            self.status,
+            self.sites(),
+            self.stderr
+        );
+        Ok(())
+    }
 }
 
 impl NixClient {
-    /// A client in `topology`'s client namespace that logs in to builders as root with
-    /// the topology's client key and trusts exactly [`Topology::known_hosts`].
-    pub fn new(topology: &Topology) -> Result<Self> {
+    /// A client in `topology`'s client namespace that trusts exactly the host keys in
+    /// `known_hosts` (the text of a known_hosts file, e.g. what `yensid known-hosts`
+    /// prints).
+    pub fn new(topology: &Topology, known_hosts: &str) -> Result<Self> {
         ensure!(
             Path::new(NIX_BUILD).exists(),
             "no {NIX_BUILD}: install Debian's nix-bin"
@@ -69,31 +160,43 @@ impl NixClient {
         }
         // An empty system config: the host's /etc/nix/nix.conf must not steer the test.
         fs::write(dir.path().join("conf/nix.conf"), "")?;
-        let known_hosts = dir.path().join("known_hosts");
-        fs::write(&known_hosts, topology.known_hosts().render())?;
+        let known_hosts_file = dir.path().join("known_hosts");
+        fs::write(&known_hosts_file, known_hosts)?;
         Ok(Self {
             ns: topology.client_ns().name().to_owned(),
             identity: topology.client_identity().to_owned(),
-            known_hosts,
+            known_hosts: known_hosts_file,
+            sites: topology.sites(),
             dir,
         })
     }
 
-    /// Writes `expression` (one derivation) to a file and builds it with
-    /// `--builders builders --max-jobs max_jobs`; killed after `timeout`. A failed
-    /// build is a [`NixBuild`] with a failed status, not an error.
+    /// Builds `derivations` in one `nix-build --builders builders --max-jobs max_jobs`;
+    /// killed after `timeout`. Failed builds are part of the [`NixRun`], not an error.
     pub fn build(
         &self,
-        expression: &str,
+        derivations: &[Derivation],
         builders: &str,
         max_jobs: u32,
         timeout: Duration,
-    ) -> Result<NixBuild> {
+    ) -> Result<NixRun> {
+        self.spawn(derivations, builders, max_jobs)?.wait(timeout)
+    }
+
+    /// Starts [`Self::build`] in the background.
+    pub fn spawn(
+        &self,
+        derivations: &[Derivation],
+        builders: &str,
+        max_jobs: u32,
+    ) -> Result<RunningNix> {
         let expr = self
             .dir
             .path()
             .join(format!("build-{}.nix", unique::next_id()));
-        fs::write(&expr, expression).with_context(|| format!("write {}", expr.display()))?;
+        fs::write(&expr, expression_of(derivations))
+            .with_context(|| format!("write {}", expr.display()))?;
+        let names: Vec<String> = derivations.iter().map(|d| d.name().to_owned()).collect();
         let home = self.dir.path().join("home");
         let ssh_opts = format!(
             "-F /dev/null -i {} -o UserKnownHostsFile={} -o GlobalKnownHostsFile=/dev/null \
@@ -112,6 +215,7 @@ impl NixClient {
                 BUILD_SCRIPT,
             ])
             .env("YENSID_NIX_EXPR", &expr)
+            .env("YENSID_NIX_NAMES", names.join(" "))
             .env("YENSID_NIX_BUILDERS", builders)
             .env("YENSID_NIX_MAX_JOBS", max_jobs.to_string())
             .env("NIX_REMOTE", "")
@@ -125,22 +229,76 @@ impl NixClient {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group, so that giving up on it kills nix-build too.
+            .process_group(0)
             .spawn()
             .context("spawn nix-build")?;
-        let stdout = drain(child.stdout.take());
-        let stderr = drain(child.stderr.take());
-        let status = wait_or_kill(&mut child, "nix-build", timeout)?;
-        let stdout = String::from_utf8_lossy(&stdout.join().unwrap_or_default()).into_owned();
-        let stderr = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
-        let (out_path, output) = match stdout.split_once('\n') {
-            Some((path, rest)) if status.success() => (Some(path.to_owned()), rest.to_owned()),
-            _ => (None, stdout),
-        };
-        Ok(NixBuild {
-            status,
-            out_path,
-            output,
-            stderr,
+        Ok(RunningNix {
+            stdout: Some(drain(child.stdout.take())),
+            stderr: Some(drain(child.stderr.take())),
+            child,
+            reaped: false,
+            names,
+            sites: self.sites.clone(),
         })
+    }
+}
+
+/// A `nix-build` run going on in the background; dropping it unwaited kills it.
+pub struct RunningNix {
+    child: Child,
+    reaped: bool,
+    stdout: Option<JoinHandle<Vec<u8>>>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+    names: Vec<String>,
+    sites: Sites,
+}
+
+impl RunningNix {
+    /// Waits for the run to end; after `timeout` kills it and fails.
+    pub fn wait(mut self, timeout: Duration) -> Result<NixRun> {
+        let Some(status) = wait_child(&mut self.child, timeout)? else {
+            bail!("nix-build did not finish within {timeout:?}");
+        };
+        self.reaped = true;
+        let text = |pipe: Option<JoinHandle<Vec<u8>>>| {
+            let bytes = pipe.map(|p| p.join().unwrap_or_default());
+            String::from_utf8_lossy(&bytes.unwrap_or_default()).into_owned()
+        };
+        let stdout = text(self.stdout.take());
+        let stderr = text(self.stderr.take());
+        let builds = self
+            .names
+            .iter()
+            .map(|name| NixBuild {
+                name: name.clone(),
+                output: stdout.lines().find_map(|line| {
+                    let (path, record) = line.split_once(' ').unwrap_or((line, ""));
+                    path.ends_with(&format!("-{name}")).then(|| NixOutput {
+                        path: path.to_owned(),
+                        site: self.sites.resolve(record),
+                    })
+                }),
+            })
+            .collect();
+        Ok(NixRun {
+            status,
+            stderr,
+            builds,
+        })
+    }
+}
+
+impl Drop for RunningNix {
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        if let Ok(group) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill(2) on the process group of our own unreaped child, which
+            // leads it (process_group(0)), so the group id cannot have been reused.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+        }
+        let _ = self.child.wait();
     }
 }

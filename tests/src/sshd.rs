@@ -11,9 +11,11 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::command::run;
 use crate::netns::{Netns, exec_command, run_in};
+use crate::store::NixStore;
 use crate::wait::{wait_child, wait_until};
 
 pub const SSH_PORT: u16 = 22;
+const SSHD: &str = "/usr/sbin/sshd";
 
 /// An ed25519 key pair made by `ssh-keygen`, without passphrase.
 pub struct KeyPair {
@@ -54,6 +56,9 @@ pub struct SshdSpec<'a> {
     pub listen: IpAddr,
     /// The one public key allowed to log in as root.
     pub authorized_key: &'a str,
+    /// A Nix store of its own: sshd then runs in a private mount namespace with the
+    /// store's directory on /nix, and its sessions read the store's nix.conf.
+    pub store: Option<&'a NixStore>,
 }
 
 /// A running `sshd -D` with its own host key, killed on drop. It can be killed and
@@ -68,6 +73,8 @@ pub struct Sshd {
     config: PathBuf,
     listen: IpAddr,
     name: String,
+    /// The directory mounted on /nix for it, if it has a store of its own.
+    store_root: Option<PathBuf>,
     host_key: KeyPair,
     log: PathBuf,
 }
@@ -97,6 +104,7 @@ impl Sshd {
             config,
             listen: spec.listen,
             name: spec.name.to_owned(),
+            store_root: spec.store.map(|store| store.root().to_owned()),
             host_key,
             log,
         };
@@ -110,9 +118,7 @@ impl Sshd {
         ensure!(child.is_none(), "sshd {} is already running", self.name);
         let log_file = OpenOptions::new().append(true).open(&self.log)?;
         *child = Some(
-            exec_command(&self.ns_name, "/usr/sbin/sshd")
-                .args(["-D", "-e", "-f"])
-                .arg(&self.config)
+            self.command()
                 .stdin(Stdio::null())
                 .stdout(log_file.try_clone()?)
                 .stderr(log_file)
@@ -121,6 +127,25 @@ impl Sshd {
         );
         drop(child);
         self.wait_accepting()
+    }
+
+    /// `sshd -D` in its namespace; with a store of its own, behind a private mount
+    /// namespace whose /nix is the store. Every program in the chain execs the next,
+    /// so the child's pid is sshd's and [`Self::kill`] reaches it.
+    fn command(&self) -> Command {
+        let mut cmd = match &self.store_root {
+            None => exec_command(&self.ns_name, SSHD),
+            Some(root) => {
+                let mut cmd = exec_command(&self.ns_name, "unshare");
+                cmd.args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
+                    .arg(r#"mount --bind "$0" /nix && exec "$@""#)
+                    .arg(root)
+                    .arg(SSHD);
+                cmd
+            }
+        };
+        cmd.args(["-D", "-e", "-f"]).arg(&self.config);
+        cmd
     }
 
     /// The listening sshd's pid; `None` while it is killed.
@@ -202,13 +227,18 @@ impl Drop for Sshd {
 }
 
 fn render_config(spec: &SshdSpec, host_key: &Path, authorized_keys: &Path) -> String {
+    // sshd keeps only the first SetEnv line: every variable goes on this one.
+    let mut env = format!("YENSID_BUILDER={}", spec.name);
+    if let Some(store) = spec.store {
+        env.push_str(&format!(" NIX_CONF_DIR={}", store.conf_dir().display()));
+    }
     format!(
         "\
 ListenAddress {listen}
 Port {SSH_PORT}
 HostKey {host_key}
 VersionAddendum {name}
-SetEnv YENSID_BUILDER={name}
+SetEnv {env}
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes
 PasswordAuthentication no

@@ -9,6 +9,9 @@
 //! Addresses repeat between topologies (each is isolated); namespace and interface
 //! names carry a machine-unique id so topologies can coexist.
 //!
+//! [`Topology::with_stores`] gives every builder a Nix store of its own
+//! ([`crate::NixStore`]), for real Nix builds on the builders.
+//!
 //! [`Topology::add_second_link`] adds a second veth between the client and one builder
 //! (198.18.K.5/30 and 198.18.K.6/30) that the route to the builder can be moved onto.
 
@@ -21,9 +24,11 @@ use std::process::Command;
 use anyhow::{Context, Result, ensure};
 
 use crate::command::run;
+use crate::derivation::Sites;
 use crate::netns::{Netns, check_ifname};
 use crate::ssh::{KnownHosts, SshClient};
 use crate::sshd::{KeyPair, SSH_PORT, Sshd, SshdSpec};
+use crate::store::NixStore;
 use crate::tcp::RawClient;
 use crate::tempdir::TempDir;
 use crate::unique;
@@ -45,6 +50,7 @@ pub struct Builder {
     // Field order is drop order: stop sshd before its namespace goes.
     sshd: Sshd,
     ns: Netns,
+    store: Option<NixStore>,
     name: String,
     address: Ipv4Addr,
     gateway: Ipv4Addr,
@@ -98,6 +104,11 @@ impl Builder {
         &self.sshd
     }
 
+    /// Its own Nix store, in a topology made by [`Topology::with_stores`].
+    pub fn store(&self) -> Option<&NixStore> {
+        self.store.as_ref()
+    }
+
     /// The name of its veth's end in the client namespace: what the daemon sees as the
     /// builder's egress link.
     pub fn client_link(&self) -> &str {
@@ -142,6 +153,16 @@ impl Topology {
     /// Builds the client namespace and `builders` builders (1..=249), each with its sshd
     /// accepting connections.
     pub fn new(builders: usize) -> Result<Self> {
+        Self::create(builders, false)
+    }
+
+    /// Like [`Self::new`], and every builder has a Nix store of its own that its ssh
+    /// sessions see as /nix: Nix clients can build on it over `ssh-ng://` and `ssh://`.
+    pub fn with_stores(builders: usize) -> Result<Self> {
+        Self::create(builders, true)
+    }
+
+    fn create(builders: usize, stores: bool) -> Result<Self> {
         ensure!(
             (1..usize::from(CLIENT_SOURCE_OCTET)).contains(&builders),
             "a topology has 1 to {} builders",
@@ -161,7 +182,7 @@ impl Topology {
         };
         for index in 1..=builders {
             let builder = topology
-                .add_builder(index as u8)
+                .add_builder(index as u8, stores)
                 .with_context(|| format!("set up builder b{index}"))?;
             topology.builders.push(builder);
         }
@@ -190,8 +211,15 @@ impl Topology {
         .map(drop)
     }
 
-    fn add_builder(&self, index: u8) -> Result<Builder> {
+    fn add_builder(&self, index: u8, with_store: bool) -> Result<Builder> {
         let name = format!("b{index}");
+        let store = if with_store {
+            let dir = self.dir.path().join(format!("store-{name}"));
+            fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+            Some(NixStore::create(&dir)?)
+        } else {
+            None
+        };
         let ns = Netns::create(&unique::name(&self.id, &name))?;
         let client_end = format!("y{}c{index}", self.id);
         let builder_end = format!("y{}b{index}", self.id);
@@ -210,11 +238,13 @@ impl Topology {
                 name: &name,
                 listen: IpAddr::V4(address),
                 authorized_key: self.client_key.public_key(),
+                store: store.as_ref(),
             },
         )?;
         Ok(Builder {
             sshd,
             ns,
+            store,
             name,
             address,
             gateway,
@@ -234,6 +264,7 @@ impl Topology {
                 name: "host",
                 listen: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                 authorized_key: self.client_key.public_key(),
+                store: None,
             },
         )?);
         Ok(())
@@ -241,6 +272,17 @@ impl Topology {
 
     pub fn client_ns(&self) -> &Netns {
         &self.client
+    }
+
+    /// Where a program ran, told by the network interfaces it saw: a builder's
+    /// namespace has its end of the builder's veth, the client namespace the other.
+    pub fn sites(&self) -> Sites {
+        let mut sites = Sites::default();
+        for builder in &self.builders {
+            sites.add_client_link(&builder.client_link);
+            sites.add_builder_link(&builder.builder_link, &builder.name);
+        }
+        sites
     }
 
     /// The private key every builder (and the host sshd) accepts for root.

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, ensure};
 use yensid_tests::wait::wait_until;
 use yensid_tests::{
-    BuilderConfig, ConnectAttempt, Daemon, DaemonConfig, Dataplane, Fake, FakeServer, HealthConfig,
-    LiveSession, LogLine, NixClient, SshClient, Strategy, Topology, service,
+    BuilderConfig, ConnectAttempt, Daemon, DaemonConfig, Dataplane, Derivation, Fake, FakeServer,
+    HealthConfig, LiveSession, LogLine, NixClient, Site, SshClient, StoreScheme, Strategy,
+    Topology, remote_builder, service,
 };
 
 common::dataplane_tests!(
@@ -625,24 +626,18 @@ fn every_builder_down_refuses_and_nix_builds_locally(dataplane: Dataplane) -> Re
         "ssh failed otherwise than refused: {error:#}"
     );
 
-    let nix = NixClient::new(&topology)?;
-    let name = format!(
-        "yensid-local-{}-{}",
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)?
-            .as_nanos()
-    );
-    let expression = format!(
-        "derivation {{ name = \"{name}\"; system = builtins.currentSystem; \
-         builder = \"/bin/sh\"; args = [ \"-c\" \"echo built-locally > $out\" ]; }}\n"
-    );
-    let system = format!("{}-linux", std::env::consts::ARCH);
-    let builders = format!("ssh-ng://root@{} {system} - 1 1", service().ip());
+    let nix = NixClient::new(&topology, topology.known_hosts().render())?;
+    let derivation = Derivation::uncached();
+    let builders = remote_builder(StoreScheme::SshNg, service().ip(), 1);
     let clock = Instant::now();
-    let build = nix.build(&expression, &builders, 1, Duration::from_secs(300))?;
+    let run = nix.build(
+        std::slice::from_ref(&derivation),
+        &builders,
+        1,
+        Duration::from_secs(300),
+    )?;
     let build_took = clock.elapsed();
-    let said: Vec<&str> = build
+    let said: Vec<&str> = run
         .stderr
         .lines()
         .filter(|l| l.contains("cannot build on") || l.contains("Connection refused"))
@@ -651,31 +646,19 @@ fn every_builder_down_refuses_and_nix_builds_locally(dataplane: Dataplane) -> Re
         "{dataplane:?} all down: detected {}; 10 connections attempted, 10 refused, \
          slowest refusal {slowest:?}; nix-build took {build_took:?}, exit {}, said {said:?}",
         detected.join(", "),
-        build.status
+        run.status
     ));
+    run.ensure_built()?;
     ensure!(
-        build.status.success(),
-        "nix-build failed ({}): {}",
-        build.status,
-        build.stderr
+        run.sites() == [Some(&Site::Client)],
+        "{} was built at {:?}, not locally",
+        derivation.name(),
+        run.sites()
     );
     ensure!(
-        build
-            .out_path
-            .as_deref()
-            .is_some_and(|p| p.ends_with(&name)),
-        "nix-build built {:?}, not {name}",
-        build.out_path
-    );
-    ensure!(
-        build.output.trim() == "built-locally",
-        "the build's output is {:?}",
-        build.output
-    );
-    ensure!(
-        build.stderr.contains("cannot build on") && build.stderr.contains("Connection refused"),
+        run.stderr.contains("cannot build on") && run.stderr.contains("Connection refused"),
         "Nix did not report trying the remote and being refused:\n{}",
-        build.stderr
+        run.stderr
     );
     Ok(())
 }

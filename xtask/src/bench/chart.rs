@@ -20,10 +20,10 @@ use super::report::Report;
 /// draws text only with a font it is given.
 pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const FAMILY: &str = "sans-serif";
-const WIDTH: u32 = 1800;
-const HEIGHT: u32 = 1100;
+const WIDTH: u32 = 2000;
+const HEIGHT: u32 = 1000;
 const HEADER: u32 = 100;
-const COLUMNS: usize = 3;
+const COLUMNS: usize = 4;
 
 /// A panel: figures of one kind, in one unit.
 struct Panel {
@@ -38,9 +38,12 @@ pub fn draw(report: &Report, path: &Path) -> Result<()> {
     let (header, body) = root.split_vertically(HEADER);
     header
         .draw(&Text::new(
-            "yensid benchmark: one run on one machine, side by side (noisy: 2 shared CPUs)",
+            format!(
+                "yensid benchmark, one run side by side: {}",
+                report.conditions()
+            ),
             (24, 14),
-            (FAMILY, 26).into_font(),
+            (FAMILY, 24).into_font(),
         ))
         .map_err(plot_error)?;
     let mut x = 24;
@@ -55,6 +58,13 @@ pub fn draw(report: &Report, path: &Path) -> Result<()> {
             .map_err(plot_error)?;
         x += 50 + 11 * name.len() as i32;
     }
+    header
+        .draw(&Text::new(
+            "up ×8: upload (client to builder), 8 parallel streams; down: download",
+            (x + 40, 62),
+            (FAMILY, 18).into_font(),
+        ))
+        .map_err(plot_error)?;
     let panels = panels(&report.figures);
     let rows = panels.len().div_ceil(COLUMNS);
     let areas = body.split_evenly((rows, COLUMNS));
@@ -175,32 +185,34 @@ fn panels(figures: &[Figure]) -> Vec<Panel> {
 }
 
 fn panel_title(figure: Figure) -> String {
+    // Short enough for a quarter of the width.
     let what = match figure {
-        Figure::Throughput { .. } => "Throughput",
-        Figure::CpuPerGib { .. } => "CPU per GiB forwarded, whole machine",
-        Figure::BannerLatency { .. } => "Connect to SSH banner",
-        Figure::RefusalLatency { .. } => "Refusal (build locally)",
-        Figure::ConnectionRate => "Connection rate, concurrent clients",
-        Figure::IdleRss => "Middlebox RSS, idle connections",
+        Figure::Throughput { .. } => "Throughput, GB/s",
+        Figure::CpuPerGib { .. } => "Whole machine's CPU s per GiB",
+        Figure::BannerLatency { .. } => "Connect to SSH banner, µs",
+        Figure::RefusalLatency { .. } => "Refusal (build locally), µs",
+        Figure::ConnectionRate => "Connection rate, conn/s",
+        Figure::IdleRss => "RSS with idle connections, MiB",
+        Figure::NixBuilds => "Uncached Nix builds, s",
     };
     let better = match figure.better() {
         Better::Higher => "higher is better",
         Better::Lower => "lower is better",
     };
-    format!("{what}, {} ({better})", figure.unit())
+    format!("{what} ({better})")
 }
 
 fn group_label(figure: Figure) -> String {
     match figure {
+        // Direction and streams, short enough for a quarter of a panel.
         Figure::Throughput { mode, streams } | Figure::CpuPerGib { mode, streams } => {
             let way = if mode == Mode::Upload { "up" } else { "down" };
-            let plural = if streams == 1 { "" } else { "s" };
-            format!("{way}, {streams} stream{plural}")
+            format!("{way} ×{streams}")
         }
         Figure::BannerLatency { percentile } | Figure::RefusalLatency { percentile } => {
             format!("p{percentile}")
         }
-        Figure::ConnectionRate | Figure::IdleRss => String::new(),
+        Figure::ConnectionRate | Figure::IdleRss | Figure::NixBuilds => String::new(),
     }
 }
 
@@ -248,7 +260,7 @@ mod tests {
     fn one_panel_per_kind_of_figure() {
         let panels = panels(&Figure::all(8));
         let sizes: Vec<usize> = panels.iter().map(|p| p.figures.len()).collect();
-        assert_eq!(sizes, [4, 4, 2, 2, 1, 1]);
+        assert_eq!(sizes, [4, 4, 2, 2, 1, 1, 1]);
         assert_eq!(
             panels[0].title,
             "Throughput, GB/s (higher is better)".to_owned()
@@ -258,7 +270,7 @@ mod tests {
                 mode: Mode::Download,
                 streams: 8
             }),
-            "down, 8 streams"
+            "down ×8"
         );
     }
 }

@@ -23,6 +23,8 @@ pub enum Figure {
     ConnectionRate,
     /// Resident memory of the middlebox with the idle sessions open, MiB.
     IdleRss,
+    /// Seconds one `nix-build` of uncached derivations takes on the builders.
+    NixBuilds,
 }
 
 /// Which way a figure is better.
@@ -56,6 +58,7 @@ impl Figure {
         figures.extend(PERCENTILES.map(|percentile| Self::RefusalLatency { percentile }));
         figures.push(Self::ConnectionRate);
         figures.push(Self::IdleRss);
+        figures.push(Self::NixBuilds);
         figures
     }
 
@@ -69,6 +72,7 @@ impl Figure {
             Self::RefusalLatency { percentile } => format!("refusal, p{percentile}"),
             Self::ConnectionRate => "connection rate".to_owned(),
             Self::IdleRss => "RSS with idle connections".to_owned(),
+            Self::NixBuilds => "uncached Nix builds, wall time".to_owned(),
         }
     }
 
@@ -83,6 +87,7 @@ impl Figure {
             Self::RefusalLatency { percentile } => format!("refusal_latency_p{percentile}"),
             Self::ConnectionRate => "connection_rate".to_owned(),
             Self::IdleRss => "idle_rss".to_owned(),
+            Self::NixBuilds => "nix_builds".to_owned(),
         }
     }
 
@@ -93,6 +98,7 @@ impl Figure {
             Self::BannerLatency { .. } | Self::RefusalLatency { .. } => "µs",
             Self::ConnectionRate => "conn/s",
             Self::IdleRss => "MiB",
+            Self::NixBuilds => "s",
         }
     }
 
@@ -106,7 +112,7 @@ impl Figure {
     pub fn format(self, value: f64) -> String {
         match self {
             Self::Throughput { .. } | Self::CpuPerGib { .. } => format!("{value:.2}"),
-            Self::IdleRss => format!("{value:.1}"),
+            Self::IdleRss | Self::NixBuilds => format!("{value:.1}"),
             _ => format!("{value:.0}"),
         }
     }

@@ -26,6 +26,16 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// before its memory is read.
 const IDLE_SETTLE: Duration = Duration::from_millis(500);
 
+/// How many CPUs the machine keeps busy over `duration` while the bench
+/// itself waits: other work on the machine, which the CPU figures include.
+pub fn background_cpus(duration: Duration) -> Result<f64> {
+    let before = CpuTimes::now()?;
+    let started = Instant::now();
+    thread::sleep(duration);
+    let busy = CpuTimes::now()?.seconds_since(before);
+    Ok(busy / started.elapsed().as_secs_f64())
+}
+
 /// One throughput run.
 pub struct Transfer {
     /// Aggregate GB/s (10^9 bytes).

@@ -24,6 +24,7 @@ mod cpu;
 mod figure;
 mod haproxy;
 mod measure;
+mod nix;
 mod protocol;
 mod reaction;
 mod report;
@@ -53,6 +54,10 @@ const FDS_PER_SESSION: u64 = 2;
 /// objects, namespace handles, logs, HAProxy's pipes.
 const FD_RESERVE: u64 = 1_000;
 const MIB: f64 = 1024.0;
+/// How long the machine's own load is sampled before the transfers.
+const BACKGROUND_SAMPLE: Duration = Duration::from_secs(1);
+/// Connections a middlebox must hold for the Nix builds: a few per build.
+const NIX_SESSIONS: usize = 100;
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -74,6 +79,9 @@ pub struct Options {
     /// Idle connections held open for the memory figure.
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
+    /// Uncached derivations built through each contender by one `nix-build`.
+    #[arg(long, default_value_t = 20)]
+    nix_builds: usize,
     /// Trials per reaction-time series (link down, `yensid mode local`).
     #[arg(long, default_value_t = 50)]
     reaction_trials: usize,
@@ -111,6 +119,7 @@ pub fn run(options: &Options) -> Result<()> {
             options.rate_clients as u64,
             options.rate_seconds,
             options.idle_connections as u64,
+            options.nix_builds as u64,
             options.reaction_trials as u64,
         ]
         .iter()
@@ -236,7 +245,8 @@ impl Testbed {
         build::progress(&format!(
             "setting up a client namespace and {BUILDERS} builders"
         ));
-        let topology = Topology::new(BUILDERS)?;
+        // Builders with Nix stores of their own, for the Nix builds figure.
+        let topology = Topology::with_stores(BUILDERS)?;
         // Tens of thousands of short connections within a minute leave as
         // many TIME_WAIT sockets in the client namespace (the middleboxes'
         // own connections to the builders start there too): reuse them and
@@ -258,6 +268,18 @@ impl Testbed {
             topology,
             yensid,
         })
+    }
+
+    /// The builders' sshd, as a contender's upstreams.
+    fn sshd_upstreams(&self) -> Vec<Upstream> {
+        self.topology
+            .builders()
+            .iter()
+            .map(|b| Upstream {
+                builder: b.name().to_owned(),
+                address: b.ssh_addr(),
+            })
+            .collect()
     }
 
     /// The bench servers, as a contender's upstreams.
@@ -315,6 +337,12 @@ fn measure(
     };
     let client_ns = testbed.topology.client_ns();
     let targets = running.targets.clone();
+    match measure::background_cpus(BACKGROUND_SAMPLE) {
+        Ok(cpus) => notes.push(format!(
+            "the machine was busy at {cpus:.2} CPUs with the bench idle, just before the transfers"
+        )),
+        Err(e) => notes.push(format!("no background CPU sample: {e:#}")),
+    }
     let quiet = |notes: &mut Vec<String>| {
         if let Err(e) = testbed.wait_quiet() {
             notes.push(format!("{e:#}"));
@@ -413,12 +441,45 @@ fn measure(
         Ok(stopped) => notes.extend(stopped),
         Err(e) => notes.push(format!("did not stop cleanly: {e:#}")),
     }
+
+    let builds = nix_builds(contender, testbed, options.nix_builds, &mut notes);
+    sheet.put(
+        Figure::NixBuilds,
+        Value::from_result(builds.map_err(|e| format!("{e:#}"))),
+    );
     Results {
         contender,
         values: sheet.values,
         idle_rss_projected,
         notes,
     }
+}
+
+/// Seconds of one `nix-build` of `count` uncached derivations through a
+/// fresh instance of `contender` in front of the builders' sshd.
+fn nix_builds(
+    contender: Contender,
+    testbed: &Testbed,
+    count: usize,
+    notes: &mut Vec<String>,
+) -> Result<f64> {
+    let running = contender.start(
+        &testbed.topology,
+        &testbed.yensid,
+        &testbed.sshd_upstreams(),
+        NIX_SESSIONS,
+    )?;
+    let builds = nix::builds(&testbed.topology, &running.targets, count);
+    let stopped = running.stop();
+    let builds = builds?;
+    let spread: Vec<String> = builds
+        .sites
+        .iter()
+        .map(|(builder, n)| format!("{n} on {builder}"))
+        .collect();
+    notes.push(format!("Nix builds: {}", spread.join(", ")));
+    notes.extend(stopped?.into_iter().map(|n| format!("Nix builds: {n}")));
+    Ok(builds.seconds)
 }
 
 /// One contender's values as they are measured, printed as they come.

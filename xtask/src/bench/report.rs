@@ -14,7 +14,7 @@ use super::figure::{Figure, Value};
 use super::measure::WARMUP_CONNECTIONS;
 use super::protocol::TRANSFER_BUFFER;
 use super::reaction::Reactions;
-use super::target::{SUBJECT, Target, Verdict};
+use super::target::{Judgement, SUBJECT, Target};
 use super::{BUILDERS, IdleCount, Options};
 
 /// One contender's figures, in [`Report::figures`] order.
@@ -38,6 +38,7 @@ pub struct Report {
     rate_clients: usize,
     rate_seconds: u64,
     idle: IdleCount,
+    nix_builds: usize,
     pub figures: Vec<Figure>,
     pub results: Vec<Results>,
     /// Reaction times of the kernel path, in their own table.
@@ -67,11 +68,20 @@ impl Report {
             rate_clients: options.rate_clients,
             rate_seconds: options.rate_seconds,
             idle,
+            nix_builds: options.nix_builds,
             figures,
             results,
             reactions,
             took,
         })
+    }
+
+    /// When and where it ran, in a line.
+    pub fn conditions(&self) -> String {
+        format!(
+            "{} · kernel {} · {} CPUs, shared (noisy)",
+            self.date, self.kernel, self.cpus
+        )
     }
 
     /// The contender's measured value of `figure`.
@@ -104,12 +114,12 @@ impl Report {
         Some(value.measured()? / baseline)
     }
 
-    pub fn targets(&self) -> Vec<(Target, Verdict)> {
+    pub fn targets(&self) -> Vec<(Target, Judgement)> {
         Target::all(&self.figures)
             .into_iter()
             .map(|target| {
-                let verdict = target.judge(|c| self.target_value(c, target.figure));
-                (target, verdict)
+                let judgement = target.judge(|c| self.target_value(c, target.figure));
+                (target, judgement)
             })
             .collect()
     }
@@ -134,7 +144,8 @@ impl Report {
             "# yensid benchmark\n\n{} · kernel {} · {} CPUs · {BUILDERS} builders on veth links · \
              {} bytes per stream, {} parallel streams · {} sequential connections (after \
              {WARMUP_CONNECTIONS} warm-up) for each latency · {} concurrent clients for {} s \
-             for the rate · {} idle connections for the RSS{} · the whole run took {}\n\n",
+             for the rate · {} idle connections for the RSS{} · {} derivations in one `nix-build` \
+             for the Nix builds · the whole run took {}\n\n",
             self.date,
             self.kernel,
             self.cpus,
@@ -145,6 +156,7 @@ impl Report {
             self.rate_seconds,
             self.idle.held,
             self.idle_shortfall(),
+            self.nix_builds,
             minutes(self.took),
         );
         md += &self.table();
@@ -156,8 +168,10 @@ impl Report {
              the machine count too. Refusal: until the client sees ECONNREFUSED (yensid, `yensid \
              mode local`) or the connection closed (HAProxy: a Lua fetch naming no backend). RSS: \
              VmRSS of the middlebox process with the idle connections open, each past the SSH \
-             opening. The builders run a bench server that speaks the opening of SSH, so no \
-             cipher is measured.\n",
+             opening. Every figure but the Nix builds runs against a bench server on the \
+             builders that speaks the opening of SSH, so no cipher is measured; the Nix builds \
+             go to the builders' sshd and Nix (`ssh-ng://`, 4 remote build slots in all, none \
+             local), each derivation new to every store.\n",
             self.baseline_name()
         );
         md += &self.targets_markdown();
@@ -215,11 +229,11 @@ impl Report {
 
     fn targets_markdown(&self) -> String {
         let mut md = format!(
-            "\n## Targets ({})\n\n| figure | target | {} | ratio | verdict |\n|---|---|---:|---:|---|\n",
+            "\n## Targets ({})\n\n| figure | target | {} | how far | verdict |\n|---|---|---:|---|---|\n",
             SUBJECT.name(),
             SUBJECT.name()
         );
-        for (target, verdict) in self.targets() {
+        for (target, judgement) in self.targets() {
             let figure = target.figure;
             let projected = figure == Figure::IdleRss && self.idle.held < self.idle.requested;
             let value = match self.target_value(SUBJECT, figure) {
@@ -233,20 +247,13 @@ impl Report {
                 Some(v) => figure.format(v),
                 None => "—".to_owned(),
             };
-            let ratio = match &verdict {
-                Verdict::Unknown(why) => why.clone(),
-                judged => format!(
-                    "{:.2}{}",
-                    judged.ratio().unwrap_or(f64::NAN),
-                    target.ratio_meaning()
-                ),
-            };
             md += &format!(
-                "| {} ({}) | {} | {value} | {ratio} | {} |\n",
+                "| {} ({}) | {} | {value} | {} | {} |\n",
                 figure.label(),
                 figure.unit(),
                 target.describe(),
-                verdict.word()
+                judgement.explain(&target),
+                judgement.verdict.word()
             );
         }
         md
@@ -309,15 +316,16 @@ impl Report {
         let targets: Vec<Json> = self
             .targets()
             .into_iter()
-            .map(|(target, verdict)| {
+            .map(|(target, judgement)| {
                 json!({
                     "figure": target.figure.key(),
                     "contender": SUBJECT.key(),
                     "target": target.describe(),
                     "value": self.target_value(SUBJECT, target.figure),
-                    "ratio": verdict.ratio(),
+                    "ratio": judgement.ratio,
                     "ratio_of": target.ratio_meaning(),
-                    "verdict": verdict.word(),
+                    "detail": judgement.detail,
+                    "verdict": judgement.verdict.word(),
                 })
             })
             .collect();
@@ -335,6 +343,7 @@ impl Report {
                 "rate_seconds": self.rate_seconds,
                 "idle_connections_requested": self.idle.requested,
                 "idle_connections_held": self.idle.held,
+                "nix_builds": self.nix_builds,
                 "fd_limit": self.idle.fd_limit,
                 "transfer_buffer_bytes": TRANSFER_BUFFER,
                 "builders": BUILDERS,

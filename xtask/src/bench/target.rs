@@ -89,36 +89,51 @@ impl Target {
 
     /// Judges the subject's value; `value` gives any contender's measured
     /// value of this target's figure.
-    pub fn judge(&self, value: impl Fn(Contender) -> Option<f64>) -> Verdict {
+    pub fn judge(&self, value: impl Fn(Contender) -> Option<f64>) -> Judgement {
+        let unknown = |contender: Contender| Judgement {
+            verdict: Verdict::Unknown(format!("{} not measured", contender.name())),
+            ratio: None,
+            detail: None,
+        };
         let Some(subject) = value(SUBJECT) else {
-            return Verdict::Unknown(format!("{} not measured", SUBJECT.name()));
+            return unknown(SUBJECT);
         };
-        let of = |contender: Contender| {
-            value(contender).ok_or_else(|| format!("{} not measured", contender.name()))
+        let plain = |ratio: f64, met: bool| Judgement {
+            verdict: if met { Verdict::Met } else { Verdict::Missed },
+            ratio: Some(ratio),
+            detail: None,
         };
-        let judged = match self.goal {
-            Goal::AtLeast { factor, of: other } => of(other).map(|other| {
-                let ratio = subject / other;
-                (ratio, ratio >= factor)
-            }),
-            Goal::AtMost { factor, of: other } => of(other).map(|other| {
-                let ratio = subject / other;
-                (ratio, ratio <= factor)
-            }),
-            Goal::OverheadNoWorse {
-                of: other,
-                baseline,
-            } => of(other).and_then(|other| {
-                let base = of(baseline)?;
+        match self.goal {
+            Goal::AtLeast { factor, of } => match value(of) {
+                Some(other) => plain(subject / other, subject / other >= factor),
+                None => unknown(of),
+            },
+            Goal::AtMost { factor, of } => match value(of) {
+                Some(other) => plain(subject / other, subject / other <= factor),
+                None => unknown(of),
+            },
+            Goal::OverheadNoWorse { of, baseline } => {
+                let (Some(other), Some(base)) = (value(of), value(baseline)) else {
+                    return unknown(if value(of).is_none() { of } else { baseline });
+                };
                 let (mine, theirs) = (subject - base, other - base);
-                Ok((mine / theirs, mine <= theirs))
-            }),
-            Goal::Below { limit } => Ok((subject / limit, subject < limit)),
-        };
-        match judged {
-            Ok((ratio, true)) => Verdict::Met { ratio },
-            Ok((ratio, false)) => Verdict::Missed { ratio },
-            Err(why) => Verdict::Unknown(why),
+                let unit = self.figure.unit();
+                Judgement {
+                    verdict: if mine <= theirs {
+                        Verdict::Met
+                    } else {
+                        Verdict::Missed
+                    },
+                    // A ratio of overheads means something only when both
+                    // are overheads; noise can make one negative.
+                    ratio: (mine > 0.0 && theirs > 0.0).then(|| mine / theirs),
+                    detail: Some(format!(
+                        "overhead {mine:+.0} {unit}, {}'s {theirs:+.0} {unit}",
+                        of.name()
+                    )),
+                }
+            }
+            Goal::Below { limit } => plain(subject / limit, subject < limit),
         }
     }
 
@@ -135,12 +150,8 @@ impl Target {
 /// How a target went.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Verdict {
-    Met {
-        ratio: f64,
-    },
-    Missed {
-        ratio: f64,
-    },
+    Met,
+    Missed,
     /// A value it needs was not measured.
     Unknown(String),
 }
@@ -148,16 +159,35 @@ pub enum Verdict {
 impl Verdict {
     pub fn word(&self) -> &'static str {
         match self {
-            Self::Met { .. } => "met",
-            Self::Missed { .. } => "missed",
+            Self::Met => "met",
+            Self::Missed => "missed",
             Self::Unknown(_) => "unknown",
         }
     }
+}
 
-    pub fn ratio(&self) -> Option<f64> {
-        match self {
-            Self::Met { ratio } | Self::Missed { ratio } => Some(*ratio),
-            Self::Unknown(_) => None,
+/// A verdict and what it rests on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Judgement {
+    pub verdict: Verdict,
+    /// See [`Target::ratio_meaning`]; none when it would mean nothing.
+    pub ratio: Option<f64>,
+    /// What the ratio leaves out.
+    pub detail: Option<String>,
+}
+
+impl Judgement {
+    /// The ratio and the detail, or why there is no verdict.
+    pub fn explain(&self, target: &Target) -> String {
+        let ratio = self
+            .ratio
+            .map(|r| format!("{r:.2}{}", target.ratio_meaning()));
+        match (&self.verdict, ratio, &self.detail) {
+            (Verdict::Unknown(why), _, _) => why.clone(),
+            (_, Some(ratio), Some(detail)) => format!("{ratio} ({detail})"),
+            (_, Some(ratio), None) => ratio,
+            (_, None, Some(detail)) => detail.clone(),
+            (_, None, None) => String::new(),
         }
     }
 }
@@ -211,8 +241,17 @@ mod tests {
             },
         });
         let measured = values(Some(4.0), Some(1.5), Some(2.0));
-        assert_eq!(haproxy.judge(&measured), Verdict::Met { ratio: 2.0 / 1.5 });
-        assert_eq!(direct.judge(&measured), Verdict::Missed { ratio: 0.5 });
+        let judged = haproxy.judge(&measured);
+        assert_eq!(
+            (judged.verdict, judged.ratio),
+            (Verdict::Met, Some(2.0 / 1.5))
+        );
+        let judged = direct.judge(&measured);
+        assert_eq!(
+            (&judged.verdict, judged.ratio),
+            (&Verdict::Missed, Some(0.5))
+        );
+        assert_eq!(judged.explain(&direct), "0.50× direct");
         assert_eq!(haproxy.describe(), "≥ 1.2× HAProxy");
     }
 
@@ -228,14 +267,10 @@ mod tests {
                 of: Contender::Haproxy,
             },
         };
-        assert_eq!(
-            target.judge(values(None, Some(2.0), Some(1.0))),
-            Verdict::Met { ratio: 0.5 }
-        );
-        assert_eq!(
-            target.judge(values(None, Some(2.0), Some(1.2))),
-            Verdict::Missed { ratio: 0.6 }
-        );
+        let judged = target.judge(values(None, Some(2.0), Some(1.0)));
+        assert_eq!((judged.verdict, judged.ratio), (Verdict::Met, Some(0.5)));
+        let judged = target.judge(values(None, Some(2.0), Some(1.2)));
+        assert_eq!((judged.verdict, judged.ratio), (Verdict::Missed, Some(0.6)));
     }
 
     #[test]
@@ -248,18 +283,28 @@ mod tests {
             },
         };
         // Overheads: kernel 150, HAProxy 100.
+        let judged = target.judge(values(Some(100.0), Some(200.0), Some(250.0)));
         assert_eq!(
-            target.judge(values(Some(100.0), Some(200.0), Some(250.0))),
-            Verdict::Missed { ratio: 1.5 }
+            (&judged.verdict, judged.ratio),
+            (&Verdict::Missed, Some(1.5))
         );
         assert_eq!(
-            target.judge(values(Some(100.0), Some(200.0), Some(150.0))),
-            Verdict::Met { ratio: 0.5 }
+            judged.explain(&target),
+            "1.50× HAProxy's overhead (overhead +150 µs, HAProxy's +100 µs)"
         );
-        assert!(matches!(
-            target.judge(values(None, Some(200.0), Some(150.0))),
-            Verdict::Unknown(why) if why == "direct not measured"
-        ));
+        let judged = target.judge(values(Some(100.0), Some(200.0), Some(150.0)));
+        assert_eq!((judged.verdict, judged.ratio), (Verdict::Met, Some(0.5)));
+        // Faster than direct (noise): met, and no ratio of overheads.
+        let judged = target.judge(values(Some(100.0), Some(200.0), Some(90.0)));
+        assert_eq!((&judged.verdict, judged.ratio), (&Verdict::Met, None));
+        assert_eq!(
+            judged.explain(&target),
+            "overhead -10 µs, HAProxy's +100 µs"
+        );
+        assert_eq!(
+            target.judge(values(None, Some(200.0), Some(150.0))).verdict,
+            Verdict::Unknown("direct not measured".to_owned())
+        );
     }
 
     #[test]
@@ -268,16 +313,12 @@ mod tests {
             figure: Figure::RefusalLatency { percentile: 99 },
             goal: Goal::Below { limit: 100.0 },
         };
-        assert_eq!(
-            target.judge(values(None, None, Some(40.0))),
-            Verdict::Met { ratio: 0.4 }
-        );
-        assert_eq!(
-            target.judge(values(None, None, Some(100.0))),
-            Verdict::Missed { ratio: 1.0 }
-        );
+        let judged = target.judge(values(None, None, Some(40.0)));
+        assert_eq!((judged.verdict, judged.ratio), (Verdict::Met, Some(0.4)));
+        let judged = target.judge(values(None, None, Some(100.0)));
+        assert_eq!((judged.verdict, judged.ratio), (Verdict::Missed, Some(1.0)));
         assert!(matches!(
-            target.judge(values(None, None, None)),
+            target.judge(values(None, None, None)).verdict,
             Verdict::Unknown(_)
         ));
         assert_eq!(target.describe(), "< 100 µs");

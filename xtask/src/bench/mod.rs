@@ -130,6 +130,9 @@ pub fn run(options: &Options) -> Result<()> {
     build::ensure_packages(&[
         (haproxy::HAPROXY, "haproxy"),
         (chart::FONT, "fonts-dejavu-core"),
+        // The builders' sshd, and Nix on both sides for the Nix builds.
+        ("/usr/sbin/sshd", "openssh-server"),
+        (yensid_tests::nix::NIX_BUILD, "nix-bin"),
     ])?;
     let fd_limit = raise_fd_limit(options.idle_connections as u64 * FDS_PER_SESSION + FD_RESERVE)?;
     let idle = IdleCount::new(options.idle_connections, fd_limit);

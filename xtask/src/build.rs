@@ -188,6 +188,44 @@ fn ensure_bpf_linker() -> Result<()> {
     })
 }
 
+/// Installs, with apt, the Debian package of each `(file, package)` whose
+/// file is missing; without root or apt, stops with the command to run.
+pub fn ensure_packages(needed: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = needed
+        .iter()
+        .filter(|(file, _)| !Path::new(file).exists())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !(is_root() && Path::new("/usr/bin/apt-get").exists()) {
+        bail!(
+            "missing {}. Install it, then run this again:\n\n    sudo apt-get install -y {}\n",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    progress(&format!("installing {} (apt)", missing.join(" ")));
+    let install = || {
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    if install().is_err() {
+        // A machine that never ran `apt-get update` has no package lists.
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        install()?;
+    }
+    for (file, package) in needed {
+        if !Path::new(file).exists() {
+            bail!("{package} is installed but there is no {file}");
+        }
+    }
+    Ok(())
+}
+
 fn path_with_cargo_bin() -> String {
     let path = std::env::var("PATH").unwrap_or_default();
     match std::env::var_os("HOME") {

@@ -3,7 +3,6 @@
 mod bench;
 mod build;
 mod demo;
-mod reaction;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -36,7 +35,7 @@ enum Command {
     /// Show yensid working on this machine: two throwaway sshd builders in
     /// network namespaces, the daemon in front of them, real ssh sessions.
     Demo,
-    /// Measure direct, kernel path and userspace path side by side.
+    /// Measure direct, HAProxy, kernel path and userspace path side by side.
     Bench(bench::Options),
 }
 

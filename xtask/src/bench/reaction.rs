@@ -30,7 +30,7 @@ use yensid_tests::{
     PolicyMode, SshConnection, Strategy, Topology, service,
 };
 
-use crate::bench::percentile_of;
+use super::figure::percentile_of;
 use crate::build;
 
 /// A trial's prober gives up after this long without a refusal.
@@ -188,6 +188,8 @@ struct Trial {
     notified: Option<Instant>,
     /// Connection attempts the prober made from the event to the refusal.
     attempts: usize,
+    /// Attempts in the whole trial whose SYN nobody answered in time.
+    unanswered: usize,
 }
 
 /// Every series of one run.
@@ -390,7 +392,11 @@ fn probe_around(
                 .map_err(|_| anyhow!("the link listener panicked"))?
         });
         let (started, returned) = triggered?;
-        let (refused, attempts) = probed??;
+        let Probed {
+            refused,
+            attempts,
+            unanswered,
+        } = probed??;
         let notified = notified.transpose()?;
         ensure!(
             refused >= started,
@@ -402,22 +408,36 @@ fn probe_around(
             refused,
             notified,
             attempts,
+            unanswered,
         })
     })
 }
 
-/// Non-blocking connects to `target` in a tight loop until one is refused:
-/// its time and the attempts made since `armed`. Accepted connections are
-/// reset at once. Sets `accepting` after the first accepted connection; a
-/// refusal before `armed` is an error (the previous trial was not undone).
+/// What a prober found.
+struct Probed {
+    /// When the first connect after `armed` was refused.
+    refused: Instant,
+    /// Attempts since `armed`, the refused one included.
+    attempts: usize,
+    /// Attempts nobody answered within [`CONNECT_LIMIT`].
+    unanswered: usize,
+}
+
+/// Non-blocking connects to `target` in a tight loop until one is refused.
+/// Accepted connections are reset at once. Sets `accepting` after the first
+/// accepted connection; a refusal before `armed` is an error (the previous
+/// trial was not undone). A connect nobody answers (its SYN dropped, e.g.
+/// by a full accept queue: the loop is far faster than any client) is
+/// counted and the loop goes on; its wait is part of the trial's time.
 fn probe(
     target: SocketAddr,
     accepting: &AtomicBool,
     armed: &AtomicBool,
     stop: &AtomicBool,
-) -> Result<(Instant, usize)> {
+) -> Result<Probed> {
     let deadline = Instant::now() + PROBE_LIMIT;
     let mut since_armed = 0;
+    let mut unanswered = 0;
     for _ in 0..PROBE_ATTEMPTS {
         if stop.load(Ordering::Acquire) {
             bail!("stopped: the event could not be triggered");
@@ -431,7 +451,14 @@ fn probe(
         }
         match connect_once(target)? {
             Outcome::Accepted => accepting.store(true, Ordering::Release),
-            Outcome::Refused(at) if was_armed => return Ok((at, since_armed)),
+            Outcome::Unanswered => unanswered += 1,
+            Outcome::Refused(refused) if was_armed => {
+                return Ok(Probed {
+                    refused,
+                    attempts: since_armed,
+                    unanswered,
+                });
+            }
             Outcome::Refused(_) => bail!("refused before the event: the previous one not undone?"),
         }
     }
@@ -441,6 +468,8 @@ fn probe(
 enum Outcome {
     Accepted,
     Refused(Instant),
+    /// Neither accepted nor refused within [`CONNECT_LIMIT`].
+    Unanswered,
 }
 
 /// One non-blocking connect from the calling thread's namespace.
@@ -481,7 +510,10 @@ fn connect_once(target: SocketAddr) -> Result<Outcome> {
         0
     } else {
         match io::Error::last_os_error().raw_os_error() {
-            Some(libc::EINPROGRESS) => wait_connected(fd)?,
+            Some(libc::EINPROGRESS) => match wait_connected(fd)? {
+                Some(error) => error,
+                None => return Ok(Outcome::Unanswered),
+            },
             Some(e) => e,
             None => bail!("connect failed without an errno"),
         }
@@ -496,8 +528,9 @@ fn connect_once(target: SocketAddr) -> Result<Outcome> {
     }
 }
 
-/// Waits for a non-blocking connect to finish; its SO_ERROR.
-fn wait_connected(fd: libc::c_int) -> Result<libc::c_int> {
+/// Waits for a non-blocking connect to finish; its SO_ERROR, or `None` if
+/// it did not finish within [`CONNECT_LIMIT`].
+fn wait_connected(fd: libc::c_int) -> Result<Option<libc::c_int>> {
     let mut pollfd = libc::pollfd {
         fd,
         events: libc::POLLOUT,
@@ -506,11 +539,13 @@ fn wait_connected(fd: libc::c_int) -> Result<libc::c_int> {
     let millis = CONNECT_LIMIT.as_millis() as libc::c_int;
     // SAFETY: one valid pollfd.
     match unsafe { libc::poll(&mut pollfd, 1, millis) } {
-        0 => bail!("a connect neither completed nor failed within {CONNECT_LIMIT:?}"),
+        0 => return Ok(None),
         n if n < 0 => return Err(io::Error::last_os_error()).context("poll"),
         _ => {}
     }
-    yensid_tests::tcp::socket_error(fd).context("SO_ERROR")
+    yensid_tests::tcp::socket_error(fd)
+        .context("SO_ERROR")
+        .map(Some)
 }
 
 /// Closes with RST (SO_LINGER 0): no TIME_WAIT left behind by the thousands
@@ -795,7 +830,9 @@ impl Reactions {
         }
         md += "\nThe first refusal is found by a prober in the client namespace: non-blocking \
                connects to the service in a tight loop, each accepted one reset at once, at most \
-               10 s and 200000 attempts per trial. Its resolution is one connect (tens of µs). \
+               10 s and 200000 attempts per trial. Its resolution is one connect (tens of µs); \
+               a connect nobody answers within 1 s (its SYN dropped) is counted below, and \
+               the probing goes on. \
                The daemon's probes never take a builder down here, so each refusal is the link \
                rule's (or the mode's). Carrier changes reach userspace through the kernel's \
                linkwatch, which runs at most once a second for them, machine-wide: a carrier \
@@ -824,9 +861,11 @@ impl Reactions {
                     let mut attempts: Vec<usize> = trials.iter().map(|t| t.attempts).collect();
                     attempts.sort_unstable();
                     let median = attempts.get(attempts.len() / 2).copied().unwrap_or(0);
+                    let unanswered: usize = trials.iter().map(|t| t.unanswered).sum();
                     notes.push(format!(
                         "{}: {early} of {} trials refused before the command returned; \
-                         median {median} connection attempts from the event to the refusal",
+                         median {median} connection attempts from the event to the refusal; \
+                         {unanswered} connects unanswered within {CONNECT_LIMIT:?} (SYN dropped)",
                         event.key(),
                         trials.len()
                     ));

@@ -1,0 +1,221 @@
+//! What sits between the client and the builders: nothing, HAProxy, or
+//! yensid with either data path.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::{Result, ensure};
+use yensid_tests::{Daemon, DaemonConfig, Dataplane, PolicyMode, Strategy, Topology, service};
+
+use super::haproxy::{Haproxy, HaproxySpec};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Contender {
+    Direct,
+    Haproxy,
+    Yensid(Dataplane),
+}
+
+/// Measured in this order; the first is the baseline of every ratio.
+pub const CONTENDERS: [Contender; 4] = [
+    Contender::Direct,
+    Contender::Haproxy,
+    Contender::Yensid(Dataplane::Kernel),
+    Contender::Yensid(Dataplane::Userspace),
+];
+
+/// A builder's server the contender forwards to.
+pub struct Upstream {
+    /// The builder's name (`b1`, ...).
+    pub builder: String,
+    pub address: SocketAddr,
+}
+
+impl Contender {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Haproxy => "HAProxy",
+            Self::Yensid(Dataplane::Kernel) => "yensid kernel",
+            Self::Yensid(Dataplane::Userspace) => "yensid userspace",
+        }
+    }
+
+    /// Its name in the JSON and on the command line.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Haproxy => "haproxy",
+            Self::Yensid(Dataplane::Kernel) => "kernel",
+            Self::Yensid(Dataplane::Userspace) => "userspace",
+        }
+    }
+
+    /// Starts it in `topology`'s client namespace in front of `upstreams`,
+    /// able to hold `sessions` connections at once.
+    pub fn start(
+        self,
+        topology: &Topology,
+        yensid: &Path,
+        upstreams: &[Upstream],
+        sessions: usize,
+    ) -> Result<Running> {
+        ensure!(!upstreams.is_empty(), "no upstream to forward to");
+        match self {
+            Self::Direct => Ok(Running {
+                targets: upstreams.iter().map(|u| u.address).collect(),
+                middlebox: None,
+            }),
+            Self::Haproxy => {
+                let haproxy = Haproxy::start(
+                    topology,
+                    &HaproxySpec {
+                        service: service(),
+                        refusal: HAPROXY_REFUSAL,
+                        servers: upstreams,
+                        sessions,
+                    },
+                )?;
+                Ok(Running {
+                    targets: vec![service()],
+                    middlebox: Some(Box::new(haproxy)),
+                })
+            }
+            Self::Yensid(dataplane) => {
+                let mut config =
+                    DaemonConfig::for_topology(topology, dataplane, Strategy::LeastConnections);
+                for upstream in upstreams {
+                    config.builder_mut(&upstream.builder).address = upstream.address;
+                }
+                let daemon = Daemon::start_binary(yensid, topology.client_ns(), &config)?;
+                Ok(Running {
+                    targets: vec![service()],
+                    middlebox: Some(Box::new(daemon)),
+                })
+            }
+        }
+    }
+}
+
+/// Where HAProxy's "build locally" frontend listens: beside the service,
+/// since yensid's refusal is measured on the service itself after a mode
+/// switch, and HAProxy has no such switch.
+const HAPROXY_REFUSAL: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(yensid_tests::SERVICE_ADDR), 2200);
+
+/// A contender while it runs.
+pub struct Running {
+    /// Where clients connect: connection i goes to `targets[i % len]`.
+    pub targets: Vec<SocketAddr>,
+    middlebox: Option<Box<dyn Middlebox>>,
+}
+
+impl Running {
+    /// The middlebox's process, if there is one.
+    pub fn pid(&self) -> Option<u32> {
+        self.middlebox.as_ref().map(|m| m.pid())
+    }
+
+    /// Makes the contender refuse new connections ("build locally"), if it
+    /// can: where to connect to be refused.
+    pub fn refuse(&mut self) -> Option<Result<SocketAddr>> {
+        self.middlebox.as_mut().map(|m| m.refuse())
+    }
+
+    /// Stops it; what its own records tell about the run.
+    pub fn stop(self) -> Result<Vec<String>> {
+        self.middlebox.map_or(Ok(Vec::new()), |m| m.finish())
+    }
+}
+
+/// A process a contender runs between the client and the builders.
+pub trait Middlebox {
+    fn pid(&self) -> u32;
+    /// Switches to refusing every new connection, the way its users make
+    /// Nix build locally; where new connections are then refused.
+    fn refuse(&mut self) -> Result<SocketAddr>;
+    /// Stops it and says what its own records tell about the run.
+    fn finish(self: Box<Self>) -> Result<Vec<String>>;
+}
+
+/// Warnings and errors from a log quoted in the notes.
+pub const QUOTED_LOG_PROBLEMS: usize = 5;
+
+impl Middlebox for Daemon {
+    fn pid(&self) -> u32 {
+        Daemon::pid(self)
+    }
+
+    fn refuse(&mut self) -> Result<SocketAddr> {
+        self.set_mode(PolicyMode::Local, None)?;
+        Ok(service())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<Vec<String>> {
+        let status = self.stop()?;
+        let log = strip_ansi(&self.log());
+        ensure!(status.success(), "yensid exited with {status}");
+        Ok(log_summary(&log))
+    }
+}
+
+/// How many connections the kernel spliced, and the first warnings.
+fn log_summary(log: &str) -> Vec<String> {
+    let closed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("connection closed"))
+        .collect();
+    let spliced = closed.iter().filter(|l| l.contains("spliced=true")).count();
+    let mut notes = vec![format!(
+        "{spliced} of {} connections spliced in the kernel (daemon log)",
+        closed.len()
+    )];
+    notes.extend(
+        log.lines()
+            // Refusing is what the refusal figure asks of it.
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .filter(|l| !l.contains("service refuses connections"))
+            .take(QUOTED_LOG_PROBLEMS)
+            .map(|l| format!("daemon log: {}", l.trim())),
+    );
+    notes
+}
+
+/// tracing colours its output even when it goes to a file.
+fn strip_ansi(log: &str) -> String {
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // An escape sequence: `[`, parameters, one final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_summary_counts_spliced_connections_and_quotes_warnings() {
+        let log = "\x1b[2m2026-01-01T00:00:00Z\x1b[0m  INFO connection closed builder=b1 spliced=true\n\
+                   2026-01-01T00:00:01Z  INFO connection closed builder=b2 spliced=false\n\
+                   2026-01-01T00:00:02Z  WARN service refuses connections reason=mode\n\
+                   2026-01-01T00:00:03Z  WARN builder b2 down\n";
+        let notes = log_summary(&strip_ansi(log));
+        assert_eq!(
+            notes[0],
+            "1 of 2 connections spliced in the kernel (daemon log)"
+        );
+        assert_eq!(notes.len(), 2);
+        assert!(notes[1].contains("builder b2 down"));
+    }
+}

@@ -10,6 +10,8 @@
 //!
 //! Every test runs once per store scheme: `ssh_ng::<test>` and `ssh::<test>`.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
@@ -20,30 +22,8 @@ use yensid_tests::{
     Site, StoreScheme, Strategy, Topology, remote_builder, service,
 };
 
-/// For every `name`, defines the tests `ssh_ng::name` and `ssh::name`, each calling
-/// `name(StoreScheme)` after the privilege check.
-macro_rules! store_tests {
-    ($($test:ident),+ $(,)?) => {
-        store_tests!(@on ssh_ng SshNg: $($test),+);
-        store_tests!(@on ssh Ssh: $($test),+);
-    };
-    (@on $module:ident $scheme:ident: $($test:ident),+) => {
-        mod $module {
-            $(
-                #[test]
-                fn $test() -> anyhow::Result<()> {
-                    let name = concat!(module_path!(), "::", stringify!($test));
-                    if !yensid_tests::privileged_or_skip(name) {
-                        return Ok(());
-                    }
-                    super::$test(yensid_tests::StoreScheme::$scheme)
-                }
-            )+
-        }
-    };
-}
-
-store_tests!(
+common::variant_tests!(
+    StoreScheme { ssh_ng: SshNg, ssh: Ssh }:
     least_connections_spreads_two_concurrent_runs_spliced,
     least_connections_spreads_two_concurrent_runs_copied,
     mode_local_makes_nix_build_locally,

@@ -1,14 +1,15 @@
-//! Shared by the integration test files; each file is its own crate and includes this.
+//! Shared by the integration test files; each file is its own crate and includes this,
+//! using some of it (hence the `allow(unused_*)`).
 
-/// For every `name`, defines the tests `kernel::name` and `userspace::name`, each calling
-/// `name(Dataplane) -> anyhow::Result<()>` from the including file after the privilege
-/// check: one suite, both data paths.
-macro_rules! dataplane_tests {
-    ($($test:ident),+ $(,)?) => {
-        $crate::common::dataplane_tests!(@on kernel Kernel: $($test),+);
-        $crate::common::dataplane_tests!(@on userspace Userspace: $($test),+);
+/// Defines, for every variant and every test `name`, the test `<module>::name`, which
+/// calls `name(<Type>::<Variant>) -> anyhow::Result<()>` from the including file after
+/// the privilege check: one suite, run once per variant.
+macro_rules! variant_tests {
+    ($type:ident { $($module:ident: $variant:ident),+ $(,)? }: $($test:ident),+ $(,)?) => {
+        $crate::common::variant_tests!(@each $type [$($test),+] $($module $variant)+);
     };
-    (@on $module:ident $dataplane:ident: $($test:ident),+) => {
+    (@each $type:ident [$($test:ident),+]) => {};
+    (@each $type:ident [$($test:ident),+] $module:ident $variant:ident $($rest:tt)*) => {
         mod $module {
             $(
                 #[test]
@@ -17,10 +18,23 @@ macro_rules! dataplane_tests {
                     if !yensid_tests::privileged_or_skip(name) {
                         return Ok(());
                     }
-                    super::$test(yensid_tests::Dataplane::$dataplane)
+                    super::$test(yensid_tests::$type::$variant)
                 }
             )+
         }
+        $crate::common::variant_tests!(@each $type [$($test),+] $($rest)*);
     };
 }
+#[allow(unused_imports)]
+pub(crate) use variant_tests;
+
+/// For every `name`, defines the tests `kernel::name` and `userspace::name`: one suite,
+/// both data paths.
+#[allow(unused_macros)]
+macro_rules! dataplane_tests {
+    ($($test:ident),+ $(,)?) => {
+        $crate::common::variant_tests!(Dataplane { kernel: Kernel, userspace: Userspace }: $($test),+);
+    };
+}
+#[allow(unused_imports)]
 pub(crate) use dataplane_tests;

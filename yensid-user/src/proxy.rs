@@ -36,7 +36,9 @@
 //! nothing between its KEXINIT and the client's key exchange.
 
 use std::{
-    io,
+    io::{self, Read, Write},
+    net::TcpStream as StdTcpStream,
+    os::fd::AsRawFd,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -48,7 +50,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{bpf::Kernel, sock};
+use crate::{bpf::Kernel, hangup::Hangups, sock};
 
 /// Longest identification line (RFC 4253 4.2: 255 bytes including CRLF).
 const MAX_IDENT_LINE: usize = 255;
@@ -61,6 +63,8 @@ const HANDOFF_STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a half-close may wait for the kernel to deliver earlier bytes
 /// without any progress.
 const DRAIN_STALL_LIMIT: Duration = Duration::from_secs(60);
+/// How often a half-close checks whether the kernel delivered those bytes.
+const POLL_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Where a connection was steered and what the daemon knows about builders.
 pub trait Dispatcher: Send + Sync + 'static {
@@ -296,6 +300,9 @@ async fn forward(
     outcome.spliced = true;
     upstream.write_all(&client_kexinit).await?;
     client.write_all(&server_kexinit).await?;
+    // Out of tokio's epoll, whose interest in reading would wake the daemon
+    // on every redirected segment.
+    let (client, upstream) = (client.into_std()?, upstream.into_std()?);
     let watched = watch_spliced(&client, &upstream).await;
     kernel.unsplice(cookies.0, cookies.1);
     count_upstream(&upstream, outcome);
@@ -312,7 +319,7 @@ async fn copy(
     copied.map(drop)
 }
 
-fn count_upstream(upstream: &TcpStream, outcome: &mut Outcome) {
+fn count_upstream(upstream: &impl AsRawFd, outcome: &mut Outcome) {
     if let Ok(counts) = sock::tcp_counts(upstream) {
         outcome.to_builder = counts.acked;
         outcome.from_builder = counts.received;
@@ -321,56 +328,80 @@ fn count_upstream(upstream: &TcpStream, outcome: &mut Outcome) {
     }
 }
 
-/// Waits for both directions of a spliced pair to end. Bytes the kernel
-/// did not redirect (the verdict program found no peer) land in the
-/// socket's own queue and are forwarded here, so nothing is lost.
-async fn watch_spliced(client: &TcpStream, upstream: &TcpStream) -> io::Result<()> {
-    let mut client_open = true;
-    let mut upstream_open = true;
+/// Waits for both directions of a spliced pair to end, woken only by
+/// half-closes and errors (see `hangup`). Bytes the kernel did not
+/// redirect (the verdict program found no peer) wait in the socket's own
+/// queue and are forwarded when that socket ends, so nothing is lost.
+async fn watch_spliced(client: &StdTcpStream, upstream: &StdTcpStream) -> io::Result<()> {
+    let sockets = [
+        Spliced {
+            socket: client,
+            connected: false,
+        },
+        Spliced {
+            socket: upstream,
+            connected: true,
+        },
+    ];
+    let hangups = Hangups::new(&[client.as_raw_fd(), upstream.as_raw_fd()])?;
+    let mut open = [true, true];
     let mut buf = vec![0u8; 64 * 1024];
-    while client_open || upstream_open {
-        tokio::select! {
-            r = client.readable(), if client_open => {
-                r?;
-                client_open = pump(client, upstream, &mut buf).await?;
-            }
-            r = upstream.readable(), if upstream_open => {
-                r?;
-                upstream_open = pump(upstream, client, &mut buf).await?;
+    while open.contains(&true) {
+        for index in hangups.next().await? {
+            if open[index] {
+                open[index] = pump(&sockets[index], &sockets[1 - index], &mut buf).await?;
             }
         }
     }
     Ok(())
 }
 
-/// Handles readiness of `from`: forwards stray bytes, and on EOF passes the
+/// One socket of a spliced pair.
+struct Spliced<'a> {
+    socket: &'a StdTcpStream,
+    /// This side made the connection (the upstream): TCP_INFO's count of
+    /// acknowledged bytes then includes its SYN, which carries no data.
+    connected: bool,
+}
+
+impl Spliced<'_> {
+    /// Bytes written to the socket: acknowledged or waiting in its queue.
+    fn written(&self) -> io::Result<u64> {
+        let acked = sock::tcp_counts(self.socket)?
+            .acked
+            .saturating_sub(u64::from(self.connected));
+        Ok(acked + sock::unacked(self.socket)?)
+    }
+}
+
+/// Handles an event on `from`: forwards stray bytes, and on EOF passes the
 /// half-close to `to` once the kernel has delivered everything before it.
 /// Returns whether `from` is still open for reading.
-async fn pump(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> io::Result<bool> {
-    match from.try_read(buf) {
-        Ok(0) => {
-            drain(from, to).await?;
-            shutdown_write(to)?;
-            Ok(false)
+async fn pump(from: &Spliced<'_>, to: &Spliced<'_>, buf: &mut [u8]) -> io::Result<bool> {
+    let mut reader = from.socket;
+    loop {
+        match reader.read(buf) {
+            Ok(0) => {
+                drain(from.socket, to).await?;
+                shutdown_write(to.socket)?;
+                return Ok(false);
+            }
+            Ok(n) => write_all_polling(to.socket, &buf[..n]).await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) => return Err(e),
         }
-        Ok(n) => {
-            write_all_ready(to, &buf[..n]).await?;
-            Ok(true)
-        }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
-        Err(e) => Err(e),
     }
 }
 
 /// Waits until `to` has taken every byte `from` received (the kernel's
 /// redirect works asynchronously), so a FIN never overtakes data.
-async fn drain(from: &TcpStream, to: &TcpStream) -> io::Result<()> {
+async fn drain(from: &StdTcpStream, to: &Spliced<'_>) -> io::Result<()> {
     // Called after EOF: the count includes the FIN, which is not data.
     let received = sock::tcp_counts(from)?.received.saturating_sub(1);
     let mut last_progress = Instant::now();
     let mut last_written = 0;
     loop {
-        let written = sock::tcp_counts(to)?.acked + sock::unacked(to)?;
+        let written = to.written()?;
         if written >= received {
             return Ok(());
         }
@@ -383,36 +414,41 @@ async fn drain(from: &TcpStream, to: &TcpStream) -> io::Result<()> {
                 "peer stopped reading; closing",
             ));
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
 
-async fn write_all_ready(to: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+/// Writes stray bytes to a non-blocking socket that tokio does not watch,
+/// polling while its buffer is full. Stray bytes only come while a pair is
+/// torn down, so this is rare and short.
+async fn write_all_polling(mut to: &StdTcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    let mut last_progress = Instant::now();
     while !bytes.is_empty() {
-        to.writable().await?;
-        match to.try_write(bytes) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        match to.write(bytes) {
+            Ok(n) => {
+                bytes = &bytes[n..];
+                last_progress = Instant::now();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if last_progress.elapsed() > DRAIN_STALL_LIMIT {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "peer stopped reading; closing",
+                    ));
+                }
+                tokio::time::sleep(POLL_INTERVAL).await;
+            }
             Err(e) => return Err(e),
         }
     }
     Ok(())
 }
 
-fn shutdown_write(socket: &TcpStream) -> io::Result<()> {
-    let sock = socket2_ref(socket);
-    match sock.shutdown(std::net::Shutdown::Write) {
+fn shutdown_write(socket: &StdTcpStream) -> io::Result<()> {
+    match socket.shutdown(std::net::Shutdown::Write) {
         Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
         _ => Ok(()),
     }
-}
-
-/// A borrowed std view of a tokio socket for calls tokio does not offer
-/// on a shared reference.
-fn socket2_ref(socket: &TcpStream) -> std::mem::ManuallyDrop<std::net::TcpStream> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    // SAFETY: the fd stays owned by `socket`; ManuallyDrop never closes it.
-    std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(socket.as_raw_fd()) })
 }
 
 /// Makes the coming close an RST, so the client fails at once instead of

@@ -33,7 +33,8 @@ struct RawTcpInfo {
 /// Counts of a TCP socket from TCP_INFO.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpCounts {
-    /// Bytes the peer has acknowledged (excluding SYN and FIN).
+    /// Bytes the peer has acknowledged, plus one for the SYN on the side that
+    /// connected and one for a FIN once it is acknowledged.
     pub acked: u64,
     /// Bytes received in order from the peer, plus one once its FIN has
     /// arrived (the kernel counts the FIN's sequence number).

@@ -34,6 +34,54 @@
 //! either way; only the client's error message is poorer. `cargo xtask
 //! bench` found this; the happy path is unaffected because sshd sends
 //! nothing between its KEXINIT and the client's key exchange.
+//!
+//! # Performance of the kernel path (issue #6)
+//!
+//! Measured on the bench topology (client namespace, builders behind veths,
+//! 2 vCPUs shared with other work, Linux 6.18, HZ=250) with `perf record -a`
+//! and CPU accounting per process and kernel thread; every figure below is a
+//! same-run comparison, ranges over 3 rounds.
+//!
+//! - Where the CPU goes (8 streams): the two user copies (sender, receiver)
+//!   are the same bytes as on a direct connection; the kernel path adds a
+//!   second TCP connection's transmit and receive work (`__tcp_transmit_skb`
+//!   27% of samples against 15% direct, `net_rx_action` 21% against 10%) and
+//!   the psock work that sends each redirected skb (`sk_psock_backlog`,
+//!   10%). The verdict program itself is 0.5%: its map lookups are not worth
+//!   optimising. Total CPU per GiB: direct 0.40-0.50 s, kernel path
+//!   0.70-0.85 s, HAProxy 2.6 with `splice-auto` 1.4-1.8 s (0.7-0.9 s of it in
+//!   haproxy itself).
+//! - Hence the 0.8x-of-direct throughput target is out of reach on 2 CPUs:
+//!   when both CPUs are busy, throughput is inversely proportional to CPU per
+//!   GiB, which caps the ratio at about 0.55-0.75. Measured with 8 streams:
+//!   upload 0.56-0.68x, download 0.62-0.79x (before the fixes below
+//!   0.50-0.55x and 0.71-0.74x). Against HAProxy the kernel path is 1.2-3x
+//!   faster at about half the CPU (a quarter of HAProxy's CPU beyond what a
+//!   direct connection costs).
+//! - Fixed: the psock work retried a full jiffy after finding the peer's send
+//!   buffer full ([`SPLICED_SEND_BUFFER`]); the daemon woke on every
+//!   redirected segment (`crate::hangup`); a FIN arriving alone was
+//!   redirected as an empty skb and broke the pair (`splice` program).
+//! - Tried, not kept: Nagle on the spliced sockets (slower, 0.5-0.7 against
+//!   0.6-1.1 GB/s for one stream, and it would delay SSH's small packets by
+//!   an ACK round trip); a smaller fixed `SO_RCVBUF` (no faster, and it turns
+//!   off receive autotuning, which a remote builder's download needs). Not
+//!   tried: `SO_RCVLOWAT`, because the verdict program only runs once the
+//!   mark is reached, so a message shorter than it would never be forwarded;
+//!   MTU and GRO, because loopback and veth carry 64 KiB GSO segments from
+//!   end to end already. `splice(2)` in userspace is what HAProxy does, at
+//!   twice the CPU: the sockmap stays the default.
+//! - Connection setup: until the builder's identification line both paths
+//!   run the same code. The kernel path then does about 15 more syscalls per
+//!   connection (KEXINIT relay, SOCKHASH and peer entries, its own epoll,
+//!   TCP_INFO for the drain): about 270 us of daemon CPU per connection
+//!   against 220 us for the userspace path and 195 us for HAProxy. With
+//!   connections back to back on 2 CPUs that shows as 10-50 us more
+//!   connect-to-banner at p50 than HAProxy in most runs (kernel 210-320 us,
+//!   userspace 200-325 us, HAProxy 220-300 us, direct 100-155 us). Next
+//!   steps if it matters: key
+//!   the SOCKHASH by the peer's cookie so the peer map and its four updates
+//!   go, and share one epoll instance between all spliced pairs.
 
 use std::{
     io::{self, Read, Write},

@@ -4,7 +4,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex, Weak};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex, Weak, mpsc};
+use std::thread;
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
@@ -14,6 +17,7 @@ common::dataplane_tests!(
     ssh_sessions_reach_both_builders_under_one_host_name,
     one_gib_each_way_is_byte_exact,
     junk_clients_are_closed_and_service_goes_on,
+    half_close_after_the_last_byte_is_passed_on,
 );
 
 const GIB: u64 = 1 << 30;
@@ -98,6 +102,91 @@ fn junk_clients_are_closed_and_service_goes_on(dataplane: Dataplane) -> Result<(
     }
     Ok(())
 }
+
+/// A client that half-closes only after the builder has answered everything it sent
+/// (so its FIN travels alone, after every data byte was forwarded) still gets the
+/// builder's reply to that FIN, and the builder sees a clean end of stream.
+fn half_close_after_the_last_byte_is_passed_on(dataplane: Dataplane) -> Result<()> {
+    let topology = Topology::new(1)?;
+    let builder = &topology.builders()[0];
+    let address = SocketAddr::from((builder.address(), HALF_CLOSE_PORT));
+    let listener = builder.ns().run(|| TcpListener::bind(address))??;
+    let (served, outcome) = mpsc::channel();
+    // Every connection gets a thread: the daemon's health probes connect too,
+    // and hang up after the identification line.
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let served = served.clone();
+            thread::spawn(move || {
+                if let Some(result) = serve_half_close(&stream) {
+                    let _ = served.send(result);
+                }
+            });
+        }
+    });
+    let mut config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
+    config.builder_mut(builder.name()).address = address;
+    let _daemon = Daemon::start(topology.client_ns(), &config)?;
+
+    let stream = topology.raw_client().connect(service()).accepted()?;
+    stream.set_read_timeout(Some(STEP_TIMEOUT))?;
+    let mut reader = BufReader::new(&stream);
+    (&stream).write_all(b"SSH-2.0-half-close-client\r\n")?;
+    let mut line = Vec::new();
+    reader.read_until(b'\n', &mut line)?;
+    (&stream).write_all(&SSH_PACKET)?;
+    let mut packet = [0u8; SSH_PACKET.len()];
+    reader.read_exact(&mut packet)?;
+    (&stream).write_all(b"ping")?;
+    let mut pong = [0u8; 4];
+    reader.read_exact(&mut pong)?;
+    ensure!(&pong == b"pong", "expected pong, got {pong:?}");
+    stream.shutdown(Shutdown::Write)?;
+    let mut reply = Vec::new();
+    let read = reader.read_to_end(&mut reply);
+    outcome.recv_timeout(STEP_TIMEOUT)??;
+    read?;
+    ensure!(
+        reply == b"bye",
+        "after the half-close the client got {reply:?}"
+    );
+    Ok(())
+}
+
+/// The builder's side: the opening, then `ping` -> `pong`, then end of stream ->
+/// `bye`. `None` for a connection that hung up before its `ping` (a health probe).
+fn serve_half_close(stream: &TcpStream) -> Option<Result<()>> {
+    let opening = || -> std::io::Result<BufReader<&TcpStream>> {
+        stream.set_read_timeout(Some(STEP_TIMEOUT))?;
+        let mut reader = BufReader::new(stream);
+        (&*stream).write_all(b"SSH-2.0-half-close-builder\r\n")?;
+        let mut line = Vec::new();
+        reader.read_until(b'\n', &mut line)?;
+        (&*stream).write_all(&SSH_PACKET)?;
+        let mut packet = [0u8; SSH_PACKET.len()];
+        reader.read_exact(&mut packet)?;
+        let mut ping = [0u8; 4];
+        reader.read_exact(&mut ping)?;
+        Ok(reader)
+    };
+    let mut reader = opening().ok()?;
+    Some((|| {
+        (&*stream).write_all(b"pong")?;
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest)?;
+        ensure!(rest.is_empty(), "after ping, the builder got {rest:?}");
+        (&*stream).write_all(b"bye")?;
+        Ok(())
+    })())
+}
+
+/// Where the half-close test's builder listens (sshd keeps port 22).
+const HALF_CLOSE_PORT: u16 = 2222;
+/// An unencrypted SSH packet (length 12, padding length 4, message 20 KEXINIT,
+/// padding): all the handoff needs before it splices.
+const SSH_PACKET: [u8; 16] = [0, 0, 0, 12, 4, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+/// Only against hangs.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One 1 GiB file for all transfer tests running at the same time; the last one
 /// to finish deletes it.

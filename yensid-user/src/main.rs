@@ -11,6 +11,7 @@ mod cli;
 mod config;
 mod control;
 mod daemon;
+mod hangup;
 mod health;
 mod hook;
 mod link;

@@ -1,5 +1,6 @@
 //! Thin wrappers around the socket calls the proxy needs and std/tokio do
-//! not offer: socket cookies, TCP_INFO, send-queue size, non-blocking peek.
+//! not offer: socket cookies, TCP_INFO, send-queue size, non-blocking peek,
+//! send-buffer size.
 
 use std::{io, mem, os::fd::AsRawFd};
 
@@ -27,7 +28,8 @@ struct RawTcpInfo {
 /// Counts of a TCP socket from TCP_INFO.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpCounts {
-    /// Bytes the peer has acknowledged (excluding SYN and FIN).
+    /// Bytes the peer has acknowledged, plus one for the SYN on the side that
+    /// connected and one for a FIN once it is acknowledged.
     pub acked: u64,
     /// Bytes received in order from the peer, plus one once its FIN has
     /// arrived (the kernel counts the FIN's sequence number).
@@ -82,6 +84,20 @@ pub fn has_pending_bytes(socket: &impl AsRawFd) -> io::Result<bool> {
     }
 }
 
+/// Sets the send buffer to `bytes` (`SO_SNDBUF`; the kernel doubles the
+/// value for its bookkeeping). Tries `SO_SNDBUFFORCE` first, which may pass
+/// `net.core.wmem_max` (CAP_NET_ADMIN, which the daemon has for BPF);
+/// without the capability the buffer is capped at `wmem_max`.
+pub fn set_send_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    match setsockopt(socket, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &value) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            setsockopt(socket, libc::SOL_SOCKET, libc::SO_SNDBUF, &value)
+        }
+        other => other,
+    }
+}
+
 /// `SO_LINGER` with a zero timeout: closing sends RST at once (it never
 /// blocks, unlike a non-zero linger).
 pub fn reset_on_close(socket: &impl AsRawFd) -> io::Result<()> {
@@ -89,14 +105,19 @@ pub fn reset_on_close(socket: &impl AsRawFd) -> io::Result<()> {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: valid fd, pointer to a linger struct of the given size.
+    setsockopt(socket, libc::SOL_SOCKET, libc::SO_LINGER, &linger)
+}
+
+fn setsockopt<T>(socket: &impl AsRawFd, level: i32, name: i32, value: &T) -> io::Result<()> {
+    // SAFETY: valid fd, pointer to a `T` of the given size that the kernel
+    // only reads.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            mem::size_of::<libc::linger>() as libc::socklen_t,
+            level,
+            name,
+            (value as *const T).cast(),
+            mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc == 0 {
@@ -158,5 +179,16 @@ mod tests {
         // The kernel counts a received FIN as one byte: 6 bytes + FIN.
         let counts = tcp_counts(&server).unwrap();
         assert_eq!(counts.received, 7);
+    }
+
+    #[test]
+    fn send_buffer_is_set() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        set_send_buffer(&client, 64 * 1024).unwrap();
+        let mut size: libc::c_int = 0;
+        getsockopt(&client, libc::SOL_SOCKET, libc::SO_SNDBUF, &mut size).unwrap();
+        // The kernel reports the doubled value it uses.
+        assert_eq!(size, 128 * 1024);
     }
 }

@@ -23,6 +23,14 @@ static PEERS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SPLICED_SOCKETS,
 
 #[stream_verdict]
 pub fn splice(ctx: SkBuffContext) -> u32 {
+    // A FIN that arrives after every byte before it was redirected comes
+    // as an skb without data. Redirected, the peer's send work would try
+    // to send 0 bytes, take that for a broken pipe and fail the peer
+    // socket with EPIPE while it still has data to deliver. Passed, it
+    // marks this socket's own end of stream, which userspace watches.
+    if ctx.len() == 0 {
+        return SK_PASS;
+    }
     // SAFETY: the helper only reads the skb's socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
     // SAFETY: plain hash lookup of a u64.

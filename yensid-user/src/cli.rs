@@ -232,6 +232,17 @@ pub fn show_maps(config_path: &Path, json: bool) -> Result<String> {
     }
     let _ = writeln!(
         out,
+        "\nPATH_STATS (builder -> srtt, samples, retransmits, sampled at boot ns)"
+    );
+    for (i, p) in &dump.path_stats {
+        let _ = writeln!(
+            out,
+            "  {i}: srtt_us={} samples={} retransmits={} sampled_boot_ns={}",
+            p.srtt_us, p.samples, p.retransmits, p.sampled_boot_ns
+        );
+    }
+    let _ = writeln!(
+        out,
         "\nOVERRIDE local_until_boot_ns={}",
         match dump.local_override_until_boot_ns {
             0 => "none".to_owned(),

@@ -125,9 +125,11 @@ enum Command {
     /// Services: claimed addresses, strategy, accepting or refusing (and
     /// why), the kernel's counters. Builders: healthy / unhealthy (why) /
     /// draining / full, open and total connections, failovers, bytes each
-    /// way, probe RTT, egress link. Without a running daemon it says so and
-    /// says whether claimed traffic is being refused. Needs read access to
-    /// the control socket (root, or `control_group`).
+    /// way, probe RTT, the kernel's RTT and retransmits on live connections,
+    /// egress link. Without a running daemon it says so, says whether
+    /// claimed traffic is being refused, and shows the last state in the
+    /// pinned maps. Needs root, or membership of `daemon.read_group` or
+    /// `policy.control_group`.
     Status {
         /// Print the status document as JSON (a stable interface).
         #[arg(long)]
@@ -138,8 +140,9 @@ enum Command {
     /// Dump every pinned map, decoded (works without the daemon).
     ///
     /// Bindings, services, backends, builders, connection counts, the
-    /// kernel's counters, affinity slots, the local override, read from the
-    /// pins: the tool for debugging the kernel side.
+    /// kernel's counters, affinity slots, the local override and the path
+    /// measurements (RTT, retransmits), read from the pins, read-only: the
+    /// tool for debugging the kernel side. Needs root or `daemon.read_group`.
     Maps {
         /// Print the maps as JSON.
         #[arg(long)]

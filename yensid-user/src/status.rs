@@ -143,7 +143,7 @@ pub fn render(status: &Status) -> String {
         "TOTAL".to_owned(),
         "FAILOVERS".to_owned(),
         "TO/FROM".to_owned(),
-        "RTT PROBE/CONN".to_owned(),
+        "RTT PROBE/KERNEL".to_owned(),
         "RETRANS".to_owned(),
         "EGRESS".to_owned(),
     ]];

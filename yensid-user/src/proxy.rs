@@ -124,6 +124,8 @@ const HANDOFF_STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// It is a limit, not an allocation: it fills only while the receiving end
 /// is slower than the sending one.
 const SPLICED_SEND_BUFFER: usize = 8 << 20;
+/// Buffer for the stray bytes of a spliced socket that is ending.
+const STRAY_BUFFER: usize = 4096;
 /// How long a half-close may wait for the kernel to deliver earlier bytes
 /// without any progress.
 const DRAIN_STALL_LIMIT: Duration = Duration::from_secs(60);
@@ -159,7 +161,9 @@ pub trait Dispatcher: Send + Sync + 'static {
 /// How bytes flow once the handoff is done.
 #[derive(Clone)]
 pub enum DataPath {
-    Kernel(Arc<Kernel>),
+    /// Spliced in the kernel; spliced pairs are watched for their ends by
+    /// the one shared epoll instance.
+    Kernel(Arc<Kernel>, Hangups),
     Userspace,
 }
 
@@ -369,8 +373,8 @@ async fn forward(
     client.set_nodelay(true)?;
     upstream.write_all(&client_line).await?;
     client.write_all(&server_lines).await?;
-    let kernel = match path {
-        DataPath::Kernel(kernel) => kernel,
+    let (kernel, hangups) = match path {
+        DataPath::Kernel(kernel, hangups) => (kernel, hangups),
         DataPath::Userspace => {
             return copy(&mut client, &mut upstream, outcome).await;
         }
@@ -395,7 +399,7 @@ async fn forward(
     // Out of tokio's epoll, whose interest in reading would wake the daemon
     // on every redirected segment.
     let (client, upstream) = (client.into_std()?, upstream.into_std()?);
-    let watched = watch_spliced(&client, &upstream).await;
+    let watched = watch_spliced(hangups, &client, &upstream).await;
     kernel.unsplice(cookies.0, cookies.1);
     count_upstream(&upstream, outcome);
     watched
@@ -422,7 +426,11 @@ fn count_upstream(upstream: &impl AsRawFd, outcome: &mut Outcome) {
 /// half-closes and errors (see `hangup`). Bytes the kernel did not
 /// redirect (the verdict program found no peer) wait in the socket's own
 /// queue and are forwarded when that socket ends, so nothing is lost.
-async fn watch_spliced(client: &StdTcpStream, upstream: &StdTcpStream) -> io::Result<()> {
+async fn watch_spliced(
+    hangups: &Hangups,
+    client: &StdTcpStream,
+    upstream: &StdTcpStream,
+) -> io::Result<()> {
     let sockets = [
         Spliced {
             socket: client,
@@ -433,13 +441,15 @@ async fn watch_spliced(client: &StdTcpStream, upstream: &StdTcpStream) -> io::Re
             connected: true,
         },
     ];
-    let hangups = Hangups::new(&[client.as_raw_fd(), upstream.as_raw_fd()])?;
+    let pair = hangups.watch([client.as_raw_fd(), upstream.as_raw_fd()])?;
     let mut open = [true, true];
-    // Stray bytes are rare and never a bulk: a small buffer will do.
-    let mut buf = [0u8; 4096];
+    // Stray bytes are rare and never a bulk: a small buffer will do, taken
+    // only once a socket ends, so an idle connection does not hold one.
+    let mut buf = Vec::new();
     while open.contains(&true) {
-        for index in hangups.next().await? {
+        for index in pair.next().await? {
             if open[index] {
+                buf.resize(STRAY_BUFFER, 0);
                 open[index] = pump(&sockets[index], &sockets[1 - index], &mut buf).await?;
             }
         }

@@ -9,10 +9,16 @@
 //!
 //! 1. read the client's identification line (the client then waits for the
 //!    server's line);
-//! 2. connect to the builder and read its identification line, accepting
-//!    the other lines RFC 4253 allows before it (the server then waits for
-//!    the client's line). A failed connect fails over to another builder,
-//!    invisibly to the client, which has not seen a byte yet;
+//! 2. at the same time (as HAProxy does, the connect does not wait for the
+//!    client's line), connect to the builder and read its identification
+//!    line, accepting the other lines RFC 4253 allows before it (the server
+//!    then waits for the client's line). A failed connect fails over to
+//!    another builder, invisibly to the client, which has not seen a byte
+//!    yet. Steps 1 and 2 only read, each from its own socket, so their
+//!    order does not matter; nothing is passed on until both are done. If
+//!    step 1 fails (the client is not speaking SSH, went away or stalled),
+//!    the upstream connection, made or in the making, is closed; if no
+//!    builder answers, the client is reset without waiting for its line;
 //! 3. pass both lines on; each peer answers with its KEXINIT packet;
 //! 4. read both KEXINIT packets (unencrypted, length-prefixed). The client
 //!    now waits for the server's KEXINIT, the server for the client's;
@@ -240,6 +246,17 @@ struct Opening {
     server_lines: Vec<u8>,
 }
 
+/// Why the handoff ended without a builder's line for the client.
+enum Failure {
+    /// The client's first line is not an SSH identification line.
+    NotSsh(Vec<u8>),
+    /// The client went away or stalled.
+    Client(io::Error),
+    /// No builder could be reached.
+    Unserved(io::Error),
+}
+
+/// Steps 1 and 2 of the handoff, side by side.
 async fn handoff(
     client: &TcpStream,
     service: &str,
@@ -247,9 +264,22 @@ async fn handoff(
     dispatcher: &dyn Dispatcher,
     outcome: &mut Outcome,
 ) -> Result<Opening, (String, io::Error)> {
-    let client_line = match step(read_line(client, MAX_IDENT_LINE)).await {
-        Ok(line) if line.starts_with(b"SSH-") => line,
-        Ok(line) => {
+    let client_line = async {
+        match step(read_line(client, MAX_IDENT_LINE)).await {
+            Ok(line) if line.starts_with(b"SSH-") => Ok(line),
+            Ok(line) => Err(Failure::NotSsh(line)),
+            Err(e) => Err(Failure::Client(e)),
+        }
+    };
+    // The first failure drops the other future: an upstream connection
+    // being made or already made for a client that is gone is closed.
+    let joined = tokio::try_join!(
+        client_line,
+        open_with_failover(service, &mut builder, dispatcher, outcome)
+    );
+    let (client_line, (upstream, observation, server_lines)) = match joined {
+        Ok(both) => both,
+        Err(Failure::NotSsh(line)) => {
             outcome.rejected = true;
             warn!(
                 service,
@@ -259,34 +289,46 @@ async fn handoff(
             );
             return Err((builder, io::Error::other("not an SSH client")));
         }
-        Err(e) => return Err((builder, e)),
+        Err(Failure::Client(e)) => return Err((builder, e)),
+        Err(Failure::Unserved(e)) => {
+            outcome.unserved = true;
+            return Err((builder, e));
+        }
     };
+    Ok(Opening {
+        builder,
+        upstream,
+        observation,
+        client_line,
+        server_lines,
+    })
+}
+
+/// Opens an upstream connection to `builder`, failing over to other
+/// builders until one answers; `builder` always names the builder the
+/// connection is counted for.
+async fn open_with_failover(
+    service: &str,
+    builder: &mut String,
+    dispatcher: &dyn Dispatcher,
+    outcome: &mut Outcome,
+) -> Result<(TcpStream, Option<Observation>, Vec<u8>), Failure> {
     let mut tried = Vec::new();
     loop {
-        match open_upstream(&builder, dispatcher).await {
-            Ok((upstream, observation, server_lines)) => {
-                return Ok(Opening {
-                    builder,
-                    upstream,
-                    observation,
-                    client_line,
-                    server_lines,
-                });
+        let e = match open_upstream(builder, dispatcher).await {
+            Ok(opened) => return Ok(opened),
+            Err(e) => e,
+        };
+        outcome.failovers += 1;
+        tried.push(builder.clone());
+        match dispatcher.fail_over(service, builder, &e.to_string(), &tried) {
+            Some(next) => {
+                info!(service, failed = %builder, next, error = %e, "failing over before the client saw a byte");
+                *builder = next;
             }
-            Err(e) => {
-                outcome.failovers += 1;
-                tried.push(builder.clone());
-                match dispatcher.fail_over(service, &builder, &e.to_string(), &tried) {
-                    Some(next) => {
-                        info!(service, failed = builder, next, error = %e, "failing over before the client saw a byte");
-                        builder = next;
-                    }
-                    None => {
-                        warn!(service, failed = builder, error = %e, "no other builder; refusing the client");
-                        outcome.unserved = true;
-                        return Err((builder, e));
-                    }
-                }
+            None => {
+                warn!(service, failed = %builder, error = %e, "no other builder; refusing the client");
+                return Err(Failure::Unserved(e));
             }
         }
     }

@@ -441,9 +441,15 @@ async fn forward(
     // Out of tokio's epoll, whose interest in reading would wake the daemon
     // on every redirected segment.
     let (client, upstream) = (client.into_std()?, upstream.into_std()?);
-    let watched = watch_spliced(hangups, &client, &upstream).await;
+    let mut ended = [false, false];
+    let watched = watch_spliced(hangups, &client, &upstream, &mut ended).await;
     kernel.unsplice(cookies.0, cookies.1);
-    count_upstream(&upstream, outcome);
+    let ends = sock::Ends {
+        connected: true,
+        fin_sent: ended[0],
+        fin_received: ended[1],
+    };
+    count_upstream(&upstream, ends, outcome);
     watched
 }
 
@@ -453,12 +459,22 @@ async fn copy(
     outcome: &mut Outcome,
 ) -> io::Result<()> {
     let copied = tokio::io::copy_bidirectional(client, upstream).await;
-    count_upstream(upstream, outcome);
+    // Done without an error, each direction ended with a FIN that was
+    // passed on; after an error, which FINs came is unknown, and one may
+    // be counted as a byte.
+    let ended = copied.is_ok();
+    let ends = sock::Ends {
+        connected: true,
+        fin_sent: ended,
+        fin_received: ended,
+    };
+    count_upstream(upstream, ends, outcome);
     copied.map(drop)
 }
 
-fn count_upstream(upstream: &impl AsRawFd, outcome: &mut Outcome) {
-    if let Ok(counts) = sock::tcp_counts(upstream) {
+/// Counts the payload bytes exchanged with the builder.
+fn count_upstream(upstream: &impl AsRawFd, ends: sock::Ends, outcome: &mut Outcome) {
+    if let Ok(counts) = sock::payload_counts(upstream, ends) {
         outcome.to_builder = counts.acked;
         outcome.from_builder = counts.received;
     }
@@ -468,10 +484,13 @@ fn count_upstream(upstream: &impl AsRawFd, outcome: &mut Outcome) {
 /// half-closes and errors (see `hangup`). Bytes the kernel did not
 /// redirect (the verdict program found no peer) wait in the socket's own
 /// queue and are forwarded when that socket ends, so nothing is lost.
+/// `ended[i]`: socket `i` (client, upstream) read its end of file, and its
+/// peer was shut down for writing.
 async fn watch_spliced(
     hangups: &Hangups,
     client: &StdTcpStream,
     upstream: &StdTcpStream,
+    ended: &mut [bool; 2],
 ) -> io::Result<()> {
     let sockets = [
         Spliced {
@@ -484,15 +503,14 @@ async fn watch_spliced(
         },
     ];
     let pair = hangups.watch([client.as_raw_fd(), upstream.as_raw_fd()])?;
-    let mut open = [true, true];
     // Stray bytes are rare and never a bulk: a small buffer will do, taken
     // only once a socket ends, so an idle connection does not hold one.
     let mut buf = Vec::new();
-    while open.contains(&true) {
+    while ended.contains(&false) {
         for index in pair.next().await? {
-            if open[index] {
+            if !ended[index] {
                 buf.resize(STRAY_BUFFER, 0);
-                open[index] = pump(&sockets[index], &sockets[1 - index], &mut buf).await?;
+                ended[index] = !pump(&sockets[index], &sockets[1 - index], &mut buf).await?;
             }
         }
     }

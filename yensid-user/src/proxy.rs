@@ -79,15 +79,26 @@
 //!   twice the CPU: the sockmap stays the default.
 //! - Connection setup: until the builder's identification line both paths
 //!   run the same code. The kernel path then does about 15 more syscalls per
-//!   connection (KEXINIT relay, SOCKHASH and peer entries, its own epoll,
-//!   TCP_INFO for the drain): about 270 us of daemon CPU per connection
-//!   against 220 us for the userspace path and 195 us for HAProxy. With
-//!   connections back to back on 2 CPUs that shows as 10-50 us more
-//!   connect-to-banner at p50 than HAProxy in most runs (kernel 210-320 us,
-//!   userspace 200-325 us, HAProxy 220-300 us, direct 100-155 us). Next
-//!   steps if it matters: key
-//!   the SOCKHASH by the peer's cookie so the peer map and its four updates
-//!   go, and share one epoll instance between all spliced pairs.
+//!   connection (KEXINIT relay, SOCKHASH and peer entries, TCP_INFO for the
+//!   drain): about 270 us of daemon CPU per connection against 220 us for
+//!   the userspace path and 195 us for HAProxy (measured before the changes
+//!   below). With connections back to back on 2 CPUs that showed as 10-50
+//!   us more connect-to-banner at p50 than HAProxy in most runs.
+//! - Since then the connect to the builder starts while the client's line is
+//!   still coming (step 2), and spliced pairs share one epoll instance
+//!   (`crate::hangup`): a connection holds its two sockets and nothing else,
+//!   so 10 000 fit a 20 000-descriptor limit, and an idle spliced
+//!   connection costs about 2 KiB of daemon RSS (10.3 MiB before, 30.2 MiB
+//!   with 9 900). Connect-to-banner, old handoff against new in the same
+//!   bench run, two runs with the order swapped (the later contender tends
+//!   to gain tens of us): p50 426 -> 251 us and 340 -> 278 us, p99 817 ->
+//!   492 us and 577 -> 594 us; HAProxy 267 and 332 us at p50.
+//! - Tried, not kept: keying the SOCKHASH by the peer's cookie, so the
+//!   verdict program looks up its own cookie and the peer map with its four
+//!   updates and two deletes per connection goes. Connection rate, same-run
+//!   pairs in both orders: 2818 -> 3745, 2988 -> 3166, 3694 -> 3247, 3578 ->
+//!   3123 conn/s: within the noise of a shared 2-CPU machine, so the map
+//!   contract stays as it is.
 
 use std::{
     io::{self, Read, Write},

@@ -334,11 +334,11 @@ async fn open_with_failover(
         tried.push(builder.clone());
         match dispatcher.fail_over(service, builder, &e.to_string(), &tried) {
             Some(next) => {
-                info!(service, failed = %builder, next, error = %e, "failing over before the client saw a byte");
+                info!(service, failed = builder.as_str(), next, error = %e, "failing over before the client saw a byte");
                 *builder = next;
             }
             None => {
-                warn!(service, failed = %builder, error = %e, "no other builder; refusing the client");
+                warn!(service, failed = builder.as_str(), error = %e, "no other builder; refusing the client");
                 return Err(Failure::Unserved(e));
             }
         }

@@ -33,6 +33,7 @@ use crate::{
     bpf::{self, Kernel},
     config::{Config, Dataplane, Mode, Service},
     control::{self, ModeChange, Pending, Reply, Request},
+    hangup::Hangups,
     health,
     hook::{self, BuilderInput, Decision, HookError, HookInput, OverrideInput},
     link::{self, LinkState},
@@ -96,7 +97,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
     };
     let path = match (&kernel, config.daemon.dataplane) {
-        (Some(k), Dataplane::Kernel) => DataPath::Kernel(k.clone()),
+        (Some(k), Dataplane::Kernel) => DataPath::Kernel(
+            k.clone(),
+            Hangups::new().context("cannot create the epoll instance for spliced connections")?,
+        ),
         _ => DataPath::Userspace,
     };
     let control_path = config.daemon.control_socket();
@@ -392,7 +396,7 @@ impl Controller {
             services = config.services.len(),
             builders = config.builders.len(),
             dataplane = match self.path {
-                DataPath::Kernel(_) => "kernel",
+                DataPath::Kernel(..) => "kernel",
                 DataPath::Userspace => "userspace",
             },
             bpf = registry.kernel_loaded(),
@@ -897,7 +901,7 @@ impl Controller {
             plan: self.last_plan.as_ref(),
             counters,
             dataplane: match self.path {
-                DataPath::Kernel(_) => "kernel",
+                DataPath::Kernel(..) => "kernel",
                 DataPath::Userspace => "userspace",
             },
             bpf: kernel.is_some(),

@@ -9,10 +9,16 @@
 //!
 //! 1. read the client's identification line (the client then waits for the
 //!    server's line);
-//! 2. connect to the builder and read its identification line, accepting
-//!    the other lines RFC 4253 allows before it (the server then waits for
-//!    the client's line). A failed connect fails over to another builder,
-//!    invisibly to the client, which has not seen a byte yet;
+//! 2. at the same time (as HAProxy does, the connect does not wait for the
+//!    client's line), connect to the builder and read its identification
+//!    line, accepting the other lines RFC 4253 allows before it (the server
+//!    then waits for the client's line). A failed connect fails over to
+//!    another builder, invisibly to the client, which has not seen a byte
+//!    yet. Steps 1 and 2 only read, each from its own socket, so their
+//!    order does not matter; nothing is passed on until both are done. If
+//!    step 1 fails (the client is not speaking SSH, went away or stalled),
+//!    the upstream connection, made or in the making, is closed; if no
+//!    builder answers, the client is reset without waiting for its line;
 //! 3. pass both lines on; each peer answers with its KEXINIT packet;
 //! 4. read both KEXINIT packets (unencrypted, length-prefixed). The client
 //!    now waits for the server's KEXINIT, the server for the client's;
@@ -73,15 +79,26 @@
 //!   twice the CPU: the sockmap stays the default.
 //! - Connection setup: until the builder's identification line both paths
 //!   run the same code. The kernel path then does about 15 more syscalls per
-//!   connection (KEXINIT relay, SOCKHASH and peer entries, its own epoll,
-//!   TCP_INFO for the drain): about 270 us of daemon CPU per connection
-//!   against 220 us for the userspace path and 195 us for HAProxy. With
-//!   connections back to back on 2 CPUs that shows as 10-50 us more
-//!   connect-to-banner at p50 than HAProxy in most runs (kernel 210-320 us,
-//!   userspace 200-325 us, HAProxy 220-300 us, direct 100-155 us). Next
-//!   steps if it matters: key
-//!   the SOCKHASH by the peer's cookie so the peer map and its four updates
-//!   go, and share one epoll instance between all spliced pairs.
+//!   connection (KEXINIT relay, SOCKHASH and peer entries, TCP_INFO for the
+//!   drain): about 270 us of daemon CPU per connection against 220 us for
+//!   the userspace path and 195 us for HAProxy (measured before the changes
+//!   below). With connections back to back on 2 CPUs that showed as 10-50
+//!   us more connect-to-banner at p50 than HAProxy in most runs.
+//! - Since then the connect to the builder starts while the client's line is
+//!   still coming (step 2), and spliced pairs share one epoll instance
+//!   (`crate::hangup`): a connection holds its two sockets and nothing else,
+//!   so 10 000 fit a 20 000-descriptor limit, and an idle spliced
+//!   connection costs about 2 KiB of daemon RSS (10.3 MiB before, 30.2 MiB
+//!   with 9 900). Connect-to-banner, old handoff against new in the same
+//!   bench run, two runs with the order swapped (the later contender tends
+//!   to gain tens of us): p50 426 -> 251 us and 340 -> 278 us, p99 817 ->
+//!   492 us and 577 -> 594 us; HAProxy 267 and 332 us at p50.
+//! - Tried, not kept: keying the SOCKHASH by the peer's cookie, so the
+//!   verdict program looks up its own cookie and the peer map with its four
+//!   updates and two deletes per connection goes. Connection rate, same-run
+//!   pairs in both orders: 2818 -> 3745, 2988 -> 3166, 3694 -> 3247, 3578 ->
+//!   3123 conn/s: within the noise of a shared 2-CPU machine, so the map
+//!   contract stays as it is.
 
 use std::{
     io::{self, Read, Write},
@@ -124,6 +141,8 @@ const HANDOFF_STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// It is a limit, not an allocation: it fills only while the receiving end
 /// is slower than the sending one.
 const SPLICED_SEND_BUFFER: usize = 8 << 20;
+/// Buffer for the stray bytes of a spliced socket that is ending.
+const STRAY_BUFFER: usize = 4096;
 /// How long a half-close may wait for the kernel to deliver earlier bytes
 /// without any progress.
 const DRAIN_STALL_LIMIT: Duration = Duration::from_secs(60);
@@ -159,7 +178,9 @@ pub trait Dispatcher: Send + Sync + 'static {
 /// How bytes flow once the handoff is done.
 #[derive(Clone)]
 pub enum DataPath {
-    Kernel(Arc<Kernel>),
+    /// Spliced in the kernel; spliced pairs are watched for their ends by
+    /// the one shared epoll instance.
+    Kernel(Arc<Kernel>, Hangups),
     Userspace,
 }
 
@@ -236,6 +257,17 @@ struct Opening {
     server_lines: Vec<u8>,
 }
 
+/// Why the handoff ended without a builder's line for the client.
+enum Failure {
+    /// The client's first line is not an SSH identification line.
+    NotSsh(Vec<u8>),
+    /// The client went away or stalled.
+    Client(io::Error),
+    /// No builder could be reached.
+    Unserved(io::Error),
+}
+
+/// Steps 1 and 2 of the handoff, side by side.
 async fn handoff(
     client: &TcpStream,
     service: &str,
@@ -243,9 +275,22 @@ async fn handoff(
     dispatcher: &dyn Dispatcher,
     outcome: &mut Outcome,
 ) -> Result<Opening, (String, io::Error)> {
-    let client_line = match step(read_line(client, MAX_IDENT_LINE)).await {
-        Ok(line) if line.starts_with(b"SSH-") => line,
-        Ok(line) => {
+    let client_line = async {
+        match step(read_line(client, MAX_IDENT_LINE)).await {
+            Ok(line) if line.starts_with(b"SSH-") => Ok(line),
+            Ok(line) => Err(Failure::NotSsh(line)),
+            Err(e) => Err(Failure::Client(e)),
+        }
+    };
+    // The first failure drops the other future: an upstream connection
+    // being made or already made for a client that is gone is closed.
+    let joined = tokio::try_join!(
+        client_line,
+        open_with_failover(service, &mut builder, dispatcher, outcome)
+    );
+    let (client_line, (upstream, observation, server_lines)) = match joined {
+        Ok(both) => both,
+        Err(Failure::NotSsh(line)) => {
             outcome.rejected = true;
             warn!(
                 service,
@@ -255,34 +300,46 @@ async fn handoff(
             );
             return Err((builder, io::Error::other("not an SSH client")));
         }
-        Err(e) => return Err((builder, e)),
+        Err(Failure::Client(e)) => return Err((builder, e)),
+        Err(Failure::Unserved(e)) => {
+            outcome.unserved = true;
+            return Err((builder, e));
+        }
     };
+    Ok(Opening {
+        builder,
+        upstream,
+        observation,
+        client_line,
+        server_lines,
+    })
+}
+
+/// Opens an upstream connection to `builder`, failing over to other
+/// builders until one answers; `builder` always names the builder the
+/// connection is counted for.
+async fn open_with_failover(
+    service: &str,
+    builder: &mut String,
+    dispatcher: &dyn Dispatcher,
+    outcome: &mut Outcome,
+) -> Result<(TcpStream, Option<Observation>, Vec<u8>), Failure> {
     let mut tried = Vec::new();
     loop {
-        match open_upstream(&builder, dispatcher).await {
-            Ok((upstream, observation, server_lines)) => {
-                return Ok(Opening {
-                    builder,
-                    upstream,
-                    observation,
-                    client_line,
-                    server_lines,
-                });
+        let e = match open_upstream(builder, dispatcher).await {
+            Ok(opened) => return Ok(opened),
+            Err(e) => e,
+        };
+        outcome.failovers += 1;
+        tried.push(builder.clone());
+        match dispatcher.fail_over(service, builder, &e.to_string(), &tried) {
+            Some(next) => {
+                info!(service, failed = builder.as_str(), next, error = %e, "failing over before the client saw a byte");
+                *builder = next;
             }
-            Err(e) => {
-                outcome.failovers += 1;
-                tried.push(builder.clone());
-                match dispatcher.fail_over(service, &builder, &e.to_string(), &tried) {
-                    Some(next) => {
-                        info!(service, failed = builder, next, error = %e, "failing over before the client saw a byte");
-                        builder = next;
-                    }
-                    None => {
-                        warn!(service, failed = builder, error = %e, "no other builder; refusing the client");
-                        outcome.unserved = true;
-                        return Err((builder, e));
-                    }
-                }
+            None => {
+                warn!(service, failed = builder.as_str(), error = %e, "no other builder; refusing the client");
+                return Err(Failure::Unserved(e));
             }
         }
     }
@@ -369,8 +426,8 @@ async fn forward(
     client.set_nodelay(true)?;
     upstream.write_all(&client_line).await?;
     client.write_all(&server_lines).await?;
-    let kernel = match path {
-        DataPath::Kernel(kernel) => kernel,
+    let (kernel, hangups) = match path {
+        DataPath::Kernel(kernel, hangups) => (kernel, hangups),
         DataPath::Userspace => {
             return copy(&mut client, &mut upstream, outcome).await;
         }
@@ -395,9 +452,15 @@ async fn forward(
     // Out of tokio's epoll, whose interest in reading would wake the daemon
     // on every redirected segment.
     let (client, upstream) = (client.into_std()?, upstream.into_std()?);
-    let watched = watch_spliced(&client, &upstream).await;
+    let mut ended = [false, false];
+    let watched = watch_spliced(hangups, &client, &upstream, &mut ended).await;
     kernel.unsplice(cookies.0, cookies.1);
-    count_upstream(&upstream, outcome);
+    let ends = sock::Ends {
+        connected: true,
+        fin_sent: ended[0],
+        fin_received: ended[1],
+    };
+    count_upstream(&upstream, ends, outcome);
     watched
 }
 
@@ -407,12 +470,22 @@ async fn copy(
     outcome: &mut Outcome,
 ) -> io::Result<()> {
     let copied = tokio::io::copy_bidirectional(client, upstream).await;
-    count_upstream(upstream, outcome);
+    // Done without an error, each direction ended with a FIN that was
+    // passed on; after an error, which FINs came is unknown, and one may
+    // be counted as a byte.
+    let ended = copied.is_ok();
+    let ends = sock::Ends {
+        connected: true,
+        fin_sent: ended,
+        fin_received: ended,
+    };
+    count_upstream(upstream, ends, outcome);
     copied.map(drop)
 }
 
-fn count_upstream(upstream: &impl AsRawFd, outcome: &mut Outcome) {
-    if let Ok(counts) = sock::tcp_counts(upstream) {
+/// Counts the payload bytes exchanged with the builder.
+fn count_upstream(upstream: &impl AsRawFd, ends: sock::Ends, outcome: &mut Outcome) {
+    if let Ok(counts) = sock::payload_counts(upstream, ends) {
         outcome.to_builder = counts.acked;
         outcome.from_builder = counts.received;
     }
@@ -422,7 +495,14 @@ fn count_upstream(upstream: &impl AsRawFd, outcome: &mut Outcome) {
 /// half-closes and errors (see `hangup`). Bytes the kernel did not
 /// redirect (the verdict program found no peer) wait in the socket's own
 /// queue and are forwarded when that socket ends, so nothing is lost.
-async fn watch_spliced(client: &StdTcpStream, upstream: &StdTcpStream) -> io::Result<()> {
+/// `ended[i]`: socket `i` (client, upstream) read its end of file, and its
+/// peer was shut down for writing.
+async fn watch_spliced(
+    hangups: &Hangups,
+    client: &StdTcpStream,
+    upstream: &StdTcpStream,
+    ended: &mut [bool; 2],
+) -> io::Result<()> {
     let sockets = [
         Spliced {
             socket: client,
@@ -433,14 +513,15 @@ async fn watch_spliced(client: &StdTcpStream, upstream: &StdTcpStream) -> io::Re
             connected: true,
         },
     ];
-    let hangups = Hangups::new(&[client.as_raw_fd(), upstream.as_raw_fd()])?;
-    let mut open = [true, true];
-    // Stray bytes are rare and never a bulk: a small buffer will do.
-    let mut buf = [0u8; 4096];
-    while open.contains(&true) {
-        for index in hangups.next().await? {
-            if open[index] {
-                open[index] = pump(&sockets[index], &sockets[1 - index], &mut buf).await?;
+    let pair = hangups.watch([client.as_raw_fd(), upstream.as_raw_fd()])?;
+    // Stray bytes are rare and never a bulk: a small buffer will do, taken
+    // only once a socket ends, so an idle connection does not hold one.
+    let mut buf = Vec::new();
+    while ended.contains(&false) {
+        for index in pair.next().await? {
+            if !ended[index] {
+                buf.resize(STRAY_BUFFER, 0);
+                ended[index] = !pump(&sockets[index], &sockets[1 - index], &mut buf).await?;
             }
         }
     }

@@ -45,6 +45,34 @@ pub fn tcp_counts(socket: &impl AsRawFd) -> io::Result<TcpCounts> {
     })
 }
 
+/// What TCP_INFO's counts include besides payload: each of SYN and FIN
+/// takes a sequence number, which the kernel counts as a byte.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ends {
+    /// This side made the connection: `acked` includes its SYN.
+    pub connected: bool,
+    /// This side shut down writing: once acknowledged, its FIN is in
+    /// `acked`.
+    pub fin_sent: bool,
+    /// A read returned end of file: the peer's FIN is in `received`.
+    pub fin_received: bool,
+}
+
+/// [`tcp_counts`] of payload bytes only, without the SYN and FINs that
+/// `ends` says the socket's counts include.
+pub fn payload_counts(socket: &impl AsRawFd, ends: Ends) -> io::Result<TcpCounts> {
+    let counts = tcp_counts(socket)?;
+    // The FIN takes the last sequence number sent: it was acknowledged
+    // once nothing is left unacknowledged.
+    let fin_acked = ends.fin_sent && unacked(socket)? == 0;
+    Ok(TcpCounts {
+        acked: counts
+            .acked
+            .saturating_sub(u64::from(ends.connected) + u64::from(fin_acked)),
+        received: counts.received.saturating_sub(u64::from(ends.fin_received)),
+    })
+}
+
 /// Bytes written to a socket that the peer has not acknowledged yet
 /// (`SIOCOUTQ`).
 pub fn unacked(socket: &impl AsRawFd) -> io::Result<u64> {
@@ -179,6 +207,56 @@ mod tests {
         // The kernel counts a received FIN as one byte: 6 bytes + FIN.
         let counts = tcp_counts(&server).unwrap();
         assert_eq!(counts.received, 7);
+    }
+
+    #[test]
+    fn payload_counts_leave_out_syn_and_fins() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let client_ends = Ends {
+            connected: true,
+            ..Ends::default()
+        };
+        client.write_all(b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        server.read_exact(&mut buf).unwrap();
+        server.write_all(b"hi").unwrap();
+        client.read_exact(&mut buf[..2]).unwrap();
+        while unacked(&client).unwrap() + unacked(&server).unwrap() > 0 {
+            std::thread::yield_now();
+        }
+        // The connecting side's SYN is counted as acknowledged data.
+        assert_eq!(tcp_counts(&client).unwrap().acked, 6);
+        let expected = TcpCounts {
+            acked: 5,
+            received: 2,
+        };
+        assert_eq!(payload_counts(&client, client_ends).unwrap(), expected);
+        assert_eq!(
+            payload_counts(&server, Ends::default()).unwrap(),
+            TcpCounts {
+                acked: 2,
+                received: 5
+            }
+        );
+
+        // Both FINs: sent and acknowledged by the client, received by it.
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(server.read(&mut buf).unwrap(), 0);
+        server.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(client.read(&mut buf).unwrap(), 0);
+        while unacked(&client).unwrap() > 0 {
+            std::thread::yield_now();
+        }
+        let counts = tcp_counts(&client).unwrap();
+        assert_eq!((counts.acked, counts.received), (7, 3));
+        let ended = Ends {
+            connected: true,
+            fin_sent: true,
+            fin_received: true,
+        };
+        assert_eq!(payload_counts(&client, ended).unwrap(), expected);
     }
 
     #[test]

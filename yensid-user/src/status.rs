@@ -246,17 +246,8 @@ pub fn pinned(config: &Config, dump: &MapsDump) -> Pinned {
                 builder_names.insert(backend.builder, name.clone());
             }
         }
-        let state = dump
-            .services
-            .iter()
-            .find(|(i, _)| *i == index)
-            .map(|(_, s)| *s);
-        let counters = dump
-            .service_counters
-            .iter()
-            .find(|(i, _)| *i == index)
-            .map(|(_, c)| *c)
-            .unwrap_or_default();
+        let state = entry(&dump.services, index);
+        let counters = entry(&dump.service_counters, index).unwrap_or_default();
         out.services.push(PinnedService {
             name: svc.name.clone(),
             accepting: state.is_some_and(|s| s.accept == 1),
@@ -266,16 +257,8 @@ pub fn pinned(config: &Config, dump: &MapsDump) -> Pinned {
         });
     }
     for (index, name) in builder_names {
-        let state = dump
-            .builders
-            .iter()
-            .find(|(i, _)| *i == index)
-            .map(|(_, b)| *b);
-        let path = dump
-            .path_stats
-            .iter()
-            .find(|(i, _)| *i == index)
-            .map(|(_, p)| *p);
+        let state = entry(&dump.builders, index);
+        let path = entry(&dump.path_stats, index);
         out.builders.push(PinnedBuilder {
             name,
             eligible: state.is_some_and(|b| b.eligible == 1),
@@ -286,6 +269,11 @@ pub fn pinned(config: &Config, dump: &MapsDump) -> Pinned {
         });
     }
     out
+}
+
+/// The value at `index` of a decoded array map.
+fn entry<T: Copy>(entries: &[(u32, T)], index: u32) -> Option<T> {
+    entries.iter().find(|(i, _)| *i == index).map(|(_, v)| *v)
 }
 
 /// [`Pinned`] as tables for humans.

@@ -84,7 +84,9 @@ pub fn all(release: bool) -> Result<()> {
 
 pub fn test(args: &[String]) -> Result<()> {
     all(false)?;
-    if !is_root() {
+    if is_root() {
+        ensure_packages(TEST_PACKAGES)?;
+    } else {
         eprintln!(
             "\n*** NOT ROOT: the black-box tests (namespaces, real sshd) will report SKIPPED. ***\n"
         );
@@ -187,6 +189,22 @@ fn ensure_bpf_linker() -> Result<()> {
         )
     })
 }
+
+/// What the black-box tests run, by file and Debian package: builders'
+/// sshd and the clients' ssh, Nix on both sides, namespaces and links
+/// (`ip`, `tc`), other users and namespaces (`setpriv`, `nsenter`), and
+/// lossy links (`nft`).
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("/usr/sbin/sshd", "openssh-server"),
+    ("/usr/bin/ssh", "openssh-client"),
+    (yensid_tests::nix::NIX_BUILD, "nix-bin"),
+    ("/usr/sbin/ip", "iproute2"),
+    ("/usr/sbin/tc", "iproute2"),
+    ("/usr/bin/setpriv", "util-linux"),
+    ("/usr/bin/nsenter", "util-linux"),
+    ("/usr/sbin/sysctl", "procps"),
+    ("/usr/sbin/nft", "nftables"),
+];
 
 /// Installs, with apt, the Debian package of each `(file, package)` whose
 /// file is missing; without root or apt, stops with the command to run.

@@ -125,7 +125,6 @@ pub async fn run(config_path: &Path) -> Result<()> {
         services: Indices::new(MAX_SERVICES),
         builders: Indices::new(MAX_BUILDERS),
         listener_ids: Indices::new(MAX_LISTENERS),
-        last_plan: None,
         links,
         hook: HookRunner {
             results: hook_results,
@@ -373,7 +372,6 @@ struct Controller {
     services: Indices,
     builders: Indices,
     listener_ids: Indices,
-    last_plan: Option<Plan>,
     links: Option<watch::Receiver<LinkState>>,
     hook: HookRunner,
 }
@@ -664,8 +662,7 @@ impl Controller {
             }
             None => self.apply_fallback(&config).await?,
         }
-        self.registry.follow_plan(&plan);
-        self.last_plan = Some(plan);
+        self.registry.follow_plan(plan);
         Ok(())
     }
 
@@ -851,11 +848,9 @@ impl Controller {
     /// One line per decision that changed: a service starts or stops
     /// refusing, a builder is excluded from a service or back.
     fn log_changes(&self, plan: &Plan) {
+        let inner = self.registry.inner();
         for sp in &plan.services {
-            let previous = self
-                .last_plan
-                .as_ref()
-                .and_then(|p| p.services.iter().find(|s| s.name == sp.name));
+            let previous = inner.service_plan(&sp.name);
             for m in &sp.members {
                 let before = previous
                     .and_then(|p| p.members.iter().find(|b| b.builder == m.builder))
@@ -887,7 +882,7 @@ impl Controller {
     }
 
     /// The facts `report` needs besides the registry.
-    fn report_context(&self) -> report::Context<'_> {
+    fn report_context(&self) -> report::Context {
         let kernel = self.registry.kernel();
         let counters = self
             .services
@@ -898,7 +893,6 @@ impl Controller {
             })
             .collect();
         report::Context {
-            plan: self.last_plan.as_ref(),
             counters,
             dataplane: match self.path {
                 DataPath::Kernel(..) => "kernel",

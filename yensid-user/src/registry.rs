@@ -28,7 +28,7 @@ use crate::{
     link::LinkState,
     metrics::Histogram,
     path::{self, PathTracker, Rtt},
-    policy::{Plan, Unavailable},
+    policy::{Plan, ServicePlan, Unavailable},
     proxy::{Dispatcher, Outcome},
     state::{ModeOverride, OperatorState, unix_now},
 };
@@ -57,13 +57,10 @@ pub struct Inner {
     pub builder_index: HashMap<String, u32>,
     /// What the kernel measured on the connections to each builder.
     pub paths: HashMap<String, PathTracker>,
-    /// Per service, the builders the plan in force excludes (what the
-    /// kernel's `Backend::eligible` says): userspace's own choices
-    /// (failover, the no-BPF fallback, `explain`) must honour the same
-    /// rules.
-    pub excluded: HashMap<String, BTreeSet<String>>,
-    /// Services the plan in force refuses (the kernel's `accept` is 0).
-    pub refusing: BTreeSet<String>,
+    /// The plan in force: what the kernel was last told. Userspace's own
+    /// choices (failover, the no-BPF fallback, `explain`) honour its
+    /// exclusions and refusals too.
+    pub plan: Option<Plan>,
     /// What userspace last wrote to the kernel's RELEASED map, by index.
     released: HashMap<u32, u64>,
     sequence: u64,
@@ -112,8 +109,7 @@ impl Registry {
             connect_times: HashMap::new(),
             builder_index: HashMap::new(),
             paths: HashMap::new(),
-            excluded: HashMap::new(),
-            refusing: BTreeSet::new(),
+            plan: None,
             released: HashMap::new(),
             sequence: 0,
         };
@@ -176,29 +172,9 @@ impl Registry {
         }
     }
 
-    /// Makes userspace's own choices follow the plan the kernel was just
-    /// given.
-    pub fn follow_plan(&self, plan: &Plan) {
-        let mut inner = self.inner();
-        inner.excluded = plan
-            .services
-            .iter()
-            .map(|s| {
-                let excluded = s
-                    .members
-                    .iter()
-                    .filter(|m| m.excluded.is_some())
-                    .map(|m| m.builder.clone())
-                    .collect();
-                (s.name.clone(), excluded)
-            })
-            .collect();
-        inner.refusing = plan
-            .services
-            .iter()
-            .filter(|s| s.refusal.is_some())
-            .map(|s| s.name.clone())
-            .collect();
+    /// Makes `plan`, just given to the kernel, the plan in force.
+    pub fn follow_plan(&self, plan: Plan) {
+        self.inner().plan = Some(plan);
     }
 
     /// Something a decision depends on changed: replan, and tell the hook.
@@ -213,7 +189,11 @@ impl Registry {
         let mut inner = self.inner();
         let config = inner.config.clone();
         let svc = config.services.iter().find(|s| s.name == service)?;
-        if inner.mode_in_force(unix_now()).0 == Mode::Local || inner.refusing.contains(service) {
+        if inner.mode_in_force(unix_now()).0 == Mode::Local
+            || inner
+                .service_plan(service)
+                .is_some_and(|s| s.refusal.is_some())
+        {
             return None;
         }
         let affinity = inner.affinity.get(service).and_then(|table| {
@@ -455,13 +435,23 @@ impl Inner {
         out
     }
 
+    /// The plan in force for `service`, if there is one yet.
+    pub fn service_plan(&self, service: &str) -> Option<&ServicePlan> {
+        self.plan
+            .as_ref()?
+            .services
+            .iter()
+            .find(|s| s.name == service)
+    }
+
     fn candidate(&self, service: &str, name: &str, exclude: &[String]) -> Candidate {
         let b = self.config.builder(name);
         let healthy = self.health.get(name).is_some_and(|t| t.failure().is_none());
-        let planned = !self
-            .excluded
-            .get(service)
-            .is_some_and(|excluded| excluded.contains(name));
+        let planned = !self.service_plan(service).is_some_and(|s| {
+            s.members
+                .iter()
+                .any(|m| m.builder == name && m.excluded.is_some())
+        });
         let eligible = healthy
             && planned
             && !self.drained.contains(name)
@@ -653,7 +643,7 @@ mod tests {
             }],
             builders: Vec::new(),
         };
-        r.follow_plan(&plan);
+        r.follow_plan(plan.clone());
         let prediction = r.inner().predict(&svc, None, 1);
         assert!(prediction.starts_with("-> b2"), "{prediction}");
         assert_eq!(r.route("s", peer).as_deref(), Some("b2"));
@@ -664,7 +654,7 @@ mod tests {
             eligible: 1,
             needed: 2,
         });
-        r.follow_plan(&plan);
+        r.follow_plan(plan);
         assert_eq!(r.route("s", peer), None);
     }
 

@@ -7,15 +7,13 @@ use std::{collections::HashMap, net::IpAddr};
 use yensid_ebpf::maps::ServiceCounters;
 
 use crate::{
-    policy::Plan,
     registry::{Inner, ModeSource},
     state::unix_now,
     status::{BuilderStatus, MemberStatus, ModeStatus, ServiceStatus, Status},
 };
 
 /// What the reports need besides the registry.
-pub struct Context<'a> {
-    pub plan: Option<&'a Plan>,
+pub struct Context {
     /// The kernel's counters by service name (empty without BPF).
     pub counters: HashMap<String, ServiceCounters>,
     /// `kernel` or `userspace`.
@@ -30,7 +28,7 @@ pub struct Context<'a> {
 /// from `from`, with every rule that made it.
 pub fn explain(
     inner: &Inner,
-    context: &Context<'_>,
+    context: &Context,
     service: Option<&str>,
     from: Option<IpAddr>,
 ) -> Result<Vec<String>, String> {
@@ -51,10 +49,7 @@ pub fn explain(
             known.join(", ")
         )
     })?;
-    let plan = context
-        .plan
-        .and_then(|p| p.services.iter().find(|s| s.name == svc.name))
-        .ok_or("no plan yet")?;
+    let plan = inner.service_plan(&svc.name).ok_or("no plan yet")?;
     let claims: Vec<String> = svc.listen.iter().map(ToString::to_string).collect();
     let mut lines = vec![
         format!(
@@ -97,7 +92,7 @@ pub fn explain(
 }
 
 /// Everything `yensid status` shows.
-pub fn status(inner: &Inner, context: &Context<'_>) -> Status {
+pub fn status(inner: &Inner, context: &Context) -> Status {
     let now = unix_now();
     let (mode, source) = inner.mode_in_force(now);
     let (source, until, reason) = match source {
@@ -105,13 +100,12 @@ pub fn status(inner: &Inner, context: &Context<'_>) -> Status {
         ModeSource::Hook { reason } => ("hook", None, reason),
         ModeSource::Override { until } => ("override", until, None),
     };
-    let plan = context.plan;
     let services = inner
         .config
         .services
         .iter()
         .map(|svc| {
-            let sp = plan.and_then(|p| p.services.iter().find(|s| s.name == svc.name));
+            let sp = inner.service_plan(&svc.name);
             let counters = context.counters.get(&svc.name).copied();
             ServiceStatus {
                 name: svc.name.clone(),

@@ -21,11 +21,7 @@ fn load(config_path: &Path) -> Result<Config> {
 
 /// Every (prefix, port) the configuration claims, in words.
 fn claims(config: &Config) -> Vec<String> {
-    config
-        .services
-        .iter()
-        .flat_map(|s| s.listen.iter().map(move |p| format!("{p} port {}", s.port)))
-        .collect()
+    config.services.iter().flat_map(|s| s.claims()).collect()
 }
 
 /// Sends a verb to the running daemon, or records it in the state file

@@ -127,6 +127,16 @@ pub struct Service {
     pub rules: LinkRules,
 }
 
+impl Service {
+    /// Each claimed (prefix, port) in words, as `yensid maps` names a
+    /// binding: `127.0.0.22/32 port 22`.
+    pub fn claims(&self) -> impl Iterator<Item = String> + '_ {
+        self.listen
+            .iter()
+            .map(|p| format!("{p} port {}", self.port))
+    }
+}
+
 /// When builders may be used in mode `auto`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinkRules {
@@ -134,7 +144,7 @@ pub struct LinkRules {
     pub remote_via: Option<Vec<LinkKind>>,
     /// Slowest acceptable egress link; a link of unknown speed fails it.
     pub min_link_mbps: Option<u32>,
-    /// Highest acceptable round-trip time (from health probes).
+    /// Highest acceptable round-trip time (the kernel's, else the probes').
     pub max_rtt_ms: Option<u32>,
     /// Fewer eligible builders than this: the service builds locally.
     pub min_healthy_builders: u32,

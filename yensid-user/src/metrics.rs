@@ -135,6 +135,20 @@ pub fn render(status: &Status) -> String {
                 .map(|b| (format!("{{builder=\"{}\"}}", b.name), f(b)))
                 .collect()
         };
+    // Milliseconds as seconds; builders without a value are left out.
+    let seconds_by_builder =
+        |ms: &dyn Fn(&crate::status::BuilderStatus) -> Option<f64>| -> Vec<(String, String)> {
+            status
+                .builders
+                .iter()
+                .filter_map(|b| {
+                    Some((
+                        format!("{{builder=\"{}\"}}", b.name),
+                        (ms(b)? / 1e3).to_string(),
+                    ))
+                })
+                .collect()
+        };
     family(
         "yensid_mode",
         "gauge",
@@ -263,31 +277,13 @@ pub fn render(status: &Status) -> String {
         "yensid_probe_rtt_seconds",
         "gauge",
         "Round-trip time of the builder's last successful health probe.",
-        status
-            .builders
-            .iter()
-            .filter_map(|b| {
-                Some((
-                    format!("{{builder=\"{}\"}}", b.name),
-                    (b.rtt_ms? / 1e3).to_string(),
-                ))
-            })
-            .collect(),
+        seconds_by_builder(&|b| b.rtt_ms),
     );
     family(
         "yensid_kernel_rtt_seconds",
         "gauge",
         "TCP's smoothed RTT on the daemon's connections to the builder, at the kernel's latest sample.",
-        status
-            .builders
-            .iter()
-            .filter_map(|b| {
-                Some((
-                    format!("{{builder=\"{}\"}}", b.name),
-                    (b.kernel_rtt_ms? / 1e3).to_string(),
-                ))
-            })
-            .collect(),
+        seconds_by_builder(&|b| b.kernel_rtt_ms),
     );
     family(
         "yensid_retransmits_total",

@@ -229,11 +229,7 @@ pub fn pinned(config: &Config, dump: &MapsDump) -> Pinned {
     let mut out = Pinned::default();
     let mut builder_names = std::collections::BTreeMap::new();
     for svc in &config.services {
-        let claims: Vec<String> = svc
-            .listen
-            .iter()
-            .map(|p| format!("{p} port {}", svc.port))
-            .collect();
+        let claims: Vec<String> = svc.claims().collect();
         let Some(&(_, index)) = dump.bindings.iter().find(|(b, _)| claims.contains(b)) else {
             continue;
         };

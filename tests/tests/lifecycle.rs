@@ -57,13 +57,8 @@ fn host_sshd_keeps_everything_unclaimed(dataplane: Dataplane) -> Result<()> {
 /// After `kill -9`, the pinned dispatch refuses claimed connections at once: never a
 /// hang, never the host sshd. Unclaimed traffic still reaches the host sshd.
 fn sigkill_leaves_claimed_traffic_refused(dataplane: Dataplane) -> Result<()> {
-    let mut topology = Topology::new(2)?;
-    topology.start_host_sshd()?;
-    let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
-    let mut daemon = Daemon::start(topology.client_ns(), &config)?;
+    let (topology, mut daemon) = claiming_in_front_of_host_sshd(dataplane, "before the kill")?;
     let raw = topology.raw_client();
-    let claimed = raw.banner(service())?;
-    ensure!(is_builder(&claimed), "before the kill, served by {claimed}");
 
     daemon.kill9()?;
     for i in 0..20 {
@@ -93,13 +88,8 @@ fn sigkill_leaves_claimed_traffic_refused(dataplane: Dataplane) -> Result<()> {
 /// SIGTERM: exit status 0, pin directory gone, and nothing attached any more: the
 /// service address falls back to the host sshd like any unclaimed address.
 fn sigterm_exits_cleanly_and_detaches(dataplane: Dataplane) -> Result<()> {
-    let mut topology = Topology::new(2)?;
-    topology.start_host_sshd()?;
-    let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
-    let mut daemon = Daemon::start(topology.client_ns(), &config)?;
+    let (topology, mut daemon) = claiming_in_front_of_host_sshd(dataplane, "before SIGTERM")?;
     let raw = topology.raw_client();
-    let claimed = raw.banner(service())?;
-    ensure!(is_builder(&claimed), "before SIGTERM, served by {claimed}");
 
     let status = daemon.stop()?;
     ensure!(status.code() == Some(0), "exit after SIGTERM: {status}");
@@ -167,6 +157,18 @@ fn sighup_removing_its_builder_keeps_live_session(dataplane: Dataplane) -> Resul
     )?;
 
     session.finish()
+}
+
+/// Two builders and the host's own sshd, with a round-robin daemon in front whose
+/// claimed address is answered by a builder (checked, `when` names the moment).
+fn claiming_in_front_of_host_sshd(dataplane: Dataplane, when: &str) -> Result<(Topology, Daemon)> {
+    let mut topology = Topology::new(2)?;
+    topology.start_host_sshd()?;
+    let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
+    let claimed = topology.raw_client().banner(service())?;
+    ensure!(is_builder(&claimed), "{when}, served by {claimed}");
+    Ok((topology, daemon))
 }
 
 fn is_builder(name: &str) -> bool {

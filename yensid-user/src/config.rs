@@ -18,7 +18,7 @@ use serde::Deserialize;
 use toml::Spanned;
 use yensid_ebpf::maps::{MAX_BACKENDS, MAX_BUILDERS, MAX_SERVICES};
 
-use crate::link::LinkKind;
+use crate::decide::link::LinkKind;
 
 /// Where pinned maps and the dispatch link live by default.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/yensid";

@@ -29,19 +29,20 @@ use yensid_ebpf::maps::{
 };
 
 use crate::{
-    access::{Access, Group},
-    bpf::{self, Kernel},
     config::{Config, Dataplane, Mode, Service},
-    control::{self, ModeChange, Pending, Reply, Request},
-    hangup::Hangups,
-    health,
-    hook::{self, BuilderInput, Decision, HookError, HookInput, OverrideInput},
-    link::{self, LinkState},
-    metrics, path,
-    policy::{self, Plan, Refusal, Snapshot},
-    proxy::{self, DataPath, Dispatcher},
-    registry::Registry,
-    report,
+    dataplane::proxy::{self, DataPath, Dispatcher},
+    decide::health,
+    decide::hook::{self, BuilderInput, Decision, HookError, HookInput, OverrideInput},
+    decide::link::{self, LinkState},
+    decide::policy::{self, Plan, Refusal, Snapshot},
+    decide::registry::Registry,
+    kernel::bpf::{self, Kernel},
+    kernel::hangup::Hangups,
+    kernel::path,
+    operate::access::{Access, Group},
+    operate::control::{self, ModeChange, Pending, Reply, Request},
+    operate::metrics,
+    operate::report,
     state::{ModeOverride, OperatorState, unix_deadline, unix_now},
 };
 
@@ -240,7 +241,7 @@ impl HookRunner {
 }
 
 /// What the hook is told.
-fn hook_input(inner: &crate::registry::Inner) -> HookInput {
+fn hook_input(inner: &crate::decide::registry::Inner) -> HookInput {
     let now = unix_now();
     let links = inner.links.as_ref();
     HookInput {
@@ -1071,7 +1072,7 @@ async fn accept_loop(
 
 /// Closes with RST: the userspace equivalent of the kernel's refusal.
 fn refuse(stream: TcpStream) {
-    let _ = crate::sock::reset_on_close(&stream);
+    let _ = crate::kernel::sock::reset_on_close(&stream);
 }
 
 /// Probes one builder for as long as it is configured, at the times its

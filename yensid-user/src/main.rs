@@ -5,32 +5,18 @@
 //! of a pool, or refuses it at once so that Nix builds locally. Accepted
 //! connections are spliced to their builder in the kernel.
 
-mod access;
-mod bpf;
-mod cli;
-mod config;
-mod control;
-mod daemon;
-mod hangup;
-mod health;
-mod hook;
-mod link;
-mod metrics;
-mod path;
-mod policy;
-mod proxy;
-mod registry;
-mod report;
-mod sock;
-mod state;
-mod status;
-
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use control::{ModeChange, Request};
 use tracing_subscriber::EnvFilter;
+use yensid::{
+    config, daemon,
+    operate::{
+        cli,
+        control::{ModeChange, Request},
+    },
+};
 
 #[derive(Parser)]
 #[command(

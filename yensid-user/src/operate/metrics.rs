@@ -16,8 +16,8 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    control::{Pending, Request},
-    status::Status,
+    operate::control::{Pending, Request},
+    operate::status::Status,
 };
 
 /// Upper bounds of the connect-time histogram, in seconds.
@@ -128,7 +128,7 @@ pub fn render(status: &Status) -> String {
         }
     };
     let by_builder =
-        |f: &dyn Fn(&crate::status::BuilderStatus) -> String| -> Vec<(String, String)> {
+        |f: &dyn Fn(&crate::operate::status::BuilderStatus) -> String| -> Vec<(String, String)> {
             status
                 .builders
                 .iter()
@@ -136,19 +136,21 @@ pub fn render(status: &Status) -> String {
                 .collect()
         };
     // Milliseconds as seconds; builders without a value are left out.
-    let seconds_by_builder =
-        |ms: &dyn Fn(&crate::status::BuilderStatus) -> Option<f64>| -> Vec<(String, String)> {
-            status
-                .builders
-                .iter()
-                .filter_map(|b| {
-                    Some((
-                        format!("{{builder=\"{}\"}}", b.name),
-                        (ms(b)? / 1e3).to_string(),
-                    ))
-                })
-                .collect()
-        };
+    let seconds_by_builder = |ms: &dyn Fn(
+        &crate::operate::status::BuilderStatus,
+    ) -> Option<f64>|
+     -> Vec<(String, String)> {
+        status
+            .builders
+            .iter()
+            .filter_map(|b| {
+                Some((
+                    format!("{{builder=\"{}\"}}", b.name),
+                    (ms(b)? / 1e3).to_string(),
+                ))
+            })
+            .collect()
+    };
     family(
         "yensid_mode",
         "gauge",
@@ -333,7 +335,7 @@ pub fn render(status: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{BuilderStatus, ModeStatus, ServiceStatus};
+    use crate::operate::status::{BuilderStatus, ModeStatus, ServiceStatus};
 
     fn status() -> Status {
         let mut connect = Histogram::default();

@@ -12,7 +12,7 @@ use std::{collections::BTreeMap, path::Path, process::Stdio, time::Duration};
 use serde::{Deserialize, Serialize};
 use tokio::{io::AsyncWriteExt, process::Command, time::timeout};
 
-use crate::{config::Mode, link::Link};
+use crate::{config::Mode, decide::link::Link};
 
 /// What the hook is told (stdin).
 #[derive(Clone, Debug, Serialize)]

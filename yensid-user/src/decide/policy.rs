@@ -16,8 +16,8 @@ use yensid_ebpf::maps::AFFINITY_SLOTS;
 
 use crate::{
     config::{Config, LinkRules, Mode},
-    link::{LinkKind, LinkState},
-    path::{Rtt, RttSource},
+    decide::link::{LinkKind, LinkState},
+    kernel::path::{Rtt, RttSource},
 };
 
 /// Why a builder may not take new connections right now.
@@ -52,7 +52,7 @@ pub struct Snapshot<'a> {
     /// Each builder's address, for its egress route.
     pub addresses: &'a HashMap<String, IpAddr>,
     /// Each builder's round-trip time: the kernel's while fresh, else the
-    /// last successful probe's (see [`crate::path`]).
+    /// last successful probe's (see [`crate::kernel::path`]).
     pub rtt: &'a HashMap<String, Rtt>,
 }
 
@@ -357,7 +357,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{config::Config, link::Link};
+    use crate::{config::Config, decide::link::Link};
 
     fn config(services: &str) -> Config {
         Config::parse(&format!(

@@ -1,6 +1,6 @@
 //! The control socket: how the CLI's verbs and the live `status` and
 //! `explain` reach a running daemon. One JSON request per connection, one
-//! JSON reply. Who may send what is decided in [`crate::access`].
+//! JSON reply. Who may send what is decided in [`crate::operate::access`].
 
 use std::{
     io,
@@ -18,7 +18,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::access::{self, Access, Right};
+use crate::operate::access::{self, Access, Right};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -36,7 +36,7 @@ pub enum Request {
     Mode {
         change: Option<ModeChange>,
     },
-    /// The daemon's [`crate::status::Status`], as JSON in the reply.
+    /// The daemon's [`crate::operate::status::Status`], as JSON in the reply.
     Status,
     /// What happens to the next connection of `service` from `from`.
     Explain {

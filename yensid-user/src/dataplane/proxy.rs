@@ -66,7 +66,7 @@
 //!   direct connection costs).
 //! - Fixed: the psock work retried a full jiffy after finding the peer's send
 //!   buffer full ([`SPLICED_SEND_BUFFER`]); the daemon woke on every
-//!   redirected segment (`crate::hangup`); a FIN arriving alone was
+//!   redirected segment (`crate::kernel::hangup`); a FIN arriving alone was
 //!   redirected as an empty skb and broke the pair (`splice` program).
 //! - Tried, not kept: Nagle on the spliced sockets (slower, 0.5-0.7 against
 //!   0.6-1.1 GB/s for one stream, and it would delay SSH's small packets by
@@ -86,7 +86,7 @@
 //!   us more connect-to-banner at p50 than HAProxy in most runs.
 //! - Since then the connect to the builder starts while the client's line is
 //!   still coming (step 2), and spliced pairs share one epoll instance
-//!   (`crate::hangup`): a connection holds its two sockets and nothing else,
+//!   (`crate::kernel::hangup`): a connection holds its two sockets and nothing else,
 //!   so 10 000 fit a 20 000-descriptor limit, and an idle spliced
 //!   connection costs about 2 KiB of daemon RSS (10.3 MiB before, 30.2 MiB
 //!   with 9 900). Connect-to-banner, old handoff against new in the same
@@ -116,9 +116,9 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    bpf::{Kernel, Observation},
-    hangup::Hangups,
-    sock,
+    kernel::bpf::{Kernel, Observation},
+    kernel::hangup::Hangups,
+    kernel::sock,
 };
 
 /// Longest identification line (RFC 4253 4.2: 255 bytes including CRLF).

@@ -7,11 +7,11 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    bpf,
     config::Config,
-    control::{self, Request},
+    kernel::bpf,
+    operate::control::{self, Request},
+    operate::status,
     state::{ModeOverride, OperatorState, unix_deadline, unix_now},
-    status,
 };
 
 fn load(config_path: &Path) -> Result<Config> {

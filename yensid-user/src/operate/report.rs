@@ -7,9 +7,9 @@ use std::{collections::HashMap, net::IpAddr};
 use yensid_ebpf::maps::ServiceCounters;
 
 use crate::{
-    registry::{Inner, ModeSource},
+    decide::registry::{Inner, ModeSource},
+    operate::status::{BuilderStatus, MemberStatus, ModeStatus, ServiceStatus, Status},
     state::unix_now,
-    status::{BuilderStatus, MemberStatus, ModeStatus, ServiceStatus, Status},
 };
 
 /// What the reports need besides the registry.

@@ -10,7 +10,9 @@ use std::{fmt::Write as _, path::Path};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{bpf::MapsDump, config::Config, link::Link, metrics::Histogram};
+use crate::{
+    config::Config, decide::link::Link, kernel::bpf::MapsDump, operate::metrics::Histogram,
+};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {

@@ -21,15 +21,15 @@ use yensid_ebpf::{
 };
 
 use crate::{
-    bpf::{Kernel, Observation},
     config::{Config, Mode, Service, Strategy},
-    health::{Answer, Failure, Tracker, Transition},
-    hook::Decision,
-    link::LinkState,
-    metrics::Histogram,
-    path::{self, PathTracker, Rtt},
-    policy::{Plan, ServicePlan, Unavailable},
-    proxy::{Dispatcher, Outcome},
+    dataplane::proxy::{Dispatcher, Outcome},
+    decide::health::{Answer, Failure, Tracker, Transition},
+    decide::hook::Decision,
+    decide::link::LinkState,
+    decide::policy::{Plan, ServicePlan, Unavailable},
+    kernel::bpf::{Kernel, Observation},
+    kernel::path::{self, PathTracker, Rtt},
+    operate::metrics::Histogram,
     state::{ModeOverride, OperatorState, unix_now},
 };
 
@@ -613,7 +613,7 @@ mod tests {
     /// not pick it either, and a refusing plan refuses the fallback's clients.
     #[test]
     fn userspace_choices_follow_the_plans_exclusions_and_refusals() {
-        use crate::policy::{Exclusion, MemberPlan, Refusal, ServicePlan};
+        use crate::decide::policy::{Exclusion, MemberPlan, Refusal, ServicePlan};
         let r = registry();
         let svc = r.inner().config.services[0].clone();
         let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
@@ -632,7 +632,7 @@ mod tests {
             excluded,
         };
         let slow = Exclusion::SlowBuilder {
-            rtt_ms: Some((900, crate::path::RttSource::Kernel)),
+            rtt_ms: Some((900, crate::kernel::path::RttSource::Kernel)),
             max: 100,
         };
         let mut plan = Plan {

@@ -11,7 +11,7 @@
 
 use std::{io, os::fd::AsRawFd};
 
-use crate::control::Request;
+use crate::operate::control::Request;
 
 /// What a request needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,7 +203,7 @@ fn peer_groups(fd: i32) -> io::Result<Vec<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::ModeChange;
+    use crate::operate::control::ModeChange;
 
     fn group(key: &'static str, gid: u32) -> Option<Group> {
         Some(Group {

@@ -189,7 +189,7 @@ pub struct Answer {
 pub async fn probe(address: &str, limit: Duration) -> Result<Answer, Failure> {
     let started = Instant::now();
     let attempt = async {
-        let mut stream = crate::proxy::connect(address)
+        let mut stream = crate::dataplane::proxy::connect(address)
             .await
             .map_err(|e| Failure::Refused(e.to_string()))?;
         let peer = stream

@@ -1,0 +1,4 @@
+//! The data path of one connection: SSH handoff, then kernel splice or
+//! userspace copy.
+
+pub mod proxy;

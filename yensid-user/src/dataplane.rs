@@ -1,4 +1,5 @@
 //! The data path of one connection: SSH handoff, then kernel splice or
 //! userspace copy.
 
+pub mod ident;
 pub mod proxy;

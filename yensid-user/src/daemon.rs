@@ -42,6 +42,7 @@ use crate::{
     operate::access::{Access, Group},
     operate::control::{self, ModeChange, Pending, Reply, Request},
     operate::metrics,
+    operate::notify,
     operate::report,
     state::{ModeOverride, OperatorState, unix_deadline, unix_now},
 };
@@ -140,6 +141,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         Ok(()) => controller.serve(incoming, hook_incoming).await,
         Err(e) => Err(e),
     };
+    notify::stopping();
     control_task.abort();
     let _ = std::fs::remove_file(&control_path);
     let cut = registry.inner().active.values().sum::<u64>();
@@ -401,12 +403,15 @@ impl Controller {
             bpf = registry.kernel_loaded(),
             "yensid ready"
         );
+        notify::ready(&self.serving());
         loop {
             self.hook.start_if_due(&registry);
             let override_ends = self.override_deadline();
             tokio::select! {
                 _ = hangup.recv() => {
+                    notify::reloading();
                     self.reload().await;
+                    notify::ready(&self.serving());
                     hook_tick = tokio::time::interval(registry.inner().config.policy.hook_interval);
                 }
                 _ = terminate.recv() => return Ok(()),
@@ -436,6 +441,20 @@ impl Controller {
                 }
             }
         }
+    }
+
+    /// What `systemctl status` shows while the daemon serves.
+    fn serving(&self) -> String {
+        let inner = self.registry.inner();
+        let dataplane = match self.path {
+            DataPath::Kernel(..) => "kernel",
+            DataPath::Userspace => "userspace",
+        };
+        format!(
+            "serving {} service(s) with {} builder(s), {dataplane} dataplane",
+            inner.config.services.len(),
+            inner.config.builders.len()
+        )
     }
 
     /// When the operator's override ends, if it is timed.

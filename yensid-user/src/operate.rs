@@ -5,5 +5,6 @@ pub mod access;
 pub mod cli;
 pub mod control;
 pub mod metrics;
+pub mod notify;
 pub mod report;
 pub mod status;

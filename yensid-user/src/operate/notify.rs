@@ -1,0 +1,46 @@
+//! Tells the service manager what the daemon is doing (systemd's
+//! `Type=notify` protocol, a datagram to `$NOTIFY_SOCKET`): `READY=1` once
+//! it serves, `RELOADING=1` with the reload's start time and then `READY=1`
+//! around a SIGHUP reload, `STOPPING=1` when it stops, and a `STATUS=` line
+//! that `systemctl status` shows. Without `$NOTIFY_SOCKET` (not started by
+//! systemd) every call does nothing.
+
+use sd_notify::NotifyState;
+use tracing::warn;
+
+/// The daemon serves: systemd marks the unit active.
+pub fn ready(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// A reload begins. systemd (>= 253) wants the monotonic time of the
+/// request with it, to tell this reload from an earlier one.
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => send(&[
+            NotifyState::Reloading,
+            now,
+            NotifyState::Status("reloading the configuration"),
+        ]),
+        Err(e) => {
+            warn!(error = %e, "cannot read CLOCK_MONOTONIC; telling systemd of the reload without it");
+            send(&[NotifyState::Reloading]);
+        }
+    }
+}
+
+/// The daemon is stopping: systemd does not mistake the exit for a crash
+/// while it releases the kernel's objects.
+pub fn stopping() {
+    send(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: releasing pins and connections"),
+    ]);
+}
+
+fn send(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        let sent: Vec<String> = states.iter().map(ToString::to_string).collect();
+        warn!(error = %e, states = ?sent, "cannot notify the service manager");
+    }
+}

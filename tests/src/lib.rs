@@ -16,6 +16,7 @@
 pub mod cli;
 mod command;
 pub mod config;
+pub mod container;
 pub mod daemon;
 pub mod derivation;
 pub mod fake;

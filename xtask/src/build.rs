@@ -150,12 +150,8 @@ fn ensure_bpf_linker() -> Result<()> {
         return Ok(());
     }
     if !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists() {
-        if is_root() && Path::new("/usr/bin/apt-get").exists() {
-            progress(&format!("installing {} (apt)", LLVM_PACKAGES.join(" ")));
-            run(Command::new("apt-get")
-                .args(["install", "-y", "-q"])
-                .args(LLVM_PACKAGES)
-                .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        if is_root() && Path::new(APT_GET).exists() {
+            apt_install(LLVM_PACKAGES)?;
         } else {
             bail!(
                 "bpf-linker needs LLVM 22. Install it, then run this again:\n\n    sudo apt-get install -y {}\n",
@@ -192,8 +188,9 @@ fn ensure_bpf_linker() -> Result<()> {
 
 /// What the black-box tests run, by file and Debian package: builders'
 /// sshd and the clients' ssh, Nix on both sides, namespaces and links
-/// (`ip`, `tc`), other users and namespaces (`setpriv`, `nsenter`), and
-/// lossy links (`nft`).
+/// (`ip`, `tc`), other users and namespaces (`setpriv`, `nsenter`),
+/// lossy links (`nft`), and a systemd in a container for the shipped unit
+/// (`systemd-nspawn`, and `debootstrap` for its root file system).
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("/usr/sbin/sshd", "openssh-server"),
     ("/usr/bin/ssh", "openssh-client"),
@@ -204,6 +201,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/nsenter", "util-linux"),
     ("/usr/sbin/sysctl", "procps"),
     ("/usr/sbin/nft", "nftables"),
+    (yensid_tests::container::NSPAWN, "systemd-container"),
+    (yensid_tests::container::DEBOOTSTRAP, "debootstrap"),
 ];
 
 /// Installs, with apt, the Debian package of each `(file, package)` whose
@@ -217,31 +216,59 @@ pub fn ensure_packages(needed: &[(&str, &str)]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    if !(is_root() && Path::new("/usr/bin/apt-get").exists()) {
+    if !(is_root() && Path::new(APT_GET).exists()) {
         bail!(
             "missing {}. Install it, then run this again:\n\n    sudo apt-get install -y {}\n",
             missing.join(", "),
             missing.join(" ")
         );
     }
-    progress(&format!("installing {} (apt)", missing.join(" ")));
-    let install = || {
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))
-    };
-    if install().is_err() {
-        // A machine that never ran `apt-get update` has no package lists.
-        run(Command::new("apt-get").args(["update", "-q"]))?;
-        install()?;
-    }
+    apt_install(&missing)?;
     for (file, package) in needed {
         if !Path::new(file).exists() {
             bail!("{package} is installed but there is no {file}");
         }
     }
     Ok(())
+}
+
+const APT_GET: &str = "/usr/bin/apt-get";
+
+/// `apt-get install`s `packages` (as root), fetching the package lists first when
+/// this machine has none (a fresh install where `apt-get update` never ran) or when
+/// the lists it has do not know a package.
+fn apt_install(packages: &[&str]) -> Result<()> {
+    progress(&format!("installing {} (apt)", packages.join(" ")));
+    let update = || {
+        progress("fetching the package lists (apt-get update)");
+        run(Command::new(APT_GET)
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    let install = || {
+        run(Command::new(APT_GET)
+            .args(["install", "-y", "-q"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    if !has_package_lists() {
+        update()?;
+        return install();
+    }
+    if install().is_err() {
+        update()?;
+        install()?;
+    }
+    Ok(())
+}
+
+/// Whether apt has fetched any package list (`/var/lib/apt/lists/*_Packages*`).
+fn has_package_lists() -> bool {
+    std::fs::read_dir("/var/lib/apt/lists").is_ok_and(|entries| {
+        entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .any(|name| name.contains("_Packages"))
+    })
 }
 
 fn path_with_cargo_bin() -> String {

@@ -1,16 +1,38 @@
 //! `cargo xtask demo`: yensid doing its main job on this machine, with
-//! throwaway builders. Everything it makes (namespaces, sshd processes, the
-//! daemon, pins) is removed when it ends, also on error.
+//! throwaway builders: ssh sessions spread over them, a real `nix-build`
+//! through yensid to one of them, the host's sshd untouched, and a build
+//! made locally at once in mode `local`. Everything it makes (namespaces,
+//! sshd processes, Nix stores, the daemon, pins) is removed when it ends,
+//! also on error.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
-use anyhow::{Result, bail};
-use yensid_tests::{Daemon, DaemonConfig, Dataplane, PolicyMode, Strategy, Topology, service};
+use anyhow::{Context, Result, bail};
+use yensid_tests::{
+    Daemon, DaemonConfig, Dataplane, Derivation, NixClient, NixRun, PolicyMode, Site, StoreScheme,
+    Strategy, Topology, cli, remote_builder, service,
+};
 
 use crate::build;
+
+/// What the demo runs, by file and Debian package: the builders' sshd and
+/// the client's ssh, Nix on both sides, and namespaces (`ip`, `nsenter`,
+/// `unshare`, `sysctl`).
+const DEMO_PACKAGES: &[(&str, &str)] = &[
+    ("/usr/sbin/sshd", "openssh-server"),
+    ("/usr/bin/ssh", "openssh-client"),
+    (yensid_tests::nix::NIX_BUILD, "nix-bin"),
+    ("/usr/sbin/ip", "iproute2"),
+    ("/usr/bin/nsenter", "util-linux"),
+    ("/usr/bin/unshare", "util-linux"),
+    ("/usr/sbin/sysctl", "procps"),
+];
+
+/// A Nix build here takes seconds; only a hang reaches this.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub fn run() -> Result<()> {
     if !build::is_root() {
@@ -19,6 +41,7 @@ pub fn run() -> Result<()> {
         );
     }
     build::all(false)?;
+    build::ensure_packages(DEMO_PACKAGES)?;
 
     say(
         "Two throwaway builders b1 and b2 (real sshd, each with its own host key) in network namespaces,",
@@ -26,7 +49,8 @@ pub fn run() -> Result<()> {
     say(
         "reached over veths at 198.18.1.2 and 198.18.2.2; the client namespace also runs its own sshd on *:22.",
     );
-    let mut topology = Topology::new(2)?;
+    say("Each builder also has a Nix store of its own; the client's store is a throwaway one.");
+    let mut topology = Topology::with_stores(2)?;
     topology.start_host_sshd()?;
     let config =
         DaemonConfig::for_topology(&topology, Dataplane::Kernel, Strategy::LeastConnections);
@@ -51,6 +75,35 @@ pub fn run() -> Result<()> {
     held.wait()?;
     say("  least-connections sent the short sessions to the builder without the long one.");
 
+    say(
+        "A real `nix-build` through yensid: the client lists one remote machine, ssh-ng://root@127.0.0.22,",
+    );
+    say("and trusts exactly what `yensid known-hosts` prints for it.");
+    let known_hosts = cli::known_hosts(daemon.config_path(), None)?;
+    let nix = NixClient::new(&topology, &known_hosts.stdout)?;
+    let builders = remote_builder(StoreScheme::SshNg, service().ip(), 1);
+    say(&format!("  nix-build --max-jobs 1 --builders '{builders}'"));
+    let run = build_one(&nix, &builders)?;
+    let (path, site) = built(&run)?;
+    let Site::Builder(builder) = site else {
+        bail!(
+            "expected a remote build, it was built at {site:?}:\n{}",
+            run.stderr
+        );
+    };
+    let stored = topology
+        .builder(builder)
+        .store()
+        .context("builders with stores")?
+        .contains(path);
+    say(&format!(
+        "  built on {builder} (the derivation records the network it ran in): {path}"
+    ));
+    say(&format!(
+        "  {builder}'s store {} it; the client copied the result back.",
+        if stored { "holds" } else { "does NOT hold" }
+    ));
+
     let host: SocketAddr = (Ipv4Addr::LOCALHOST, 22).into();
     let banner = topology.raw_client().banner(host)?;
     say(&format!(
@@ -73,6 +126,21 @@ pub fn run() -> Result<()> {
         elapsed.as_micros()
     ));
 
+    say("The same nix-build in mode local: Nix is refused at once and builds on this machine.");
+    let run = build_one(&nix, &builders)?;
+    let (path, site) = built(&run)?;
+    if *site != Site::Client {
+        bail!("expected a local build in mode local, it was built at {site:?}");
+    }
+    say(&format!(
+        "  built locally, in the client's namespace: {path}"
+    ));
+    for said in ["Connection refused", "cannot build on"] {
+        if let Some(line) = run.stderr.lines().find(|l| l.contains(said)) {
+            say(&format!("  Nix said: {}", line.trim()));
+        }
+    }
+
     say("Back to the rules of the configuration: `yensid mode --reset`");
     daemon.reset_mode()?;
     let who = ssh.served_by(service())?;
@@ -92,6 +160,23 @@ pub fn run() -> Result<()> {
         "Stopped with SIGTERM ({status}); pins removed, namespaces and builders are being torn down."
     ));
     Ok(())
+}
+
+/// One `nix-build` of one fresh (never cached) derivation.
+fn build_one(nix: &NixClient, builders: &str) -> Result<NixRun> {
+    let run = nix.build(&[Derivation::uncached()], builders, 1, BUILD_TIMEOUT)?;
+    run.ensure_built()?;
+    Ok(run)
+}
+
+/// The output path of the run's one derivation and where it was built.
+fn built(run: &NixRun) -> Result<(&str, &Site)> {
+    let output = run
+        .builds
+        .first()
+        .and_then(|b| b.output.as_ref())
+        .context("the build has an output")?;
+    Ok((&output.path, &output.site))
 }
 
 fn say(line: &str) {

@@ -49,7 +49,7 @@ struct ConfigFile {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon (needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN).
+    /// Run the daemon (needs root, or CAP_BPF + CAP_NET_ADMIN; CAP_SYS_ADMIN only to mount bpffs).
     ///
     /// Loads the BPF programs, pins their state under the configured
     /// pin_path, claims every service's addresses, and serves until SIGTERM

@@ -23,6 +23,9 @@ const BUILDER_PORT: u16 = 2222;
 const CONFIG: &str = "/etc/yensid/yensid.toml";
 const CLIENT_KEY: &str = "/etc/yensid/test-client-key";
 const KNOWN_HOSTS: &str = "/etc/yensid/test-known-hosts";
+/// `CapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN CAP_CHOWN` (capability numbers 39, 12
+/// and 0 of linux/capability.h).
+const UNIT_CAPABILITIES: u64 = 1 << 39 | 1 << 12 | 1;
 /// Only a hang reaches it.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -76,6 +79,23 @@ fn the_shipped_unit_runs_under_systemd() -> Result<()> {
             "the hardened unit kept yensid from something (`{failure}`):\n{journal}"
         );
     }
+    // It did all that with the unit's capabilities only, no new privileges, under
+    // its system call filter.
+    let pid = container.unit_property("yensid", "MainPID")?;
+    let process = container.run(&["cat", &format!("/proc/{pid}/status")])?;
+    let field = |name: &str| {
+        process
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(str::trim)
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    let effective = u64::from_str_radix(field("CapEff")?, 16)?;
+    ensure!(
+        effective == UNIT_CAPABILITIES,
+        "effective capabilities {effective:#x}, the unit allows {UNIT_CAPABILITIES:#x}"
+    );
+    ensure!(field("NoNewPrivs")? == "1" && field("Seccomp")? == "2");
     let pins = container.run(&["ls", "/sys/fs/bpf/yensid"])?;
     ensure!(pins.contains("dispatch"), "pins while it serves: {pins:?}");
     ensure!(

@@ -14,6 +14,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::command::{run, run_within};
+use crate::stale;
 use crate::tempdir::TempDir;
 use crate::unique;
 use crate::wait::{wait_child, wait_until};
@@ -63,6 +65,7 @@ impl Container {
     /// Mounts a fresh overlay over the cached root file system (built first if there is
     /// none) and a fresh bpffs for the container's /sys/fs/bpf.
     pub fn prepare() -> Result<Self> {
+        stale::sweep_once();
         let lower = cached_rootfs()?;
         let id = unique::next_id();
         let dir = TempDir::new(&unique::name(&id, "container"))?;
@@ -151,7 +154,8 @@ impl Container {
     /// the host runs no systemd or machined to register with or to ask for a scope.
     pub fn boot(&mut self) -> Result<()> {
         let log = File::create(&self.boot_log).context("create the boot log")?;
-        let child = Command::new(NSPAWN)
+        let mut nspawn = Command::new(NSPAWN);
+        nspawn
             .arg("--directory")
             .arg(&self.root)
             .arg(format!("--machine={}", self.machine))
@@ -167,7 +171,18 @@ impl Container {
             .arg(format!("--bind={}:/sys/fs/bpf", self.bpffs.display()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("dup the boot log")?)
-            .stderr(log)
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe. If the test process dies without its
+        // Drop (SIGKILL), nspawn gets SIGTERM and powers the container off.
+        unsafe {
+            nspawn.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = nspawn
             .spawn()
             .with_context(|| format!("cannot spawn {NSPAWN}"))?;
         let nspawn_pid = child.id();
@@ -285,6 +300,21 @@ impl Drop for Container {
         }
         if self.bpffs_mounted {
             let _ = run(Command::new("umount").arg(&self.bpffs));
+        }
+    }
+}
+
+/// Detaches what a killed test process left mounted in one of its temp dirs (the
+/// overlay root, the bpffs), so that the dir can be removed without descending into
+/// them; for [`crate::stale`]. Not mounted: nothing happens.
+pub(crate) fn release_mounts(dir: &Path) {
+    for mount_point in [dir.join("root"), dir.join("bpffs")] {
+        if mount_point.is_dir() {
+            let _ = Command::new("umount")
+                .arg("--lazy")
+                .arg(&mount_point)
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }

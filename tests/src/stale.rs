@@ -9,7 +9,7 @@ use std::fs;
 use std::path::Path;
 use std::sync::Once;
 
-use crate::{daemon, netns, unique};
+use crate::{container, daemon, netns, unique};
 
 pub(crate) fn sweep_once() {
     static SWEEP: Once = Once::new();
@@ -19,6 +19,7 @@ pub(crate) fn sweep_once() {
         }
         for dir in [Path::new(daemon::BPFFS), &std::env::temp_dir()] {
             for name in orphans(dir) {
+                container::release_mounts(&dir.join(&name));
                 let _ = fs::remove_dir_all(dir.join(name));
             }
         }

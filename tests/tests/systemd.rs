@@ -175,6 +175,23 @@ fn the_shipped_unit_runs_under_systemd() -> Result<()> {
         "no spliced connection in the journal:\n{journal}"
     );
 
+    // An invalid configuration: the reload is refused, the unit stays active and
+    // says why in its status.
+    container.write(
+        CONFIG,
+        &config(&container)?.replace("mode = \"local\"", "mode = \"nowhere\""),
+        0o644,
+    )?;
+    container.run(&["systemctl", "reload", "yensid"])?;
+    ensure!(container.unit_property("yensid", "ActiveState")? == "active");
+    let status = container.unit_property("yensid", "StatusText")?;
+    ensure!(
+        status.starts_with("serving ")
+            && status.contains("reload refused")
+            && !status.contains('\n'),
+        "status text after an invalid reload: {status:?}"
+    );
+
     // A clean stop: nothing pinned, nothing claiming the address, no process left.
     container.run(&["systemctl", "stop", "yensid"])?;
     ensure!(container.unit_property("yensid", "ActiveState")? == "inactive");

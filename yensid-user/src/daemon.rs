@@ -410,8 +410,10 @@ impl Controller {
             tokio::select! {
                 _ = hangup.recv() => {
                     notify::reloading();
-                    self.reload().await;
-                    notify::ready(&self.serving());
+                    match self.reload().await {
+                        Ok(()) => notify::ready(&self.serving()),
+                        Err(e) => notify::ready(&format!("{}; reload refused: {e:#}", self.serving())),
+                    }
                     hook_tick = tokio::time::interval(registry.inner().config.policy.hook_interval);
                 }
                 _ = terminate.recv() => return Ok(()),
@@ -601,7 +603,9 @@ impl Controller {
         Reply { ok: true, message }
     }
 
-    async fn reload(&mut self) {
+    /// Reloads the configuration file; an invalid one is refused (logged and
+    /// returned) and the running configuration stays.
+    async fn reload(&mut self) -> Result<()> {
         match Config::load(&self.config_path) {
             Ok(mut config) => {
                 let running = self.registry.inner().config.clone();
@@ -632,9 +636,11 @@ impl Controller {
                 self.apply_logged().await;
             }
             Err(e) => {
-                error!(path = %self.config_path.display(), error = %e, "reload refused; keeping the running configuration")
+                error!(path = %self.config_path.display(), error = %e, "reload refused; keeping the running configuration");
+                return Err(e.into());
             }
         }
+        Ok(())
     }
 
     async fn apply_logged(&mut self) {

@@ -10,7 +10,20 @@ use tracing::warn;
 
 /// The daemon serves: systemd marks the unit active.
 pub fn ready(status: &str) {
-    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+    let status = one_line(status);
+    send(&[NotifyState::Ready, NotifyState::Status(&status)]);
+}
+
+/// A status on one line: the protocol separates assignments with newlines, so
+/// a multi-line message (a configuration error per line) would end the status
+/// early and smuggle its later lines in as assignments.
+fn one_line(status: &str) -> String {
+    status
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// A reload begins. systemd (>= 253) wants the monotonic time of the
@@ -42,5 +55,19 @@ fn send(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
         let sent: Vec<String> = states.iter().map(ToString::to_string).collect();
         warn!(error = %e, states = ?sent, "cannot notify the service manager");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_multi_line_status_becomes_one_line() {
+        assert_eq!(
+            one_line("reload refused: invalid configuration\nline 3: unknown key `strategyy`\n"),
+            "reload refused: invalid configuration; line 3: unknown key `strategyy`"
+        );
+        assert_eq!(one_line("serving"), "serving");
     }
 }

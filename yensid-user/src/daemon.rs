@@ -38,11 +38,13 @@ use crate::{
     decide::registry::Registry,
     kernel::bpf::{self, Kernel},
     kernel::hangup::Hangups,
+    kernel::local_route::{self, LocalRoutes},
     kernel::path,
     operate::access::{Access, Group},
     operate::control::{self, ModeChange, Pending, Reply, Request},
     operate::metrics,
     operate::report,
+    operate::status::PrefixDelivery,
     state::{ModeOverride, OperatorState, unix_deadline, unix_now},
 };
 
@@ -127,6 +129,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         builders: Indices::new(MAX_BUILDERS),
         listener_ids: Indices::new(MAX_LISTENERS),
         links,
+        local_routes: open_local_routes(),
         hook: HookRunner {
             results: hook_results,
             running: false,
@@ -158,6 +161,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
     if let Some(k) = &kernel {
         log_totals(k, &controller.services);
         release_kernel(k);
+    }
+    if let Some(routes) = &mut controller.local_routes {
+        routes.remove_all();
     }
     info!(open_connections_closed = cut, "yensid stopped");
     result
@@ -200,6 +206,18 @@ async fn watch_links(config: &Config) -> Option<watch::Receiver<LinkState>> {
         Ok(rx) => Some(rx),
         Err(e) => {
             error!(error = %e, "LINK STATE UNKNOWN: link rules (remote_via, min_link_mbps) are not applied");
+            None
+        }
+    }
+}
+
+/// The netlink socket that keeps claimed prefixes locally deliverable;
+/// without it, said loudly, the operator must add the routes.
+fn open_local_routes() -> Option<LocalRoutes> {
+    match LocalRoutes::open() {
+        Ok(routes) => Some(routes),
+        Err(e) => {
+            error!(error = %e, "LOCAL ROUTES UNMANAGED: claimed prefixes outside 127.0.0.0/8 need `ip route add local <prefix> dev lo`");
             None
         }
     }
@@ -374,6 +392,8 @@ struct Controller {
     builders: Indices,
     listener_ids: Indices,
     links: Option<watch::Receiver<LinkState>>,
+    /// `None` if rtnetlink could not be opened.
+    local_routes: Option<LocalRoutes>,
     hook: HookRunner,
 }
 
@@ -655,6 +675,7 @@ impl Controller {
         };
         self.sync_probes(&config);
         self.update_affinity(&config);
+        self.deliver_claims(&config);
         self.log_changes(&plan);
         match self.registry.kernel() {
             Some(kernel) => {
@@ -751,6 +772,16 @@ impl Controller {
         }
         self.retire_listeners(|key| wanted_listeners.contains(key));
         Ok(())
+    }
+
+    /// Makes every claimed prefix locally deliverable (see
+    /// `kernel::local_route`); what cannot be is in the log and in status.
+    fn deliver_claims(&mut self, config: &Config) {
+        if let Some(routes) = &mut self.local_routes
+            && let Err(e) = routes.sync(&local_route::claimed(&config.services))
+        {
+            error!(error = %e, "cannot check that the claimed prefixes are locally deliverable");
+        }
     }
 
     /// Opens the loopback listener of one (service, builder) pair and
@@ -905,7 +936,35 @@ impl Controller {
                 Some(Err(why)) => format!("probes only: {why}"),
                 None => "probes only: BPF is unavailable".to_owned(),
             },
+            local_delivery: self.local_delivery(),
         }
+    }
+
+    /// How each claimed prefix is delivered, by prefix text.
+    fn local_delivery(&self) -> HashMap<String, PrefixDelivery> {
+        let config = self.registry.inner().config.clone();
+        local_route::claimed(&config.services)
+            .into_iter()
+            .map(|prefix| {
+                let delivery = self.local_routes.as_ref().map(|r| r.delivery(&prefix));
+                let (deliverable, how) = match delivery {
+                    Some(Some(d)) => (Some(d.deliverable()), d.to_string()),
+                    Some(None) => (None, "not checked yet".to_owned()),
+                    None => (
+                        None,
+                        "unknown: yensid could not open rtnetlink to manage local routes"
+                            .to_owned(),
+                    ),
+                };
+                let text = prefix.to_string();
+                let status = PrefixDelivery {
+                    prefix: text.clone(),
+                    deliverable,
+                    how,
+                };
+                (text, status)
+            })
+            .collect()
     }
 
     /// `yensid mode`: shows, sets or resets the operator's override.

@@ -8,7 +8,9 @@ use yensid_ebpf::maps::ServiceCounters;
 
 use crate::{
     decide::registry::{Inner, ModeSource},
-    operate::status::{BuilderStatus, MemberStatus, ModeStatus, ServiceStatus, Status},
+    operate::status::{
+        BuilderStatus, MemberStatus, ModeStatus, PrefixDelivery, ServiceStatus, Status,
+    },
     state::unix_now,
 };
 
@@ -22,6 +24,8 @@ pub struct Context {
     /// `kernel` when the `observe` program measures builder paths,
     /// otherwise `probes only: <why>`.
     pub path_measurement: String,
+    /// How each claimed prefix reaches the host's stack, by prefix text.
+    pub local_delivery: HashMap<String, PrefixDelivery>,
 }
 
 /// `yensid explain`: the decision for the next connection of a service
@@ -127,6 +131,11 @@ pub fn status(inner: &Inner, context: &Context) -> Status {
                 dispatched: counters.map(|c| c.dispatched),
                 refused_mode_local: counters.map(|c| c.refused_mode),
                 refused_no_builder: counters.map(|c| c.refused_unavailable),
+                local_delivery: svc
+                    .listen
+                    .iter()
+                    .filter_map(|p| context.local_delivery.get(&p.to_string()).cloned())
+                    .collect(),
             }
         })
         .collect();

@@ -940,29 +940,21 @@ impl Controller {
         }
     }
 
-    /// How each claimed prefix is delivered, by prefix text.
+    /// How each claimed prefix is delivered, by prefix text, as of the last
+    /// plan (empty if local routes are not managed).
     fn local_delivery(&self) -> HashMap<String, PrefixDelivery> {
-        let config = self.registry.inner().config.clone();
-        local_route::claimed(&config.services)
-            .into_iter()
-            .map(|prefix| {
-                let delivery = self.local_routes.as_ref().map(|r| r.delivery(&prefix));
-                let (deliverable, how) = match delivery {
-                    Some(Some(d)) => (Some(d.deliverable()), d.to_string()),
-                    Some(None) => (None, "not checked yet".to_owned()),
-                    None => (
-                        None,
-                        "unknown: yensid could not open rtnetlink to manage local routes"
-                            .to_owned(),
-                    ),
-                };
-                let text = prefix.to_string();
+        let Some(routes) = &self.local_routes else {
+            return HashMap::new();
+        };
+        routes
+            .deliveries()
+            .map(|(prefix, delivery)| {
                 let status = PrefixDelivery {
-                    prefix: text.clone(),
-                    deliverable,
-                    how,
+                    prefix: prefix.to_string(),
+                    deliverable: Some(delivery.deliverable()),
+                    how: delivery.to_string(),
                 };
-                (text, status)
+                (prefix.to_string(), status)
             })
             .collect()
     }

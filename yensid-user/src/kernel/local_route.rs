@@ -274,9 +274,9 @@ impl LocalRoutes {
         Ok(())
     }
 
-    /// How `prefix` is delivered, as of the last [`Self::sync`].
-    pub fn delivery(&self, prefix: &Prefix) -> Option<&Delivery> {
-        self.delivery.get(&prefix.to_string()).map(|(_, d)| d)
+    /// Every prefix of the last [`Self::sync`] and how it is delivered.
+    pub fn deliveries(&self) -> impl Iterator<Item = (&Prefix, &Delivery)> {
+        self.delivery.values().map(|(p, d)| (p, d))
     }
 
     /// Removes every route this run holds: the clean stop.
@@ -647,6 +647,13 @@ address = "198.18.1.2:22"
 
     // --- Against a real kernel, in a throwaway network namespace. ---
 
+    fn delivery_of<'a>(routes: &'a LocalRoutes, prefix: &Prefix) -> Option<&'a Delivery> {
+        routes
+            .deliveries()
+            .find(|(p, _)| *p == prefix)
+            .map(|(_, d)| d)
+    }
+
     fn ip(namespace: &str, args: &[&str]) -> String {
         let out = Command::new("ip")
             .args(["-n", namespace])
@@ -729,28 +736,27 @@ address = "198.18.1.2:22"
         // Covered by the /120 it added first: no route of its own.
         assert!(!table.contains("2001:2:ff::22 "), "{table}");
         assert_eq!(
-            routes
-                .delivery(&wanted[0])
+            delivery_of(&routes, &wanted[0])
                 .map(|d| d.to_string())
                 .as_deref(),
             Some("covered by yensid's local route 2001:2:ff::/120")
         );
-        assert_eq!(routes.delivery(&wanted[1]), Some(&Delivery::Added));
+        assert_eq!(delivery_of(&routes, &wanted[1]), Some(&Delivery::Added));
         assert_eq!(
-            routes.delivery(&wanted[2]),
+            delivery_of(&routes, &wanted[2]),
             Some(&Delivery::Covered {
                 route: p("127.0.0.0/8"),
                 ours: false
             })
         );
         assert_eq!(
-            routes.delivery(&wanted[3]),
+            delivery_of(&routes, &wanted[3]),
             Some(&Delivery::Covered {
                 route: p("2001:2:ee::/48"),
                 ours: false
             })
         );
-        assert_eq!(routes.delivery(&wanted[4]), Some(&Delivery::Added));
+        assert_eq!(delivery_of(&routes, &wanted[4]), Some(&Delivery::Added));
 
         // The /120 leaves: the /128 then needs a route of its own.
         inside(&ns.0, || routes.sync(&[wanted[0], wanted[2]])).expect("sync");

@@ -24,7 +24,8 @@ pub struct Context {
     /// `kernel` when the `observe` program measures builder paths,
     /// otherwise `probes only: <why>`.
     pub path_measurement: String,
-    /// How each claimed prefix reaches the host's stack, by prefix text.
+    /// How each claimed prefix reaches the host's stack, by prefix text;
+    /// a prefix missing here is unknown.
     pub local_delivery: HashMap<String, PrefixDelivery>,
 }
 
@@ -134,7 +135,19 @@ pub fn status(inner: &Inner, context: &Context) -> Status {
                 local_delivery: svc
                     .listen
                     .iter()
-                    .filter_map(|p| context.local_delivery.get(&p.to_string()).cloned())
+                    .map(|p| {
+                        let text = p.to_string();
+                        context
+                            .local_delivery
+                            .get(&text)
+                            .cloned()
+                            .unwrap_or(PrefixDelivery {
+                                prefix: text,
+                                deliverable: None,
+                                how: "unknown: yensid does not manage local routes (see its log)"
+                                    .to_owned(),
+                            })
+                    })
                     .collect(),
             }
         })

@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -792,21 +792,7 @@ impl Controller {
         svc: &Service,
         builder: &str,
     ) -> Result<u32> {
-        let dual_stack = svc.listen.iter().any(|p| p.addr.is_ipv6());
-        let bind: SocketAddr = if dual_stack {
-            (Ipv6Addr::LOCALHOST, 0).into()
-        } else {
-            (Ipv4Addr::LOCALHOST, 0).into()
-        };
-        let socket = if dual_stack {
-            let s = tokio::net::TcpSocket::new_v6()?;
-            set_v6only(&s, false)?;
-            s
-        } else {
-            tokio::net::TcpSocket::new_v4()?
-        };
-        socket.bind(bind)?;
-        let listener = socket.listen(1024)?;
+        let listener = listener_socket(svc)?.listen(1024)?;
         let key = format!("{}/{}", svc.name, builder);
         let id = self.listener_ids.get_or_assign(&key)?;
         kernel.register_listener(id, &listener)?;
@@ -1061,6 +1047,29 @@ async fn sleep_until(deadline: Option<std::time::Instant>) {
     }
 }
 
+/// The bound socket of one of `svc`'s builders' loopback listeners. The
+/// kernel's `dispatch` hands it SYNs whatever their destination, so only
+/// the family matters: IPv4 for a service of IPv4 prefixes only; with an
+/// IPv6 prefix, an IPv6 socket on `::ffff:127.0.0.1`, which takes both
+/// families. Not `::1`: binding an IPv6 socket to any address but the
+/// wildcard or a v4-mapped one makes the kernel set IPV6_V6ONLY, and
+/// `bpf_sk_assign` then refuses the service's IPv4 SYNs (EAFNOSUPPORT: the
+/// client gets RST). Not the wildcard either: like 127.0.0.1, the mapped
+/// address keeps the listener out of other hosts' reach.
+fn listener_socket(svc: &Service) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = if svc.listen.iter().any(|p| p.addr.is_ipv6()) {
+        let s = tokio::net::TcpSocket::new_v6()?;
+        set_v6only(&s, false)?;
+        s.bind((Ipv4Addr::LOCALHOST.to_ipv6_mapped(), 0).into())?;
+        s
+    } else {
+        let s = tokio::net::TcpSocket::new_v4()?;
+        s.bind((Ipv4Addr::LOCALHOST, 0).into())?;
+        s
+    };
+    Ok(socket)
+}
+
 fn set_v6only(socket: &tokio::net::TcpSocket, on: bool) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let value: libc::c_int = on as libc::c_int;
@@ -1161,6 +1170,58 @@ mod tests {
             "BPF program `dispatch`: load failed. verifier: 1: exit | R3 unbounded memory access | processed 2 insns"
         );
         assert_eq!(brief("plain"), "plain");
+    }
+
+    fn v6only(socket: &tokio::net::TcpSocket) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut value: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: valid fd, out pointers to a c_int and its size.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
+        value
+    }
+
+    #[test]
+    fn a_service_with_an_ipv6_prefix_listens_for_both_families() {
+        let config = Config::parse(
+            "[[service]]\nname = \"x\"\nlisten = [\"127.0.0.22/32\", \"2001:2:0:ff::22/128\"]\n\
+             [builders.b1]\naddress = \"198.18.1.2:22\"\n",
+        )
+        .unwrap();
+        let socket = listener_socket(&config.services[0]).unwrap();
+        assert_eq!(
+            socket.local_addr().unwrap().ip(),
+            Ipv4Addr::LOCALHOST.to_ipv6_mapped()
+        );
+        // Still dual-stack after the bind, so bpf_sk_assign takes IPv4 SYNs.
+        assert_eq!(v6only(&socket), 0);
+        // What binding ::1 would have done.
+        let loopback = tokio::net::TcpSocket::new_v6().unwrap();
+        set_v6only(&loopback, false).unwrap();
+        loopback
+            .bind((std::net::Ipv6Addr::LOCALHOST, 0).into())
+            .unwrap();
+        assert_eq!(v6only(&loopback), 1);
+
+        let v4_only = Config::parse(
+            "[[service]]\nname = \"x\"\nlisten = [\"127.0.0.22/32\"]\n\
+             [builders.b1]\naddress = \"198.18.1.2:22\"\n",
+        )
+        .unwrap();
+        let socket = listener_socket(&v4_only.services[0]).unwrap();
+        assert_eq!(
+            socket.local_addr().unwrap().ip(),
+            std::net::IpAddr::V4(Ipv4Addr::LOCALHOST)
+        );
     }
 
     #[test]

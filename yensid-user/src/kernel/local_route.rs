@@ -541,7 +541,7 @@ mod tests {
                 ours: false
             }
         );
-        assert_eq!(step(&p("2001:2:ff::22/128"), &routes), Step::Add);
+        assert_eq!(step(&p("2001:2:0:ff::22/128"), &routes), Step::Add);
         assert_eq!(step(&p("198.18.200.0/24"), &routes), Step::Add);
         // A prefix wider than the covering route is not covered.
         assert_eq!(step(&p("126.0.0.0/7"), &routes), Step::Add);
@@ -553,32 +553,32 @@ mod tests {
     #[test]
     fn a_route_of_our_protocol_is_kept_and_others_are_not_ours() {
         let mut routes = fresh_namespace();
-        routes.push(route("2001:2:ff::/48", true, PROTOCOL));
-        assert_eq!(step(&p("2001:2:ff::/48"), &routes), Step::Keep);
+        routes.push(route("2001:2:0:ff::/64", true, PROTOCOL));
+        assert_eq!(step(&p("2001:2:0:ff::/64"), &routes), Step::Keep);
         assert_eq!(
-            step(&p("2001:2:ff::22/128"), &routes),
+            step(&p("2001:2:0:ff::22/128"), &routes),
             Step::Covered {
-                route: p("2001:2:ff::/48"),
+                route: p("2001:2:0:ff::/64"),
                 ours: true
             }
         );
         // The operator's own route for the same prefix: covered, not ours.
-        let operator = vec![route("2001:2:ee::/48", true, 4)];
+        let operator = vec![route("2001:2:0:ee::/64", true, 4)];
         assert_eq!(
-            step(&p("2001:2:ee::/48"), &operator),
+            step(&p("2001:2:0:ee::/64"), &operator),
             Step::Covered {
-                route: p("2001:2:ee::/48"),
+                route: p("2001:2:0:ee::/64"),
                 ours: false
             }
         );
         // Our protocol on a route of another type does not deliver.
-        let odd = vec![route("2001:2:dd::/48", false, PROTOCOL)];
-        assert_eq!(step(&p("2001:2:dd::/48"), &odd), Step::Add);
+        let odd = vec![route("2001:2:0:dd::/64", false, PROTOCOL)];
+        assert_eq!(step(&p("2001:2:0:dd::/64"), &odd), Step::Add);
     }
 
     #[test]
     fn the_request_is_a_local_route_on_lo_with_our_protocol() {
-        let message = route_request(p("2001:2:ff::/120"));
+        let message = route_request(p("2001:2:0:ff::/120"));
         let h = &message.header;
         assert_eq!(h.address_family, AddressFamily::Inet6);
         assert_eq!(h.destination_prefix_length, 120);
@@ -594,7 +594,7 @@ mod tests {
         // What the kernel sends back for it reads as ours.
         assert_eq!(
             local_route_of(&message),
-            Some(route("2001:2:ff::/120", true, PROTOCOL))
+            Some(route("2001:2:0:ff::/120", true, PROTOCOL))
         );
         let v4 = route_request(p("198.18.200.0/24"));
         assert_eq!(v4.header.address_family, AddressFamily::Inet);
@@ -626,11 +626,11 @@ mod tests {
             r#"
 [[service]]
 name = "a"
-listen = ["2001:2:ff::22/128", "127.0.0.22/32"]
+listen = ["2001:2:0:ff::22/128", "127.0.0.22/32"]
 builders = ["b1"]
 [[service]]
 name = "b"
-listen = ["2001:2:ff::22/128"]
+listen = ["2001:2:0:ff::22/128"]
 port = 2222
 builders = ["b1"]
 [builders.b1]
@@ -642,7 +642,7 @@ address = "198.18.1.2:22"
             .iter()
             .map(ToString::to_string)
             .collect();
-        assert_eq!(texts, ["2001:2:ff::22/128", "127.0.0.22/32"]);
+        assert_eq!(texts, ["2001:2:0:ff::22/128", "127.0.0.22/32"]);
     }
 
     // --- Against a real kernel, in a throwaway network namespace. ---
@@ -713,33 +713,41 @@ address = "198.18.1.2:22"
         // The operator's own local route, of another protocol.
         ip(
             &ns.0,
-            &["-6", "route", "add", "local", "2001:2:ee::/48", "dev", "lo"],
+            &[
+                "-6",
+                "route",
+                "add",
+                "local",
+                "2001:2:0:ee::/64",
+                "dev",
+                "lo",
+            ],
         );
         // A route of ours that a crashed run left behind.
         let leftover = ["route", "add", "local", "198.18.200.0/24", "dev", "lo"];
         ip(&ns.0, &[&leftover[..], &["proto", "121"]].concat());
 
         let wanted = [
-            p("2001:2:ff::22/128"),
-            p("2001:2:ff::/120"),
+            p("2001:2:0:ff::22/128"),
+            p("2001:2:0:ff::/120"),
             p("127.0.0.64/26"),
-            p("2001:2:ee::22/128"),
+            p("2001:2:0:ee::22/128"),
             p("198.18.200.0/24"),
         ];
         let mut routes = inside(&ns.0, || LocalRoutes::open().expect("open"));
         inside(&ns.0, || routes.sync(&wanted)).expect("sync");
         let table = local_table(&ns.0);
         assert!(
-            table.contains("local 2001:2:ff::/120 dev lo proto 121"),
+            table.contains("local 2001:2:0:ff::/120 dev lo proto 121"),
             "{table}"
         );
         // Covered by the /120 it added first: no route of its own.
-        assert!(!table.contains("2001:2:ff::22 "), "{table}");
+        assert!(!table.contains("2001:2:0:ff::22 "), "{table}");
         assert_eq!(
             delivery_of(&routes, &wanted[0])
                 .map(|d| d.to_string())
                 .as_deref(),
-            Some("covered by yensid's local route 2001:2:ff::/120")
+            Some("covered by yensid's local route 2001:2:0:ff::/120")
         );
         assert_eq!(delivery_of(&routes, &wanted[1]), Some(&Delivery::Added));
         assert_eq!(
@@ -752,7 +760,7 @@ address = "198.18.1.2:22"
         assert_eq!(
             delivery_of(&routes, &wanted[3]),
             Some(&Delivery::Covered {
-                route: p("2001:2:ee::/48"),
+                route: p("2001:2:0:ee::/64"),
                 ours: false
             })
         );
@@ -761,13 +769,13 @@ address = "198.18.1.2:22"
         // The /120 leaves: the /128 then needs a route of its own.
         inside(&ns.0, || routes.sync(&[wanted[0], wanted[2]])).expect("sync");
         let table = local_table(&ns.0);
-        assert!(!table.contains("2001:2:ff::/120"), "{table}");
+        assert!(!table.contains("2001:2:0:ff::/120"), "{table}");
         assert!(!table.contains("198.18.200.0/24"), "{table}");
         assert!(
-            table.contains("local 2001:2:ff::22 dev lo proto 121"),
+            table.contains("local 2001:2:0:ff::22 dev lo proto 121"),
             "{table}"
         );
-        assert!(table.contains("local 2001:2:ee::/48 dev lo"), "{table}");
+        assert!(table.contains("local 2001:2:0:ee::/64 dev lo"), "{table}");
 
         // Removed by someone else: added again at the next sync.
         ip(
@@ -777,7 +785,7 @@ address = "198.18.1.2:22"
                 "route",
                 "del",
                 "local",
-                "2001:2:ff::22/128",
+                "2001:2:0:ff::22/128",
                 "dev",
                 "lo",
                 "table",
@@ -785,12 +793,27 @@ address = "198.18.1.2:22"
             ],
         );
         inside(&ns.0, || routes.sync(&[wanted[0]])).expect("sync");
-        assert!(local_table(&ns.0).contains("local 2001:2:ff::22 dev lo proto 121"));
+        assert!(local_table(&ns.0).contains("local 2001:2:0:ff::22 dev lo proto 121"));
+
+        // A route of another type for the same prefix: the kernel refuses to add
+        // ours, and the prefix is reported as not deliverable, with why.
+        let blocked = p("198.18.201.0/24");
+        let unreachable = ["route", "add", "unreachable", "198.18.201.0/24"];
+        ip(&ns.0, &[&unreachable[..], &["table", "local"]].concat());
+        inside(&ns.0, || routes.sync(&[wanted[0], blocked])).expect("sync");
+        let failed = delivery_of(&routes, &blocked).expect("reported");
+        assert!(!failed.deliverable());
+        assert!(
+            failed.to_string().starts_with(
+                "NOT DELIVERABLE: cannot add `local 198.18.201.0/24 dev lo table local`: "
+            ),
+            "{failed}"
+        );
 
         inside(&ns.0, || routes.remove_all());
         let table = local_table(&ns.0);
         assert!(!table.contains("proto 121"), "{table}");
-        assert!(table.contains("local 2001:2:ee::/48 dev lo"), "{table}");
+        assert!(table.contains("local 2001:2:0:ee::/64 dev lo"), "{table}");
         assert!(table.contains("local 127.0.0.0/8 dev lo"), "{table}");
     }
 }

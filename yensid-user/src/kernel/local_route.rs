@@ -179,6 +179,8 @@ impl LocalRoutes {
             .connect(&SocketAddr::new(0, 0))
             .map_err(LocalRouteError::Socket)?;
         set_receive_timeout(&socket, REPLY_TIMEOUT).map_err(LocalRouteError::Socket)?;
+        // Best effort: only makes the dumps smaller.
+        let _ = socket.set_netlink_get_strict_chk(true);
         Ok(Self {
             socket,
             sequence: 0,
@@ -263,7 +265,7 @@ impl LocalRoutes {
                         "claimed prefix NOT locally deliverable: its clients cannot connect"
                     ),
                     Delivery::Covered { route, ours } => {
-                        info!(%prefix, %route, yensids = ours, "claimed prefix is locally deliverable")
+                        info!(%prefix, %route, by_yensid = ours, "claimed prefix is locally deliverable")
                     }
                     Delivery::Added => {}
                 }
@@ -342,7 +344,19 @@ impl LocalRoutes {
 
     /// Every route of the `local` table, of both families.
     fn dump(&mut self) -> Result<Vec<LocalRoute>, LocalRouteError> {
-        let request = RouteNetlinkMessage::GetRoute(RouteMessage::default());
+        let mut routes = self.dump_family(AddressFamily::Inet)?;
+        routes.extend(self.dump_family(AddressFamily::Inet6)?);
+        Ok(routes)
+    }
+
+    /// The `local` table of one family. With strict checking the kernel
+    /// sends that table only (not a router's full tables); without it
+    /// (Linux < 4.20) every table comes and [`local_route_of`] filters.
+    fn dump_family(&mut self, family: AddressFamily) -> Result<Vec<LocalRoute>, LocalRouteError> {
+        let mut filter = RouteMessage::default();
+        filter.header.address_family = family;
+        filter.header.table = libc::RT_TABLE_LOCAL;
+        let request = RouteNetlinkMessage::GetRoute(filter);
         let sequence = self
             .send(request, NLM_F_REQUEST | NLM_F_DUMP)
             .map_err(LocalRouteError::Dump)?;

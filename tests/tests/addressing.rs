@@ -574,7 +574,8 @@ fn builders_by_host_name_and_ipv6_literal_on_another_port(dataplane: Dataplane) 
 
 /// Local routes over a daemon's life: added for the prefixes no route covers, none for
 /// a prefix the operator's own local route covers (which yensid never touches), removed
-/// when a prefix leaves at a reload and added for one that arrives; left in place by a
+/// when a prefix leaves at a reload and added for one that arrives, added again when
+/// someone else removes one; left in place by a
 /// crash (the pinned program still refuses there) and adopted by the next run; all of
 /// yensid's gone after a clean stop, the operator's still there.
 fn local_routes_follow_the_claims(dataplane: Dataplane) -> Result<()> {
@@ -660,6 +661,17 @@ fn local_routes_follow_the_claims(dataplane: Dataplane) -> Result<()> {
     );
     raw.banner(at(benchmarking_v6(0xff, 0x1ee), 22))
         .context("an address of the prefix the reload brought")?;
+
+    // Removed by someone else: the daemon follows the routes and adds it again.
+    let since = SystemTime::now();
+    ns.ip(&[
+        "-6", "route", "del", "local", wide, "dev", "lo", "table", "local",
+    ])?;
+    daemon.wait_for_log(&["local route added", wide], since, WAIT)?;
+    ensure!(
+        our_route(&local_table(ns)?, wide).is_some(),
+        "yensid's route for {wide} was not added again"
+    );
 
     // A crash leaves the route (the pinned program refuses there: RST, not
     // unreachable); the next run adopts it.

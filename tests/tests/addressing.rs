@@ -254,6 +254,11 @@ fn ipv6_service_sessions_land_on_ipv6_builders(dataplane: Dataplane) -> Result<(
         "status: {}",
         status.json()
     );
+    let human = daemon.cli(&["status"])?;
+    ensure!(
+        human.contains(&format!("ssh: {prefix}: {ADDED}")),
+        "human status:\n{human}"
+    );
 
     let ssh = topology.ssh_client_with(&topology.pool_known_hosts(&[service6()]))?;
     let held = Held::open(&ssh, service6())?;

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::command::run;
 use crate::config::{DaemonConfig, InstancePaths, PolicyMode};
+use crate::hosts::HostNames;
 use crate::netns::Netns;
 use crate::status::Status;
 use crate::tempdir::TempDir;
@@ -47,6 +48,8 @@ pub struct Daemon {
     log_path: PathBuf,
     /// How many `yensid ready` lines the log held when the current process started.
     readies_before: usize,
+    /// Builders named by host, and the hosts file the daemon sees as /etc/hosts.
+    host_names: Option<(HostNames, PathBuf)>,
     _dir: TempDir,
 }
 
@@ -70,8 +73,28 @@ impl Daemon {
         Self::start_binary(&yensid_binary(), ns, config)
     }
 
+    /// Like [`Self::start`], with the builders of `names` given by host name: the daemon
+    /// runs in a private mount namespace whose /etc/hosts resolves those names (its
+    /// bpffs, control socket and files are the host's, as with [`Self::start`]).
+    pub fn start_with_host_names(
+        ns: &Netns,
+        config: &DaemonConfig,
+        names: &HostNames,
+    ) -> Result<Self> {
+        Self::start_configured(&yensid_binary(), ns, config, Some(names))
+    }
+
     /// Like [`Self::start`] with an explicit binary (e.g. a release build).
     pub fn start_binary(binary: &Path, ns: &Netns, config: &DaemonConfig) -> Result<Self> {
+        Self::start_configured(binary, ns, config, None)
+    }
+
+    fn start_configured(
+        binary: &Path,
+        ns: &Netns,
+        config: &DaemonConfig,
+        names: Option<&HostNames>,
+    ) -> Result<Self> {
         ensure!(
             binary.exists(),
             "no yensid binary at {}: build it with `cargo build -p yensid` or set YENSID_BIN",
@@ -88,11 +111,20 @@ impl Daemon {
         fs::create_dir(&paths.state_dir)?;
         fs::create_dir(&paths.runtime_dir)?;
         let config_path = dir.path().join("yensid.toml");
-        fs::write(&config_path, config.render(&paths))?;
+        let host_names = match names {
+            Some(names) => {
+                let hosts = dir.path().join("hosts");
+                fs::write(&hosts, names.hosts_file())?;
+                Some((names.clone(), hosts))
+            }
+            None => None,
+        };
+        fs::write(&config_path, render(config, &paths, &host_names)?)?;
         let log_path = dir.path().join("yensid.log");
         File::create(&log_path)?;
         let netns = ns.path();
-        let child = spawn(binary, &netns, &config_path, &log_path)?;
+        let hosts = host_names.as_ref().map(|(_, file)| file.as_path());
+        let child = spawn(binary, &netns, &config_path, &log_path, hosts)?;
         let mut daemon = Self {
             child,
             exit: None,
@@ -102,6 +134,7 @@ impl Daemon {
             config_path,
             log_path,
             readies_before: 0,
+            host_names,
             _dir: dir,
         };
         daemon.wait_ready()?;
@@ -121,7 +154,14 @@ impl Daemon {
             }
         }
         self.readies_before = self.log().matches(READY_LINE).count();
-        self.child = spawn(&self.binary, &self.netns, &self.config_path, &self.log_path)?;
+        let hosts = self.host_names.as_ref().map(|(_, file)| file.as_path());
+        self.child = spawn(
+            &self.binary,
+            &self.netns,
+            &self.config_path,
+            &self.log_path,
+            hosts,
+        )?;
         self.exit = None;
         self.wait_ready()
     }
@@ -287,7 +327,7 @@ impl Daemon {
     /// half-written file) and sends SIGHUP.
     pub fn reload(&mut self, config: &DaemonConfig) -> Result<()> {
         let next = self.config_path.with_extension("toml.next");
-        fs::write(&next, config.render(&self.paths))?;
+        fs::write(&next, render(config, &self.paths, &self.host_names)?)?;
         fs::rename(&next, &self.config_path)?;
         self.signal(libc::SIGHUP)
     }
@@ -367,16 +407,47 @@ pub fn check_config(config: &DaemonConfig) -> Result<String> {
         .with_context(|| format!("the config was:\n{}", config.render(&paths)))
 }
 
-/// Starts `yensid run` in the network namespace `netns`, logging to `log`.
-fn spawn(binary: &Path, netns: &Path, config: &Path, log: &Path) -> Result<Child> {
+/// `config` as the daemon reads it: with the builders of `host_names` by host name.
+fn render(
+    config: &DaemonConfig,
+    paths: &InstancePaths,
+    host_names: &Option<(HostNames, PathBuf)>,
+) -> Result<String> {
+    let text = config.render(paths);
+    match host_names {
+        Some((names, _)) => names.rewrite(&text),
+        None => Ok(text),
+    }
+}
+
+/// Starts `yensid run` in the network namespace `netns`, logging to `log`; with
+/// `hosts`, in a private mount namespace where that file is /etc/hosts.
+fn spawn(
+    binary: &Path,
+    netns: &Path,
+    config: &Path,
+    log: &Path,
+    hosts: Option<&Path>,
+) -> Result<Child> {
     let log = OpenOptions::new()
         .append(true)
         .open(log)
         .with_context(|| format!("open {}", log.display()))?;
-    // nsenter execs the binary (no fork), so signals to the child reach yensid.
-    Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .arg("--")
+    // nsenter, unshare and sh exec the next program (no fork), so signals to the
+    // child reach yensid.
+    let mut command = Command::new("nsenter");
+    command.arg(format!("--net={}", netns.display())).arg("--");
+    if let Some(hosts) = hosts {
+        command
+            .args(["unshare", "--mount", "--propagation", "private", "--"])
+            .args([
+                "/bin/sh",
+                "-c",
+                r#"mount --bind "$0" /etc/hosts && exec "$@""#,
+            ])
+            .arg(hosts);
+    }
+    command
         .arg(binary)
         .args(["run", "--config"])
         .arg(config)

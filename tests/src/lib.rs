@@ -11,7 +11,8 @@
 //! removes it in `Drop`, so a panicking test leaves nothing behind; leftovers of a
 //! killed test process are swept by the next run.
 //!
-//! Only loopback and the 198.18.0.0/15 benchmarking range are ever addressed.
+//! Only loopback and the benchmarking ranges 198.18.0.0/15 and 2001:2::/48 (inside the
+//! test namespaces) are ever addressed.
 
 pub mod cli;
 mod command;
@@ -20,6 +21,7 @@ pub mod container;
 pub mod daemon;
 pub mod derivation;
 pub mod fake;
+pub mod hosts;
 pub mod netns;
 pub mod nix;
 pub mod payload;
@@ -42,6 +44,7 @@ pub use config::{
 pub use daemon::{Daemon, LogLine, check_config, yensid_binary};
 pub use derivation::{Derivation, Gate, Site, Sites};
 pub use fake::{Fake, FakeConnection, FakeServer};
+pub use hosts::{HOST_DOMAIN, HostNames};
 pub use netns::Netns;
 pub use nix::{NixBuild, NixClient, NixOutput, NixRun, RunningNix, StoreScheme, remote_builder};
 pub use payload::RandomFile;
@@ -52,3 +55,6 @@ pub use status::{Egress, ModeStatus, Status};
 pub use store::NixStore;
 pub use tcp::{ConnectAttempt, JunkReply, RawClient, SshConnection};
 pub use topology::{Builder, LinkEnd, SERVICE_ADDR, SERVICE_PORT, SecondLink, Topology, service};
+// IPv6, several services, builders by host name (tests/addressing.rs).
+pub use status::PrefixDelivery;
+pub use topology::{ALT_SSH_PORT, benchmarking_v6};

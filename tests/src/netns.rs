@@ -56,6 +56,11 @@ impl Netns {
         run(Command::new("ip").arg("-n").arg(&self.name).args(args)).map(drop)
     }
 
+    /// `ip -n <ns> <args>`, and what it printed.
+    pub fn ip_output(&self, args: &[&str]) -> Result<String> {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
     /// A command that runs `program` inside the namespace (`ip netns exec`, which also
     /// gives it a private /sys; use `nsenter` where the host's bpffs matters).
     pub fn command(&self, program: &str) -> Command {

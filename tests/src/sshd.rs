@@ -82,6 +82,17 @@ pub struct Sshd {
 impl Sshd {
     /// Starts sshd in `ns` with its files under `dir`, and returns once it accepts TCP.
     pub fn start(ns: &Netns, dir: &Path, spec: &SshdSpec) -> Result<Self> {
+        Self::start_listening(ns, dir, spec, &[])
+    }
+
+    /// Like [`Self::start`], and sshd also listens on every address of `also` (e.g. an
+    /// IPv6 address, or a port other than 22).
+    pub fn start_listening(
+        ns: &Netns,
+        dir: &Path,
+        spec: &SshdSpec,
+        also: &[SocketAddr],
+    ) -> Result<Self> {
         let own_dir = dir.join(format!("sshd-{}", spec.name));
         fs::create_dir(&own_dir).with_context(|| format!("mkdir {}", own_dir.display()))?;
         // The privilege separation directory sshd insists on.
@@ -93,7 +104,7 @@ impl Sshd {
         let config = own_dir.join("sshd_config");
         fs::write(
             &config,
-            render_config(spec, host_key.private_key(), &authorized_keys),
+            render_config(spec, host_key.private_key(), &authorized_keys, also),
         )?;
 
         let log = own_dir.join("sshd.log");
@@ -226,7 +237,17 @@ impl Drop for Sshd {
     }
 }
 
-fn render_config(spec: &SshdSpec, host_key: &Path, authorized_keys: &Path) -> String {
+fn render_config(
+    spec: &SshdSpec,
+    host_key: &Path,
+    authorized_keys: &Path,
+    also: &[SocketAddr],
+) -> String {
+    // `ListenAddress [v6]:port` / `v4:port`: a port given there wins over `Port`.
+    let also: String = also
+        .iter()
+        .map(|addr| format!("ListenAddress {addr}\n"))
+        .collect();
     // sshd keeps only the first SetEnv line: every variable goes on this one.
     let mut env = format!("YENSID_BUILDER={}", spec.name);
     if let Some(store) = spec.store {
@@ -235,7 +256,7 @@ fn render_config(spec: &SshdSpec, host_key: &Path, authorized_keys: &Path) -> St
     format!(
         "\
 ListenAddress {listen}
-Port {SSH_PORT}
+{also}Port {SSH_PORT}
 HostKey {host_key}
 VersionAddendum {name}
 SetEnv {env}

@@ -20,6 +20,16 @@ pub struct Egress {
     pub speed_mbps: Option<u64>,
 }
 
+/// Whether one claimed prefix of a service reaches the client namespace's own stack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrefixDelivery {
+    pub prefix: String,
+    /// `None`: the daemon could not tell.
+    pub deliverable: Option<bool>,
+    /// The route that delivers it, or what is missing.
+    pub how: String,
+}
+
 /// The mode in force and where it comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModeStatus {
@@ -105,6 +115,24 @@ impl Status {
             until: mode.get("until").and_then(Value::as_u64),
             reason: optional_string(mode, "reason")?,
         })
+    }
+
+    /// `services[].local_delivery` of `service`: one entry per claimed prefix.
+    pub fn local_delivery(&self, service: &str) -> Result<Vec<PrefixDelivery>> {
+        array(self.service(service)?, "local_delivery")?
+            .iter()
+            .map(|entry| {
+                Ok(PrefixDelivery {
+                    prefix: string(entry, "prefix")?,
+                    deliverable: match entry.get("deliverable") {
+                        Some(Value::Bool(b)) => Some(*b),
+                        Some(Value::Null) => None,
+                        other => bail!("`deliverable` is neither a boolean nor null: {other:?}"),
+                    },
+                    how: string(entry, "how")?,
+                })
+            })
+            .collect()
     }
 
     fn service(&self, name: &str) -> Result<&Value> {

@@ -14,9 +14,14 @@
 //!
 //! [`Topology::add_second_link`] adds a second veth between the client and one builder
 //! (198.18.K.5/30 and 198.18.K.6/30) that the route to the builder can be moved onto.
+//!
+//! [`Topology::dual_stack`] also gives every veth IPv6 addresses from the benchmarking
+//! range 2001:2::/48 (RFC 5180): `2001:2:0:K::1/64` in the client namespace and
+//! `2001:2:0:K::2/64` on the builder, and every builder's sshd listens on both
+//! addresses, on port 22 and on [`ALT_SSH_PORT`].
 
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -40,6 +45,14 @@ pub const SERVICE_PORT: u16 = 22;
 /// builder's subnet.
 const CLIENT_SOURCE_OCTET: u8 = 250;
 
+/// The second port every builder's sshd of a [`Topology::dual_stack`] listens on.
+pub const ALT_SSH_PORT: u16 = 2222;
+
+/// `2001:2:0:<subnet>::<host>`: an address of the IPv6 benchmarking range 2001:2::/48.
+pub fn benchmarking_v6(subnet: u16, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 2, 0, subnet, 0, 0, 0, host)
+}
+
 /// `127.0.0.22:22`.
 pub fn service() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(SERVICE_ADDR), SERVICE_PORT)
@@ -54,6 +67,8 @@ pub struct Builder {
     name: String,
     address: Ipv4Addr,
     gateway: Ipv4Addr,
+    /// `2001:2:0:K::2` in a [`Topology::dual_stack`].
+    address6: Option<Ipv6Addr>,
     /// The veth's end in the client namespace, `y<id>cK`.
     client_link: String,
     /// The veth's end in the builder's namespace, `y<id>bK`.
@@ -94,6 +109,22 @@ impl Builder {
     /// 198.18.K.2:22, where its sshd listens.
     pub fn ssh_addr(&self) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(self.address), SSH_PORT)
+    }
+
+    /// `2001:2:0:K::2`, its IPv6 address in a [`Topology::dual_stack`]; panics in
+    /// another topology.
+    pub fn address6(&self) -> Ipv6Addr {
+        self.address6.unwrap_or_else(|| {
+            panic!(
+                "{} has no IPv6 address: not a dual-stack topology",
+                self.name
+            )
+        })
+    }
+
+    /// `[2001:2:0:K::2]:port` (its sshd listens on 22 and [`ALT_SSH_PORT`]).
+    pub fn ssh_addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V6(self.address6()), port)
     }
 
     pub fn host_key(&self) -> &str {
@@ -153,16 +184,28 @@ impl Topology {
     /// Builds the client namespace and `builders` builders (1..=249), each with its sshd
     /// accepting connections.
     pub fn new(builders: usize) -> Result<Self> {
-        Self::create(builders, false)
+        Self::create(builders, false, false)
+    }
+
+    /// Like [`Self::new`], and every veth has IPv6 addresses too (see the module
+    /// docs); each builder's sshd listens on its IPv4 and IPv6 address, on port 22 and
+    /// on [`ALT_SSH_PORT`].
+    pub fn dual_stack(builders: usize) -> Result<Self> {
+        Self::create(builders, false, true)
+    }
+
+    /// [`Self::dual_stack`] with a Nix store on every builder ([`Self::with_stores`]).
+    pub fn dual_stack_with_stores(builders: usize) -> Result<Self> {
+        Self::create(builders, true, true)
     }
 
     /// Like [`Self::new`], and every builder has a Nix store of its own that its ssh
     /// sessions see as /nix: Nix clients can build on it over `ssh-ng://` and `ssh://`.
     pub fn with_stores(builders: usize) -> Result<Self> {
-        Self::create(builders, true)
+        Self::create(builders, true, false)
     }
 
-    fn create(builders: usize, stores: bool) -> Result<Self> {
+    fn create(builders: usize, stores: bool, dual_stack: bool) -> Result<Self> {
         ensure!(
             (1..usize::from(CLIENT_SOURCE_OCTET)).contains(&builders),
             "a topology has 1 to {} builders",
@@ -182,7 +225,7 @@ impl Topology {
         };
         for index in 1..=builders {
             let builder = topology
-                .add_builder(index as u8, stores)
+                .add_builder(index as u8, stores, dual_stack)
                 .with_context(|| format!("set up builder b{index}"))?;
             topology.builders.push(builder);
         }
@@ -211,7 +254,7 @@ impl Topology {
         .map(drop)
     }
 
-    fn add_builder(&self, index: u8, with_store: bool) -> Result<Builder> {
+    fn add_builder(&self, index: u8, with_store: bool, dual_stack: bool) -> Result<Builder> {
         let name = format!("b{index}");
         let store = if with_store {
             let dir = self.dir.path().join(format!("store-{name}"));
@@ -231,7 +274,38 @@ impl Topology {
         self.client.ip(&["link", "set", &client_end, "up"])?;
         ns.ip(&["addr", "add", &format!("{address}/30"), "dev", &builder_end])?;
         ns.ip(&["link", "set", &builder_end, "up"])?;
-        let sshd = Sshd::start(
+        let address6 = dual_stack.then(|| benchmarking_v6(index.into(), 2));
+        let mut also = Vec::new();
+        if let Some(address6) = address6 {
+            // nodad: usable at once, not after a second of duplicate detection.
+            let gateway6 = benchmarking_v6(index.into(), 1);
+            let client_addr = format!("{gateway6}/64");
+            let builder_addr = format!("{address6}/64");
+            self.client.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &client_addr,
+                "dev",
+                &client_end,
+                "nodad",
+            ])?;
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &builder_addr,
+                "dev",
+                &builder_end,
+                "nodad",
+            ])?;
+            also = vec![
+                SocketAddr::new(IpAddr::V4(address), ALT_SSH_PORT),
+                SocketAddr::new(IpAddr::V6(address6), SSH_PORT),
+                SocketAddr::new(IpAddr::V6(address6), ALT_SSH_PORT),
+            ];
+        }
+        let sshd = Sshd::start_listening(
             &ns,
             self.dir.path(),
             &SshdSpec {
@@ -240,6 +314,7 @@ impl Topology {
                 authorized_key: self.client_key.public_key(),
                 store: store.as_ref(),
             },
+            &also,
         )?;
         Ok(Builder {
             sshd,
@@ -248,6 +323,7 @@ impl Topology {
             name,
             address,
             gateway,
+            address6,
             client_link: client_end,
             builder_link: builder_end,
         })
@@ -424,6 +500,18 @@ impl Topology {
                     SocketAddr::from((builder.gateway, SSH_PORT)),
                     host.host_key(),
                 );
+            }
+        }
+        known
+    }
+
+    /// The known_hosts of a client of a pool served at each of `services`: every
+    /// builder's key under each of them (`[addr]:port` for a port other than 22).
+    pub fn pool_known_hosts(&self, services: &[SocketAddr]) -> KnownHosts {
+        let mut known = KnownHosts::new();
+        for service in services {
+            for builder in &self.builders {
+                known.add(*service, builder.host_key());
             }
         }
         known

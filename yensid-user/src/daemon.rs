@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -38,12 +38,14 @@ use crate::{
     decide::registry::Registry,
     kernel::bpf::{self, Kernel},
     kernel::hangup::Hangups,
+    kernel::local_route::{self, LocalRoutes},
     kernel::path,
     operate::access::{Access, Group},
     operate::control::{self, ModeChange, Pending, Reply, Request},
     operate::metrics,
     operate::notify,
     operate::report,
+    operate::status::PrefixDelivery,
     state::{ModeOverride, OperatorState, unix_deadline, unix_now},
 };
 
@@ -128,6 +130,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         builders: Indices::new(MAX_BUILDERS),
         listener_ids: Indices::new(MAX_LISTENERS),
         links,
+        local_routes: open_local_routes(),
         hook: HookRunner {
             results: hook_results,
             running: false,
@@ -160,6 +163,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
     if let Some(k) = &kernel {
         log_totals(k, &controller.services);
         release_kernel(k);
+    }
+    if let Some(routes) = &mut controller.local_routes {
+        routes.remove_all();
     }
     info!(open_connections_closed = cut, "yensid stopped");
     result
@@ -202,6 +208,18 @@ async fn watch_links(config: &Config) -> Option<watch::Receiver<LinkState>> {
         Ok(rx) => Some(rx),
         Err(e) => {
             error!(error = %e, "LINK STATE UNKNOWN: link rules (remote_via, min_link_mbps) are not applied");
+            None
+        }
+    }
+}
+
+/// The netlink socket that keeps claimed prefixes locally deliverable;
+/// without it, said loudly, the operator must add the routes.
+fn open_local_routes() -> Option<LocalRoutes> {
+    match LocalRoutes::open() {
+        Ok(routes) => Some(routes),
+        Err(e) => {
+            error!(error = %e, "LOCAL ROUTES UNMANAGED: claimed prefixes outside 127.0.0.0/8 need `ip route add local <prefix> dev lo`");
             None
         }
     }
@@ -376,6 +394,8 @@ struct Controller {
     builders: Indices,
     listener_ids: Indices,
     links: Option<watch::Receiver<LinkState>>,
+    /// `None` if rtnetlink could not be opened.
+    local_routes: Option<LocalRoutes>,
     hook: HookRunner,
 }
 
@@ -680,6 +700,7 @@ impl Controller {
         };
         self.sync_probes(&config);
         self.update_affinity(&config);
+        self.deliver_claims(&config);
         self.log_changes(&plan);
         match self.registry.kernel() {
             Some(kernel) => {
@@ -778,6 +799,16 @@ impl Controller {
         Ok(())
     }
 
+    /// Makes every claimed prefix locally deliverable (see
+    /// `kernel::local_route`); what cannot be is in the log and in status.
+    fn deliver_claims(&mut self, config: &Config) {
+        if let Some(routes) = &mut self.local_routes
+            && let Err(e) = routes.sync(&local_route::claimed(&config.services))
+        {
+            error!(error = %e, "cannot check that the claimed prefixes are locally deliverable");
+        }
+    }
+
     /// Opens the loopback listener of one (service, builder) pair and
     /// registers it for the kernel to steer connections to.
     async fn open_listener(
@@ -786,21 +817,7 @@ impl Controller {
         svc: &Service,
         builder: &str,
     ) -> Result<u32> {
-        let dual_stack = svc.listen.iter().any(|p| p.addr.is_ipv6());
-        let bind: SocketAddr = if dual_stack {
-            (Ipv6Addr::LOCALHOST, 0).into()
-        } else {
-            (Ipv4Addr::LOCALHOST, 0).into()
-        };
-        let socket = if dual_stack {
-            let s = tokio::net::TcpSocket::new_v6()?;
-            set_v6only(&s, false)?;
-            s
-        } else {
-            tokio::net::TcpSocket::new_v4()?
-        };
-        socket.bind(bind)?;
-        let listener = socket.listen(1024)?;
+        let listener = listener_socket(svc)?.listen(1024)?;
         let key = format!("{}/{}", svc.name, builder);
         let id = self.listener_ids.get_or_assign(&key)?;
         kernel.register_listener(id, &listener)?;
@@ -930,7 +947,27 @@ impl Controller {
                 Some(Err(why)) => format!("probes only: {why}"),
                 None => "probes only: BPF is unavailable".to_owned(),
             },
+            local_delivery: self.local_delivery(),
         }
+    }
+
+    /// How each claimed prefix is delivered, by prefix text, as of the last
+    /// plan (empty if local routes are not managed).
+    fn local_delivery(&self) -> HashMap<String, PrefixDelivery> {
+        let Some(routes) = &self.local_routes else {
+            return HashMap::new();
+        };
+        routes
+            .deliveries()
+            .map(|(prefix, delivery)| {
+                let status = PrefixDelivery {
+                    prefix: prefix.to_string(),
+                    deliverable: Some(delivery.deliverable()),
+                    how: delivery.to_string(),
+                };
+                (prefix.to_string(), status)
+            })
+            .collect()
     }
 
     /// `yensid mode`: shows, sets or resets the operator's override.
@@ -1035,6 +1072,29 @@ async fn sleep_until(deadline: Option<std::time::Instant>) {
     }
 }
 
+/// The bound socket of one of `svc`'s builders' loopback listeners. The
+/// kernel's `dispatch` hands it SYNs whatever their destination, so only
+/// the family matters: IPv4 for a service of IPv4 prefixes only; with an
+/// IPv6 prefix, an IPv6 socket on `::ffff:127.0.0.1`, which takes both
+/// families. Not `::1`: binding an IPv6 socket to any address but the
+/// wildcard or a v4-mapped one makes the kernel set IPV6_V6ONLY, and
+/// `bpf_sk_assign` then refuses the service's IPv4 SYNs (EAFNOSUPPORT: the
+/// client gets RST). Not the wildcard either: like 127.0.0.1, the mapped
+/// address keeps the listener out of other hosts' reach.
+fn listener_socket(svc: &Service) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = if svc.listen.iter().any(|p| p.addr.is_ipv6()) {
+        let s = tokio::net::TcpSocket::new_v6()?;
+        set_v6only(&s, false)?;
+        s.bind((Ipv4Addr::LOCALHOST.to_ipv6_mapped(), 0).into())?;
+        s
+    } else {
+        let s = tokio::net::TcpSocket::new_v4()?;
+        s.bind((Ipv4Addr::LOCALHOST, 0).into())?;
+        s
+    };
+    Ok(socket)
+}
+
 fn set_v6only(socket: &tokio::net::TcpSocket, on: bool) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let value: libc::c_int = on as libc::c_int;
@@ -1135,6 +1195,58 @@ mod tests {
             "BPF program `dispatch`: load failed. verifier: 1: exit | R3 unbounded memory access | processed 2 insns"
         );
         assert_eq!(brief("plain"), "plain");
+    }
+
+    fn v6only(socket: &tokio::net::TcpSocket) -> libc::c_int {
+        use std::os::fd::AsRawFd;
+        let mut value: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: valid fd, out pointers to a c_int and its size.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
+        value
+    }
+
+    #[test]
+    fn a_service_with_an_ipv6_prefix_listens_for_both_families() {
+        let config = Config::parse(
+            "[[service]]\nname = \"x\"\nlisten = [\"127.0.0.22/32\", \"2001:2:0:ff::22/128\"]\n\
+             [builders.b1]\naddress = \"198.18.1.2:22\"\n",
+        )
+        .unwrap();
+        let socket = listener_socket(&config.services[0]).unwrap();
+        assert_eq!(
+            socket.local_addr().unwrap().ip(),
+            Ipv4Addr::LOCALHOST.to_ipv6_mapped()
+        );
+        // Still dual-stack after the bind, so bpf_sk_assign takes IPv4 SYNs.
+        assert_eq!(v6only(&socket), 0);
+        // What binding ::1 would have done.
+        let loopback = tokio::net::TcpSocket::new_v6().unwrap();
+        set_v6only(&loopback, false).unwrap();
+        loopback
+            .bind((std::net::Ipv6Addr::LOCALHOST, 0).into())
+            .unwrap();
+        assert_eq!(v6only(&loopback), 1);
+
+        let v4_only = Config::parse(
+            "[[service]]\nname = \"x\"\nlisten = [\"127.0.0.22/32\"]\n\
+             [builders.b1]\naddress = \"198.18.1.2:22\"\n",
+        )
+        .unwrap();
+        let socket = listener_socket(&v4_only.services[0]).unwrap();
+        assert_eq!(
+            socket.local_addr().unwrap().ip(),
+            std::net::IpAddr::V4(Ipv4Addr::LOCALHOST)
+        );
     }
 
     #[test]

@@ -363,6 +363,7 @@ mod tests {
                 dispatched: Some(7),
                 refused_mode_local: Some(3),
                 refused_no_builder: Some(0),
+                local_delivery: Vec::new(),
             }],
             builders: vec![BuilderStatus {
                 name: "b1".into(),

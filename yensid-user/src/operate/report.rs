@@ -8,7 +8,9 @@ use yensid_ebpf::maps::ServiceCounters;
 
 use crate::{
     decide::registry::{Inner, ModeSource},
-    operate::status::{BuilderStatus, MemberStatus, ModeStatus, ServiceStatus, Status},
+    operate::status::{
+        BuilderStatus, MemberStatus, ModeStatus, PrefixDelivery, ServiceStatus, Status,
+    },
     state::unix_now,
 };
 
@@ -22,6 +24,9 @@ pub struct Context {
     /// `kernel` when the `observe` program measures builder paths,
     /// otherwise `probes only: <why>`.
     pub path_measurement: String,
+    /// How each claimed prefix reaches the host's stack, by prefix text;
+    /// a prefix missing here is unknown.
+    pub local_delivery: HashMap<String, PrefixDelivery>,
 }
 
 /// `yensid explain`: the decision for the next connection of a service
@@ -127,6 +132,23 @@ pub fn status(inner: &Inner, context: &Context) -> Status {
                 dispatched: counters.map(|c| c.dispatched),
                 refused_mode_local: counters.map(|c| c.refused_mode),
                 refused_no_builder: counters.map(|c| c.refused_unavailable),
+                local_delivery: svc
+                    .listen
+                    .iter()
+                    .map(|p| {
+                        let text = p.to_string();
+                        context
+                            .local_delivery
+                            .get(&text)
+                            .cloned()
+                            .unwrap_or(PrefixDelivery {
+                                prefix: text,
+                                deliverable: None,
+                                how: "unknown: yensid does not manage local routes (see its log)"
+                                    .to_owned(),
+                            })
+                    })
+                    .collect(),
             }
         })
         .collect();

@@ -57,6 +57,21 @@ pub struct ServiceStatus {
     pub dispatched: Option<u64>,
     pub refused_mode_local: Option<u64>,
     pub refused_no_builder: Option<u64>,
+    /// Whether each claimed prefix reaches the host's stack (see
+    /// `kernel::local_route`), in `listen` order.
+    #[serde(default)]
+    pub local_delivery: Vec<PrefixDelivery>,
+}
+
+/// How one claimed prefix reaches the host's stack.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PrefixDelivery {
+    pub prefix: String,
+    /// False: connections to it fail before yensid sees them. Null: not
+    /// known (yensid could not read the routes).
+    pub deliverable: Option<bool>,
+    /// The route that delivers it, or what is missing.
+    pub how: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -181,6 +196,9 @@ pub fn render(status: &Status) -> String {
     out.push('\n');
     table(&mut out, &rows);
     for s in &status.services {
+        for d in &s.local_delivery {
+            let _ = writeln!(out, "{}: {}: {}", s.name, d.prefix, d.how);
+        }
         for m in s.members.iter().filter(|m| m.excluded.is_some()) {
             let _ = writeln!(
                 out,

@@ -1,0 +1,75 @@
+{
+  description = "yensid: a kernel-level redirector for Nix remote builds";
+
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
+
+  outputs =
+    { self, nixpkgs }:
+    let
+      inherit (nixpkgs) lib;
+      systems = [
+        "x86_64-linux"
+        "aarch64-linux"
+      ];
+      forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+    in
+    {
+      overlays.default = final: _prev: {
+        yensid = final.callPackage ./nix/package.nix { };
+      };
+
+      packages = forAllSystems (pkgs: rec {
+        yensid = pkgs.callPackage ./nix/package.nix { };
+        default = yensid;
+      });
+
+      # The module takes its package from `pkgs.yensid` when the overlay is applied,
+      # else from this flake.
+      nixosModules = {
+        default =
+          { pkgs, lib, ... }:
+          {
+            imports = [ ./nixos ];
+            services.yensid.package = lib.mkDefault (
+              pkgs.yensid or self.packages.${pkgs.stdenv.hostPlatform.system}.default
+            );
+          };
+        garnix-compat = {
+          imports = [
+            self.nixosModules.default
+            ./nixos/garnix-compat.nix
+          ];
+        };
+      };
+
+      checks = forAllSystems (pkgs: {
+        package = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+        # The modules evaluated by NixOS itself, with the example configurations of
+        # the tests: the generated configuration is validated by `yensid check-config`
+        # while the system is built.
+        module-evaluation =
+          let
+            eval = name: config:
+              (nixpkgs.lib.nixosSystem {
+                inherit (pkgs.stdenv.hostPlatform) system;
+                modules = [
+                  self.nixosModules.garnix-compat
+                  config
+                  {
+                    boot.loader.grub.enable = false;
+                    fileSystems."/".device = "none";
+                    system.stateVersion = "25.11";
+                  }
+                ];
+              }).config.system.build.toplevel;
+          in
+          pkgs.linkFarm "yensid-module-evaluation" (
+            lib.mapAttrsToList (name: config: {
+              inherit name;
+              path = eval name config;
+            }) (import ./nixos/tests/examples.nix { builderAddresses = null; })
+          );
+        vm = pkgs.testers.runNixOSTest (import ./nixos/tests/vm.nix { yensid = self; });
+      });
+    };
+}

@@ -72,6 +72,23 @@ impl Daemon {
 
     /// Like [`Self::start`] with an explicit binary (e.g. a release build).
     pub fn start_binary(binary: &Path, ns: &Netns, config: &DaemonConfig) -> Result<Self> {
+        Self::start_rendered(binary, ns, &|paths| Ok(config.render(paths)))
+    }
+
+    /// Like [`Self::start`] with a config file written by someone else (e.g. generated
+    /// by the NixOS module): `render` gets this instance's paths and returns the file.
+    pub fn start_with_file(
+        ns: &Netns,
+        render: &dyn Fn(&InstancePaths) -> Result<String>,
+    ) -> Result<Self> {
+        Self::start_rendered(&yensid_binary(), ns, render)
+    }
+
+    fn start_rendered(
+        binary: &Path,
+        ns: &Netns,
+        render: &dyn Fn(&InstancePaths) -> Result<String>,
+    ) -> Result<Self> {
         ensure!(
             binary.exists(),
             "no yensid binary at {}: build it with `cargo build -p yensid` or set YENSID_BIN",
@@ -88,7 +105,7 @@ impl Daemon {
         fs::create_dir(&paths.state_dir)?;
         fs::create_dir(&paths.runtime_dir)?;
         let config_path = dir.path().join("yensid.toml");
-        fs::write(&config_path, config.render(&paths))?;
+        fs::write(&config_path, render(&paths)?)?;
         let log_path = dir.path().join("yensid.log");
         File::create(&log_path)?;
         let netns = ns.path();

@@ -21,6 +21,7 @@ pub mod derivation;
 pub mod fake;
 pub mod netns;
 pub mod nix;
+pub mod nixos;
 pub mod payload;
 pub mod privileges;
 pub mod ssh;

@@ -44,17 +44,18 @@
 
       checks = forAllSystems (pkgs: {
         package = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
-        # The modules evaluated by NixOS itself, with the example configurations of
-        # the tests: the generated configuration is validated by `yensid check-config`
-        # while the system is built.
+        # The example configurations of the tests (nixos/tests/examples.nix) built as
+        # NixOS systems: each daemon's configuration file is validated by
+        # `yensid check-config` while the system is built.
         module-evaluation =
           let
-            eval = name: config:
+            system =
+              module:
               (nixpkgs.lib.nixosSystem {
                 inherit (pkgs.stdenv.hostPlatform) system;
                 modules = [
                   self.nixosModules.garnix-compat
-                  config
+                  module
                   {
                     boot.loader.grub.enable = false;
                     fileSystems."/".device = "none";
@@ -64,10 +65,18 @@
               }).config.system.build.toplevel;
           in
           pkgs.linkFarm "yensid-module-evaluation" (
-            lib.mapAttrsToList (name: config: {
-              inherit name;
-              path = eval name config;
-            }) (import ./nixos/tests/examples.nix { builderAddresses = null; })
+            lib.concatLists (
+              lib.mapAttrsToList (name: example: [
+                {
+                  name = "${name}-daemon";
+                  path = system example.daemon;
+                }
+                {
+                  name = "${name}-client";
+                  path = system example.client;
+                }
+              ]) (import ./nixos/tests/examples.nix { })
+            )
           );
         vm = pkgs.testers.runNixOSTest (import ./nixos/tests/vm.nix { yensid = self; });
       });

@@ -24,17 +24,25 @@
       });
 
       # The module takes its package from `pkgs.yensid` when the overlay is applied,
-      # else from this flake.
+      # else from this flake. The keys let a system import both modules: the module
+      # system imports a keyed module once.
       nixosModules = {
-        default =
-          { pkgs, lib, ... }:
-          {
-            imports = [ ./nixos ];
-            services.yensid.package = lib.mkDefault (
-              pkgs.yensid or self.packages.${pkgs.stdenv.hostPlatform.system}.default
-            );
-          };
+        default = {
+          key = "yensid#nixosModules.default";
+          imports = [
+            ./nixos
+            (
+              { pkgs, lib, ... }:
+              {
+                services.yensid.package = lib.mkDefault (
+                  pkgs.yensid or self.packages.${pkgs.stdenv.hostPlatform.system}.default
+                );
+              }
+            )
+          ];
+        };
         garnix-compat = {
+          key = "yensid#nixosModules.garnix-compat";
           imports = [
             self.nixosModules.default
             ./nixos/garnix-compat.nix

@@ -284,8 +284,9 @@ in
         lib.unique (map (s: s.port) cfg.settings.service)
       );
 
-      # The capabilities and hardening below are the same as dist/yensid.service's
-      # (measured there under a real systemd); keep the two in step.
+      # The capabilities and hardening below must match dist/yensid.service, where
+      # they are measured under a real systemd. They were written before that
+      # measurement: reconcile them with it (and keep the two in step afterwards).
       systemd.services.yensid = {
         description = "yensid, kernel-level redirector for Nix remote builds";
         wantedBy = [ "multi-user.target" ];

@@ -11,10 +11,16 @@
   machine,
 }:
 let
+  # The flake's modules, as a system imports them (both: the keys make that work).
+  # Only `lib` of the nixpkgs input is used while the modules are evaluated.
+  flake = (import ../../../flake.nix).outputs {
+    self = flake;
+    nixpkgs = { inherit lib; };
+  };
   evaluated = lib.evalModules {
     modules = [
-      ../../default.nix
-      ../../garnix-compat.nix
+      flake.nixosModules.default
+      flake.nixosModules.garnix-compat
       ./nixos-options.nix
       {
         _module.args.pkgs = import ./pkgs-stub.nix { inherit lib system; };

@@ -81,18 +81,37 @@ impl Daemon {
         config: &DaemonConfig,
         names: &HostNames,
     ) -> Result<Self> {
-        Self::start_configured(&yensid_binary(), ns, config, Some(names))
+        Self::start_configured(
+            &yensid_binary(),
+            ns,
+            &|paths, names| render(config, paths, names),
+            Some(names),
+        )
     }
 
     /// Like [`Self::start`] with an explicit binary (e.g. a release build).
     pub fn start_binary(binary: &Path, ns: &Netns, config: &DaemonConfig) -> Result<Self> {
-        Self::start_configured(binary, ns, config, None)
+        Self::start_configured(
+            binary,
+            ns,
+            &|paths, names| render(config, paths, names),
+            None,
+        )
+    }
+
+    /// Like [`Self::start`] with a config file written by someone else (e.g. generated
+    /// by the NixOS module): `render` gets this instance's paths and returns the file.
+    pub fn start_with_file(
+        ns: &Netns,
+        render: &dyn Fn(&InstancePaths) -> Result<String>,
+    ) -> Result<Self> {
+        Self::start_configured(&yensid_binary(), ns, &|paths, _| render(paths), None)
     }
 
     fn start_configured(
         binary: &Path,
         ns: &Netns,
-        config: &DaemonConfig,
+        render_file: &dyn Fn(&InstancePaths, &Option<(HostNames, PathBuf)>) -> Result<String>,
         names: Option<&HostNames>,
     ) -> Result<Self> {
         ensure!(
@@ -119,7 +138,7 @@ impl Daemon {
             }
             None => None,
         };
-        fs::write(&config_path, render(config, &paths, &host_names)?)?;
+        fs::write(&config_path, render_file(&paths, &host_names)?)?;
         let log_path = dir.path().join("yensid.log");
         File::create(&log_path)?;
         let netns = ns.path();

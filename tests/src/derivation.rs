@@ -8,7 +8,7 @@
 //! ends, so the line names the site: [`Sites::resolve`].
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -74,6 +74,9 @@ pub struct Derivation {
     name: String,
     /// Holds the build open until this gate opens.
     gate: Option<PathBuf>,
+    /// A file of the client's that becomes an input (a source in the client's store),
+    /// so Nix must upload it to the builder before the build.
+    input: Option<PathBuf>,
 }
 
 impl Derivation {
@@ -82,6 +85,16 @@ impl Derivation {
         Self {
             name: format!("yensid-{}", unique::next_id()),
             gate: None,
+            input: None,
+        }
+    }
+
+    /// Also takes the client's file `path` as an input: a remote build first uploads
+    /// it. The file must stay until the run has evaluated.
+    pub fn with_input(self, path: &Path) -> Self {
+        Self {
+            input: Some(path.to_owned()),
+            ..self
         }
     }
 
@@ -123,9 +136,13 @@ impl Derivation {
     fn expression(&self) -> String {
         format!(
             "derivation {{ name = {}; system = builtins.currentSystem; builder = \"/bin/sh\"; \
-             args = [ \"-c\" {} ]; }}",
+             args = [ \"-c\" {} ];{} }}",
             nix_string(&self.name),
-            nix_string(&self.script())
+            nix_string(&self.script()),
+            self.input.as_ref().map_or(String::new(), |path| format!(
+                " input = builtins.path {{ path = {}; name = \"input\"; }};",
+                nix_path(path)
+            ))
         )
     }
 }
@@ -137,6 +154,11 @@ pub(crate) fn expression_of(derivations: &[Derivation]) -> String {
         .map(|d| format!("  ({})\n", d.expression()))
         .collect();
     format!("[\n{}]\n", items.concat())
+}
+
+/// A Nix path value of the absolute path `path` (as a string, so any byte is fine).
+fn nix_path(path: &Path) -> String {
+    format!("(/. + {})", nix_string(&path.display().to_string()))
 }
 
 /// A Nix string literal of `text`.

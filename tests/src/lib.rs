@@ -24,6 +24,7 @@ pub mod fake;
 pub mod hosts;
 pub mod netns;
 pub mod nix;
+pub mod nixos;
 pub mod payload;
 pub mod privileges;
 pub mod ssh;

@@ -15,6 +15,7 @@ use yensid::{
     operate::{
         cli,
         control::{ModeChange, Request},
+        machines,
     },
 };
 
@@ -159,10 +160,48 @@ enum Command {
     /// Builders without `host_key` are listed on stderr. Append the output
     /// to root's ~/.ssh/known_hosts (the Nix daemon runs ssh as root).
     KnownHosts {
-        /// The name clients connect to; default: each service's addresses
-        /// (with `[addr]:port` for a port other than 22).
+        /// The name clients connect to; default: each service's alias
+        /// addresses (with `[addr]:port` for a port other than 22).
         #[arg(long)]
         name: Option<String>,
+        /// How many addresses of each service's first prefix to list (as in
+        /// `yensid nix-machines`).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+        aliases: u32,
+        #[command(flatten)]
+        config: ConfigFile,
+    },
+    /// Print /etc/nix/machines lines for a service, on several addresses.
+    ///
+    /// Nix uploads to one machine entry one at a time. A service whose
+    /// prefix covers several addresses (e.g. 127.0.0.20/30) is reachable on
+    /// each, so the lines list its first `--aliases` addresses as separate
+    /// entries and uploads to the pool run in parallel; each entry's maxJobs
+    /// is its share of the pool (the builders' max_connections, or their
+    /// weight without one). Trust the builders under the same names with
+    /// `yensid known-hosts`.
+    NixMachines {
+        /// The service (default: the first one).
+        #[arg(long)]
+        service: Option<String>,
+        /// How many entries (addresses of the service's first prefix).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+        aliases: u32,
+        /// The user Nix logs in as on the builders.
+        #[arg(long, default_value = "nix-builder")]
+        user: String,
+        /// The private key Nix logs in with (default: ssh's).
+        #[arg(long)]
+        key: Option<String>,
+        /// The systems the pool builds for, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [default_system()])]
+        systems: Vec<String>,
+        /// Features every builder supports, comma-separated (e.g. kvm,big-parallel).
+        #[arg(long, value_delimiter = ',')]
+        features: Vec<String>,
+        /// The store protocol: ssh-ng or ssh.
+        #[arg(long, default_value = "ssh-ng", value_parser = ["ssh-ng", "ssh"])]
+        protocol: String,
         #[command(flatten)]
         config: ConfigFile,
     },
@@ -231,7 +270,33 @@ fn main() -> std::process::ExitCode {
         } => cli::send(&config.path, &Request::Explain { service, from }).map(|m| m + "\n"),
         Command::Status { json, config } => cli::show_status(&config.path, json),
         Command::Maps { json, config } => cli::show_maps(&config.path, json),
-        Command::KnownHosts { name, config } => cli::known_hosts(&config.path, name.as_deref()),
+        Command::KnownHosts {
+            name,
+            aliases,
+            config,
+        } => cli::known_hosts(&config.path, name.as_deref(), aliases),
+        Command::NixMachines {
+            service,
+            aliases,
+            user,
+            key,
+            systems,
+            features,
+            protocol,
+            config,
+        } => config::Config::load(&config.path)
+            .with_context(|| format!("invalid configuration {}", config.path.display()))
+            .and_then(|c| {
+                let client = machines::ClientSide {
+                    aliases,
+                    user,
+                    key,
+                    systems,
+                    features,
+                    protocol,
+                };
+                Ok(machines::nix_machines(&c, service.as_deref(), &client)?)
+            }),
     };
     match output {
         Ok(text) => {
@@ -243,6 +308,11 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// This machine's Nix system name, e.g. `x86_64-linux`.
+fn default_system() -> String {
+    format!("{}-linux", std::env::consts::ARCH)
 }
 
 fn parse_for(text: &str) -> Result<std::time::Duration, String> {

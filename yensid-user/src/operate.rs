@@ -4,6 +4,7 @@
 pub mod access;
 pub mod cli;
 pub mod control;
+pub mod machines;
 pub mod metrics;
 pub mod notify;
 pub mod report;

@@ -29,6 +29,7 @@ mod protocol;
 mod reaction;
 mod report;
 mod target;
+mod uploads;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -89,6 +90,13 @@ pub struct Options {
     /// all. Targets that need a missing one are reported as unknown.
     #[arg(long = "contender", value_parser = parse_contender)]
     contenders: Vec<Contender>,
+    /// Bytes of fresh input per derivation in the upload-parallelism runs.
+    #[arg(long, default_value_t = 100 << 20)]
+    upload_bytes: u64,
+    /// Measure only the upload parallelism (one machine entry against four
+    /// aliases) and write uploads.md and uploads.json.
+    #[arg(long)]
+    only_uploads: bool,
     /// Where latest.md, latest.json and latest.png go (relative to the
     /// workspace root).
     #[arg(long, default_value = "bench/results")]
@@ -120,6 +128,7 @@ pub fn run(options: &Options) -> Result<()> {
             options.rate_seconds,
             options.idle_connections as u64,
             options.nix_builds as u64,
+            options.upload_bytes,
             options.reaction_trials as u64,
         ]
         .iter()
@@ -127,12 +136,21 @@ pub fn run(options: &Options) -> Result<()> {
         "every size and count must be positive"
     );
     build::all(true)?;
+    // The builders' sshd, and Nix on both sides for the Nix builds.
+    let for_nix = [
+        ("/usr/sbin/sshd", "openssh-server"),
+        (yensid_tests::nix::NIX_BUILD, "nix-bin"),
+    ];
+    let dir = build::workspace_root().join(&options.out);
+    if options.only_uploads {
+        build::ensure_packages(&for_nix)?;
+        return measure_uploads(options, &dir);
+    }
     build::ensure_packages(&[
         (haproxy::HAPROXY, "haproxy"),
         (chart::FONT, "fonts-dejavu-core"),
-        // The builders' sshd, and Nix on both sides for the Nix builds.
-        ("/usr/sbin/sshd", "openssh-server"),
-        (yensid_tests::nix::NIX_BUILD, "nix-bin"),
+        for_nix[0],
+        for_nix[1],
     ])?;
     let fd_limit = raise_fd_limit(options.idle_connections as u64 * FDS_PER_SESSION + FD_RESERVE)?;
     let idle = IdleCount::new(options.idle_connections, fd_limit);
@@ -157,7 +175,6 @@ pub fn run(options: &Options) -> Result<()> {
         started.elapsed(),
     )?;
     println!("\n{}", report.markdown());
-    let dir = build::workspace_root().join(&options.out);
     report.write(&dir)?;
     let chart = dir.join("latest.png");
     chart::draw(&report, &chart)?;
@@ -165,11 +182,32 @@ pub fn run(options: &Options) -> Result<()> {
         "wrote latest.md, latest.json and latest.png in {}",
         dir.display()
     ));
+    measure_uploads(options, &dir)?;
     let failed = report.failed_figures();
     ensure!(
         failed == 0,
         "{failed} figures could not be measured; see the notes"
     );
+    Ok(())
+}
+
+/// The upload-parallelism runs (see `uploads`), printed and written to
+/// `uploads.md` and `uploads.json` in `dir`.
+fn measure_uploads(options: &Options, dir: &std::path::Path) -> Result<()> {
+    build::progress("measuring upload parallelism through one entry and four aliases");
+    let uploads = uploads::measure(&build::yensid_binary(true), options.upload_bytes)?;
+    let md = uploads.markdown();
+    println!("\n{md}");
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("uploads.md"), md)?;
+    std::fs::write(
+        dir.join("uploads.json"),
+        serde_json::to_string_pretty(&uploads.json())?,
+    )?;
+    build::progress(&format!(
+        "wrote uploads.md and uploads.json in {}",
+        dir.display()
+    ));
     Ok(())
 }
 

@@ -10,6 +10,7 @@ use crate::{
     config::Config,
     kernel::bpf,
     operate::control::{self, Request},
+    operate::machines,
     operate::status,
     state::{ModeOverride, OperatorState, unix_deadline, unix_now},
 };
@@ -250,28 +251,21 @@ pub fn show_maps(config_path: &Path, json: bool) -> Result<String> {
 }
 
 /// known_hosts lines for every builder's host key under each client-facing
-/// name.
-pub fn known_hosts(config_path: &Path, name: Option<&str>) -> Result<String> {
+/// name: `name`, or every service's first `aliases` addresses (the names
+/// `yensid nix-machines` lists).
+pub fn known_hosts(config_path: &Path, name: Option<&str>, aliases: u32) -> Result<String> {
     let config = load(config_path)?;
     let mut names: Vec<String> = match name {
         Some(n) => vec![n.to_owned()],
         None => config
             .services
             .iter()
-            .flat_map(|s| {
-                s.listen
-                    .iter()
-                    .filter(|p| p.is_host())
-                    .map(move |p| match s.port {
-                        22 => p.addr.to_string(),
-                        port => format!("[{}]:{port}", p.addr),
-                    })
-            })
+            .flat_map(|s| machines::known_host_names(s, aliases))
             .collect(),
     };
     names.dedup();
     if names.is_empty() {
-        bail!("no service claims a single address; name the host with --name");
+        bail!("no service claims an address; name the host with --name");
     }
     let mut out = String::new();
     for b in &config.builders {

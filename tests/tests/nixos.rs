@@ -214,6 +214,70 @@ fn client_side_lists_alias_entries_like_yensid_nix_machines() -> Result<()> {
     Ok(())
 }
 
+/// The module's unit carries exactly the capabilities and hardening of the shipped
+/// `dist/yensid.service` (measured and proven under a real systemd by `systemd.rs`), so
+/// the two cannot drift: every `[Service]` directive but the command lines has the same
+/// value in the module, and the module sets no directive the shipped unit lacks.
+#[test]
+fn module_unit_matches_the_shipped_unit() -> Result<()> {
+    let Some(lib) = NixpkgsLib::find_or_skip("module_unit_matches_the_shipped_unit")? else {
+        return Ok(());
+    };
+    let laptop = evaluate(&lib, "examples.laptop.daemon", &defaults())?;
+    let unit = laptop.json["unit"]["serviceConfig"]
+        .as_object()
+        .context("the module's serviceConfig is not an attribute set")?;
+    let shipped = std::fs::read_to_string(repository().join("dist/yensid.service"))?;
+    let mut in_service = false;
+    let mut compared = Vec::new();
+    for line in shipped.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_service = line == "[Service]";
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        if !in_service || line.starts_with('#') || key.starts_with("Exec") {
+            continue;
+        }
+        let module = unit
+            .get(key)
+            .with_context(|| format!("the module's unit lacks {key}={value}"))?;
+        let module = match module {
+            Value::Bool(true) => "yes".to_owned(),
+            Value::Bool(false) => "no".to_owned(),
+            Value::String(s) => s.clone(),
+            Value::Number(n) => n.to_string(),
+            Value::Array(items) => items
+                .iter()
+                .map(|i| {
+                    i.as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| i.to_string())
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+            other => other.to_string(),
+        };
+        ensure!(
+            module == value,
+            "{key}: the shipped unit says `{value}`, the module `{module}`"
+        );
+        compared.push(key.to_owned());
+    }
+    let extra: Vec<&String> = unit
+        .keys()
+        .filter(|k| !k.starts_with("Exec") && !compared.contains(k))
+        .collect();
+    ensure!(
+        extra.is_empty(),
+        "the module sets directives the shipped unit lacks: {extra:?}"
+    );
+    ensure!(compared.len() > 20, "only {compared:?} compared");
+    Ok(())
+}
+
 /// The builder side: a system user for Nix to log in as, with the clients' keys, a
 /// trusted Nix user without being in wheel; sshd's MaxStartups raised.
 #[test]

@@ -89,6 +89,10 @@ pub struct BuilderTotals {
     pub rejected_clients: u64,
     /// Connections moved away from this builder because it failed.
     pub failed_over: u64,
+    /// Connections whose bytes the kernel forwarded (sockmap splice).
+    pub spliced: u64,
+    /// Connections whose bytes the daemon copied in userspace.
+    pub copied: u64,
     pub to_builder: u64,
     pub from_builder: u64,
 }
@@ -570,6 +574,8 @@ impl Dispatcher for Registry {
             totals.rejected_clients += 1;
         } else if !outcome.unserved {
             totals.connections += 1;
+            totals.spliced += u64::from(outcome.spliced);
+            totals.copied += u64::from(outcome.copied);
             totals.to_builder += outcome.to_builder;
             totals.from_builder += outcome.from_builder;
         }

@@ -79,6 +79,14 @@ pub struct BuilderStatus {
     pub connections: u64,
     pub rejected_clients: u64,
     pub failed_over: u64,
+    /// Connections spliced in the kernel (their bytes never crossed
+    /// userspace).
+    #[serde(default)]
+    pub spliced: u64,
+    /// Connections copied in userspace: the userspace data path, or a peer
+    /// that sent more than one packet before key exchange.
+    #[serde(default)]
+    pub copied: u64,
     pub bytes_to_builder: u64,
     pub bytes_from_builder: u64,
     pub rtt_ms: Option<f64>,

@@ -430,7 +430,16 @@ impl Daemon {
 
     /// SIGTERM and waits for the exit (SIGKILL and an error if it does not come).
     pub fn stop(&mut self) -> Result<ExitStatus> {
-        self.signal(libc::SIGTERM)?;
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// SIGINT (^C) and waits for the exit, like [`Self::stop`].
+    pub fn interrupt(&mut self) -> Result<ExitStatus> {
+        self.stop_with(libc::SIGINT)
+    }
+
+    fn stop_with(&mut self, signal: libc::c_int) -> Result<ExitStatus> {
+        self.signal(signal)?;
         match wait_child(&mut self.child, STOP_TIMEOUT)? {
             Some(status) => {
                 self.exit = Some(status);
@@ -438,7 +447,7 @@ impl Daemon {
             }
             None => {
                 self.kill9()?;
-                bail!("yensid did not exit within {STOP_TIMEOUT:?} of SIGTERM")
+                bail!("yensid did not exit within {STOP_TIMEOUT:?} of signal {signal}")
             }
         }
     }

@@ -4,12 +4,12 @@
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Result, bail, ensure};
 use yensid_tests::wait::wait_until;
 use yensid_tests::{
-    ConnectAttempt, Daemon, DaemonConfig, Dataplane, LiveSession, SshConnection, Strategy,
+    ConnectAttempt, Daemon, DaemonConfig, Dataplane, Launch, LiveSession, SshConnection, Strategy,
     Topology, service,
 };
 
@@ -17,6 +17,7 @@ common::dataplane_tests!(
     host_sshd_keeps_everything_unclaimed,
     sigkill_leaves_claimed_traffic_refused,
     sigterm_exits_cleanly_and_detaches,
+    sigint_exits_cleanly_and_detaches,
     sighup_reload_keeps_live_session,
     sighup_removing_its_builder_keeps_live_session,
 );
@@ -31,7 +32,7 @@ fn host_sshd_keeps_everything_unclaimed(dataplane: Dataplane) -> Result<()> {
     let mut topology = Topology::new(2)?;
     topology.start_host_sshd()?;
     let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
-    let _daemon = Daemon::start(topology.client_ns(), &config)?;
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
     let raw = topology.raw_client();
     let veth_end = SocketAddr::from((topology.builders()[0].gateway(), 22));
 
@@ -51,6 +52,7 @@ fn host_sshd_keeps_everything_unclaimed(dataplane: Dataplane) -> Result<()> {
         "ssh to 127.0.0.22 served by {claimed}"
     );
     ensure!(ssh.served_by(localhost_ssh())? == "host");
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -60,6 +62,7 @@ fn sigkill_leaves_claimed_traffic_refused(dataplane: Dataplane) -> Result<()> {
     let (topology, mut daemon) = claiming_in_front_of_host_sshd(dataplane, "before the kill")?;
     let raw = topology.raw_client();
 
+    daemon.expect_data_path(dataplane)?;
     daemon.kill9()?;
     for i in 0..20 {
         match raw.connect(service()) {
@@ -85,14 +88,29 @@ fn sigkill_leaves_claimed_traffic_refused(dataplane: Dataplane) -> Result<()> {
     Ok(())
 }
 
-/// SIGTERM: exit status 0, pin directory gone, and nothing attached any more: the
-/// service address falls back to the host sshd like any unclaimed address.
 fn sigterm_exits_cleanly_and_detaches(dataplane: Dataplane) -> Result<()> {
-    let (topology, mut daemon) = claiming_in_front_of_host_sshd(dataplane, "before SIGTERM")?;
+    exits_cleanly_and_detaches(dataplane, Daemon::stop, "SIGTERM")
+}
+
+fn sigint_exits_cleanly_and_detaches(dataplane: Dataplane) -> Result<()> {
+    exits_cleanly_and_detaches(dataplane, Daemon::interrupt, "SIGINT")
+}
+
+/// SIGTERM or SIGINT (`stop`, named `signal`), with a live session: exit status 0, pin
+/// directory gone, and nothing attached any more: the service address falls back to
+/// the host sshd like any unclaimed address.
+fn exits_cleanly_and_detaches(
+    dataplane: Dataplane,
+    stop: fn(&mut Daemon) -> Result<std::process::ExitStatus>,
+    signal: &str,
+) -> Result<()> {
+    let (topology, mut daemon) =
+        claiming_in_front_of_host_sshd(dataplane, &format!("before {signal}"))?;
     let raw = topology.raw_client();
 
-    let status = daemon.stop()?;
-    ensure!(status.code() == Some(0), "exit after SIGTERM: {status}");
+    daemon.expect_data_path(dataplane)?;
+    let status = stop(&mut daemon)?;
+    ensure!(status.code() == Some(0), "exit after {signal}: {status}");
     ensure!(
         !daemon.pin_path().exists(),
         "{} still exists after a clean stop",
@@ -128,6 +146,7 @@ fn sighup_reload_keeps_live_session(dataplane: Dataplane) -> Result<()> {
     session.finish()?;
     let fresh = ssh.served_by(service())?;
     ensure!(is_builder(&fresh), "after the reload, served by {fresh}");
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -156,7 +175,9 @@ fn sighup_removing_its_builder_keeps_live_session(dataplane: Dataplane) -> Resul
         || Ok(raw.banners(service(), 4)?.iter().all(|b| b == other)),
     )?;
 
-    session.finish()
+    session.finish()?;
+    daemon.expect_data_path(dataplane)?;
+    Ok(())
 }
 
 /// Two builders and the host's own sshd, with a round-robin daemon in front whose
@@ -173,4 +194,57 @@ fn claiming_in_front_of_host_sshd(dataplane: Dataplane, when: &str) -> Result<(T
 
 fn is_builder(name: &str) -> bool {
     name.len() > 1 && name.starts_with('b') && name[1..].bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The daemon mounts bpffs itself when /sys/fs/bpf is not one: started in a private
+/// mount namespace where /sys/fs/bpf is unmounted (the host's bpffs, and every other
+/// test's pins, stay untouched), it logs `mounted bpffs`, pins there, claims the
+/// address and splices a real ssh session; its pins are not in the host's bpffs.
+#[test]
+fn daemon_mounts_bpffs_itself() -> Result<()> {
+    if !yensid_tests::privileged_or_skip("lifecycle::daemon_mounts_bpffs_itself") {
+        return Ok(());
+    }
+    let topology = Topology::new(1)?;
+    let config = DaemonConfig::for_topology(&topology, Dataplane::Kernel, Strategy::RoundRobin);
+    let private_sys_fs_bpf = Launch {
+        outer: [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "/bin/sh",
+            "-c",
+            // Every bpffs stacked on /sys/fs/bpf, in this mount namespace only.
+            r#"while umount /sys/fs/bpf 2>/dev/null; do :; done; exec "$@""#,
+            "sh",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        inner: Vec::new(),
+    };
+    let mut daemon = Daemon::start_wrapped(topology.client_ns(), &config, private_sys_fs_bpf)?;
+    daemon.wait_for_log(
+        &["mounted bpffs", "/sys/fs/bpf"],
+        SystemTime::UNIX_EPOCH,
+        Duration::from_secs(30),
+    )?;
+    let status = daemon.status()?;
+    ensure!(
+        status.json()["bpf"] == true && status.json()["dataplane"] == "kernel",
+        "status with a bpffs of its own: {}",
+        status.json()
+    );
+    ensure!(
+        !daemon.pin_path().exists(),
+        "the pins landed in the host's bpffs at {}",
+        daemon.pin_path().display()
+    );
+    let served = topology.ssh_client()?.served_by(service())?;
+    ensure!(served == "b1", "served by {served}");
+    daemon.expect_data_path(Dataplane::Kernel)?;
+    let exit = daemon.stop()?;
+    ensure!(exit.success(), "clean stop: {exit}");
+    Ok(())
 }

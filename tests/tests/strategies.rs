@@ -11,6 +11,9 @@ use anyhow::{Result, ensure};
 use yensid_tests::wait::wait_until;
 use yensid_tests::{Daemon, DaemonConfig, Dataplane, Strategy, Topology, service};
 
+/// Only against hangs.
+const WAIT: Duration = Duration::from_secs(30);
+
 common::dataplane_tests!(
     least_connections_fills_the_emptiest_builder,
     least_connections_follows_weights,
@@ -25,7 +28,7 @@ common::dataplane_tests!(
 fn least_connections_fills_the_emptiest_builder(dataplane: Dataplane) -> Result<()> {
     let topology = Topology::new(2)?;
     let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::LeastConnections);
-    let _daemon = Daemon::start(topology.client_ns(), &config)?;
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
     let raw = topology.raw_client();
 
     let a = raw.open_ssh(service())?;
@@ -37,13 +40,19 @@ fn least_connections_fills_the_emptiest_builder(dataplane: Dataplane) -> Result<
     );
     let freed = b.served_by().to_owned();
     b.close()?;
-    settle_after_close();
+    // The daemon counts the close (and tells the kernel) once both sides are gone; the
+    // kernel chooses C by those counts.
+    daemon.wait_for_status(&format!("{freed} to have no open connection"), WAIT, |s| {
+        Ok(s.active(&freed)? == 0)
+    })?;
     let c = raw.open_ssh(service())?;
     ensure!(
         c.served_by() == freed,
         "C went to {} (busy with A) instead of {freed}, which B had freed",
         c.served_by()
     );
+    drop((a, c));
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -54,7 +63,7 @@ fn least_connections_follows_weights(dataplane: Dataplane) -> Result<()> {
     let topology = Topology::new(2)?;
     let mut config = DaemonConfig::for_topology(&topology, dataplane, Strategy::LeastConnections);
     config.builder_mut("b1").weight = Some(2);
-    let _daemon = Daemon::start(topology.client_ns(), &config)?;
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
     let raw = topology.raw_client();
 
     let held = (0..9)
@@ -65,6 +74,8 @@ fn least_connections_follows_weights(dataplane: Dataplane) -> Result<()> {
         counts == tally(["b1"; 6].into_iter().chain(["b2"; 3])),
         "9 held connections with weights b1=2 b2=1 split {counts:?}"
     );
+    drop(held);
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -72,13 +83,14 @@ fn least_connections_follows_weights(dataplane: Dataplane) -> Result<()> {
 fn round_robin_alternates(dataplane: Dataplane) -> Result<()> {
     let topology = Topology::new(2)?;
     let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
-    let _daemon = Daemon::start(topology.client_ns(), &config)?;
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
 
     let served = topology.raw_client().banners(service(), 20)?;
     ensure!(
         served.windows(2).all(|pair| pair[0] != pair[1]),
         "round-robin did not alternate: {served:?}"
     );
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -88,7 +100,7 @@ fn round_robin_follows_weights(dataplane: Dataplane) -> Result<()> {
     let topology = Topology::new(2)?;
     let mut config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
     config.builder_mut("b1").weight = Some(2);
-    let _daemon = Daemon::start(topology.client_ns(), &config)?;
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
 
     let served = topology.raw_client().banners(service(), 30)?;
     let b1 = served.iter().filter(|s| *s == "b1").count();
@@ -102,6 +114,7 @@ fn round_robin_follows_weights(dataplane: Dataplane) -> Result<()> {
             .any(|pair| pair[0] == "b2" && pair[1] == "b2"),
         "b2 (weight 1) got two in a row: {served:?}"
     );
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -111,7 +124,7 @@ fn random_follows_weights(dataplane: Dataplane) -> Result<()> {
     let topology = Topology::new(2)?;
     let mut config = DaemonConfig::for_topology(&topology, dataplane, Strategy::Random);
     config.builder_mut("b1").weight = Some(3);
-    let _daemon = Daemon::start(topology.client_ns(), &config)?;
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
 
     let served = topology.raw_client().banners(service(), 1000)?;
     let counts = tally(served.iter().map(String::as_str));
@@ -120,6 +133,7 @@ fn random_follows_weights(dataplane: Dataplane) -> Result<()> {
         (700..=800).contains(&b1) && counts.len() == 2,
         "weights 3:1 over 1000 connections gave {counts:?}"
     );
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -157,7 +171,7 @@ fn source_affinity_keeps_clients_and_moves_only_the_removed_builders(
         .expect("the removed builder had clients");
     wait_until(
         &format!("{removed}'s client {moved_client} to move after the reload"),
-        Duration::from_secs(20),
+        WAIT,
         || {
             Ok(topology
                 .raw_client()
@@ -179,6 +193,7 @@ fn source_affinity_keeps_clients_and_moves_only_the_removed_builders(
             );
         }
     }
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -189,7 +204,7 @@ fn priority_fills_in_list_order_then_spills(dataplane: Dataplane) -> Result<()> 
     let mut config = DaemonConfig::for_topology(&topology, dataplane, Strategy::Priority);
     config.service_mut().builders = Some(vec!["b2".to_owned(), "b1".to_owned()]);
     config.builder_mut("b2").max_connections = Some(3);
-    let _daemon = Daemon::start(topology.client_ns(), &config)?;
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
     let raw = topology.raw_client();
 
     let held = (0..5)
@@ -200,6 +215,8 @@ fn priority_fills_in_list_order_then_spills(dataplane: Dataplane) -> Result<()> 
         served == ["b2", "b2", "b2", "b1", "b1"],
         "priority b2 (max 3) then b1 served {served:?}"
     );
+    drop(held);
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -219,13 +236,6 @@ fn affinity(topology: &Topology, sources: &[IpAddr]) -> Result<BTreeMap<IpAddr, 
             Ok((source, served[0].clone()))
         })
         .collect()
-}
-
-/// After [`yensid_tests::SshConnection::close`] returns, the daemon has seen both sides
-/// close but has no way to tell us it has also updated its counters; this grace covers
-/// that last step without making the test depend on it being fast.
-fn settle_after_close() {
-    std::thread::sleep(Duration::from_millis(500));
 }
 
 fn tally<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeMap<&'a str, usize> {

@@ -216,8 +216,8 @@ fn status_maps_and_explain_follow_health_and_drain(dataplane: Dataplane) -> Resu
     ensure!(
         mode["in_force"] == "auto"
             && mode["source"] == "config"
-            && mode["until"].is_null()
-            && mode["reason"].is_null(),
+            && cli::is_null_at(mode, "until")?
+            && cli::is_null_at(mode, "reason")?,
         "mode of a config without [policy]: {mode}"
     );
     let svc = cli::service(&doc, SERVICE)?;
@@ -237,9 +237,9 @@ fn status_maps_and_explain_follow_health_and_drain(dataplane: Dataplane) -> Resu
         );
         ensure!(
             b["address"] == builder.ssh_addr().to_string()
-                && b["reason"].is_null()
+                && cli::is_null_at(b, "reason")?
                 && b["weight"] == 1
-                && b["max_connections"].is_null()
+                && cli::is_null_at(b, "max_connections")?
                 && b["active"] == 0
                 && b["failed_over"] == 0,
             "{name} as configured and idle: {b}"
@@ -331,7 +331,10 @@ fn status_maps_and_explain_follow_health_and_drain(dataplane: Dataplane) -> Resu
         exclusion(&doc, "b1")?.is_none(),
         "b1 back but excluded: {doc}"
     );
-    ensure!(cli::builder(&doc, "b1")?["reason"].is_null(), "{doc}");
+    ensure!(
+        cli::is_null_at(cli::builder(&doc, "b1")?, "reason")?,
+        "{doc}"
+    );
     wait_for_eligibility(file, &topology, &[("b1", 1), ("b2", 1)])?;
 
     // b2 drained.
@@ -363,6 +366,7 @@ fn status_maps_and_explain_follow_health_and_drain(dataplane: Dataplane) -> Resu
     })?;
     ensure!(exclusion(&doc, "b2")?.is_none(), "{doc}");
     wait_for_eligibility(file, &topology, &[("b1", 1), ("b2", 1)])?;
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -393,7 +397,7 @@ fn full_pool_is_shown_and_explained(dataplane: Dataplane) -> Result<()> {
     for name in ["b1", "b2"] {
         let b = cli::builder(&doc, name)?;
         ensure!(
-            b["active"] == MAX && b["max_connections"] == MAX && b["reason"].is_null(),
+            b["active"] == MAX && b["max_connections"] == MAX && cli::is_null_at(b, "reason")?,
             "{name} full: {b}"
         );
         // Full is no exclusion: the builder is eligible, it just has no free slot.
@@ -452,6 +456,8 @@ fn full_pool_is_shown_and_explained(dataplane: Dataplane) -> Result<()> {
         answer == freed_builder,
         "explain named {freed_builder}, but {answer} answered"
     );
+    drop(held);
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -493,7 +499,7 @@ fn local_override_is_shown_explained_and_counted(dataplane: Dataplane) -> Result
     })?;
     let mode = &doc["mode"];
     ensure!(
-        mode["source"] == "override" && mode["until"].is_null(),
+        mode["source"] == "override" && cli::is_null_at(mode, "until")?,
         "a local override without --for: {mode}"
     );
     ensure!(
@@ -506,7 +512,7 @@ fn local_override_is_shown_explained_and_counted(dataplane: Dataplane) -> Result
         Ok(cli::map_entry(m, "services", &Value::from(0))?["accept"] == 0)
     })?;
     ensure!(
-        maps["local_override_until_boot_ns"].as_u64() == Some(u64::MAX),
+        cli::u64_at(&maps, "local_override_until_boot_ns")? == u64::MAX,
         "the kernel's override of `mode local` (until changed): {}",
         maps["local_override_until_boot_ns"]
     );
@@ -543,7 +549,7 @@ fn local_override_is_shown_explained_and_counted(dataplane: Dataplane) -> Result
     let boot_at = boot_time_ns()?;
     daemon.set_mode(PolicyMode::Local, Some(Duration::from_secs(3600)))?;
     let doc = cli::wait_for_status(file, "an override with an expiry", WAIT, |d| {
-        Ok(!d["mode"]["until"].is_null())
+        Ok(cli::opt_u64_at(cli::field(d, "mode")?, "until")?.is_some())
     })?;
     let until = cli::u64_at(&doc["mode"], "until")?;
     ensure!(
@@ -551,7 +557,7 @@ fn local_override_is_shown_explained_and_counted(dataplane: Dataplane) -> Result
         "`mode local --for 1h` set at {set_at} ends at {until}"
     );
     let maps = cli::wait_for_maps(file, "the kernel's deadline", WAIT, |m| {
-        Ok(m["local_override_until_boot_ns"].as_u64() != Some(u64::MAX))
+        Ok(cli::u64_at(m, "local_override_until_boot_ns")? != u64::MAX)
     })?;
     let deadline = cli::u64_at(&maps, "local_override_until_boot_ns")?;
     let hour = 3_600_000_000_000_u64;
@@ -583,6 +589,7 @@ fn local_override_is_shown_explained_and_counted(dataplane: Dataplane) -> Result
     );
     let answer = served_by(&topology)?;
     ensure!(answer == "b1" || answer == "b2", "after --reset: {answer}");
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -629,7 +636,7 @@ fn killed_and_stopped_daemon_are_reported(dataplane: Dataplane) -> Result<()> {
     ensure!(
         pinned["services"][0]["name"] == SERVICE
             && pinned["services"][0]["dispatched"] == SERVED
-            && pinned["services"][0]["refused_no_builder"].as_u64() >= Some(1)
+            && cli::u64_at(&pinned["services"][0], "refused_no_builder")? >= 1
             && pinned["builders"]
                 .as_array()
                 .is_some_and(|b| b.len() == 2 && b.iter().all(|b| b["eligible"] == true)),
@@ -674,6 +681,7 @@ fn killed_and_stopped_daemon_are_reported(dataplane: Dataplane) -> Result<()> {
         answer == "b1" || answer == "b2",
         "after the restart: {answer}"
     );
+    daemon.expect_data_path(dataplane)?;
 
     let exit = daemon.stop()?;
     ensure!(exit.success(), "clean stop: {exit}");
@@ -779,6 +787,11 @@ fn counters_add_up_after_served_connections(dataplane: Dataplane) -> Result<()> 
              {released}, active {active}"
         );
     }
+    let path = daemon.expect_data_path(dataplane)?;
+    ensure!(
+        path.spliced + path.copied == SESSIONS as u64,
+        "{SESSIONS} sessions, the daemon recorded {path:?}"
+    );
     Ok(())
 }
 

@@ -676,7 +676,11 @@ fn min_healthy_builders_above_one_refuses_a_thin_pool() -> Result<()> {
         "b1 drained, b2 eligible: {}",
         status.json()
     );
-    ensure_refused(&raw, 3, "one eligible builder of the two min_healthy_builders wants")?;
+    ensure_refused(
+        &raw,
+        3,
+        "one eligible builder of the two min_healthy_builders wants",
+    )?;
     let explained = yensid_tests::cli::explain(daemon.config_path(), None, None)?;
     ensure!(
         matches!(
@@ -698,7 +702,11 @@ fn min_healthy_builders_above_one_refuses_a_thin_pool() -> Result<()> {
         "b2 dead, b1 eligible: {}",
         status.json()
     );
-    ensure_refused(&raw, 3, "one healthy builder of the two min_healthy_builders wants")?;
+    ensure_refused(
+        &raw,
+        3,
+        "one healthy builder of the two min_healthy_builders wants",
+    )?;
     Ok(())
 }
 
@@ -1114,7 +1122,9 @@ fn hook_weights_shape_source_affinity_too() -> Result<()> {
             let explained =
                 yensid_tests::cli::explain(daemon.config_path(), Some(SERVICE), Some(source))?;
             let owner = match explained.verdict()? {
-                yensid_tests::cli::Verdict::Builder { name, why } if why.contains("affinity slot") => {
+                yensid_tests::cli::Verdict::Builder { name, why }
+                    if why.contains("affinity slot") =>
+                {
                     name
                 }
                 other => bail!("explain --from {source}: {other:?}"),

@@ -709,6 +709,43 @@ mod tests {
         );
     }
 
+    /// Source-affinity with a real owner: every slot belongs to b1, so a client goes
+    /// to b1 even though b1 is busier; once b1 is drained (or down) its clients fall
+    /// back to least connections (b2), and come back to b1 when it returns.
+    #[test]
+    fn affinity_falls_back_when_the_owner_is_unavailable() {
+        let config = Config::parse(
+            "[[service]]\nname = \"s\"\nlisten = [\"127.0.0.22\"]\n\
+             strategy = \"source-affinity\"\n\
+             [builders.b1]\naddress = \"198.18.1.2:22\"\n[builders.b2]\naddress = \"198.18.2.2:22\"\n",
+        )
+        .unwrap();
+        let r = Registry::new(config, OperatorState::default(), None);
+        r.inner()
+            .affinity
+            .insert("s".into(), vec!["b1".to_owned(); AFFINITY_SLOTS as usize]);
+        let peer: SocketAddr = "198.18.250.7:40000".parse().unwrap();
+        assert_eq!(r.route("s", peer).as_deref(), Some("b1"));
+        assert_eq!(
+            r.route("s", peer).as_deref(),
+            Some("b1"),
+            "the owner, busy or not"
+        );
+        r.inner().drained.insert("b1".into());
+        assert_eq!(r.route("s", peer).as_deref(), Some("b2"));
+        let svc = r.inner().config.services[0].clone();
+        let explained = r.inner().predict(&svc, Some(peer.ip()), 1);
+        assert!(
+            explained.starts_with("-> b2") && explained.contains("belongs to b1"),
+            "{explained}"
+        );
+        r.inner().drained.remove("b1");
+        assert_eq!(r.route("s", peer).as_deref(), Some("b1"));
+        r.probed("b1", Err(Failure::Timeout));
+        r.probed("b1", Err(Failure::Timeout));
+        assert_eq!(r.route("s", peer).as_deref(), Some("b2"), "b1 down");
+    }
+
     #[test]
     fn probe_results_change_health() {
         let r = registry();

@@ -21,8 +21,8 @@ use serde_json::Value;
 use yensid_tests::cli::{self, Metrics, Verdict};
 use yensid_tests::wait::wait_until;
 use yensid_tests::{
-    Daemon, DaemonConfig, Dataplane, HealthConfig, PolicyMode, SshClient, Strategy, Topology,
-    service,
+    Daemon, DaemonConfig, Dataplane, HealthConfig, LiveSession, PolicyMode, RandomFile, SshClient,
+    Strategy, Topology, service,
 };
 
 common::dataplane_tests!(
@@ -1351,6 +1351,159 @@ fn expect_shared(path: &Path, mode: u32) -> Result<()> {
         meta.uid(),
         meta.gid(),
         meta.permissions().mode() & 0o7777
+    );
+    Ok(())
+}
+
+/// Every per-builder and per-service metrics family moves exactly with the event that
+/// should move it: a client that is not speaking SSH (`rejected_clients_total`), the
+/// probes (`probe_rtt_seconds`), a live session (`kernel_rtt_seconds`,
+/// `rtt_samples_total`), an upload through a lossy link (`retransmits_total`), a
+/// builder that died unnoticed (`failovers_total`), and refusals by reason
+/// (`refused_total{reason}`: `mode_local` in mode local, `no_builder` with every builder
+/// drained). What did not happen stays put.
+#[test]
+fn metrics_follow_the_events_that_move_them() -> Result<()> {
+    if !yensid_tests::privileged_or_skip("inspect::metrics_follow_the_events_that_move_them") {
+        return Ok(());
+    }
+    const REFUSED: u64 = 3;
+    let topology = Topology::new(2)?;
+    let mut config = DaemonConfig::for_topology(&topology, Dataplane::Kernel, Strategy::Priority);
+    // Probes every 200 ms, but slow to take a builder down (fall): a dead builder is
+    // found by the connection it fails.
+    config.health = Some(HealthConfig {
+        interval: Some(Duration::from_millis(200)),
+        fall: Some(1_000_000),
+        ..HealthConfig::default()
+    });
+    let mut daemon = Daemon::start(topology.client_ns(), &config)?;
+    cli::restart_with_extra_toml(
+        &mut daemon,
+        &format!("[metrics]\nlisten = \"{}\"", metrics_addr()),
+    )?;
+    let b1 = [("builder", "b1")];
+    let b2 = [("builder", "b2")];
+    let mode_local = [("service", SERVICE), ("reason", "mode_local")];
+    let no_builder = [("service", SERVICE), ("reason", "no_builder")];
+
+    // The probes: an RTT for each healthy builder.
+    let before = wait_for_metrics(&topology, "probe RTTs", |m| {
+        Ok(m.value("yensid_probe_rtt_seconds", &b1)? > 0.0
+            && m.value("yensid_probe_rtt_seconds", &b2)? > 0.0)
+    })?;
+    for builder in [&b1, &b2] {
+        ensure!(
+            before.value("yensid_rejected_clients_total", builder)? == 0.0
+                && before.value("yensid_failovers_total", builder)? == 0.0
+                && before.value("yensid_retransmits_total", builder)? == 0.0
+                && before.value("yensid_rtt_samples_total", builder)? == 0.0,
+            "{builder:?} before any connection:\n{}",
+            before.text
+        );
+    }
+
+    // A client that is not speaking SSH, on b1 (priority).
+    let reply = topology
+        .raw_client()
+        .send_junk(service(), b"GET / HTTP/1.0\r\n\r\n")?;
+    ensure!(reply.closed, "the HTTP client was left open");
+    let rejected = wait_for_metrics(&topology, "the rejected client counted", |m| {
+        Ok(m.value("yensid_rejected_clients_total", &b1)? == 1.0)
+    })?;
+    ensure!(
+        rejected.value("yensid_rejected_clients_total", &b2)? == 0.0
+            && rejected.value("yensid_connections_total", &b1)?
+                == before.value("yensid_connections_total", &b1)?,
+        "one rejected client on b1:\n{}",
+        rejected.text
+    );
+
+    // A live session on b1: the kernel's RTT and its samples, while it lives.
+    let ssh = topology.ssh_client()?;
+    let mut session = LiveSession::start(&ssh, service())?;
+    ensure!(
+        session.builder() == "b1",
+        "priority chose {}",
+        session.builder()
+    );
+    let live = wait_for_metrics(&topology, "a kernel RTT for b1", |m| {
+        Ok(m.value("yensid_rtt_samples_total", &b1)? > 0.0)
+    })?;
+    ensure!(
+        live.value("yensid_kernel_rtt_seconds", &b1)? > 0.0
+            && live.value("yensid_active_connections", &b1)? == 1.0
+            && live.value("yensid_rtt_samples_total", &b2)? == 0.0,
+        "b1 with a live session:\n{}",
+        live.text
+    );
+    session.finish()?;
+
+    // An upload through a link that loses every fifth data packet to b1.
+    topology.lose_data_packets("b1", 5)?;
+    let payload = RandomFile::create(2 << 20)?;
+    let out = ssh.run_with_input(service(), "sha256sum", payload.path(), WAIT * 4)?;
+    ensure!(
+        out.starts_with(payload.sha256()),
+        "upload through loss: {out:?}"
+    );
+    let lossy = wait_for_metrics(&topology, "b1's retransmissions", |m| {
+        Ok(m.value("yensid_retransmits_total", &b1)? > 0.0)
+    })?;
+    ensure!(
+        lossy.value("yensid_retransmits_total", &b2)? == 0.0,
+        "b2 lost nothing:\n{}",
+        lossy.text
+    );
+
+    // b1 dies; the probes do not take it down, so the next connection fails over.
+    topology.builder("b1").sshd().kill()?;
+    let served = topology.raw_client().banner(service())?;
+    ensure!(served == "b2", "with b1 dead, served by {served}");
+    let failed = wait_for_metrics(&topology, "the failover counted", |m| {
+        Ok(m.value("yensid_failovers_total", &b1)? == 1.0)
+    })?;
+    ensure!(
+        failed.value("yensid_failovers_total", &b2)? == 0.0
+            && failed.value("yensid_builder_healthy", &b1)? == 0.0,
+        "one failover from b1:\n{}",
+        failed.text
+    );
+    topology.builder("b1").sshd().restart()?;
+
+    // Refusals by reason: mode local, then every builder drained.
+    let refused_before = scrape(&topology)?;
+    daemon.set_mode(PolicyMode::Local, None)?;
+    for _ in 0..REFUSED {
+        let attempt = topology.raw_client().connect(service());
+        ensure!(attempt.is_refused(), "mode local: {attempt:?}");
+    }
+    let local = scrape(&topology)?;
+    let grew = |m: &Metrics, labels: &[(&str, &str)]| -> Result<f64> {
+        Ok(m.value("yensid_refused_total", labels)?
+            - refused_before.value("yensid_refused_total", labels)?)
+    };
+    ensure!(
+        grew(&local, &mode_local)? == REFUSED as f64 && grew(&local, &no_builder)? == 0.0,
+        "{REFUSED} refusals in mode local:\n{}",
+        local.text
+    );
+    daemon.reset_mode()?;
+    daemon.drain("b1")?;
+    daemon.drain("b2")?;
+    cli::wait_for_status(daemon.config_path(), "the service to refuse", WAIT, |d| {
+        Ok(refusal(d)?.as_deref() == Some("no eligible builder"))
+    })?;
+    for _ in 0..REFUSED {
+        let attempt = topology.raw_client().connect(service());
+        ensure!(attempt.is_refused(), "every builder drained: {attempt:?}");
+    }
+    let drained = scrape(&topology)?;
+    ensure!(
+        grew(&drained, &mode_local)? == REFUSED as f64
+            && grew(&drained, &no_builder)? == REFUSED as f64,
+        "{REFUSED} refusals with every builder drained:\n{}",
+        drained.text
     );
     Ok(())
 }

@@ -540,7 +540,9 @@ fn override_and_drain_recorded_while_stopped_hold_from_the_start() -> Result<()>
 
     let drained = daemon.drain("b1")?;
     ensure!(
-        drained.contains("b1") && drained.contains("recorded"),
+        drained.contains("not running")
+            && drained.contains("recorded")
+            && drained.contains("takes effect when it starts"),
         "`yensid drain b1` with the daemon stopped said {drained:?}"
     );
     daemon.restart()?;
@@ -1217,7 +1219,8 @@ fn only_root_or_the_control_group_may_change_the_mode() -> Result<()> {
 }
 
 /// A user without access to the control socket is told exactly that: `yensid status`
-/// and `yensid mode local` as `nobody` fail with a permission error (not "not running",
+/// and `yensid mode local` as `nobody` fail saying it may not talk to the daemon and
+/// what would allow it (not "not running",
 /// and `mode` does not fall back to recording the change in the state file "for when
 /// it starts"), and the mode in force is unchanged.
 fn unprivileged_cli_is_not_told_the_daemon_is_down() -> Result<()> {
@@ -1238,7 +1241,8 @@ fn unprivileged_cli_is_not_told_the_daemon_is_down() -> Result<()> {
                 .with_context(|| format!("`yensid {what}` as nobody succeeded"))?
         );
         ensure!(
-            why.contains("permission denied")
+            why.contains("not allowed to talk to the daemon")
+                && why.contains("run as root, or configure daemon.read_group")
                 && !why.to_lowercase().contains("not running")
                 && !why.contains("recorded"),
             "`yensid {what}` as nobody, with the daemon running (pid {}): {why}",

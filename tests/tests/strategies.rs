@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
+use yensid_tests::cli::{self, Verdict};
 use yensid_tests::wait::wait_until;
-use yensid_tests::{Daemon, DaemonConfig, Dataplane, Strategy, Topology, service};
+use yensid_tests::{Daemon, DaemonConfig, Dataplane, HealthConfig, Strategy, Topology, service};
 
 /// Only against hangs.
 const WAIT: Duration = Duration::from_secs(30);
@@ -244,4 +245,93 @@ fn tally<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeMap<&'a str, usiz
         *counts.entry(name).or_insert(0) += 1;
     }
     counts
+}
+
+/// Source-affinity's fallback: a client whose slot belongs to b1 goes to b1; while b1
+/// is drained, down (sshd killed) or full (at max_connections), that client goes to b2
+/// by least connections and `explain --from` says so (the slot belongs to b1, which is
+/// not available); when b1 is back, so is the client.
+#[test]
+fn source_affinity_falls_back_when_its_builder_is_drained_down_or_full() -> Result<()> {
+    if !yensid_tests::privileged_or_skip(
+        "strategies::source_affinity_falls_back_when_its_builder_is_drained_down_or_full",
+    ) {
+        return Ok(());
+    }
+    let topology = Topology::new(2)?;
+    let mut config =
+        DaemonConfig::for_topology(&topology, Dataplane::Kernel, Strategy::SourceAffinity);
+    config.builder_mut("b1").max_connections = Some(1);
+    config.health = Some(HealthConfig {
+        interval: Some(Duration::from_millis(200)),
+        max_interval: Some(Duration::from_secs(1)),
+        ..HealthConfig::default()
+    });
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
+    let file = daemon.config_path();
+    // A client address whose affinity slot belongs to b1.
+    let mut client = None;
+    for octet in 1..=32 {
+        let source = topology.add_client_address(octet)?;
+        if let Verdict::Builder { name, .. } =
+            cli::explain(file, Some("ssh"), Some(source))?.verdict()?
+            && name == "b1"
+        {
+            client = Some(source);
+            break;
+        }
+    }
+    let client = client.context("none of 32 client addresses hashes to a slot of b1")?;
+    let raw = topology.raw_client().from_source(client);
+    let expect = |builder: &str, fallback: bool, when: &str| -> Result<()> {
+        let explained = cli::explain(file, Some("ssh"), Some(client))?;
+        match explained.verdict()? {
+            Verdict::Builder { name, why }
+                if name == builder
+                    && why.contains("belongs to b1, which is not available") == fallback => {}
+            other => bail!("{when}: explain --from {client}: {other:?}"),
+        }
+        let served = raw.banner(service())?;
+        ensure!(served == builder, "{when}: {client} was served by {served}");
+        Ok(())
+    };
+    expect("b1", false, "b1 available")?;
+
+    daemon.drain("b1")?;
+    daemon.wait_for_status("b1 draining", WAIT, |s| {
+        Ok(s.builder_state("b1")? == "draining")
+    })?;
+    expect("b2", true, "b1 drained")?;
+    daemon.undrain("b1")?;
+    daemon.wait_for_status("b1 healthy", WAIT, |s| {
+        Ok(s.builder_state("b1")? == "healthy")
+    })?;
+    expect("b1", false, "b1 undrained")?;
+
+    topology.builder("b1").sshd().kill()?;
+    daemon.wait_for_status("b1 down", WAIT, |s| {
+        Ok(s.builder_state("b1")? == "unhealthy")
+    })?;
+    expect("b2", true, "b1 down")?;
+    topology.builder("b1").sshd().restart()?;
+    daemon.wait_for_status("b1 healthy", WAIT, |s| {
+        Ok(s.builder_state("b1")? == "healthy")
+    })?;
+    expect("b1", false, "b1 back")?;
+
+    // The last connection to b1 has ended (b1 has its one slot free again).
+    daemon.wait_for_status("b1 idle", WAIT, |s| Ok(s.active("b1")? == 0))?;
+    let held = raw.open_ssh(service())?;
+    ensure!(
+        held.served_by() == "b1",
+        "the held connection went to {}",
+        held.served_by()
+    );
+    daemon.wait_for_status("b1 full", WAIT, |s| Ok(s.builder_state("b1")? == "full"))?;
+    expect("b2", true, "b1 full")?;
+    held.close()?;
+    daemon.wait_for_status("b1 free", WAIT, |s| Ok(s.builder_state("b1")? == "healthy"))?;
+    expect("b1", false, "b1 free again")?;
+    daemon.expect_data_path(Dataplane::Kernel)?;
+    Ok(())
 }

@@ -1,16 +1,19 @@
-//! The daemon's life: coexisting with the host's sshd, dying (SIGKILL), stopping
-//! (SIGTERM) and reloading (SIGHUP) under live sessions.
+//! The daemon's life: coexisting with the host's sshd, dying (SIGKILL, also during a
+//! timed override), stopping (SIGTERM, SIGINT), reloading (SIGHUP) under live sessions
+//! and a bulk transfer, and mounting bpffs itself.
 
 mod common;
 
+use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::thread;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use yensid_tests::wait::wait_until;
 use yensid_tests::{
-    ConnectAttempt, Daemon, DaemonConfig, Dataplane, Launch, LiveSession, SshConnection, Strategy,
-    Topology, service,
+    ConnectAttempt, Daemon, DaemonConfig, Dataplane, Launch, LiveSession, PolicyMode, RandomFile,
+    SshConnection, Strategy, Topology, service,
 };
 
 common::dataplane_tests!(
@@ -20,6 +23,7 @@ common::dataplane_tests!(
     sigint_exits_cleanly_and_detaches,
     sighup_reload_keeps_live_session,
     sighup_removing_its_builder_keeps_live_session,
+    reload_changes_weights_strategy_and_limits_under_a_bulk_transfer,
 );
 
 fn localhost_ssh() -> SocketAddr {
@@ -247,4 +251,178 @@ fn daemon_mounts_bpffs_itself() -> Result<()> {
     let exit = daemon.stop()?;
     ensure!(exit.success(), "clean stop: {exit}");
     Ok(())
+}
+
+/// Only against hangs.
+const WAIT: Duration = Duration::from_secs(30);
+/// Only against hangs: the held upload moves 64 MiB once its gate opens.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// An upload is in flight (held by its builder, which reads nothing until the test
+/// opens a gate) across two reloads: the first gives b1 weight 2 (round-robin then
+/// splits 2:1), the second switches to priority over b2 then b1 with b2 capped at two
+/// connections (new connections fill b2, the upload's slot included, then spill to
+/// b1). New connections follow each reload; then the upload arrives byte-exact on the
+/// builder it started on.
+fn reload_changes_weights_strategy_and_limits_under_a_bulk_transfer(
+    dataplane: Dataplane,
+) -> Result<()> {
+    let topology = Topology::new(2)?;
+    let mut config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
+    let mut daemon = Daemon::start(topology.client_ns(), &config)?;
+    let payload = RandomFile::create(64 << 20)?;
+    let gate = topology.new_file("gate");
+    let upload = {
+        let ssh = topology.ssh_client()?;
+        let path = payload.path().to_owned();
+        let remote = format!(
+            "while [ ! -e {gate} ]; do sleep 0.1; done; sha256sum; echo $YENSID_BUILDER",
+            gate = gate.display()
+        );
+        thread::spawn(move || ssh.run_with_input(service(), &remote, &path, TRANSFER_TIMEOUT))
+    };
+    let status = daemon.wait_for_status("the upload's connection", WAIT, |s| {
+        Ok(s.active("b1")? + s.active("b2")? == 1)
+    })?;
+    let carrier = if status.active("b1")? == 1 {
+        "b1"
+    } else {
+        "b2"
+    };
+    let idle_but_the_upload = |s: &yensid_tests::Status| -> Result<bool> {
+        let on = |b: &str| -> Result<u64> { s.active(b) };
+        Ok(on(carrier)? == 1 && on(if carrier == "b1" { "b2" } else { "b1" })? == 0)
+    };
+
+    config.builder_mut("b1").weight = Some(2);
+    daemon.reload(&config)?;
+    daemon.wait_for_status("b1's weight 2", WAIT, |s| Ok(s.weight("b1")? == 2))?;
+    let served = topology.raw_client().banners(service(), 30)?;
+    let on_b1 = served.iter().filter(|s| *s == "b1").count();
+    ensure!(
+        (19..=21).contains(&on_b1)
+            && !served
+                .windows(2)
+                .any(|pair| pair[0] == "b2" && pair[1] == "b2"),
+        "after the reload to weights 2:1, round-robin served {served:?}"
+    );
+
+    config.service_mut().strategy = Strategy::Priority;
+    config.service_mut().builders = Some(vec!["b2".to_owned(), "b1".to_owned()]);
+    config.builder_mut("b2").max_connections = Some(2);
+    daemon.reload(&config)?;
+    daemon.wait_for_status("priority, b2 capped at 2", WAIT, |s| {
+        let svc = yensid_tests::cli::service(s.json(), "ssh")?;
+        let b2 = yensid_tests::cli::builder(s.json(), "b2")?;
+        Ok(svc["strategy"] == "priority" && b2["max_connections"] == 2 && idle_but_the_upload(s)?)
+    })?;
+    let free_on_b2 = if carrier == "b2" { 1 } else { 2 };
+    let held = (0..3)
+        .map(|_| topology.raw_client().open_ssh(service()))
+        .collect::<Result<Vec<_>>>()?;
+    let held_on: Vec<&str> = held.iter().map(|c| c.served_by()).collect();
+    let expected: Vec<&str> = (0..3)
+        .map(|i| if i < free_on_b2 { "b2" } else { "b1" })
+        .collect();
+    ensure!(
+        held_on == expected,
+        "priority over b2 (max 2, the upload on {carrier}) then b1 served {held_on:?}"
+    );
+    drop(held);
+
+    fs::write(&gate, "open").with_context(|| format!("open the gate {}", gate.display()))?;
+    let out = upload
+        .join()
+        .map_err(|_| anyhow::anyhow!("the upload thread panicked"))??;
+    ensure!(
+        out.starts_with(payload.sha256()) && out.trim_end().ends_with(carrier),
+        "the upload across two reloads: {out:?} (want {} from {carrier})",
+        payload.sha256()
+    );
+    let counts = daemon.expect_data_path(dataplane)?;
+    ensure!(
+        counts.spliced + counts.copied == 1 + 30 + 3,
+        "the upload, 30 and 3 connections, the daemon recorded {counts:?}"
+    );
+    Ok(())
+}
+
+/// `yensid mode local --for 3s`, then kill -9: as the README says of a crashed daemon,
+/// the pinned program keeps refusing every claimed connection (RST; never the host's
+/// sshd), before the override's end and after the kernel's deadline for it has passed
+/// too; status without the daemon says claimed traffic is refused. The next start
+/// finds the override expired while it was down and serves again.
+#[test]
+fn sigkill_during_a_timed_local_override_keeps_refusing() -> Result<()> {
+    if !yensid_tests::privileged_or_skip(
+        "lifecycle::sigkill_during_a_timed_local_override_keeps_refusing",
+    ) {
+        return Ok(());
+    }
+    let (topology, mut daemon) =
+        claiming_in_front_of_host_sshd(Dataplane::Kernel, "before the override")?;
+    let raw = topology.raw_client();
+    let file = daemon.config_path().to_owned();
+    daemon.set_mode(PolicyMode::Local, Some(Duration::from_secs(3)))?;
+    let maps = yensid_tests::cli::wait_for_maps(&file, "the kernel's deadline", WAIT, |m| {
+        let until = yensid_tests::cli::u64_at(m, "local_override_until_boot_ns")?;
+        Ok(until != 0 && until != u64::MAX)
+    })?;
+    let deadline = yensid_tests::cli::u64_at(&maps, "local_override_until_boot_ns")?;
+    daemon.kill9()?;
+    ensure!(
+        !daemon.log().contains("mode override expired"),
+        "the override expired before the kill; the test's premise failed:\n{}",
+        daemon.log()
+    );
+
+    let ensure_refused = |when: &str| -> Result<()> {
+        for i in 0..5 {
+            let attempt = raw.connect(service());
+            ensure!(
+                attempt.is_refused(),
+                "{when}: connection {i} was not refused: {attempt:?}"
+            );
+        }
+        Ok(())
+    };
+    ensure_refused("killed during the override")?;
+    let status = yensid_tests::cli::status_not_running(&file)?;
+    ensure!(
+        status.claimed_traffic == "refused",
+        "after kill -9: {}",
+        status.message
+    );
+    wait_until("the kernel's deadline to pass", WAIT, || {
+        Ok(boot_time_ns()? > deadline)
+    })?;
+    ensure_refused("killed, the override's end passed")?;
+    ensure!(
+        raw.banner(localhost_ssh())? == "host",
+        "unclaimed traffic no longer reaches the host sshd"
+    );
+
+    let restarted_at = SystemTime::now();
+    daemon.restart()?;
+    daemon.wait_for_log(
+        &["mode override expired while the daemon was down"],
+        restarted_at,
+        WAIT,
+    )?;
+    let served = raw.banner(service())?;
+    ensure!(is_builder(&served), "after the restart, served by {served}");
+    Ok(())
+}
+
+/// CLOCK_BOOTTIME in nanoseconds: the clock of the kernel's override deadline.
+fn boot_time_ns() -> Result<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `ts` is.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(u64::try_from(ts.tv_sec)? * 1_000_000_000 + u64::try_from(ts.tv_nsec)?)
 }

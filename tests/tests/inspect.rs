@@ -545,26 +545,33 @@ fn local_override_is_shown_explained_and_counted(dataplane: Dataplane) -> Result
     );
 
     // With an expiry: in status (epoch seconds) and in the kernel (boot time).
+    // Bracketed by clock readings before and after the command (no budget): the
+    // expiry is an hour after the moment the daemon took the command, which lies
+    // between them.
     let set_at = unix_now()?;
     let boot_at = boot_time_ns()?;
     daemon.set_mode(PolicyMode::Local, Some(Duration::from_secs(3600)))?;
+    let set_by = unix_now()?;
     let doc = cli::wait_for_status(file, "an override with an expiry", WAIT, |d| {
         Ok(cli::opt_u64_at(cli::field(d, "mode")?, "until")?.is_some())
     })?;
     let until = cli::u64_at(&doc["mode"], "until")?;
     ensure!(
-        (set_at + 3590..=set_at + 3610).contains(&until),
-        "`mode local --for 1h` set at {set_at} ends at {until}"
+        (set_at + 3600..=set_by + 3600).contains(&until),
+        "`mode local --for 1h` set between {set_at} and {set_by} ends at {until}"
     );
     let maps = cli::wait_for_maps(file, "the kernel's deadline", WAIT, |m| {
         Ok(cli::u64_at(m, "local_override_until_boot_ns")? != u64::MAX)
     })?;
+    let boot_by = boot_time_ns()?;
     let deadline = cli::u64_at(&maps, "local_override_until_boot_ns")?;
     let hour = 3_600_000_000_000_u64;
-    let slack = 60_000_000_000_u64;
+    // The daemon converts whole seconds of wall time: up to a second early.
+    let second = 1_000_000_000_u64;
     ensure!(
-        (boot_at + hour - slack..=boot_at + hour + slack).contains(&deadline),
-        "the kernel's deadline {deadline} is not an hour after {boot_at} (boot time)"
+        (boot_at + hour - second..=boot_by + hour).contains(&deadline),
+        "the kernel's deadline {deadline} is not an hour after the command, between \
+         {boot_at} and {boot_by} (boot time)"
     );
 
     daemon.reset_mode()?;

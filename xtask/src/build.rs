@@ -238,41 +238,6 @@ fn read_skips(path: &Path) -> Result<Vec<(String, String)>> {
         .collect())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn libtest_results_add_up_and_skips_are_taken_out_of_the_passed() {
-        let mut totals = Totals::default();
-        totals.add_result_line(
-            "test result: ok. 8 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s",
-        );
-        totals.add_result_line(
-            "test result: FAILED. 3 passed; 2 failed; 1 ignored; 0 measured; 5 filtered out",
-        );
-        totals.add_result_line("running 4 tests");
-        assert_eq!((totals.passed, totals.failed), (11, 2));
-        assert_eq!(totals.summary(&[]), "11 passed, 2 failed, 0 skipped");
-        let skipped = vec![
-            ("a".to_owned(), "not root".to_owned()),
-            ("b".to_owned(), "not root".to_owned()),
-        ];
-        assert_eq!(
-            totals.summary(&skipped),
-            "9 passed, 2 failed, 2 skipped: not root"
-        );
-        let mixed = vec![
-            ("a".to_owned(), "not root".to_owned()),
-            ("b".to_owned(), "`ip netns` unusable".to_owned()),
-        ];
-        assert_eq!(
-            totals.summary(&mixed),
-            "9 passed, 2 failed, 2 skipped: 1 `ip netns` unusable, 1 not root"
-        );
-    }
-}
-
 fn ensure_rust_src() -> Result<()> {
     let installed = output(Command::new("rustup").args([
         "component",
@@ -444,4 +409,39 @@ fn output(cmd: &mut Command) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtest_results_add_up_and_skips_are_taken_out_of_the_passed() {
+        let mut totals = Totals::default();
+        totals.add_result_line(
+            "test result: ok. 8 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s",
+        );
+        totals.add_result_line(
+            "test result: FAILED. 3 passed; 2 failed; 1 ignored; 0 measured; 5 filtered out",
+        );
+        totals.add_result_line("running 4 tests");
+        assert_eq!((totals.passed, totals.failed), (11, 2));
+        assert_eq!(totals.summary(&[]), "11 passed, 2 failed, 0 skipped");
+        let skipped = vec![
+            ("a".to_owned(), "not root".to_owned()),
+            ("b".to_owned(), "not root".to_owned()),
+        ];
+        assert_eq!(
+            totals.summary(&skipped),
+            "9 passed, 2 failed, 2 skipped: not root"
+        );
+        let mixed = vec![
+            ("a".to_owned(), "not root".to_owned()),
+            ("b".to_owned(), "`ip netns` unusable".to_owned()),
+        ];
+        assert_eq!(
+            totals.summary(&mixed),
+            "9 passed, 2 failed, 2 skipped: 1 `ip netns` unusable, 1 not root"
+        );
+    }
 }

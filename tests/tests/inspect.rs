@@ -556,8 +556,9 @@ fn local_override_is_shown_explained_and_counted(dataplane: Dataplane) -> Result
         Ok(cli::opt_u64_at(cli::field(d, "mode")?, "until")?.is_some())
     })?;
     let until = cli::u64_at(&doc["mode"], "until")?;
+    // The daemon rounds the moment up to the next whole second.
     ensure!(
-        (set_at + 3600..=set_by + 3600).contains(&until),
+        (set_at + 3600..=set_by + 3601).contains(&until),
         "`mode local --for 1h` set between {set_at} and {set_by} ends at {until}"
     );
     let maps = cli::wait_for_maps(file, "the kernel's deadline", WAIT, |m| {
@@ -566,10 +567,10 @@ fn local_override_is_shown_explained_and_counted(dataplane: Dataplane) -> Result
     let boot_by = boot_time_ns()?;
     let deadline = cli::u64_at(&maps, "local_override_until_boot_ns")?;
     let hour = 3_600_000_000_000_u64;
-    // The daemon converts whole seconds of wall time: up to a second early.
+    // The daemon converts whole seconds of wall time: up to a second either way.
     let second = 1_000_000_000_u64;
     ensure!(
-        (boot_at + hour - second..=boot_by + hour).contains(&deadline),
+        (boot_at + hour - second..=boot_by + hour + second).contains(&deadline),
         "the kernel's deadline {deadline} is not an hour after the command, between \
          {boot_at} and {boot_by} (boot time)"
     );

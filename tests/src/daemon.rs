@@ -421,6 +421,17 @@ impl Daemon {
         self.signal(libc::SIGHUP)
     }
 
+    /// SIGSTOP: the daemon hangs (alive, its sockets open, doing nothing) until
+    /// [`Self::resume`].
+    pub fn pause(&mut self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&mut self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
     /// SIGKILL, and reaps the process. The pins stay until this value is dropped.
     pub fn kill9(&mut self) -> Result<()> {
         self.signal(libc::SIGKILL)?;

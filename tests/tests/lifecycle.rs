@@ -414,6 +414,57 @@ fn sigkill_during_a_timed_local_override_keeps_refusing() -> Result<()> {
     Ok(())
 }
 
+/// `yensid mode local --for 10s`, then the daemon hangs (SIGSTOP): the kernel ends the
+/// override itself at its deadline, as the README says. Refused before it; after it,
+/// the next connection is steered to a builder's listener (accepted, not refused), and
+/// once the daemon runs again that connection is served by the builder.
+#[test]
+fn a_hung_daemon_does_not_hold_a_timed_local_override_past_its_end() -> Result<()> {
+    if !yensid_tests::privileged_or_skip(
+        "lifecycle::a_hung_daemon_does_not_hold_a_timed_local_override_past_its_end",
+    ) {
+        return Ok(());
+    }
+    let (topology, mut daemon) =
+        claiming_in_front_of_host_sshd(Dataplane::Kernel, "before the override")?;
+    let raw = topology.raw_client();
+    let file = daemon.config_path().to_owned();
+    daemon.set_mode(PolicyMode::Local, Some(Duration::from_secs(10)))?;
+    let maps = yensid_tests::cli::wait_for_maps(&file, "the kernel's deadline", WAIT, |m| {
+        let until = yensid_tests::cli::u64_at(m, "local_override_until_boot_ns")?;
+        Ok(until != 0 && until != u64::MAX)
+    })?;
+    let deadline = yensid_tests::cli::u64_at(&maps, "local_override_until_boot_ns")?;
+    daemon.pause()?;
+    let attempt = raw.connect(service());
+    ensure!(
+        attempt.is_refused() || boot_time_ns()? > deadline,
+        "during the override, with the daemon hung: {attempt:?}"
+    );
+    wait_until("the kernel's deadline to pass", WAIT, || {
+        Ok(boot_time_ns()? > deadline)
+    })?;
+    let stream = raw
+        .connect(service())
+        .accepted()
+        .context("after the override's end, with the daemon hung")?;
+    daemon.resume()?;
+    let served = SshConnection::handshake(stream)?;
+    ensure!(
+        is_builder(served.served_by()),
+        "after the override's end, served by {}",
+        served.served_by()
+    );
+    served.close()?;
+    let mode = daemon.status()?.mode()?;
+    ensure!(
+        mode.in_force == "auto" && mode.source == "config",
+        "after the override's end: {mode:?}"
+    );
+    daemon.expect_data_path(Dataplane::Kernel)?;
+    Ok(())
+}
+
 /// CLOCK_BOOTTIME in nanoseconds: the clock of the kernel's override deadline.
 fn boot_time_ns() -> Result<u64> {
     let mut ts = libc::timespec {

@@ -320,6 +320,15 @@ impl Inner {
         (self.config.policy.mode, ModeSource::Config)
     }
 
+    /// The mode once the operator's override ends: the hook's, else the
+    /// configured one.
+    pub fn mode_after_override(&self) -> Mode {
+        self.hook
+            .as_ref()
+            .and_then(|d| d.mode)
+            .unwrap_or(self.config.policy.mode)
+    }
+
     /// A builder's weight: the hook's, else the configured one.
     pub fn weight(&self, builder: &str) -> u32 {
         self.hook

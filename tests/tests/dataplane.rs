@@ -47,6 +47,17 @@ fn ssh_sessions_reach_both_builders_under_one_host_name(dataplane: Dataplane) ->
         counts.spliced + counts.copied == 4,
         "4 sessions, the daemon recorded {counts:?}"
     );
+    // The human status shows it too: two sessions per builder, all on this path.
+    let table = daemon.cli(&["status"])?;
+    let per_builder = match dataplane {
+        Dataplane::Kernel => "2 (2/0)",
+        Dataplane::Userspace => "2 (0/2)",
+    };
+    ensure!(
+        table.contains("TOTAL (SPLICED/COPIED)") && table.matches(per_builder).count() == 2,
+        "`yensid status` after two {} sessions per builder:\n{table}",
+        dataplane.as_str()
+    );
     Ok(())
 }
 

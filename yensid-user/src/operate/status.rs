@@ -150,7 +150,7 @@ pub fn render(status: &Status) -> String {
         "BUILDER".to_owned(),
         "STATE".to_owned(),
         "ACTIVE".to_owned(),
-        "TOTAL".to_owned(),
+        "TOTAL (SPLICED/COPIED)".to_owned(),
         "FAILOVERS".to_owned(),
         "TO/FROM".to_owned(),
         "RTT PROBE/KERNEL".to_owned(),
@@ -168,7 +168,7 @@ pub fn render(status: &Status) -> String {
                 Some(max) => format!("{}/{max}", b.active),
                 None => b.active.to_string(),
             },
-            b.connections.to_string(),
+            format!("{} ({}/{})", b.connections, b.spliced, b.copied),
             b.failed_over.to_string(),
             format!(
                 "{}/{}",

@@ -17,12 +17,9 @@ use serde_json::Value;
 
 use crate::command::run_within;
 use crate::config::{DaemonConfig, InstancePaths};
-use crate::daemon::{Daemon, yensid_binary};
+use crate::daemon::{CLI_TIMEOUT, Daemon, yensid_binary};
 use crate::netns::Netns;
 use crate::wait::wait_until;
-
-/// Longest any one inspection command may take: they answer from memory or the pins.
-const CLI_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a CLI run printed and how it ended.
 #[derive(Clone, Debug)]
@@ -141,12 +138,50 @@ pub fn str_at(value: &Value, key: &str) -> Result<String> {
         .with_context(|| format!("no string `{key}` in {value}"))
 }
 
-/// `value[key]` as a string, or `None` when it is null or absent.
+/// `value[key]`, which must be there (a missing field is an error, never a null:
+/// a check that a field is null must not pass because the field is gone).
+pub fn field<'a>(value: &'a Value, key: &str) -> Result<&'a Value> {
+    value
+        .get(key)
+        .with_context(|| format!("no field `{key}` in {value}"))
+}
+
+/// Whether `value[key]` is null; an error when the field is missing.
+pub fn is_null_at(value: &Value, key: &str) -> Result<bool> {
+    Ok(field(value, key)?.is_null())
+}
+
+/// `value[key]` as a string, or `None` when it is null; an error when it is missing
+/// or of another type.
 pub fn opt_str_at(value: &Value, key: &str) -> Result<Option<String>> {
-    match value.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => bail!("`{key}` is neither a string nor null: {other}"),
+    match field(value, key)? {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s.clone())),
+        other => bail!("`{key}` is neither a string nor null: {other}"),
+    }
+}
+
+/// `value[key]` as an unsigned integer, or `None` when it is null; an error when it
+/// is missing or of another type.
+pub fn opt_u64_at(value: &Value, key: &str) -> Result<Option<u64>> {
+    match field(value, key)? {
+        Value::Null => Ok(None),
+        other => other
+            .as_u64()
+            .map(Some)
+            .with_context(|| format!("`{key}` is neither an unsigned integer nor null: {other}")),
+    }
+}
+
+/// `value[key]` as a number, or `None` when it is null; an error when it is missing
+/// or of another type.
+pub fn opt_f64_at(value: &Value, key: &str) -> Result<Option<f64>> {
+    match field(value, key)? {
+        Value::Null => Ok(None),
+        other => other
+            .as_f64()
+            .map(Some)
+            .with_context(|| format!("`{key}` is neither a number nor null: {other}")),
     }
 }
 
@@ -625,6 +660,24 @@ mod tests {
         assert!(Metrics::parse("yensid_x{a=\"1\"}\n").is_err());
         assert!(Metrics::parse("yensid_x{a=1} 2\n").is_err());
         assert!(Metrics::parse("yensid_x 1\nyensid_x 2\n").is_err());
+    }
+
+    #[test]
+    fn json_accessors_fail_on_a_missing_field() {
+        let doc = serde_json::json!({"reason": null, "until": 7, "rtt": 1.5, "name": "b1"});
+        assert_eq!(opt_str_at(&doc, "reason").unwrap(), None);
+        assert!(opt_str_at(&doc, "missing").is_err());
+        assert!(opt_str_at(&doc, "until").is_err());
+        assert!(is_null_at(&doc, "reason").unwrap());
+        assert!(!is_null_at(&doc, "until").unwrap());
+        assert!(is_null_at(&doc, "missing").is_err());
+        assert_eq!(opt_u64_at(&doc, "until").unwrap(), Some(7));
+        assert_eq!(opt_u64_at(&doc, "reason").unwrap(), None);
+        assert!(opt_u64_at(&doc, "missing").is_err());
+        assert!(opt_u64_at(&doc, "name").is_err());
+        assert_eq!(opt_f64_at(&doc, "rtt").unwrap(), Some(1.5));
+        assert!(opt_f64_at(&doc, "missing").is_err());
+        assert!(u64_at(&doc, "missing").is_err());
     }
 
     #[test]

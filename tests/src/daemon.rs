@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::command::run;
-use crate::config::{DaemonConfig, InstancePaths, PolicyMode};
+use crate::command::{run, run_within};
+use crate::config::{DaemonConfig, Dataplane, InstancePaths, PolicyMode};
 use crate::hosts::HostNames;
 use crate::netns::Netns;
 use crate::status::Status;
@@ -23,13 +23,42 @@ pub(crate) const BPFFS: &str = "/sys/fs/bpf";
 const READY_LINE: &str = "yensid ready";
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest any one CLI call may take: a stuck control socket fails the test instead
+/// of hanging the suite.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long closed connections may take to be recorded as ended; only against hangs.
+const CONNECTIONS_END: Duration = Duration::from_secs(60);
 
-/// `$YENSID_BIN`, else `<workspace>/target/debug/yensid`.
+/// The workspace's root directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives in the workspace")
+        .to_owned()
+}
+
+/// Where cargo puts build output: `$CARGO_TARGET_DIR` (relative to the workspace
+/// root when relative), else `<workspace>/target`. The one place that says so for
+/// the tests and for `cargo xtask`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => workspace_root().join(dir),
+        _ => workspace_root().join("target"),
+    }
+}
+
+/// The daemon binary of a cargo profile (`debug` or `release`) under [`target_dir`].
+pub fn built_binary(profile: &str) -> PathBuf {
+    target_dir().join(profile).join("yensid")
+}
+
+/// The binary under test: `$YENSID_BIN` (which `cargo xtask test` always sets, to
+/// [`built_binary`]`("debug")`), else that same path.
 pub fn yensid_binary() -> PathBuf {
-    std::env::var_os("YENSID_BIN").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/yensid"),
-        PathBuf::from,
-    )
+    match std::env::var_os("YENSID_BIN") {
+        Some(bin) if !bin.is_empty() => PathBuf::from(bin),
+        _ => built_binary("debug"),
+    }
 }
 
 /// A running `yensid run`. Dropping it kills the process and removes its pin directory
@@ -41,6 +70,8 @@ pub struct Daemon {
     child: Child,
     exit: Option<ExitStatus>,
     binary: PathBuf,
+    /// How its command line is wrapped, to start it again alike.
+    launch: Launch,
     /// The namespace handle it runs in, to start it again.
     netns: PathBuf,
     paths: InstancePaths,
@@ -51,6 +82,14 @@ pub struct Daemon {
     /// Builders named by host, and the hosts file the daemon sees as /etc/hosts.
     host_names: Option<(HostNames, PathBuf)>,
     _dir: TempDir,
+}
+
+/// How many forwarded connections were spliced in the kernel and how many were
+/// copied in userspace, over every builder ([`Daemon::expect_data_path`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataPathCounts {
+    pub spliced: u64,
+    pub copied: u64,
 }
 
 /// One line of the daemon's log, with the time it carries.
@@ -86,6 +125,7 @@ impl Daemon {
             ns,
             &|paths, names| render(config, paths, names),
             Some(names),
+            Launch::default(),
         )
     }
 
@@ -96,6 +136,7 @@ impl Daemon {
             ns,
             &|paths, names| render(config, paths, names),
             None,
+            Launch::default(),
         )
     }
 
@@ -105,7 +146,25 @@ impl Daemon {
         ns: &Netns,
         render: &dyn Fn(&InstancePaths) -> Result<String>,
     ) -> Result<Self> {
-        Self::start_configured(&yensid_binary(), ns, &|paths, _| render(paths), None)
+        Self::start_configured(
+            &yensid_binary(),
+            ns,
+            &|paths, _| render(paths),
+            None,
+            Launch::default(),
+        )
+    }
+
+    /// Like [`Self::start`], with the daemon's command line wrapped as `launch` says
+    /// (e.g. fewer capabilities, or a private mount namespace); restarts wrap it alike.
+    pub fn start_wrapped(ns: &Netns, config: &DaemonConfig, launch: Launch) -> Result<Self> {
+        Self::start_configured(
+            &yensid_binary(),
+            ns,
+            &|paths, names| render(config, paths, names),
+            None,
+            launch,
+        )
     }
 
     fn start_configured(
@@ -113,6 +172,7 @@ impl Daemon {
         ns: &Netns,
         render_file: &dyn Fn(&InstancePaths, &Option<(HostNames, PathBuf)>) -> Result<String>,
         names: Option<&HostNames>,
+        launch: Launch,
     ) -> Result<Self> {
         ensure!(
             binary.exists(),
@@ -143,11 +203,12 @@ impl Daemon {
         File::create(&log_path)?;
         let netns = ns.path();
         let hosts = host_names.as_ref().map(|(_, file)| file.as_path());
-        let child = spawn(binary, &netns, &config_path, &log_path, hosts)?;
+        let child = spawn(binary, &launch, &netns, &config_path, &log_path, hosts)?;
         let mut daemon = Self {
             child,
             exit: None,
             binary: binary.to_owned(),
+            launch,
             netns,
             paths,
             config_path,
@@ -176,6 +237,7 @@ impl Daemon {
         let hosts = self.host_names.as_ref().map(|(_, file)| file.as_path());
         self.child = spawn(
             &self.binary,
+            &self.launch,
             &self.netns,
             &self.config_path,
             &self.log_path,
@@ -315,17 +377,81 @@ impl Daemon {
         Ok(last.expect("wait_until returned after a status"))
     }
 
+    /// Waits until no connection is open on any builder (so every connection's path is
+    /// recorded), then checks the daemon's own record of how the connections it
+    /// forwarded travelled: with `Dataplane::Kernel` every one was spliced in the
+    /// kernel, with `Dataplane::Userspace` every one was copied, and at least one was
+    /// forwarded at all. Connections that ended before a byte was forwarded (a client
+    /// that hung up during the handoff) count as neither. Returns the totals.
+    pub fn expect_data_path(&self, dataplane: Dataplane) -> Result<DataPathCounts> {
+        let status = self.wait_for_status("no open connection", CONNECTIONS_END, |s| {
+            s.builder_names()?
+                .iter()
+                .map(|b| s.active(b))
+                .try_fold(true, |idle, active| Ok(idle && active? == 0))
+        })?;
+        let mut counts = DataPathCounts::default();
+        for builder in status.builder_names()? {
+            let (spliced, copied) = status.data_path_counts(&builder)?;
+            counts.spliced += spliced;
+            counts.copied += copied;
+        }
+        let (expected, other) = match dataplane {
+            Dataplane::Kernel => (counts.spliced, counts.copied),
+            Dataplane::Userspace => (counts.copied, counts.spliced),
+        };
+        ensure!(
+            expected > 0 && other == 0,
+            "the {} data path should have carried every connection: {} spliced in the \
+             kernel, {} copied in userspace: {}",
+            dataplane.as_str(),
+            counts.spliced,
+            counts.copied,
+            status.json()
+        );
+        Ok(counts)
+    }
+
     /// [`Self::cli`] as user `uid` with group `gid` and no supplementary groups
     /// (`setpriv`), e.g. to check that only root or `control_group` may change things.
     pub fn cli_as(&self, uid: u32, gid: u32, args: &[&str]) -> Result<String> {
-        run(Command::new("setpriv")
-            .arg(format!("--reuid={uid}"))
-            .arg(format!("--regid={gid}"))
-            .arg("--clear-groups")
-            .arg(&self.binary)
-            .args(args)
-            .arg("--config")
-            .arg(&self.config_path))
+        run_within(
+            Command::new("setpriv")
+                .arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={gid}"))
+                .arg("--clear-groups")
+                .arg(&self.binary)
+                .args(args)
+                .arg("--config")
+                .arg(&self.config_path),
+            Stdio::null(),
+            CLI_TIMEOUT,
+        )
+    }
+
+    /// [`Self::cli`] as user `uid` with primary group `gid` and the supplementary
+    /// groups `groups` (`setpriv --groups`), e.g. a member of `control_group` whose
+    /// membership is a supplementary group, as for a real user.
+    pub fn cli_as_member(
+        &self,
+        uid: u32,
+        gid: u32,
+        groups: &[u32],
+        args: &[&str],
+    ) -> Result<String> {
+        let groups: Vec<String> = groups.iter().map(u32::to_string).collect();
+        run_within(
+            Command::new("setpriv")
+                .arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={gid}"))
+                .arg(format!("--groups={}", groups.join(",")))
+                .arg(&self.binary)
+                .args(args)
+                .arg("--config")
+                .arg(&self.config_path),
+            Stdio::null(),
+            CLI_TIMEOUT,
+        )
     }
 
     fn operator(&self, verb: &str, builder: &str) -> Result<String> {
@@ -336,10 +462,14 @@ impl Daemon {
     /// its stderr if it exits non-zero. The control socket lives in the host's mount
     /// namespace (the daemon runs there), so the CLI needs no namespace.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
-        run(Command::new(&self.binary)
-            .args(args)
-            .arg("--config")
-            .arg(&self.config_path))
+        run_within(
+            Command::new(&self.binary)
+                .args(args)
+                .arg("--config")
+                .arg(&self.config_path),
+            Stdio::null(),
+            CLI_TIMEOUT,
+        )
     }
 
     /// Replaces the config file with `config` (atomically, so the daemon never reads a
@@ -351,6 +481,17 @@ impl Daemon {
         self.signal(libc::SIGHUP)
     }
 
+    /// SIGSTOP: the daemon hangs (alive, its sockets open, doing nothing) until
+    /// [`Self::resume`].
+    pub fn pause(&mut self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&mut self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
     /// SIGKILL, and reaps the process. The pins stay until this value is dropped.
     pub fn kill9(&mut self) -> Result<()> {
         self.signal(libc::SIGKILL)?;
@@ -360,7 +501,16 @@ impl Daemon {
 
     /// SIGTERM and waits for the exit (SIGKILL and an error if it does not come).
     pub fn stop(&mut self) -> Result<ExitStatus> {
-        self.signal(libc::SIGTERM)?;
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// SIGINT (^C) and waits for the exit, like [`Self::stop`].
+    pub fn interrupt(&mut self) -> Result<ExitStatus> {
+        self.stop_with(libc::SIGINT)
+    }
+
+    fn stop_with(&mut self, signal: libc::c_int) -> Result<ExitStatus> {
+        self.signal(signal)?;
         match wait_child(&mut self.child, STOP_TIMEOUT)? {
             Some(status) => {
                 self.exit = Some(status);
@@ -368,7 +518,7 @@ impl Daemon {
             }
             None => {
                 self.kill9()?;
-                bail!("yensid did not exit within {STOP_TIMEOUT:?} of SIGTERM")
+                bail!("yensid did not exit within {STOP_TIMEOUT:?} of signal {signal}")
             }
         }
     }
@@ -422,8 +572,25 @@ pub fn check_config(config: &DaemonConfig) -> Result<String> {
     };
     let file = dir.path().join("yensid.toml");
     fs::write(&file, config.render(&paths))?;
-    run(Command::new(yensid_binary()).arg("check-config").arg(&file))
-        .with_context(|| format!("the config was:\n{}", config.render(&paths)))
+    run_within(
+        Command::new(yensid_binary()).arg("check-config").arg(&file),
+        Stdio::null(),
+        CLI_TIMEOUT,
+    )
+    .with_context(|| format!("the config was:\n{}", config.render(&paths)))
+}
+
+/// How the daemon's command line is wrapped: `outer` runs first and must exec
+/// `nsenter --net=<ns> --`, which runs `inner`, which must exec `yensid run ...`. Every
+/// program in the chain execs the next (no fork), so the child's pid is yensid's and
+/// signals reach it.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    /// Before `nsenter` (in the host's namespaces), e.g. `unshare --mount`.
+    pub outer: Vec<String>,
+    /// Between `nsenter` and the daemon (inside its network namespace), e.g.
+    /// `setpriv` dropping capabilities.
+    pub inner: Vec<String>,
 }
 
 /// `config` as the daemon reads it: with the builders of `host_names` by host name.
@@ -439,10 +606,12 @@ fn render(
     }
 }
 
-/// Starts `yensid run` in the network namespace `netns`, logging to `log`; with
-/// `hosts`, in a private mount namespace where that file is /etc/hosts.
+/// Starts `yensid run` in the network namespace `netns`, logging to `log`, wrapped as
+/// `launch` says; with `hosts`, in a private mount namespace where that file is
+/// /etc/hosts.
 fn spawn(
     binary: &Path,
+    launch: &Launch,
     netns: &Path,
     config: &Path,
     log: &Path,
@@ -452,13 +621,20 @@ fn spawn(
         .append(true)
         .open(log)
         .with_context(|| format!("open {}", log.display()))?;
+    let mut cmd = match launch.outer.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg("nsenter");
+            cmd
+        }
+        None => Command::new("nsenter"),
+    };
     // nsenter, unshare and sh exec the next program (no fork), so signals to the
-    // child reach yensid.
-    let mut command = Command::new("nsenter");
-    command.arg(format!("--net={}", netns.display())).arg("--");
+    // child reach yensid. The hosts file is mounted before `launch.inner`, which may
+    // drop the capability mounting needs.
+    cmd.arg(format!("--net={}", netns.display())).arg("--");
     if let Some(hosts) = hosts {
-        command
-            .args(["unshare", "--mount", "--propagation", "private", "--"])
+        cmd.args(["unshare", "--mount", "--propagation", "private", "--"])
             .args([
                 "/bin/sh",
                 "-c",
@@ -466,7 +642,7 @@ fn spawn(
             ])
             .arg(hosts);
     }
-    command
+    cmd.args(&launch.inner)
         .arg(binary)
         .args(["run", "--config"])
         .arg(config)

@@ -42,14 +42,17 @@ pub use config::{
     BuilderConfig, DaemonConfig, Dataplane, HealthConfig, InstancePaths, LinkKind, LinkRules,
     PolicyConfig, PolicyMode, ServiceConfig, Strategy,
 };
-pub use daemon::{Daemon, LogLine, check_config, yensid_binary};
+pub use daemon::{
+    Daemon, DataPathCounts, Launch, LogLine, built_binary, check_config, target_dir,
+    workspace_root, yensid_binary,
+};
 pub use derivation::{Derivation, Gate, Site, Sites};
 pub use fake::{Fake, FakeConnection, FakeServer};
 pub use hosts::{HOST_DOMAIN, HostNames};
 pub use netns::Netns;
 pub use nix::{NixBuild, NixClient, NixOutput, NixRun, RunningNix, StoreScheme, remote_builder};
 pub use payload::RandomFile;
-pub use privileges::privileged_or_skip;
+pub use privileges::{SKIPS_FILE_ENV, privileged_or_skip, record_skip};
 pub use ssh::{KnownHosts, LiveSession, SshClient};
 pub use sshd::{KeyPair, Sshd, SshdSpec};
 pub use status::{Egress, ModeStatus, Status};

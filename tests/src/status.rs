@@ -89,9 +89,9 @@ impl Status {
 
     /// The link the route to `builder` goes out of; `None` without a route.
     pub fn egress(&self, builder: &str) -> Result<Option<Egress>> {
-        let egress = match self.builder(builder)?.get("egress") {
-            None | Some(Value::Null) => return Ok(None),
-            Some(egress) => egress,
+        let egress = match field(self.builder(builder)?, "egress")? {
+            Value::Null => return Ok(None),
+            egress => egress,
         };
         Ok(Some(Egress {
             name: string(egress, "name")?,
@@ -100,7 +100,7 @@ impl Status {
                 .get("up")
                 .and_then(Value::as_bool)
                 .with_context(|| format!("egress without `up`: {egress}"))?,
-            speed_mbps: egress.get("speed_mbps").and_then(Value::as_u64),
+            speed_mbps: optional_u64(egress, "speed_mbps")?,
         }))
     }
 
@@ -112,7 +112,7 @@ impl Status {
         Ok(ModeStatus {
             in_force: string(mode, "in_force")?,
             source: string(mode, "source")?,
-            until: mode.get("until").and_then(Value::as_u64),
+            until: optional_u64(mode, "until")?,
             reason: optional_string(mode, "reason")?,
         })
     }
@@ -132,6 +132,26 @@ impl Status {
                     how: string(entry, "how")?,
                 })
             })
+            .collect()
+    }
+
+    /// `builders[].active` of `builder`: its open connections.
+    pub fn active(&self, builder: &str) -> Result<u64> {
+        unsigned(self.builder(builder)?, "active")
+    }
+
+    /// How the connections that `builder` served and that have ended travelled, as
+    /// the daemon recorded them: `(spliced in the kernel, copied in userspace)`.
+    pub fn data_path_counts(&self, builder: &str) -> Result<(u64, u64)> {
+        let b = self.builder(builder)?;
+        Ok((unsigned(b, "spliced")?, unsigned(b, "copied")?))
+    }
+
+    /// The names of every builder in the document.
+    pub fn builder_names(&self) -> Result<Vec<String>> {
+        array(&self.doc, "builders")?
+            .iter()
+            .map(|b| string(b, "name"))
             .collect()
     }
 
@@ -165,12 +185,36 @@ fn string(value: &Value, key: &str) -> Result<String> {
         .with_context(|| format!("no string `{key}` in {value}"))
 }
 
-/// A key that is a string or null (or absent).
+/// A key that must be there: a missing field is an error, not a null.
+fn field<'a>(value: &'a Value, key: &str) -> Result<&'a Value> {
+    value
+        .get(key)
+        .with_context(|| format!("no field `{key}` in {value}"))
+}
+
+fn unsigned(value: &Value, key: &str) -> Result<u64> {
+    field(value, key)?
+        .as_u64()
+        .with_context(|| format!("`{key}` is no unsigned integer in {value}"))
+}
+
+/// A key that is a string or null; absent is an error.
 fn optional_string(value: &Value, key: &str) -> Result<Option<String>> {
-    match value.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => bail!("`{key}` is neither a string nor null: {other}"),
+    match field(value, key)? {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s.clone())),
+        other => bail!("`{key}` is neither a string nor null: {other}"),
+    }
+}
+
+/// A key that is an unsigned integer or null; absent is an error.
+fn optional_u64(value: &Value, key: &str) -> Result<Option<u64>> {
+    match field(value, key)? {
+        Value::Null => Ok(None),
+        other => other
+            .as_u64()
+            .map(Some)
+            .with_context(|| format!("`{key}` is neither an unsigned integer nor null: {other}")),
     }
 }
 
@@ -224,5 +268,17 @@ mod tests {
             ("local", "override", Some(1_795_000_000))
         );
         assert!(Status::parse(r#"{"running": false, "message": "x"}"#).is_err());
+        // A field that is gone is no null.
+        let without = Status::parse(
+            r#"{"mode": {"in_force": "auto", "source": "config"},
+                "services": [{"name": "ssh", "members": [{"builder": "b1"}]}],
+                "builders": [{"name": "b1", "state": "healthy"}]}"#,
+        )
+        .expect("valid");
+        assert!(without.mode().is_err());
+        assert!(without.refusal("ssh").is_err());
+        assert!(without.exclusion("ssh", "b1").is_err());
+        assert!(without.egress("b1").is_err());
+        assert!(without.data_path_counts("b1").is_err());
     }
 }

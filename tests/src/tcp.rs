@@ -7,7 +7,7 @@ use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::netns::Netns;
 
@@ -46,47 +46,96 @@ impl ConnectAttempt {
     }
 }
 
-/// A TCP connection that has exchanged SSH identification lines and is held open.
+/// A TCP connection that has exchanged SSH identification lines and first packets
+/// (KEXINIT) and is held open: through yensid, such a connection has been handed to the
+/// data path (spliced in the kernel or copied), since the daemon passes the server's
+/// first packet on only then.
 pub struct SshConnection {
     stream: TcpStream,
     banner: String,
 }
 
 impl SshConnection {
-    /// Sends our identification line and reads the server's (skipping any lines RFC 4253
-    /// allows before it).
-    pub fn handshake(mut stream: TcpStream) -> Result<Self> {
+    /// Sends our identification line, reads the server's (skipping any lines RFC 4253
+    /// allows before it), sends a valid KEXINIT and reads the server's first packet.
+    /// An OpenSSH server then waits for our key exchange, holding the connection.
+    pub fn handshake(stream: TcpStream) -> Result<Self> {
+        Self::open(stream, Opening::Sequential)
+    }
+
+    /// Like [`Self::handshake`], but sends the identification line, KEXINIT and one
+    /// more packet (`SSH_MSG_IGNORE`) at once, before the server said a word: a peer
+    /// that sent more than one packet before key exchange, which yensid copies in
+    /// userspace instead of splicing.
+    pub fn handshake_eager(stream: TcpStream) -> Result<Self> {
+        Self::open(stream, Opening::Eager)
+    }
+
+    fn open(mut stream: TcpStream, opening: Opening) -> Result<Self> {
         stream.set_read_timeout(Some(READ_TIMEOUT))?;
-        stream
-            .write_all(CLIENT_IDENTIFICATION)
-            .context("send identification")?;
+        if let Opening::Eager = opening {
+            let mut all = CLIENT_IDENTIFICATION.to_vec();
+            all.extend_from_slice(&kexinit_packet());
+            all.extend_from_slice(&ignore_packet());
+            stream
+                .write_all(&all)
+                .context("send identification and packets")?;
+        } else {
+            stream
+                .write_all(CLIENT_IDENTIFICATION)
+                .context("send identification")?;
+        }
         let mut received = Vec::new();
-        let mut chunk = [0u8; 512];
-        loop {
-            if let Some(banner) = identification_line(&received) {
-                return Ok(Self { stream, banner });
+        let (banner, rest) = loop {
+            if let Some(found) = identification_line(&received) {
+                break found;
             }
             if received.len() > MAX_PREAMBLE {
                 bail!("no SSH identification line in {MAX_PREAMBLE} bytes");
             }
-            let n = match stream.read(&mut chunk) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e).context("read server identification"),
-            };
-            if n == 0 {
+            if !read_more(&mut stream, &mut received)? {
                 bail!(
                     "connection closed before the server identified itself (got {:?})",
                     String::from_utf8_lossy(&received)
                 );
             }
-            received.extend_from_slice(&chunk[..n]);
+        };
+        if let Opening::Sequential = opening {
+            stream
+                .write_all(&kexinit_packet())
+                .context("send KEXINIT")?;
+        }
+        let mut packet = received[rest..].to_vec();
+        loop {
+            if let Some(length) = packet.get(..4) {
+                let length = u32::from_be_bytes(length.try_into().expect("4 bytes")) as usize;
+                ensure!(
+                    (5..=MAX_FIRST_PACKET).contains(&length),
+                    "the server's first packet has an impossible length {length}"
+                );
+                if packet.len() >= 4 + length {
+                    ensure!(
+                        packet.get(5) == Some(&SSH_MSG_KEXINIT),
+                        "the server's first packet is no KEXINIT: {:?}",
+                        &packet[..packet.len().min(16)]
+                    );
+                    return Ok(Self { stream, banner });
+                }
+            }
+            if !read_more(&mut stream, &mut packet)? {
+                bail!("connection closed before the server's KEXINIT (server {banner:?})");
+            }
         }
     }
 
     /// The server's identification line, without CR LF.
     pub fn banner(&self) -> &str {
         &self.banner
+    }
+
+    /// Our end's address: what the daemon logs as the connection's `peer`.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.stream.local_addr()?)
     }
 
     /// The server's name: the test sshds put it last in the banner (`VersionAddendum`).
@@ -157,6 +206,17 @@ impl<'a> RawClient<'a> {
         SshConnection::handshake(stream).with_context(|| format!("SSH exchange with {target}"))
     }
 
+    /// Like [`Self::open_ssh`] with [`SshConnection::handshake_eager`]: more than one
+    /// packet before key exchange.
+    pub fn open_ssh_eager(&self, target: SocketAddr) -> Result<SshConnection> {
+        let stream = self
+            .connect(target)
+            .accepted()
+            .with_context(|| format!("connect to {target}"))?;
+        SshConnection::handshake_eager(stream)
+            .with_context(|| format!("eager SSH exchange with {target}"))
+    }
+
     /// The name of the server that answers a fresh connection to `target`; the
     /// connection is dropped right after the banner.
     pub fn banner(&self, target: SocketAddr) -> Result<String> {
@@ -212,14 +272,97 @@ impl<'a> RawClient<'a> {
     }
 }
 
-/// The first complete line starting with `SSH-`, if `received` holds one yet.
-fn identification_line(received: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(received);
-    let complete = &text[..text.rfind('\n')? + 1];
-    complete
-        .lines()
-        .find(|line| line.starts_with("SSH-"))
-        .map(|line| line.trim_end_matches('\r').to_owned())
+/// How [`SshConnection`] opens.
+#[derive(Clone, Copy)]
+enum Opening {
+    /// Identification line, the server's, then KEXINIT: what SSH clients do.
+    Sequential,
+    /// Identification line, KEXINIT and one more packet at once.
+    Eager,
+}
+
+const SSH_MSG_IGNORE: u8 = 2;
+const SSH_MSG_KEXINIT: u8 = 20;
+/// RFC 4253 lets a packet be 35000 bytes.
+const MAX_FIRST_PACKET: usize = 35_000;
+
+/// Reads what is there into `into`; false at end of stream.
+fn read_more(stream: &mut TcpStream, into: &mut Vec<u8>) -> Result<bool> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => return Ok(false),
+            Ok(n) => {
+                into.extend_from_slice(&chunk[..n]);
+                return Ok(true);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("read from the server"),
+        }
+    }
+}
+
+/// An unencrypted binary packet (RFC 4253 section 6) carrying `payload`, padded to a
+/// multiple of 8 bytes with at least 4 bytes of padding.
+fn packet(payload: &[u8]) -> Vec<u8> {
+    let unpadded = 4 + 1 + payload.len();
+    let padding = 4 + (8 - (unpadded + 4) % 8) % 8;
+    let length = u32::try_from(1 + payload.len() + padding).expect("a small packet");
+    let mut packet = length.to_be_bytes().to_vec();
+    packet.push(u8::try_from(padding).expect("at most 11"));
+    packet.extend_from_slice(payload);
+    packet.resize(packet.len() + padding, 0);
+    packet
+}
+
+/// A KEXINIT an OpenSSH server accepts (RFC 4253 section 7.1): after it, the server
+/// waits for our key exchange message, so the connection stays open, idle.
+pub fn kexinit_packet() -> Vec<u8> {
+    let mut payload = vec![SSH_MSG_KEXINIT];
+    payload.extend_from_slice(&[0x5a; 16]);
+    for list in [
+        "curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256",
+        "ssh-ed25519",
+        "aes128-ctr,aes256-ctr,chacha20-poly1305@openssh.com",
+        "aes128-ctr,aes256-ctr,chacha20-poly1305@openssh.com",
+        "hmac-sha2-256,hmac-sha2-512",
+        "hmac-sha2-256,hmac-sha2-512",
+        "none",
+        "none",
+        "",
+        "",
+    ] {
+        payload.extend_from_slice(&u32::try_from(list.len()).expect("short").to_be_bytes());
+        payload.extend_from_slice(list.as_bytes());
+    }
+    // first_kex_packet_follows = false, reserved = 0.
+    payload.push(0);
+    payload.extend_from_slice(&[0; 4]);
+    packet(&payload)
+}
+
+/// `SSH_MSG_IGNORE` with a short string: valid at any time, ignored by the server.
+fn ignore_packet() -> Vec<u8> {
+    let mut payload = vec![SSH_MSG_IGNORE];
+    payload.extend_from_slice(&4u32.to_be_bytes());
+    payload.extend_from_slice(b"more");
+    packet(&payload)
+}
+
+/// The first complete line starting with `SSH-`, if `received` holds one yet, and the
+/// offset just past it.
+fn identification_line(received: &[u8]) -> Option<(String, usize)> {
+    let mut start = 0;
+    while let Some(end) = received[start..].iter().position(|&b| b == b'\n') {
+        let line = &received[start..start + end];
+        let next = start + end + 1;
+        if line.starts_with(b"SSH-") {
+            let text = String::from_utf8_lossy(line);
+            return Some((text.trim_end_matches('\r').to_owned(), next));
+        }
+        start = next;
+    }
+    None
 }
 
 /// Reads into `into` until EOF or reset (true) or the read timeout (false).
@@ -389,8 +532,21 @@ mod tests {
     fn identification_line_skips_preamble_and_waits_for_line_end() {
         assert_eq!(identification_line(b"SSH-2.0-OpenSSH_9.2p1 b1"), None);
         assert_eq!(
-            identification_line(b"hello\r\nSSH-2.0-OpenSSH_9.2p1 b1\r\n\x00\x00").as_deref(),
-            Some("SSH-2.0-OpenSSH_9.2p1 b1")
+            identification_line(b"hello\r\nSSH-2.0-OpenSSH_9.2p1 b1\r\n\x00\x00"),
+            Some(("SSH-2.0-OpenSSH_9.2p1 b1".to_owned(), 33))
         );
+    }
+
+    #[test]
+    fn packets_are_padded_to_blocks_of_eight() {
+        for payload_len in 0..40 {
+            let p = packet(&vec![7; payload_len]);
+            let length = u32::from_be_bytes(p[..4].try_into().unwrap()) as usize;
+            assert_eq!(p.len(), 4 + length);
+            assert_eq!(p.len() % 8, 0, "payload {payload_len}");
+            assert!((4..=11).contains(&p[4]), "padding {}", p[4]);
+            assert_eq!(length, 1 + payload_len + usize::from(p[4]));
+        }
+        assert_eq!(kexinit_packet()[5], SSH_MSG_KEXINIT);
     }
 }

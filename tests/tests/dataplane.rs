@@ -6,12 +6,15 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak, mpsc};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Result, ensure};
-use yensid_tests::{Daemon, DaemonConfig, Dataplane, RandomFile, Strategy, Topology, service};
+use yensid_tests::{
+    Daemon, DaemonConfig, Dataplane, Launch, RandomFile, Strategy, Topology, service,
+};
 
 common::dataplane_tests!(
     ssh_sessions_reach_both_builders_under_one_host_name,
@@ -29,7 +32,7 @@ const TRANSFER_TIMEOUT: Duration = Duration::from_secs(900);
 fn ssh_sessions_reach_both_builders_under_one_host_name(dataplane: Dataplane) -> Result<()> {
     let topology = Topology::new(2)?;
     let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
-    let _daemon = Daemon::start(topology.client_ns(), &config)?;
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
     let ssh = topology.ssh_client()?;
 
     let served = (0..4)
@@ -38,6 +41,22 @@ fn ssh_sessions_reach_both_builders_under_one_host_name(dataplane: Dataplane) ->
     ensure!(
         served == BTreeSet::from(["b1".to_owned(), "b2".to_owned()]),
         "4 round-robin sessions were served by {served:?}"
+    );
+    let counts = daemon.expect_data_path(dataplane)?;
+    ensure!(
+        counts.spliced + counts.copied == 4,
+        "4 sessions, the daemon recorded {counts:?}"
+    );
+    // The human status shows it too: two sessions per builder, all on this path.
+    let table = daemon.cli(&["status"])?;
+    let per_builder = match dataplane {
+        Dataplane::Kernel => "2 (2/0)",
+        Dataplane::Userspace => "2 (0/2)",
+    };
+    ensure!(
+        table.contains("TOTAL (SPLICED/COPIED)") && table.matches(per_builder).count() == 2,
+        "`yensid status` after two {} sessions per builder:\n{table}",
+        dataplane.as_str()
     );
     Ok(())
 }
@@ -48,7 +67,7 @@ fn one_gib_each_way_is_byte_exact(dataplane: Dataplane) -> Result<()> {
     let payload = shared_payload()?;
     let topology = Topology::new(2)?;
     let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
-    let _daemon = Daemon::start(topology.client_ns(), &config)?;
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
     let ssh = topology.ssh_client()?;
 
     let uploaded = ssh.run_with_input(service(), "sha256sum", payload.path(), TRANSFER_TIMEOUT)?;
@@ -68,6 +87,11 @@ fn one_gib_each_way_is_byte_exact(dataplane: Dataplane) -> Result<()> {
         "download corrupted: got {downloaded}, builder sent {}",
         payload.sha256()
     );
+    let counts = daemon.expect_data_path(dataplane)?;
+    ensure!(
+        counts.spliced + counts.copied == 2,
+        "2 transfers, the daemon recorded {counts:?}"
+    );
     Ok(())
 }
 
@@ -76,7 +100,7 @@ fn one_gib_each_way_is_byte_exact(dataplane: Dataplane) -> Result<()> {
 fn junk_clients_are_closed_and_service_goes_on(dataplane: Dataplane) -> Result<()> {
     let topology = Topology::new(2)?;
     let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
-    let _daemon = Daemon::start(topology.client_ns(), &config)?;
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
     let raw = topology.raw_client();
 
     for _ in 0..10 {
@@ -100,6 +124,13 @@ fn junk_clients_are_closed_and_service_goes_on(dataplane: Dataplane) -> Result<(
             "after junk, served by {served}"
         );
     }
+    // The clients that hung up during the handoff were forwarded no byte: only the two
+    // sessions count.
+    let counts = daemon.expect_data_path(dataplane)?;
+    ensure!(
+        counts.spliced + counts.copied == 2,
+        "2 sessions after junk, the daemon recorded {counts:?}"
+    );
     Ok(())
 }
 
@@ -110,23 +141,15 @@ fn half_close_after_the_last_byte_is_passed_on(dataplane: Dataplane) -> Result<(
     let topology = Topology::new(1)?;
     let builder = &topology.builders()[0];
     let address = SocketAddr::from((builder.address(), HALF_CLOSE_PORT));
-    let listener = builder.ns().run(|| TcpListener::bind(address))??;
     let (served, outcome) = mpsc::channel();
-    // Every connection gets a thread: the daemon's health probes connect too,
-    // and hang up after the identification line.
-    thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let served = served.clone();
-            thread::spawn(move || {
-                if let Some(result) = serve_half_close(&stream) {
-                    let _ = served.send(result);
-                }
-            });
-        }
-    });
+    // Every connection gets a thread: the daemon's health probes connect too, and hang
+    // up after the identification line. Stopped and joined before the topology goes,
+    // so its socket does not keep the builder's namespace alive.
+    let _builder =
+        HalfCloseBuilder::start(builder.ns().run(|| TcpListener::bind(address))??, served)?;
     let mut config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
     config.builder_mut(builder.name()).address = address;
-    let _daemon = Daemon::start(topology.client_ns(), &config)?;
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
 
     let stream = topology.raw_client().connect(service()).accepted()?;
     stream.set_read_timeout(Some(STEP_TIMEOUT))?;
@@ -150,7 +173,67 @@ fn half_close_after_the_last_byte_is_passed_on(dataplane: Dataplane) -> Result<(
         reply == b"bye",
         "after the half-close the client got {reply:?}"
     );
+    drop(reader);
+    drop(stream);
+    let counts = daemon.expect_data_path(dataplane)?;
+    ensure!(
+        counts.spliced + counts.copied == 1,
+        "one connection, the daemon recorded {counts:?}"
+    );
     Ok(())
+}
+
+/// The half-close test's builder: a listener on a thread of its own, serving each
+/// connection on another; stopped, and every thread joined, on drop.
+struct HalfCloseBuilder {
+    stop: Arc<AtomicBool>,
+    acceptor: Option<thread::JoinHandle<()>>,
+}
+
+impl HalfCloseBuilder {
+    fn start(listener: TcpListener, served: mpsc::Sender<Result<()>>) -> Result<Self> {
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let acceptor = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut serving = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let served = served.clone();
+                            serving.push(thread::spawn(move || {
+                                if stream.set_nonblocking(false).is_err() {
+                                    return;
+                                }
+                                if let Some(result) = serve_half_close(&stream) {
+                                    let _ = served.send(result);
+                                }
+                            }));
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+                // Each connection thread ends within its read timeout.
+                for thread in serving {
+                    let _ = thread.join();
+                }
+            })
+        };
+        Ok(Self {
+            stop,
+            acceptor: Some(acceptor),
+        })
+    }
+}
+
+impl Drop for HalfCloseBuilder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+    }
 }
 
 /// The builder's side: the opening, then `ping` -> `pong`, then end of stream ->
@@ -200,3 +283,126 @@ fn shared_payload() -> Result<Arc<RandomFile>> {
     *shared = Arc::downgrade(&payload);
     Ok(payload)
 }
+
+/// A client that sends its identification line, KEXINIT and one more packet at once
+/// (before the builder said a word) against a real sshd builder, on the kernel path:
+/// at the handoff the daemon finds bytes beyond the first packet, so it copies that
+/// connection in userspace instead of splicing it, says so, and the builder's reply
+/// (its identification line and KEXINIT) still reaches the client. A well-behaved
+/// connection next to it is still spliced.
+#[test]
+fn a_peer_sending_more_before_key_exchange_is_copied_in_userspace() -> Result<()> {
+    if !yensid_tests::privileged_or_skip(
+        "dataplane::a_peer_sending_more_before_key_exchange_is_copied_in_userspace",
+    ) {
+        return Ok(());
+    }
+    let topology = Topology::new(1)?;
+    let config = DaemonConfig::for_topology(&topology, Dataplane::Kernel, Strategy::RoundRobin);
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
+    let raw = topology.raw_client();
+    let started = SystemTime::now();
+
+    let eager = raw.open_ssh_eager(service())?;
+    ensure!(
+        eager.served_by() == "b1" && eager.banner().starts_with("SSH-2.0-OpenSSH"),
+        "the eager client got {:?}",
+        eager.banner()
+    );
+    let peer = eager.local_addr()?;
+    eager.close()?;
+    let counts = daemon.expect_data_path(Dataplane::Userspace)?;
+    ensure!(
+        counts.copied == 1,
+        "one eager connection, the daemon recorded {counts:?}"
+    );
+    daemon.wait_for_log(
+        &[
+            "more than one packet before key exchange",
+            "copying in userspace",
+        ],
+        started,
+        LOG_WAIT,
+    )?;
+    let closed = daemon.wait_for_log(
+        &["connection closed", &format!("{peer}"), "builder=\"b1\""],
+        started,
+        LOG_WAIT,
+    )?;
+    ensure!(
+        closed.text.contains("spliced=false"),
+        "the eager connection's record: {}",
+        closed.text
+    );
+
+    // The same client, well-behaved: spliced.
+    raw.open_ssh(service())?.close()?;
+    let status = daemon.wait_for_status("the second connection recorded", LOG_WAIT, |s| {
+        Ok(s.data_path_counts("b1")? == (1, 1) && s.active("b1")? == 0)
+    })?;
+    ensure!(
+        status.data_path_counts("b1")? == (1, 1),
+        "one eager and one well-behaved connection: {}",
+        status.json()
+    );
+    Ok(())
+}
+
+/// Capabilities the daemon needs for BPF; without them `bpf(2)` refuses to load its
+/// programs and maps.
+const BPF_CAPABILITIES: &str = "-bpf,-sys_admin,-perfmon";
+
+/// BPF unavailable (the daemon runs without CAP_BPF, CAP_SYS_ADMIN and CAP_PERFMON,
+/// keeping CAP_NET_BIND_SERVICE and CAP_NET_ADMIN, so the kernel refuses to load its
+/// programs): configured for the kernel path, the daemon says BPF is unavailable, binds
+/// the service address itself, and real ssh sessions reach the builders, every one
+/// copied in userspace; its status says so (`bpf: false`, `dataplane: userspace`).
+#[test]
+fn without_bpf_the_daemon_falls_back_to_userspace() -> Result<()> {
+    if !yensid_tests::privileged_or_skip(
+        "dataplane::without_bpf_the_daemon_falls_back_to_userspace",
+    ) {
+        return Ok(());
+    }
+    let topology = Topology::new(2)?;
+    let config = DaemonConfig::for_topology(&topology, Dataplane::Kernel, Strategy::RoundRobin);
+    let without_bpf = Launch {
+        outer: Vec::new(),
+        inner: vec![
+            "setpriv".to_owned(),
+            format!("--inh-caps={BPF_CAPABILITIES}"),
+            format!("--bounding-set={BPF_CAPABILITIES}"),
+            "--".to_owned(),
+        ],
+    };
+    let daemon = Daemon::start_wrapped(topology.client_ns(), &config, without_bpf)?;
+    daemon.wait_for_log(
+        &["BPF UNAVAILABLE: falling back to userspace"],
+        SystemTime::UNIX_EPOCH,
+        LOG_WAIT,
+    )?;
+    let status = daemon.status()?;
+    ensure!(
+        status.json()["bpf"] == false && status.json()["dataplane"] == "userspace",
+        "status without BPF: {}",
+        status.json()
+    );
+
+    let ssh = topology.ssh_client()?;
+    let served = (0..4)
+        .map(|_| ssh.served_by(service()))
+        .collect::<Result<BTreeSet<_>>>()?;
+    ensure!(
+        served == BTreeSet::from(["b1".to_owned(), "b2".to_owned()]),
+        "without BPF, 4 round-robin sessions were served by {served:?}"
+    );
+    let counts = daemon.expect_data_path(Dataplane::Userspace)?;
+    ensure!(
+        counts.copied == 4,
+        "4 sessions without BPF, the daemon recorded {counts:?}"
+    );
+    Ok(())
+}
+
+/// Only against hangs.
+const LOG_WAIT: Duration = Duration::from_secs(30);

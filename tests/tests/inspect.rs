@@ -21,8 +21,8 @@ use serde_json::Value;
 use yensid_tests::cli::{self, Metrics, Verdict};
 use yensid_tests::wait::wait_until;
 use yensid_tests::{
-    Daemon, DaemonConfig, Dataplane, HealthConfig, PolicyMode, SshClient, Strategy, Topology,
-    service,
+    Daemon, DaemonConfig, Dataplane, HealthConfig, LiveSession, PolicyMode, RandomFile, SshClient,
+    Strategy, Topology, service,
 };
 
 common::dataplane_tests!(
@@ -216,8 +216,8 @@ fn status_maps_and_explain_follow_health_and_drain(dataplane: Dataplane) -> Resu
     ensure!(
         mode["in_force"] == "auto"
             && mode["source"] == "config"
-            && mode["until"].is_null()
-            && mode["reason"].is_null(),
+            && cli::is_null_at(mode, "until")?
+            && cli::is_null_at(mode, "reason")?,
         "mode of a config without [policy]: {mode}"
     );
     let svc = cli::service(&doc, SERVICE)?;
@@ -237,9 +237,9 @@ fn status_maps_and_explain_follow_health_and_drain(dataplane: Dataplane) -> Resu
         );
         ensure!(
             b["address"] == builder.ssh_addr().to_string()
-                && b["reason"].is_null()
+                && cli::is_null_at(b, "reason")?
                 && b["weight"] == 1
-                && b["max_connections"].is_null()
+                && cli::is_null_at(b, "max_connections")?
                 && b["active"] == 0
                 && b["failed_over"] == 0,
             "{name} as configured and idle: {b}"
@@ -331,7 +331,10 @@ fn status_maps_and_explain_follow_health_and_drain(dataplane: Dataplane) -> Resu
         exclusion(&doc, "b1")?.is_none(),
         "b1 back but excluded: {doc}"
     );
-    ensure!(cli::builder(&doc, "b1")?["reason"].is_null(), "{doc}");
+    ensure!(
+        cli::is_null_at(cli::builder(&doc, "b1")?, "reason")?,
+        "{doc}"
+    );
     wait_for_eligibility(file, &topology, &[("b1", 1), ("b2", 1)])?;
 
     // b2 drained.
@@ -363,6 +366,7 @@ fn status_maps_and_explain_follow_health_and_drain(dataplane: Dataplane) -> Resu
     })?;
     ensure!(exclusion(&doc, "b2")?.is_none(), "{doc}");
     wait_for_eligibility(file, &topology, &[("b1", 1), ("b2", 1)])?;
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -393,7 +397,7 @@ fn full_pool_is_shown_and_explained(dataplane: Dataplane) -> Result<()> {
     for name in ["b1", "b2"] {
         let b = cli::builder(&doc, name)?;
         ensure!(
-            b["active"] == MAX && b["max_connections"] == MAX && b["reason"].is_null(),
+            b["active"] == MAX && b["max_connections"] == MAX && cli::is_null_at(b, "reason")?,
             "{name} full: {b}"
         );
         // Full is no exclusion: the builder is eligible, it just has no free slot.
@@ -452,6 +456,8 @@ fn full_pool_is_shown_and_explained(dataplane: Dataplane) -> Result<()> {
         answer == freed_builder,
         "explain named {freed_builder}, but {answer} answered"
     );
+    drop(held);
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -493,7 +499,7 @@ fn local_override_is_shown_explained_and_counted(dataplane: Dataplane) -> Result
     })?;
     let mode = &doc["mode"];
     ensure!(
-        mode["source"] == "override" && mode["until"].is_null(),
+        mode["source"] == "override" && cli::is_null_at(mode, "until")?,
         "a local override without --for: {mode}"
     );
     ensure!(
@@ -506,7 +512,7 @@ fn local_override_is_shown_explained_and_counted(dataplane: Dataplane) -> Result
         Ok(cli::map_entry(m, "services", &Value::from(0))?["accept"] == 0)
     })?;
     ensure!(
-        maps["local_override_until_boot_ns"].as_u64() == Some(u64::MAX),
+        cli::u64_at(&maps, "local_override_until_boot_ns")? == u64::MAX,
         "the kernel's override of `mode local` (until changed): {}",
         maps["local_override_until_boot_ns"]
     );
@@ -539,26 +545,34 @@ fn local_override_is_shown_explained_and_counted(dataplane: Dataplane) -> Result
     );
 
     // With an expiry: in status (epoch seconds) and in the kernel (boot time).
+    // Bracketed by clock readings before and after the command (no budget): the
+    // expiry is an hour after the moment the daemon took the command, which lies
+    // between them.
     let set_at = unix_now()?;
     let boot_at = boot_time_ns()?;
     daemon.set_mode(PolicyMode::Local, Some(Duration::from_secs(3600)))?;
+    let set_by = unix_now()?;
     let doc = cli::wait_for_status(file, "an override with an expiry", WAIT, |d| {
-        Ok(!d["mode"]["until"].is_null())
+        Ok(cli::opt_u64_at(cli::field(d, "mode")?, "until")?.is_some())
     })?;
     let until = cli::u64_at(&doc["mode"], "until")?;
+    // The daemon rounds the moment up to the next whole second.
     ensure!(
-        (set_at + 3590..=set_at + 3610).contains(&until),
-        "`mode local --for 1h` set at {set_at} ends at {until}"
+        (set_at + 3600..=set_by + 3601).contains(&until),
+        "`mode local --for 1h` set between {set_at} and {set_by} ends at {until}"
     );
     let maps = cli::wait_for_maps(file, "the kernel's deadline", WAIT, |m| {
-        Ok(m["local_override_until_boot_ns"].as_u64() != Some(u64::MAX))
+        Ok(cli::u64_at(m, "local_override_until_boot_ns")? != u64::MAX)
     })?;
+    let boot_by = boot_time_ns()?;
     let deadline = cli::u64_at(&maps, "local_override_until_boot_ns")?;
     let hour = 3_600_000_000_000_u64;
-    let slack = 60_000_000_000_u64;
+    // The daemon converts whole seconds of wall time: up to a second either way.
+    let second = 1_000_000_000_u64;
     ensure!(
-        (boot_at + hour - slack..=boot_at + hour + slack).contains(&deadline),
-        "the kernel's deadline {deadline} is not an hour after {boot_at} (boot time)"
+        (boot_at + hour - second..=boot_by + hour + second).contains(&deadline),
+        "the kernel's deadline {deadline} is not an hour after the command, between \
+         {boot_at} and {boot_by} (boot time)"
     );
 
     daemon.reset_mode()?;
@@ -583,6 +597,7 @@ fn local_override_is_shown_explained_and_counted(dataplane: Dataplane) -> Result
     );
     let answer = served_by(&topology)?;
     ensure!(answer == "b1" || answer == "b2", "after --reset: {answer}");
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -629,7 +644,7 @@ fn killed_and_stopped_daemon_are_reported(dataplane: Dataplane) -> Result<()> {
     ensure!(
         pinned["services"][0]["name"] == SERVICE
             && pinned["services"][0]["dispatched"] == SERVED
-            && pinned["services"][0]["refused_no_builder"].as_u64() >= Some(1)
+            && cli::u64_at(&pinned["services"][0], "refused_no_builder")? >= 1
             && pinned["builders"]
                 .as_array()
                 .is_some_and(|b| b.len() == 2 && b.iter().all(|b| b["eligible"] == true)),
@@ -674,6 +689,7 @@ fn killed_and_stopped_daemon_are_reported(dataplane: Dataplane) -> Result<()> {
         answer == "b1" || answer == "b2",
         "after the restart: {answer}"
     );
+    daemon.expect_data_path(dataplane)?;
 
     let exit = daemon.stop()?;
     ensure!(exit.success(), "clean stop: {exit}");
@@ -779,6 +795,11 @@ fn counters_add_up_after_served_connections(dataplane: Dataplane) -> Result<()> 
              {released}, active {active}"
         );
     }
+    let path = daemon.expect_data_path(dataplane)?;
+    ensure!(
+        path.spliced + path.copied == SESSIONS as u64,
+        "{SESSIONS} sessions, the daemon recorded {path:?}"
+    );
     Ok(())
 }
 
@@ -1338,6 +1359,159 @@ fn expect_shared(path: &Path, mode: u32) -> Result<()> {
         meta.uid(),
         meta.gid(),
         meta.permissions().mode() & 0o7777
+    );
+    Ok(())
+}
+
+/// Every per-builder and per-service metrics family moves exactly with the event that
+/// should move it: a client that is not speaking SSH (`rejected_clients_total`), the
+/// probes (`probe_rtt_seconds`), a live session (`kernel_rtt_seconds`,
+/// `rtt_samples_total`), an upload through a lossy link (`retransmits_total`), a
+/// builder that died unnoticed (`failovers_total`), and refusals by reason
+/// (`refused_total{reason}`: `mode_local` in mode local, `no_builder` with every builder
+/// drained). What did not happen stays put.
+#[test]
+fn metrics_follow_the_events_that_move_them() -> Result<()> {
+    if !yensid_tests::privileged_or_skip("inspect::metrics_follow_the_events_that_move_them") {
+        return Ok(());
+    }
+    const REFUSED: u64 = 3;
+    let topology = Topology::new(2)?;
+    let mut config = DaemonConfig::for_topology(&topology, Dataplane::Kernel, Strategy::Priority);
+    // Probes every 200 ms, but slow to take a builder down (fall): a dead builder is
+    // found by the connection it fails.
+    config.health = Some(HealthConfig {
+        interval: Some(Duration::from_millis(200)),
+        fall: Some(1_000_000),
+        ..HealthConfig::default()
+    });
+    let mut daemon = Daemon::start(topology.client_ns(), &config)?;
+    cli::restart_with_extra_toml(
+        &mut daemon,
+        &format!("[metrics]\nlisten = \"{}\"", metrics_addr()),
+    )?;
+    let b1 = [("builder", "b1")];
+    let b2 = [("builder", "b2")];
+    let mode_local = [("service", SERVICE), ("reason", "mode_local")];
+    let no_builder = [("service", SERVICE), ("reason", "no_builder")];
+
+    // The probes: an RTT for each healthy builder.
+    let before = wait_for_metrics(&topology, "probe RTTs", |m| {
+        Ok(m.value("yensid_probe_rtt_seconds", &b1)? > 0.0
+            && m.value("yensid_probe_rtt_seconds", &b2)? > 0.0)
+    })?;
+    for builder in [&b1, &b2] {
+        ensure!(
+            before.value("yensid_rejected_clients_total", builder)? == 0.0
+                && before.value("yensid_failovers_total", builder)? == 0.0
+                && before.value("yensid_retransmits_total", builder)? == 0.0
+                && before.value("yensid_rtt_samples_total", builder)? == 0.0,
+            "{builder:?} before any connection:\n{}",
+            before.text
+        );
+    }
+
+    // A client that is not speaking SSH, on b1 (priority).
+    let reply = topology
+        .raw_client()
+        .send_junk(service(), b"GET / HTTP/1.0\r\n\r\n")?;
+    ensure!(reply.closed, "the HTTP client was left open");
+    let rejected = wait_for_metrics(&topology, "the rejected client counted", |m| {
+        Ok(m.value("yensid_rejected_clients_total", &b1)? == 1.0)
+    })?;
+    ensure!(
+        rejected.value("yensid_rejected_clients_total", &b2)? == 0.0
+            && rejected.value("yensid_connections_total", &b1)?
+                == before.value("yensid_connections_total", &b1)?,
+        "one rejected client on b1:\n{}",
+        rejected.text
+    );
+
+    // A live session on b1: the kernel's RTT and its samples, while it lives.
+    let ssh = topology.ssh_client()?;
+    let mut session = LiveSession::start(&ssh, service())?;
+    ensure!(
+        session.builder() == "b1",
+        "priority chose {}",
+        session.builder()
+    );
+    let live = wait_for_metrics(&topology, "a kernel RTT for b1", |m| {
+        Ok(m.value("yensid_rtt_samples_total", &b1)? > 0.0)
+    })?;
+    ensure!(
+        live.value("yensid_kernel_rtt_seconds", &b1)? > 0.0
+            && live.value("yensid_active_connections", &b1)? == 1.0
+            && live.value("yensid_rtt_samples_total", &b2)? == 0.0,
+        "b1 with a live session:\n{}",
+        live.text
+    );
+    session.finish()?;
+
+    // An upload through a link that loses every fifth data packet to b1.
+    topology.lose_data_packets("b1", 5)?;
+    let payload = RandomFile::create(2 << 20)?;
+    let out = ssh.run_with_input(service(), "sha256sum", payload.path(), WAIT * 4)?;
+    ensure!(
+        out.starts_with(payload.sha256()),
+        "upload through loss: {out:?}"
+    );
+    let lossy = wait_for_metrics(&topology, "b1's retransmissions", |m| {
+        Ok(m.value("yensid_retransmits_total", &b1)? > 0.0)
+    })?;
+    ensure!(
+        lossy.value("yensid_retransmits_total", &b2)? == 0.0,
+        "b2 lost nothing:\n{}",
+        lossy.text
+    );
+
+    // b1 dies; the probes do not take it down, so the next connection fails over.
+    topology.builder("b1").sshd().kill()?;
+    let served = topology.raw_client().banner(service())?;
+    ensure!(served == "b2", "with b1 dead, served by {served}");
+    let failed = wait_for_metrics(&topology, "the failover counted", |m| {
+        Ok(m.value("yensid_failovers_total", &b1)? == 1.0)
+    })?;
+    ensure!(
+        failed.value("yensid_failovers_total", &b2)? == 0.0
+            && failed.value("yensid_builder_healthy", &b1)? == 0.0,
+        "one failover from b1:\n{}",
+        failed.text
+    );
+    topology.builder("b1").sshd().restart()?;
+
+    // Refusals by reason: mode local, then every builder drained.
+    let refused_before = scrape(&topology)?;
+    daemon.set_mode(PolicyMode::Local, None)?;
+    for _ in 0..REFUSED {
+        let attempt = topology.raw_client().connect(service());
+        ensure!(attempt.is_refused(), "mode local: {attempt:?}");
+    }
+    let local = scrape(&topology)?;
+    let grew = |m: &Metrics, labels: &[(&str, &str)]| -> Result<f64> {
+        Ok(m.value("yensid_refused_total", labels)?
+            - refused_before.value("yensid_refused_total", labels)?)
+    };
+    ensure!(
+        grew(&local, &mode_local)? == REFUSED as f64 && grew(&local, &no_builder)? == 0.0,
+        "{REFUSED} refusals in mode local:\n{}",
+        local.text
+    );
+    daemon.reset_mode()?;
+    daemon.drain("b1")?;
+    daemon.drain("b2")?;
+    cli::wait_for_status(daemon.config_path(), "the service to refuse", WAIT, |d| {
+        Ok(refusal(d)?.as_deref() == Some("no eligible builder"))
+    })?;
+    for _ in 0..REFUSED {
+        let attempt = topology.raw_client().connect(service());
+        ensure!(attempt.is_refused(), "every builder drained: {attempt:?}");
+    }
+    let drained = scrape(&topology)?;
+    ensure!(
+        grew(&drained, &mode_local)? == REFUSED as f64
+            && grew(&drained, &no_builder)? == REFUSED as f64,
+        "{REFUSED} refusals with every builder drained:\n{}",
+        drained.text
     );
     Ok(())
 }

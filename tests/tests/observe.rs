@@ -29,8 +29,9 @@ common::dataplane_tests!(
 const WAIT: Duration = Duration::from_secs(30);
 const SERVICE: &str = "ssh";
 
+/// `key` of `builder`: a number or null; a missing field is an error.
 fn builder_f64(doc: &Value, builder: &str, key: &str) -> Result<Option<f64>> {
-    Ok(cli::builder(doc, builder)?.get(key).and_then(Value::as_f64))
+    cli::opt_f64_at(cli::builder(doc, builder)?, key)
 }
 
 fn builder_u64(doc: &Value, builder: &str, key: &str) -> Result<u64> {
@@ -102,6 +103,7 @@ fn rtt_is_measured_while_a_session_lives(dataplane: Dataplane) -> Result<()> {
         "b1's pinned path stats: {stats}"
     );
     session.finish()?;
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -148,6 +150,7 @@ fn retransmissions_to_a_lossy_builder_are_counted(dataplane: Dataplane) -> Resul
         builder_u64(&doc, "b2", "retransmits")? == 0,
         "b2 lost nothing, yet: {doc}"
     );
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -173,7 +176,13 @@ fn max_rtt_ms_follows_the_kernels_rtt_of_live_connections(dataplane: Dataplane) 
             .as_array()
             .cloned()
             .unwrap_or_default();
-        Ok(members.len() == 2 && members.iter().all(|m| m["excluded"].is_null()))
+        Ok(members.len() == 2
+            && members
+                .iter()
+                .map(|m| cli::is_null_at(m, "excluded"))
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .all(|eligible| eligible))
     })?;
 
     topology.throttle("b1", 100)?;
@@ -225,5 +234,6 @@ fn max_rtt_ms_follows_the_kernels_rtt_of_live_connections(dataplane: Dataplane) 
         out.starts_with(payload.sha256()) && out.trim_end().ends_with("b1"),
         "the upload on the slow b1: {out:?}"
     );
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }

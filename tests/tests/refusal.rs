@@ -24,7 +24,7 @@ fn full_pool_refuses_until_a_slot_frees(dataplane: Dataplane) -> Result<()> {
     for builder in &mut config.builders {
         builder.max_connections = Some(2);
     }
-    let _daemon = Daemon::start(topology.client_ns(), &config)?;
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
     let raw = topology.raw_client();
 
     let mut held = (0..4)
@@ -61,6 +61,8 @@ fn full_pool_refuses_until_a_slot_frees(dataplane: Dataplane) -> Result<()> {
         "the freed slot was on {freed_builder}, but the connection went to {} (full)",
         conn.served_by()
     );
+    drop((conn, held));
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }
 
@@ -93,5 +95,6 @@ fn local_mode_refuses_until_switched_to_remote(dataplane: Dataplane) -> Result<(
         builder == "b1" || builder == "b2",
         "mode remote: served by {builder}"
     );
+    daemon.expect_data_path(dataplane)?;
     Ok(())
 }

@@ -26,8 +26,13 @@ enum Command {
     /// Build everything and run every test (unit and black-box).
     ///
     /// The black-box tests need root: they create network namespaces with
-    /// real sshd builders. Unprivileged, they say loudly that they skipped.
+    /// real sshd builders. Unprivileged, they skip; the summary line counts
+    /// them (`N passed, N failed, N skipped: not root`), and a skip fails the
+    /// run in CI (`CI=true`) or with `--all`.
     Test {
+        /// Every test must run: any skipped test fails the run (as in CI).
+        #[arg(long)]
+        all: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -42,7 +47,7 @@ enum Command {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf => build::ebpf(),
-        Command::Test { args } => build::test(&args),
+        Command::Test { all, args } => build::test(&args, all),
         Command::Demo => demo::run(),
         Command::Bench(options) => bench::run(&options),
     }

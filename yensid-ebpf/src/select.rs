@@ -359,20 +359,34 @@ mod tests {
         assert_eq!(counts, [3000, 1000]);
     }
 
+    /// The caller passes the slot's owner only when it is available (the kernel
+    /// and userspace check that; see the registry's affinity test for an owner that
+    /// becomes unavailable): then the owner gets the connection, however busy.
     #[test]
-    fn affinity_keeps_its_backend_and_falls_back_when_it_is_gone() {
+    fn affinity_gives_the_connection_to_the_slot_owner() {
         let p = pool(&[(1, 5, 0, true), (1, 0, 0, true)]);
-        let d = Draw {
-            affinity: Some(0),
-            ..Draw::default()
-        };
-        assert_eq!(choose(strategy::SOURCE_AFFINITY, &p, &d), Some(0));
-        let p = pool(&[(1, 5, 0, false), (1, 0, 0, true)]);
-        let unavailable = Draw {
-            affinity: None,
-            ..Draw::default()
-        };
-        assert_eq!(choose(strategy::SOURCE_AFFINITY, &p, &unavailable), Some(1));
+        for owner in [0, 1] {
+            let d = Draw {
+                affinity: Some(owner),
+                ..Draw::default()
+            };
+            assert_eq!(choose(strategy::SOURCE_AFFINITY, &p, &d), Some(owner));
+        }
+    }
+
+    /// Without an available owner, source-affinity is least connections, for every
+    /// tie-break sequence, and never picks an unavailable backend.
+    #[test]
+    fn affinity_without_an_available_owner_is_least_connections() {
+        let p = pool(&[(1, 5, 0, false), (1, 3, 0, true), (1, 1, 0, true)]);
+        for seq in 0..6 {
+            let fallback = choose(strategy::SOURCE_AFFINITY, &p, &draw(seq));
+            assert_eq!(
+                fallback,
+                choose(strategy::LEAST_CONNECTIONS, &p, &draw(seq))
+            );
+            assert_eq!(fallback, Some(2), "sequence {seq}");
+        }
     }
 
     #[test]

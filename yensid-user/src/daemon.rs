@@ -671,7 +671,7 @@ impl Controller {
 
     /// Computes the plan for the current state and makes it so.
     async fn apply(&mut self) -> Result<()> {
-        let (config, plan, local_until) = {
+        let (config, plan, kernel_plan, local_until) = {
             let mut inner = self.registry.inner();
             for b in &inner.config.builders.clone() {
                 if let Ok(addr) = b.address.parse::<SocketAddr>() {
@@ -679,24 +679,34 @@ impl Controller {
                 }
             }
             let unavailable = inner.unavailable();
+            let rtt = inner.rtt();
             let now = unix_now();
+            let decide = |mode| {
+                policy::decide(Snapshot {
+                    config: &inner.config,
+                    mode,
+                    unavailable: &unavailable,
+                    links: inner.links.as_ref(),
+                    addresses: &inner.addresses,
+                    rtt: &rtt,
+                })
+            };
             let (mode, _) = inner.mode_in_force(now);
-            let plan = policy::decide(Snapshot {
-                config: &inner.config,
-                mode,
-                unavailable: &unavailable,
-                links: inner.links.as_ref(),
-                addresses: &inner.addresses,
-                rtt: &inner.rtt(),
-            });
-            let local_until = inner
+            let plan = decide(mode);
+            let local_override = inner
                 .mode_override
-                .filter(|o| o.mode == Mode::Local && o.in_force(now))
-                .map(|o| match o.until {
-                    None => u64::MAX,
-                    Some(until) => path::boottime_ns() + (until - now) * 1_000_000_000,
-                });
-            (inner.config.clone(), plan, local_until)
+                .filter(|o| o.mode == Mode::Local && o.in_force(now));
+            // A timed local override is the kernel's to end: its deadline (below)
+            // refuses until then, and the kernel is given the plan of the mode
+            // that follows, so that it serves on time even if this daemon hangs.
+            let kernel_plan = local_override
+                .is_some_and(|o| o.until.is_some())
+                .then(|| decide(inner.mode_after_override()));
+            let local_until = local_override.map(|o| match o.until {
+                None => u64::MAX,
+                Some(until) => path::boottime_ns() + (until - now) * 1_000_000_000,
+            });
+            (inner.config.clone(), plan, kernel_plan, local_until)
         };
         self.sync_probes(&config);
         self.update_affinity(&config);
@@ -705,7 +715,8 @@ impl Controller {
         match self.registry.kernel() {
             Some(kernel) => {
                 kernel.set_local_override(local_until)?;
-                self.apply_kernel(&kernel, &config, &plan).await?
+                self.apply_kernel(&kernel, &config, kernel_plan.as_ref().unwrap_or(&plan))
+                    .await?
             }
             None => self.apply_fallback(&config).await?,
         }

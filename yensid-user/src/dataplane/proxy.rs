@@ -193,8 +193,12 @@ pub struct Outcome {
     pub unserved: bool,
     /// Builders that failed before one answered.
     pub failovers: u32,
-    /// Served by the kernel splice (false: copied in userspace).
+    /// Served by the kernel splice.
     pub spliced: bool,
+    /// Copied in userspace by the daemon (the userspace data path, or the
+    /// per-connection fallback). Neither this nor `spliced`: the connection
+    /// ended before any byte was forwarded.
+    pub copied: bool,
     /// Bytes sent to the builder.
     pub to_builder: u64,
     /// Bytes received from the builder.
@@ -469,6 +473,7 @@ async fn copy(
     upstream: &mut TcpStream,
     outcome: &mut Outcome,
 ) -> io::Result<()> {
+    outcome.copied = true;
     let copied = tokio::io::copy_bidirectional(client, upstream).await;
     // Done without an error, each direction ended with a FIN that was
     // passed on; after an error, which FINs came is unknown, and one may

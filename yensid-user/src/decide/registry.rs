@@ -89,6 +89,10 @@ pub struct BuilderTotals {
     pub rejected_clients: u64,
     /// Connections moved away from this builder because it failed.
     pub failed_over: u64,
+    /// Connections whose bytes the kernel forwarded (sockmap splice).
+    pub spliced: u64,
+    /// Connections whose bytes the daemon copied in userspace.
+    pub copied: u64,
     pub to_builder: u64,
     pub from_builder: u64,
 }
@@ -314,6 +318,15 @@ impl Inner {
             return (mode, ModeSource::Hook { reason });
         }
         (self.config.policy.mode, ModeSource::Config)
+    }
+
+    /// The mode once the operator's override ends: the hook's, else the
+    /// configured one.
+    pub fn mode_after_override(&self) -> Mode {
+        self.hook
+            .as_ref()
+            .and_then(|d| d.mode)
+            .unwrap_or(self.config.policy.mode)
     }
 
     /// A builder's weight: the hook's, else the configured one.
@@ -570,6 +583,8 @@ impl Dispatcher for Registry {
             totals.rejected_clients += 1;
         } else if !outcome.unserved {
             totals.connections += 1;
+            totals.spliced += u64::from(outcome.spliced);
+            totals.copied += u64::from(outcome.copied);
             totals.to_builder += outcome.to_builder;
             totals.from_builder += outcome.from_builder;
         }
@@ -701,6 +716,43 @@ mod tests {
             r.inner().unavailable().get("b1"),
             Some(&Unavailable::Draining)
         );
+    }
+
+    /// Source-affinity with a real owner: every slot belongs to b1, so a client goes
+    /// to b1 even though b1 is busier; once b1 is drained (or down) its clients fall
+    /// back to least connections (b2), and come back to b1 when it returns.
+    #[test]
+    fn affinity_falls_back_when_the_owner_is_unavailable() {
+        let config = Config::parse(
+            "[[service]]\nname = \"s\"\nlisten = [\"127.0.0.22\"]\n\
+             strategy = \"source-affinity\"\n\
+             [builders.b1]\naddress = \"198.18.1.2:22\"\n[builders.b2]\naddress = \"198.18.2.2:22\"\n",
+        )
+        .unwrap();
+        let r = Registry::new(config, OperatorState::default(), None);
+        r.inner()
+            .affinity
+            .insert("s".into(), vec!["b1".to_owned(); AFFINITY_SLOTS as usize]);
+        let peer: SocketAddr = "198.18.250.7:40000".parse().unwrap();
+        assert_eq!(r.route("s", peer).as_deref(), Some("b1"));
+        assert_eq!(
+            r.route("s", peer).as_deref(),
+            Some("b1"),
+            "the owner, busy or not"
+        );
+        r.inner().drained.insert("b1".into());
+        assert_eq!(r.route("s", peer).as_deref(), Some("b2"));
+        let svc = r.inner().config.services[0].clone();
+        let explained = r.inner().predict(&svc, Some(peer.ip()), 1);
+        assert!(
+            explained.starts_with("-> b2") && explained.contains("belongs to b1"),
+            "{explained}"
+        );
+        r.inner().drained.remove("b1");
+        assert_eq!(r.route("s", peer).as_deref(), Some("b1"));
+        r.probed("b1", Err(Failure::Timeout));
+        r.probed("b1", Err(Failure::Timeout));
+        assert_eq!(r.route("s", peer).as_deref(), Some("b2"), "b1 down");
     }
 
     #[test]

@@ -376,6 +376,8 @@ mod tests {
                 connections: 6,
                 rejected_clients: 1,
                 failed_over: 0,
+                spliced: 5,
+                copied: 0,
                 bytes_to_builder: 100,
                 bytes_from_builder: 200,
                 rtt_ms: Some(2.0),

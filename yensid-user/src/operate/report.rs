@@ -183,6 +183,8 @@ pub fn status(inner: &Inner, context: &Context) -> Status {
                 connections: totals.map_or(0, |t| t.connections),
                 rejected_clients: totals.map_or(0, |t| t.rejected_clients),
                 failed_over: totals.map_or(0, |t| t.failed_over),
+                spliced: totals.map_or(0, |t| t.spliced),
+                copied: totals.map_or(0, |t| t.copied),
                 bytes_to_builder: totals.map_or(0, |t| t.to_builder),
                 bytes_from_builder: totals.map_or(0, |t| t.from_builder),
                 rtt_ms: tracker

@@ -94,6 +94,14 @@ pub struct BuilderStatus {
     pub connections: u64,
     pub rejected_clients: u64,
     pub failed_over: u64,
+    /// Connections spliced in the kernel (their bytes never crossed
+    /// userspace).
+    #[serde(default)]
+    pub spliced: u64,
+    /// Connections copied in userspace: the userspace data path, or a peer
+    /// that sent more than one packet before key exchange.
+    #[serde(default)]
+    pub copied: u64,
     pub bytes_to_builder: u64,
     pub bytes_from_builder: u64,
     pub rtt_ms: Option<f64>,
@@ -157,7 +165,7 @@ pub fn render(status: &Status) -> String {
         "BUILDER".to_owned(),
         "STATE".to_owned(),
         "ACTIVE".to_owned(),
-        "TOTAL".to_owned(),
+        "TOTAL (SPLICED/COPIED)".to_owned(),
         "FAILOVERS".to_owned(),
         "TO/FROM".to_owned(),
         "RTT PROBE/KERNEL".to_owned(),
@@ -175,7 +183,7 @@ pub fn render(status: &Status) -> String {
                 Some(max) => format!("{}/{max}", b.active),
                 None => b.active.to_string(),
             },
-            b.connections.to_string(),
+            format!("{} ({}/{})", b.connections, b.spliced, b.copied),
             b.failed_over.to_string(),
             format!(
                 "{}/{}",

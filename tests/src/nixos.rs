@@ -7,10 +7,9 @@
 //! `.tar.gz` holding `nixpkgs-lib/lib` like the pinned copy), `<nixpkgs/lib>` on
 //! NIX_PATH, or the pinned copy at `../shared/vendor/nixpkgs-lib.tar.gz` next to the
 //! workspace, extracted into a temp dir per test. With none of them, or without
-//! `nix-instantiate`, [`NixpkgsLib::find_or_skip`] prints a line starting with
-//! `SKIPPED` to stderr and the test returns without failing.
+//! `nix-instantiate`, [`NixpkgsLib::find_or_skip`] records a skip (see
+//! [`crate::privileges::record_skip`]) and the test returns without failing.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -144,12 +143,9 @@ impl NixpkgsLib {
     }
 }
 
+/// Counted like every other skip: fatal in CI and under `cargo xtask test --all`.
 fn skip(test: &str, why: &str) {
-    // Through the stderr handle: libtest hides eprintln! output of passing tests.
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED (NixOS module evaluation): {test}: {why}"
-    );
+    crate::privileges::record_skip(test, &format!("NixOS module evaluation: {why}"));
 }
 
 /// What the modules generated for one machine (see nixos/tests/eval/eval.nix).

@@ -96,7 +96,8 @@ enum Command {
     Mode {
         /// local | remote | auto; leave out to show the mode in force.
         mode: Option<config::Mode>,
-        /// How long the override lasts (e.g. 30m, 2h); default: until changed.
+        /// How long the override lasts (e.g. 30m, 2h, 7d; at most 365d);
+        /// default: until changed.
         #[arg(long = "for", value_name = "DURATION", requires = "mode", value_parser = parse_for)]
         for_duration: Option<std::time::Duration>,
         /// Remove the override: back to the configured mode (or the hook's).
@@ -245,8 +246,10 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `--for`: longer than zero and at most [`config::MAX_OVERRIDE`] (clap
+/// names the flag in its error).
 fn parse_for(text: &str) -> Result<std::time::Duration, String> {
-    config::parse_duration(text)
+    config::parse_bounded_duration(text, config::MAX_OVERRIDE)
 }
 
 fn run(config: &Path) -> Result<()> {

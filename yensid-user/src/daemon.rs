@@ -43,7 +43,7 @@ use crate::{
     operate::control::{self, ModeChange, Pending, Reply, Request},
     operate::metrics,
     operate::report,
-    state::{ModeOverride, OperatorState, unix_deadline, unix_now},
+    state::{ModeOverride, OperatorState, unix_now, unix_now_rounded_up},
 };
 
 /// How long a listener that left the plan keeps accepting what the kernel
@@ -55,7 +55,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         .with_context(|| format!("invalid configuration {}", config_path.display()))?;
     raise_descriptor_limit();
     let state_file = config.daemon.state_file();
-    let mut state = OperatorState::load(&state_file)?;
+    let mut state = load_state(&state_file, &config);
     if !state.drained.is_empty() {
         info!(drained = ?state.drained, file = %state_file.display(), "drains restored");
     }
@@ -66,7 +66,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
         Some(o) => {
             info!(mode = %o.mode, "mode override expired while the daemon was down");
             state.mode_override = None;
-            state.save(&state_file)?;
+            if let Err(e) = state.save(&state_file) {
+                warn!(error = %e, "cannot record that the override expired");
+            }
         }
         None => {}
     }
@@ -161,6 +163,21 @@ pub async fn run(config_path: &Path) -> Result<()> {
     }
     info!(open_connections_closed = cut, "yensid stopped");
     result
+}
+
+/// The operator's saved state, as far as it is valid: an unreadable file,
+/// or what no daemon could have written in it, is reported once and left
+/// out, so a bad file never keeps the daemon from starting (or makes it
+/// start and crash again).
+fn load_state(file: &Path, config: &Config) -> OperatorState {
+    let mut state = OperatorState::load(file).unwrap_or_else(|e| {
+        error!(file = %file.display(), error = %e, "state file ignored: starting without drains or mode override");
+        OperatorState::default()
+    });
+    for problem in state.sanitize(|name| config.builder(name).is_some(), unix_now()) {
+        warn!(file = %file.display(), "state file: {problem}");
+    }
+    state
 }
 
 /// Every proxied connection holds two descriptors (client and builder), so
@@ -438,11 +455,15 @@ impl Controller {
         }
     }
 
-    /// When the operator's override ends, if it is timed.
+    /// When the operator's override ends, if it is timed (and the end is
+    /// representable: overrides are bounded, so it always is).
     fn override_deadline(&self) -> Option<std::time::Instant> {
-        let until = self.registry.inner().mode_override?.until?;
-        let left = until.saturating_sub(unix_now());
-        Some(std::time::Instant::now() + Duration::from_secs(left))
+        let left = self
+            .registry
+            .inner()
+            .mode_override?
+            .seconds_left(unix_now())?;
+        std::time::Instant::now().checked_add(Duration::from_secs(left))
     }
 
     fn set_override(&mut self, value: Option<ModeOverride>) -> Option<String> {
@@ -647,9 +668,11 @@ impl Controller {
             let local_until = inner
                 .mode_override
                 .filter(|o| o.mode == Mode::Local && o.in_force(now))
-                .map(|o| match o.until {
+                .map(|o| match o.seconds_left(now) {
                     None => u64::MAX,
-                    Some(until) => path::boottime_ns() + (until - now) * 1_000_000_000,
+                    Some(left) => path::boottime_ns()
+                        .saturating_add(left.saturating_mul(1_000_000_000))
+                        .min(u64::MAX - 1),
                 });
             (inner.config.clone(), plan, local_until)
         };
@@ -911,10 +934,20 @@ impl Controller {
     /// `yensid mode`: shows, sets or resets the operator's override.
     async fn change_mode(&mut self, change: Option<ModeChange>) -> Reply {
         if let Some(change) = change {
-            let value = change.mode.map(|mode| ModeOverride {
-                mode,
-                until: change.for_seconds.map(unix_deadline),
-            });
+            let value = match change
+                .mode
+                .map(|mode| ModeOverride::starting(mode, change.for_seconds, unix_now_rounded_up()))
+                .transpose()
+            {
+                Ok(value) => value,
+                Err(e) => {
+                    warn!(error = %e, "mode change refused");
+                    return Reply {
+                        ok: false,
+                        message: format!("not changed: {e}"),
+                    };
+                }
+            };
             if let Some(e) = self.set_override(value) {
                 return Reply {
                     ok: false,

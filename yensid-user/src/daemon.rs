@@ -30,6 +30,7 @@ use yensid_ebpf::maps::{
 
 use crate::{
     config::{Config, Dataplane, Mode, Service},
+    dataplane::ident::escape,
     dataplane::proxy::{self, DataPath, Dispatcher},
     decide::health,
     decide::hook::{self, BuilderInput, Decision, HookError, HookInput, OverrideInput},
@@ -496,6 +497,8 @@ impl Controller {
                     .filter(|n| inner.config.builder(n).is_none())
                     .collect();
                 if !unknown.is_empty() {
+                    let unknown: Vec<String> =
+                        unknown.iter().map(|n| escape(n.as_bytes())).collect();
                     warn!(
                         ?unknown,
                         "policy hook named unknown builders; decision ignored, the declarative one stays in force"
@@ -505,7 +508,12 @@ impl Controller {
                 if inner.hook.as_ref() == Some(&decision) {
                     return false;
                 }
-                info!(mode = ?decision.mode, weights = ?decision.weights, reason = ?decision.reason, "policy hook decided");
+                info!(
+                    mode = ?decision.mode,
+                    weights = ?decision.weights,
+                    reason = decision.reason.as_deref().map(|r| escape(r.as_bytes())),
+                    "policy hook decided"
+                );
                 inner.hook = Some(decision);
                 true
             }

@@ -29,7 +29,7 @@ use yensid_ebpf::maps::{
 };
 
 use crate::{
-    config::{Config, Dataplane, Mode, Service},
+    config::{Config, ConfigError, Dataplane, Mode, Service},
     dataplane::ident::escape,
     dataplane::proxy::{self, DataPath, Dispatcher},
     decide::health,
@@ -44,6 +44,7 @@ use crate::{
     operate::control::{self, ModeChange, Pending, Reply, Request},
     operate::metrics,
     operate::report,
+    preflight,
     state::{ModeOverride, OperatorState, unix_now, unix_now_rounded_up},
 };
 
@@ -54,6 +55,14 @@ const LISTENER_GRACE: Duration = Duration::from_secs(2);
 pub async fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)
         .with_context(|| format!("invalid configuration {}", config_path.display()))?;
+    let problems = preflight::check(&config);
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "configuration {} cannot run on this host: {}",
+            config_path.display(),
+            ConfigError::Invalid(problems)
+        );
+    }
     raise_descriptor_limit();
     let state_file = config.daemon.state_file();
     let mut state = load_state(&state_file, &config);
@@ -143,6 +152,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         Ok(()) => controller.serve(incoming, hook_incoming).await,
         Err(e) => Err(e),
     };
+    refuse_while_stopping(kernel.as_deref());
     control_task.abort();
     let _ = std::fs::remove_file(&control_path);
     let cut = registry.inner().active.values().sum::<u64>();
@@ -318,8 +328,27 @@ fn brief(error: &str) -> String {
     }
 }
 
-/// Removes every pinned object. The programs detach when the process's
-/// last file descriptors close, right after.
+/// The first step of every stop: from here until the process exits, every
+/// claimed connection is refused (RST), so none reaches another local
+/// listener (the host's sshd) while listeners close and pins go. Once the
+/// process is gone, nothing claims the addresses any more.
+fn refuse_while_stopping(kernel: Option<&Kernel>) {
+    match kernel.map(Kernel::refuse_all) {
+        Some(Ok(())) => {
+            info!("stopping: claimed connections are refused until the process exits")
+        }
+        Some(Err(e)) => {
+            error!(error = %e, "stopping, but cannot make the kernel refuse claimed connections")
+        }
+        None => info!(
+            "stopping: without BPF, connections to the service addresses reach other local \
+             listeners once ours close"
+        ),
+    }
+}
+
+/// Removes the pinned objects yensid created. The programs detach when the
+/// process's last file descriptors close, right after.
 fn release_kernel(kernel: &Kernel) {
     if let Err(e) = kernel.remove_pins() {
         error!(error = %e, "could not remove pinned BPF objects");
@@ -612,7 +641,11 @@ impl Controller {
     }
 
     async fn reload(&mut self) {
-        match Config::load(&self.config_path) {
+        let loaded = Config::load(&self.config_path).and_then(|c| match preflight::check(&c) {
+            problems if problems.is_empty() => Ok(c),
+            problems => Err(ConfigError::Invalid(problems)),
+        });
+        match loaded {
             Ok(mut config) => {
                 let running = self.registry.inner().config.clone();
                 if config.daemon != running.daemon
@@ -642,7 +675,7 @@ impl Controller {
                 self.apply_logged().await;
             }
             Err(e) => {
-                error!(path = %self.config_path.display(), error = %e, "reload refused; keeping the running configuration")
+                error!(path = %self.config_path.display(), error = %e.to_string().replace('\n', "; "), "reload refused; keeping the running configuration")
             }
         }
     }

@@ -11,7 +11,8 @@
 //! - [`operate`]: what operators and their tools see and send (CLI,
 //!   control socket, access rules, status, metrics).
 //!
-//! [`daemon`] is the controller that wires them together.
+//! [`daemon`] is the controller that wires them together; [`preflight`]
+//! checks what only the host can tell about a configuration.
 
 pub mod config;
 pub mod daemon;
@@ -19,4 +20,5 @@ pub mod dataplane;
 pub mod decide;
 pub mod kernel;
 pub mod operate;
+pub mod preflight;
 pub mod state;

@@ -171,7 +171,11 @@ enum Command {
     ///
     /// Reports every problem at once, each with its key and line: unknown
     /// keys, unknown builder names, overlapping listen prefixes on one port,
-    /// bad addresses, zero weights. Exit status 0 when valid, 1 otherwise.
+    /// bad addresses, zero weights, durations out of bounds, claims that
+    /// would take the host's own addresses. Then what only this host can
+    /// tell: unknown groups, and claims of an address another program
+    /// listens on here (in this network namespace). Exit status 0 when
+    /// valid, 1 otherwise.
     CheckConfig {
         /// The configuration file (TOML).
         file: PathBuf,
@@ -191,7 +195,12 @@ fn main() -> std::process::ExitCode {
             };
         }
         Command::CheckConfig { file } => {
-            return match config::Config::load(&file) {
+            let checked =
+                config::Config::load(&file).and_then(|c| match yensid::preflight::check(&c) {
+                    problems if problems.is_empty() => Ok(c),
+                    problems => Err(config::ConfigError::Invalid(problems)),
+                });
+            return match checked {
                 Ok(c) => {
                     println!(
                         "ok: {} service(s), {} builder(s)",

@@ -682,7 +682,10 @@ impl Controller {
 
     async fn apply_logged(&mut self) {
         if let Err(e) = self.apply().await {
-            error!(error = format!("{e:#}"), "cannot apply the plan");
+            error!(
+                error = crate::error_chain(e.as_ref()),
+                "cannot apply the plan"
+            );
         }
     }
 

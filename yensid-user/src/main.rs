@@ -189,7 +189,7 @@ fn main() -> std::process::ExitCode {
             return match run(&config.path) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e:#}");
+                    tracing::error!("{}", yensid::error_chain(e.as_ref()));
                     std::process::ExitCode::FAILURE
                 }
             };
@@ -249,7 +249,7 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("yensid: {e:#}");
+            eprintln!("yensid: {}", yensid::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -109,19 +109,10 @@ pub enum BpfError {
     Unpin { path: PathBuf, source: io::Error },
 }
 
-/// An error and its causes on one line: aya's syscall errors keep the
-/// errno in their source, which `Display` alone leaves out.
+/// aya's syscall errors keep the errno in their source, which `Display`
+/// alone leaves out.
 fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        let more = c.to_string();
-        if !text.contains(&more) {
-            text = format!("{text}: {more}");
-        }
-        cause = c.source();
-    }
-    text
+    crate::error_chain(error)
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> BpfError {

@@ -38,7 +38,7 @@ pub use config::{
     BuilderConfig, DaemonConfig, Dataplane, HealthConfig, InstancePaths, LinkKind, LinkRules,
     PolicyConfig, PolicyMode, ServiceConfig, Strategy,
 };
-pub use daemon::{Daemon, LogLine, check_config, yensid_binary};
+pub use daemon::{Daemon, LogLine, check_config, check_config_text, yensid_binary};
 pub use derivation::{Derivation, Gate, Site, Sites};
 pub use fake::{Fake, FakeConnection, FakeServer};
 pub use netns::Netns;

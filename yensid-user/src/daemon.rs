@@ -173,6 +173,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
         release_kernel(k);
     }
     info!(open_connections_closed = cut, "yensid stopped");
+    // The dispatch link (unpinned now) must go with the process, not
+    // before: dropped here, it would leave the addresses unclaimed, and
+    // their connections free to reach other local listeners, while the
+    // runtime shuts down. The kernel closes it at exit.
+    if let Some(k) = kernel {
+        std::mem::forget(k);
+    }
     result
 }
 

@@ -76,7 +76,9 @@ impl Daemon {
     }
 }
 
-/// How a builder's health is checked.
+/// How a builder's health is checked. Every duration is longer than zero
+/// and at most [`MAX_CONFIG_DURATION`], so deadlines computed from them
+/// (`Instant + interval`, the back-off) cannot overflow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HealthSettings {
     /// Time between probes of a healthy builder, and the first back-off step.

@@ -199,7 +199,7 @@ async fn read_keeping(
 }
 
 /// Reads a decision; an empty output means "no opinion". The reason is
-/// cut to 200 characters.
+/// cut to 200 characters, its control characters escaped.
 pub fn parse(stdout: &[u8]) -> Result<Decision, HookError> {
     let invalid = |error: String| HookError::Invalid {
         error,
@@ -224,11 +224,25 @@ pub fn parse(stdout: &[u8]) -> Result<Decision, HookError> {
             escape(name.as_bytes())
         )));
     }
-    if let Some(reason) = &mut decision.reason
-        && let Some((cut, _)) = reason.char_indices().nth(EXCERPT)
-    {
-        reason.truncate(cut);
-        reason.push('…');
+    if let Some(reason) = &mut decision.reason {
+        // Shown by `yensid mode` and `status` on a terminal: no control
+        // characters (escape sequences), and not a page long.
+        let mut shown: String = reason
+            .chars()
+            .take(EXCERPT)
+            .flat_map(|c| {
+                let escaped: Vec<char> = if c.is_control() {
+                    c.escape_default().collect()
+                } else {
+                    vec![c]
+                };
+                escaped
+            })
+            .collect();
+        if reason.chars().nth(EXCERPT).is_some() {
+            shown.push('…');
+        }
+        *reason = shown;
     }
     Ok(decision)
 }
@@ -339,6 +353,8 @@ mod tests {
         let long = format!(r#"{{"reason": "{}"}}"#, "é".repeat(300));
         let d = parse(long.as_bytes()).unwrap();
         assert_eq!(d.reason.unwrap().chars().count(), 201);
+        let d = parse(br#"{"reason": "on battery\u001b[2J\n"}"#).unwrap();
+        assert_eq!(d.reason.as_deref(), Some("on battery\\u{1b}[2J\\n"));
         assert!(matches!(
             parse(&vec![b' '; MAX_OUTPUT + 1]),
             Err(HookError::TooMuchOutput)

@@ -899,6 +899,31 @@ mod tests {
     }
 
     #[test]
+    fn the_pin_directory_must_be_its_own_inside_a_bpffs() {
+        // Root with bpffs mounted where the daemon expects it: as the daemon runs.
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 || !is_bpffs(Path::new(BPFFS_MOUNT)) {
+            eprintln!("SKIPPED (needs root and bpffs at {BPFFS_MOUNT})");
+            return;
+        }
+        let err = prepare_bpffs(Path::new(BPFFS_MOUNT))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not on a bpffs"), "{err}");
+        let elsewhere = std::env::temp_dir().join(format!("yensid-pins-{}", std::process::id()));
+        let err = prepare_bpffs(&elsewhere.join("pins"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not on a bpffs"), "{err}");
+        assert!(!elsewhere.exists(), "created a pin directory off bpffs");
+        let own = Path::new(BPFFS_MOUNT).join(format!("yensid-unit-{}", std::process::id()));
+        prepare_bpffs(&own.join("nested")).unwrap();
+        assert!(is_bpffs(&own.join("nested")));
+        std::fs::remove_dir(own.join("nested")).unwrap();
+        std::fs::remove_dir(&own).unwrap();
+    }
+
+    #[test]
     fn this_process_has_a_cgroup_directory() {
         let dir = own_cgroup().unwrap();
         assert!(dir.join("cgroup.procs").exists(), "{}", dir.display());

@@ -207,10 +207,15 @@ mod tests {
             !out.success,
             "check-config accepted a claim of a listener's address"
         );
+        // check-config runs as root here, so it can name the listener's process: us.
+        let named = format!(
+            "service[0].listen: 127.0.0.22/32 port 22 contains 127.0.0.22:22, where \
+             hostile_config- (pid {}) listens",
+            std::process::id()
+        );
         ensure!(
-            out.stderr
-                .contains("service[0].listen: 127.0.0.22/32 port 22 contains 127.0.0.22:22, where another program listens"),
-            "check-config did not name the listener: {}",
+            out.stderr.contains(&named),
+            "check-config did not name the listener ({named}): {}",
             out.stderr
         );
         let error = match Daemon::start(topology.client_ns(), &config) {

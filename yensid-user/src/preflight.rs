@@ -54,12 +54,11 @@ pub fn check(config: &Config) -> Vec<Problem> {
     match local_listeners() {
         Ok(listeners) => {
             let own = own_socket_inodes();
-            let others: Vec<SocketAddr> = listeners
-                .iter()
+            let others: Vec<Listener> = listeners
+                .into_iter()
                 .filter(|l| !own.contains(&l.inode))
-                .map(|l| l.addr)
                 .collect();
-            problems.extend(listener_conflicts(config, &others));
+            problems.extend(listener_conflicts(config, &others, socket_owner));
         }
         Err(e) => problems.push(Problem {
             key: "service.listen".to_owned(),
@@ -72,29 +71,36 @@ pub fn check(config: &Config) -> Vec<Problem> {
 
 /// The claims of `config` that contain the specific address one of
 /// `listeners` is bound to, on its port; wildcard listeners never
-/// conflict.
-pub fn listener_conflicts(config: &Config, listeners: &[SocketAddr]) -> Vec<Problem> {
+/// conflict. `owner` names the program holding a socket (by inode), when
+/// it can tell.
+pub fn listener_conflicts(
+    config: &Config,
+    listeners: &[Listener],
+    owner: impl Fn(u64) -> Option<String>,
+) -> Vec<Problem> {
     let mut problems = Vec::new();
     for (i, service) in config.services.iter().enumerate() {
         if service.allow_host_addresses {
             continue;
         }
         for listener in listeners {
-            if listener.port() != service.port || listener.ip().is_unspecified() {
+            let addr = listener.addr;
+            if addr.port() != service.port || addr.ip().is_unspecified() {
                 continue;
             }
             let host = Prefix {
-                addr: listener.ip(),
-                len: if listener.is_ipv4() { 32 } else { 128 },
+                addr: addr.ip(),
+                len: if addr.is_ipv4() { 32 } else { 128 },
             };
             if let Some(prefix) = service.listen.iter().find(|p| p.overlaps(&host)) {
+                let who = owner(listener.inode).unwrap_or_else(|| "another program".to_owned());
                 problems.push(Problem {
                     key: format!("service[{i}].listen"),
                     line: None,
                     message: format!(
-                        "{prefix} port {} contains {listener}, where another program listens: \
-                         claiming it would take that listener's connections; set \
-                         allow_host_addresses = true in this service if that is intended",
+                        "{prefix} port {} contains {addr}, where {who} listens: claiming it \
+                         would take that listener's connections; set allow_host_addresses = \
+                         true in this service if that is intended",
                         service.port
                     ),
                 });
@@ -102,6 +108,33 @@ pub fn listener_conflicts(config: &Config, listeners: &[SocketAddr]) -> Vec<Prob
         }
     }
     problems
+}
+
+/// The program holding the socket with this inode, as `sshd (pid 812)`:
+/// found by looking through every process's descriptors, which only a
+/// conflict costs, and only those the caller may see.
+fn socket_owner(inode: u64) -> Option<String> {
+    let wanted = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|process| {
+            let pid: u32 = process.file_name().to_str()?.parse().ok()?;
+            let holds = std::fs::read_dir(process.path().join("fd"))
+                .ok()?
+                .flatten()
+                .any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == wanted.as_str())
+                });
+            if !holds {
+                return None;
+            }
+            let comm = std::fs::read(process.path().join("comm")).unwrap_or_default();
+            Some(format!(
+                "{} (pid {pid})",
+                crate::dataplane::ident::escape(comm.trim_ascii())
+            ))
+        })
 }
 
 /// The listening TCP sockets of this network namespace.
@@ -224,19 +257,20 @@ mod tests {
 
     #[test]
     fn specific_listeners_inside_a_claim_conflict_and_wildcards_do_not() {
-        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let at = |s: &str| Listener {
+            addr: s.parse().unwrap(),
+            inode: 7,
+        };
         let c = config("127.0.0.16/28", "");
-        let p = listener_conflicts(
-            &c,
-            &[
-                at("0.0.0.0:22"),
-                at("[::]:22"),
-                at("127.0.0.22:2222"),
-                at("127.0.0.33:22"),
-                at("127.0.0.22:22"),
-                at("[::ffff:127.0.0.23]:22"),
-            ],
-        );
+        let listeners = [
+            at("0.0.0.0:22"),
+            at("[::]:22"),
+            at("127.0.0.22:2222"),
+            at("127.0.0.33:22"),
+            at("127.0.0.22:22"),
+            at("[::ffff:127.0.0.23]:22"),
+        ];
+        let p = listener_conflicts(&c, &listeners, |_| None);
         let p: Vec<String> = p.iter().map(ToString::to_string).collect();
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(
@@ -246,8 +280,34 @@ mod tests {
             "{p:?}"
         );
         assert!(p[1].contains("contains [::ffff:127.0.0.23]:22"), "{p:?}");
+        let named = listener_conflicts(&c, &listeners[4..5], |inode| {
+            Some(format!("sshd (pid {inode})"))
+        });
+        assert!(
+            named[0]
+                .message
+                .contains("127.0.0.22:22, where sshd (pid 7) listens"),
+            "{named:?}"
+        );
         let allowed = config("127.0.0.16/28", "allow_host_addresses = true");
-        assert!(listener_conflicts(&allowed, &[at("127.0.0.22:22")]).is_empty());
+        assert!(listener_conflicts(&allowed, &listeners, |_| None).is_empty());
+    }
+
+    #[test]
+    fn the_owner_of_a_socket_is_found() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let inode = local_listeners()
+            .unwrap()
+            .into_iter()
+            .find(|l| l.addr == addr)
+            .unwrap()
+            .inode;
+        let owner = socket_owner(inode).unwrap();
+        assert!(
+            owner.ends_with(&format!("(pid {})", std::process::id())),
+            "{owner}"
+        );
     }
 
     #[test]

@@ -53,6 +53,8 @@ privileged_tests!(
     sighup_with_overflowing_durations_keeps_the_old_config,
     mode_for_huge_values_is_refused_and_the_daemon_lives,
     a_bad_state_file_is_reported_once_and_ignored,
+    a_stop_removes_only_what_yensid_pinned,
+    a_bpffs_mount_itself_is_no_pin_path,
 );
 
 common::dataplane_tests!(stop_refuses_claimed_connections_until_the_process_exits);
@@ -402,6 +404,115 @@ mod tests {
         ensure!(served.iter().all(|b| b == "b2"), "served by {served:?}");
         ensure!(!daemon.log().contains("panicked"), "{}", daemon.log());
         Ok(())
+    }
+
+    /// Whatever else is in the pin directory survives a clean stop: yensid removes its
+    /// own pins by name, and the directory only if that emptied it.
+    pub fn a_stop_removes_only_what_yensid_pinned() -> Result<()> {
+        let topology = Topology::new(1)?;
+        let config = DaemonConfig::for_topology(&topology, Dataplane::Kernel, Strategy::RoundRobin);
+        let mut daemon = Daemon::start(topology.client_ns(), &config)?;
+        let pins = daemon.pin_path().to_owned();
+        let foreign = pins.join("another-program");
+        std::fs::create_dir(&foreign)?;
+        ensure!(
+            pins.join("dispatch").exists(),
+            "no dispatch pin in {}",
+            pins.display()
+        );
+        stop_cleanly(&mut daemon)?;
+        ensure!(foreign.is_dir(), "the stop removed {}", foreign.display());
+        let left: Vec<String> = std::fs::read_dir(&pins)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        ensure!(
+            left == ["another-program"],
+            "left in {}: {left:?}",
+            pins.display()
+        );
+        Ok(())
+    }
+
+    /// A bpffs mounted at pin_path itself is not a directory of its own: `yensid run`
+    /// refuses it (no fallback) and touches nothing there.
+    pub fn a_bpffs_mount_itself_is_no_pin_path() -> Result<()> {
+        let topology = Topology::new(1)?;
+        let mount = BpffsMount::new()?;
+        let foreign = mount.path.join("another-program");
+        std::fs::create_dir(&foreign)?;
+        let config = DaemonConfig::for_topology(&topology, Dataplane::Kernel, Strategy::RoundRobin);
+        let mut paths = throwaway_paths();
+        paths.pin_path = mount.path.clone();
+        let file = mount.config_file();
+        std::fs::write(&file, config.render(&paths))?;
+        let out = std::process::Command::new("timeout")
+            .arg("20")
+            .arg("nsenter")
+            .arg(format!("--net={}", topology.client_ns().path().display()))
+            .arg("--")
+            .arg(yensid_tests::yensid_binary())
+            .args(["run", "--config"])
+            .arg(&file)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(1),
+            "yensid run ended with {}: {stderr}",
+            out.status
+        );
+        ensure!(
+            stderr.contains(&format!("daemon.pin_path {}", mount.path.display()))
+                && stderr.contains("is not on a bpffs"),
+            "{stderr}"
+        );
+        ensure!(!stderr.contains("yensid ready"), "{stderr}");
+        ensure!(foreign.is_dir(), "{} was removed", foreign.display());
+        Ok(())
+    }
+}
+
+/// A bpffs of its own, mounted on a fresh directory; unmounted and removed on drop.
+struct BpffsMount {
+    path: std::path::PathBuf,
+}
+
+impl BpffsMount {
+    fn new() -> Result<Self> {
+        let path = std::env::temp_dir().join(format!(
+            "yensid-hostile-bpffs-{}-{}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)?
+                .as_nanos()
+        ));
+        std::fs::create_dir(&path)?;
+        let mount = Self { path };
+        let status = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&mount.path)
+            .status()?;
+        ensure!(
+            status.success(),
+            "mount -t bpf on {}: {status}",
+            mount.path.display()
+        );
+        Ok(mount)
+    }
+
+    /// A file next to the mount, not on it (bpffs holds no regular files).
+    fn config_file(&self) -> std::path::PathBuf {
+        self.path.with_extension("toml")
+    }
+}
+
+impl Drop for BpffsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+        let _ = std::fs::remove_dir(&self.path);
+        let _ = std::fs::remove_file(self.config_file());
     }
 }
 

@@ -100,6 +100,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let read_gid = access.read.as_ref().map(|g| g.gid);
     let kernel = match Kernel::load(&config.daemon.pin_path, read_gid) {
         Ok(kernel) => Some(Arc::new(kernel)),
+        // A pin directory that is not yensid's own is the operator's
+        // mistake, not a missing capability: no fallback.
+        Err(e @ bpf::BpfError::PinPath { .. }) => return Err(e.into()),
         Err(e) => {
             error!(
                 error = %brief(&e.to_string()),

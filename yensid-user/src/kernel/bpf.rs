@@ -107,6 +107,8 @@ pub enum BpfError {
     OpenPin { path: PathBuf, source: io::Error },
     #[error("cannot remove {path}: {source}")]
     Unpin { path: PathBuf, source: io::Error },
+    #[error("daemon.pin_path {path} {why}")]
+    PinPath { path: PathBuf, why: String },
 }
 
 /// aya's syscall errors keep the errno in their source, which `Display`
@@ -786,9 +788,9 @@ fn prepare_bpffs(pin_path: &Path) -> Result<(), BpfError> {
         mount_bpffs(Path::new(BPFFS_MOUNT)).map_err(err(Path::new(BPFFS_MOUNT)))?;
         info!(path = BPFFS_MOUNT, "mounted bpffs");
     }
-    let not_own = |why: String| BpfError::Bpffs {
+    let not_own = |why: String| BpfError::PinPath {
         path: pin_path.to_owned(),
-        source: io::Error::other(why),
+        why,
     };
     // The nearest existing ancestor: the directories created below it are
     // on its file system.

@@ -561,6 +561,83 @@ impl Drop for Daemon {
     }
 }
 
+/// Hostile-input helpers (tests/hostile_config.rs): raw TOML the typed config cannot
+/// express, the instance's state file and control socket, liveness.
+impl Daemon {
+    /// `<state_dir>/<instance>.json`, where the daemon keeps drains and the override.
+    pub fn state_file(&self) -> PathBuf {
+        self.paths
+            .state_dir
+            .join(format!("{}.json", self.instance()))
+    }
+
+    /// `<runtime_dir>/<instance>.sock`.
+    pub fn control_socket(&self) -> PathBuf {
+        self.paths
+            .runtime_dir
+            .join(format!("{}.sock", self.instance()))
+    }
+
+    fn instance(&self) -> String {
+        self.paths
+            .pin_path
+            .file_name()
+            .map_or_else(|| "yensid".to_owned(), |n| n.to_string_lossy().into_owned())
+    }
+
+    /// Like [`Self::reload`], with raw TOML appended to the rendered `config`.
+    pub fn reload_with_extra_toml(&mut self, config: &DaemonConfig, toml: &str) -> Result<()> {
+        let next = self.config_path.with_extension("toml.next");
+        fs::write(&next, format!("{}\n{toml}\n", config.render(&self.paths)))?;
+        fs::rename(&next, &self.config_path)?;
+        self.signal(libc::SIGHUP)
+    }
+
+    /// Whether the process still runs (it has not exited, cleanly or not).
+    pub fn is_running(&mut self) -> Result<bool> {
+        if self.exit.is_none()
+            && let Some(status) = self.child.try_wait()?
+        {
+            self.exit = Some(status);
+        }
+        Ok(self.exit.is_none())
+    }
+
+    /// Sends SIGTERM and returns at once; [`Self::stop`] waits for the exit.
+    pub fn terminate(&mut self) -> Result<()> {
+        self.signal(libc::SIGTERM)
+    }
+}
+
+/// `yensid check-config` on a raw TOML text, inside namespace `ns` when given (it
+/// checks the listeners of the namespace it runs in): its exit status and output.
+pub fn check_config_text(ns: Option<&Netns>, toml: &str) -> Result<crate::cli::CliOutput> {
+    let dir = TempDir::new(&unique::name(&unique::next_id(), "config"))?;
+    let file = dir.path().join("yensid.toml");
+    fs::write(&file, toml)?;
+    let mut command = match ns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={}", ns.path().display()))
+                .arg("--")
+                .arg(yensid_binary());
+            c
+        }
+        None => Command::new(yensid_binary()),
+    };
+    let out = command
+        .arg("check-config")
+        .arg(&file)
+        .stdin(Stdio::null())
+        .output()
+        .context("spawn yensid check-config")?;
+    Ok(crate::cli::CliOutput {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
 /// `yensid check-config` on `config` rendered with throwaway instance paths: its stdout
 /// (`ok: ...`), or an error carrying the problems it printed.
 pub fn check_config(config: &DaemonConfig) -> Result<String> {

@@ -43,8 +43,8 @@ pub use config::{
     PolicyConfig, PolicyMode, ServiceConfig, Strategy,
 };
 pub use daemon::{
-    Daemon, DataPathCounts, Launch, LogLine, built_binary, check_config, target_dir,
-    workspace_root, yensid_binary,
+    Daemon, DataPathCounts, Launch, LogLine, built_binary, check_config, check_config_text,
+    target_dir, workspace_root, yensid_binary,
 };
 pub use derivation::{Derivation, Gate, Site, Sites};
 pub use fake::{Fake, FakeConnection, FakeServer};

@@ -1302,7 +1302,7 @@ fn every_policy_key_renders_to_a_valid_config() -> Result<()> {
             command: Some("/etc/yensid/policy".into()),
             hook_interval: Some(Duration::from_secs(30)),
             hook_timeout: Some(Duration::from_millis(2500)),
-            control_group: Some("wheel".to_owned()),
+            control_group: Some("root".to_owned()),
         },
         links: vec![
             ("enx*".to_owned(), LinkKind::Wwan),

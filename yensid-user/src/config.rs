@@ -9,7 +9,7 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -22,6 +22,8 @@ use crate::decide::link::LinkKind;
 
 /// Where pinned maps and the dispatch link live by default.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/yensid";
+/// Where bpffs is mounted by default (and by yensid when it is not).
+pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 /// Where operator state (drains) is kept across restarts by default.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/yensid";
 /// Where the control socket lives by default.
@@ -74,7 +76,9 @@ impl Daemon {
     }
 }
 
-/// How a builder's health is checked.
+/// How a builder's health is checked. Every duration is longer than zero
+/// and at most [`MAX_CONFIG_DURATION`], so deadlines computed from them
+/// (`Instant + interval`, the back-off) cannot overflow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HealthSettings {
     /// Time between probes of a healthy builder, and the first back-off step.
@@ -125,6 +129,10 @@ pub struct Service {
     pub strategy: Strategy,
     /// `[policy]`'s rules with this service's `policy` overrides.
     pub rules: LinkRules,
+    /// `allow_host_addresses = true`: the operator means to claim addresses
+    /// the host itself uses (127.0.0.1, ::1, a whole address family, the
+    /// address of another local listener on the port).
+    pub allow_host_addresses: bool,
 }
 
 impl Service {
@@ -482,6 +490,7 @@ mod raw {
         pub builders: Option<Vec<Spanned<String>>>,
         pub strategy: Option<super::Strategy>,
         pub policy: Option<Rules>,
+        pub allow_host_addresses: Option<bool>,
     }
 
     #[derive(Deserialize)]
@@ -564,6 +573,10 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             Some(p) => {
                 if !p.get_ref().starts_with('/') {
                     check.report(format!("daemon.{key}"), &p, "must be an absolute path");
+                } else if key == "pin_path"
+                    && let Err(msg) = check_pin_path(Path::new(p.get_ref()))
+                {
+                    check.report("daemon.pin_path", &p, msg);
                 }
                 PathBuf::from(p.into_inner())
             }
@@ -585,6 +598,8 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
     );
 
     let mut builders = Vec::new();
+    // Builders given by IP address, checked against the claims below.
+    let mut builder_addresses: Vec<(String, Spanned<SocketAddr>)> = Vec::new();
     if raw.builders.len() > MAX_BUILDERS as usize {
         check.problems.push(Problem {
             key: "builders".into(),
@@ -597,13 +612,19 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
         let key = |field: &str| format!("builders.{name}.{field}");
         if let Err(msg) = check_address(b.address.get_ref()) {
             check.report(key("address"), &b.address, msg);
+        } else if let Ok(addr) = b.address.get_ref().parse::<SocketAddr>() {
+            builder_addresses.push((key("address"), Spanned::new(b.address.span(), addr)));
         }
         let weight = match b.weight {
             None => 1,
             Some(w) => match u32::try_from(*w.get_ref()) {
-                Ok(w @ 1..) => w,
+                Ok(w @ 1..=MAX_WEIGHT) => w,
                 _ => {
-                    check.report(key("weight"), &w, "must be a whole number of at least 1");
+                    check.report(
+                        key("weight"),
+                        &w,
+                        format!("must be a whole number from 1 to {MAX_WEIGHT}"),
+                    );
                     1
                 }
             },
@@ -652,6 +673,10 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
         max_rtt_ms: raw_policy.max_rtt_ms,
         min_healthy_builders: raw_policy.min_healthy_builders,
     };
+    let global_min_healthy = global
+        .min_healthy_builders
+        .as_ref()
+        .map(|v| Spanned::new(v.span(), ()));
     let global_rules = link_rules(&mut check, "policy", global, &LinkRules::default());
 
     if raw.service.is_empty() {
@@ -716,6 +741,17 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
                 Err(msg) => check.report(key("listen"), text_prefix, msg),
                 Ok(prefix) => {
                     let at = Spanned::new(text_prefix.span(), ());
+                    if s.allow_host_addresses != Some(true)
+                        && let Some(why) = host_address_claim(&prefix, port)
+                    {
+                        check.report(
+                            key("listen"),
+                            &at,
+                            format!(
+                                "{why}; set allow_host_addresses = true in this service if that is intended"
+                            ),
+                        );
+                    }
                     for (other, other_port, other_name, _) in &claimed {
                         if *other_port == port && other.overlaps(&prefix) {
                             check.report(
@@ -769,10 +805,27 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
                 format!("at most {MAX_BACKENDS} builders per service are supported"),
             );
         }
+        let own_min_healthy = s
+            .policy
+            .as_ref()
+            .and_then(|r| r.min_healthy_builders.as_ref())
+            .map(|v| Spanned::new(v.span(), ()));
         let rules = match s.policy {
             None => global_rules.clone(),
             Some(r) => link_rules(&mut check, &key("policy"), r, &global_rules),
         };
+        let pool = members.len();
+        if !members.is_empty() && rules.min_healthy_builders as usize > pool {
+            let message = format!(
+                "{} is more than the {pool} builder(s) of service `{name}`: it would never use them",
+                rules.min_healthy_builders
+            );
+            match (&own_min_healthy, &global_min_healthy) {
+                (Some(at), _) => check.report(key("policy.min_healthy_builders"), at, message),
+                (None, Some(at)) => check.report("policy.min_healthy_builders", at, message),
+                (None, None) => {}
+            }
+        }
         services.push(Service {
             name,
             listen,
@@ -780,6 +833,7 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             builders: members,
             strategy: s.strategy.unwrap_or(Strategy::LeastConnections),
             rules,
+            allow_host_addresses: s.allow_host_addresses == Some(true),
         });
     }
 
@@ -812,16 +866,33 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
         hook_timeout,
         control_group: raw_policy.control_group.map(Spanned::into_inner),
     };
-    let metrics_listen = raw.metrics.and_then(|m| match m.listen.get_ref().parse() {
-        Ok(addr) => Some(addr),
-        Err(_) => {
+    for (key, addr) in &builder_addresses {
+        if let Some((service, prefix)) = claimed_by(&services, *addr.get_ref()) {
             check.report(
-                "metrics.listen",
-                &m.listen,
-                "must be ip:port, e.g. 127.0.0.1:9422",
+                key.as_str(),
+                addr,
+                format!(
+                    "{} is inside {prefix} port {} claimed by service `{service}`: connections to the builder would be claimed again",
+                    addr.get_ref(),
+                    addr.get_ref().port()
+                ),
             );
-            None
         }
+    }
+    let metrics_listen = raw.metrics.and_then(|m| {
+        let problem = match m.listen.get_ref().parse::<SocketAddr>() {
+            Err(_) => "must be ip:port, e.g. 127.0.0.1:9422".to_owned(),
+            Ok(addr) if addr.port() == 0 => "port 0 is not a port (1 to 65535)".to_owned(),
+            Ok(addr) => match claimed_by(&services, addr) {
+                None => return Some(addr),
+                Some((service, prefix)) => format!(
+                    "{addr} is inside {prefix} port {} claimed by service `{service}`: scrapes would be claimed",
+                    addr.port()
+                ),
+            },
+        };
+        check.report("metrics.listen", &m.listen, problem);
+        None
     });
     let mut links = Vec::new();
     for (glob, kind) in raw.links {
@@ -925,7 +996,7 @@ fn count_field(check: &mut Checker<'_>, key: &str, value: Option<Spanned<i64>>) 
 }
 
 /// A duration key: `default` when absent; reported (and `default`) when
-/// it does not parse or is zero.
+/// it does not parse, is zero or is longer than [`MAX_CONFIG_DURATION`].
 fn duration_field(
     check: &mut Checker<'_>,
     key: &str,
@@ -935,12 +1006,8 @@ fn duration_field(
     let Some(v) = value else {
         return default;
     };
-    match parse_duration(v.get_ref()) {
-        Ok(d) if !d.is_zero() => d,
-        Ok(_) => {
-            check.report(key, &v, "must be longer than zero");
-            default
-        }
+    match parse_bounded_duration(v.get_ref(), MAX_CONFIG_DURATION) {
+        Ok(d) => d,
         Err(msg) => {
             check.report(key, &v, msg);
             default
@@ -948,9 +1015,26 @@ fn duration_field(
     }
 }
 
-/// `"500ms"`, `"5s"`, `"2m"`, `"1h"`, or a combination like `"1m30s"`.
+/// The longest any timing key of the configuration file may be
+/// (`[health]` and `[policy]` durations): one day. Longer probe intervals,
+/// timeouts or hook intervals mean a builder or a hook nobody watches.
+pub const MAX_CONFIG_DURATION: Duration = Duration::from_secs(86_400);
+
+/// The longest `yensid mode ... --for`: 365 days. An override meant to last
+/// longer is one without `--for`.
+pub const MAX_OVERRIDE: Duration = Duration::from_secs(365 * 86_400);
+
+/// The highest weight of a builder, in the configuration and from the
+/// policy hook: relative capacities beyond 1000:1 mean nothing, and the
+/// kernel's selection multiplies loads by weights.
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// `"500ms"`, `"5s"`, `"2m"`, `"1h"`, `"1d"`, or a combination like
+/// `"1m30s"`. Sums and unit conversions are checked: a duration that does
+/// not fit is an error, never a panic or a shorter duration.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("`{text}` is not a duration (examples: 500ms, 5s, 2m, 1h, 1m30s)");
+    let bad = || format!("`{text}` is not a duration (examples: 500ms, 5s, 2m, 1h, 1d, 1m30s)");
+    let too_long = || format!("`{text}` is too long a duration");
     let mut total = Duration::ZERO;
     let mut rest = text.trim();
     if rest.is_empty() {
@@ -958,26 +1042,134 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
     while !rest.is_empty() {
         let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-        let value: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        // Only digits: a parse error is an overflow.
+        let value: u64 = rest[..digits].parse().map_err(|_| too_long())?;
         rest = &rest[digits..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
             .unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(value),
-            "s" => Duration::from_secs(value),
-            "m" => Duration::from_secs(value * 60),
-            "h" => Duration::from_secs(value * 3600),
+        let millis_per_unit: u64 = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
             _ => return Err(bad()),
         };
-        total += unit;
+        let part = value
+            .checked_mul(millis_per_unit)
+            .map(Duration::from_millis)
+            .ok_or_else(too_long)?;
+        total = total.checked_add(part).ok_or_else(too_long)?;
         rest = &rest[unit_len..];
     }
     Ok(total)
 }
 
+/// [`parse_duration`] for a value that must be longer than zero (an
+/// interval of zero would spin or panic) and at most `max`.
+pub fn parse_bounded_duration(text: &str, max: Duration) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err("must be longer than zero".to_owned()),
+        d if d > max => Err(format!(
+            "`{text}` is longer than the maximum of {}",
+            describe_duration(max)
+        )),
+        d => Ok(d),
+    }
+}
+
+/// A whole duration in the largest unit that divides it: `1d`, `90s`.
+pub fn describe_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, per) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms.is_multiple_of(per) && ms >= per {
+            return format!("{}{unit}", ms / per);
+        }
+    }
+    format!("{ms}ms")
+}
+
+/// `pin_path` must name a directory of its own: a clean stop removes what
+/// yensid pinned there and then the directory, so it may be neither `/`
+/// nor the bpffs mount itself, where other programs pin their objects
+/// (whether its parent is on a bpffs only the running daemon can tell).
+pub fn check_pin_path(path: &Path) -> Result<(), String> {
+    use std::path::Component;
+    if path
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(format!("`{}` must not contain `.` or `..`", path.display()));
+    }
+    if path.parent().is_none() || path == Path::new(BPFFS_MOUNT) {
+        return Err(format!(
+            "`{}` is a mount point other programs pin objects in; use a directory of its own \
+             such as {DEFAULT_PIN_PATH}: a clean stop removes the pin directory",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Why a claim would take traffic meant for the host itself, if it would:
+/// a whole address family, or a prefix that holds 127.0.0.1 or ::1 (the
+/// host's own SSH and every other loopback service on the port).
+pub fn host_address_claim(prefix: &Prefix, port: u16) -> Option<String> {
+    if prefix.len == 0 {
+        return Some(format!(
+            "{prefix} claims a whole address family: it would take the host's own SSH and \
+             every other service on port {port}"
+        ));
+    }
+    let loopback: [IpAddr; 2] = [
+        std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::Ipv6Addr::LOCALHOST.into(),
+    ];
+    loopback.into_iter().find_map(|addr| {
+        let host = Prefix {
+            addr,
+            len: if addr.is_ipv4() { 32 } else { 128 },
+        };
+        prefix.overlaps(&host).then(|| {
+            format!(
+                "{prefix} contains {addr}: it would take the host's own {} on {}",
+                if port == 22 { "SSH" } else { "service" },
+                SocketAddr::new(addr, port)
+            )
+        })
+    })
+}
+
+/// The claim of `services` that `addr` falls in (its service's name and
+/// the prefix), if any: a builder or the metrics endpoint there would be
+/// claimed by yensid itself.
+fn claimed_by(services: &[Service], addr: SocketAddr) -> Option<(&str, &Prefix)> {
+    let host = Prefix {
+        addr: addr.ip(),
+        len: if addr.is_ipv4() { 32 } else { 128 },
+    };
+    services.iter().find_map(|s| {
+        (s.port == addr.port())
+            .then(|| s.listen.iter().find(|p| p.overlaps(&host)))
+            .flatten()
+            .map(|p| (s.name.as_str(), p))
+    })
+}
+
 fn check_address(address: &str) -> Result<(), String> {
-    if address.parse::<std::net::SocketAddr>().is_ok() {
+    if let Ok(addr) = address.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(format!("`{address}`: port 0 is not a port (1 to 65535)"));
+        }
         return Ok(());
     }
     let Some((host, port)) = address.rsplit_once(':') else {
@@ -1126,13 +1318,13 @@ mode = "local"
 
     #[test]
     fn overlapping_prefixes_on_one_port_are_refused() {
-        let text = format!("{GOOD}\n[[service]]\nname = \"arm\"\nlisten = [\"127.0.0.0/24\"]\n");
+        let text = format!("{GOOD}\n[[service]]\nname = \"arm\"\nlisten = [\"127.0.0.16/28\"]\n");
         let p = problems(&text);
         assert_eq!(p.len(), 1, "{p:?}");
-        assert!(p[0].contains("service[1].listen: 127.0.0.0/24 port 22 overlaps 127.0.0.22/32 claimed by service `x86`"));
+        assert!(p[0].contains("service[1].listen: 127.0.0.16/28 port 22 overlaps 127.0.0.22/32 claimed by service `x86`"));
         let other_port = text.replace(
-            "listen = [\"127.0.0.0/24\"]",
-            "listen = [\"127.0.0.0/24\"]\nport = 2222",
+            "listen = [\"127.0.0.16/28\"]",
+            "listen = [\"127.0.0.16/28\"]\nport = 2222",
         );
         assert!(Config::parse(&other_port).is_ok());
     }
@@ -1235,6 +1427,192 @@ mode = "local"
         assert!(parse_duration("5 s").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn durations_never_overflow_or_wrap() {
+        let too_long = |t: &str| {
+            let e = parse_duration(t).unwrap_err();
+            assert!(e.contains("too long"), "{t}: {e}");
+        };
+        too_long("18446744073709551616s");
+        too_long("18446744073709551615s");
+        too_long("5124095576030432h");
+        too_long("9223372036854775807s9223372036854775807s");
+        too_long("99999999999999999999999999ms");
+        assert_eq!(parse_duration("1d2h"), Ok(Duration::from_secs(93_600)));
+        assert_eq!(
+            parse_duration("18446744073709551s"),
+            Ok(Duration::from_secs(18_446_744_073_709_551))
+        );
+        assert!(parse_duration("1x").is_err());
+        assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn bounded_durations_reject_zero_and_too_long() {
+        let day = MAX_CONFIG_DURATION;
+        assert_eq!(parse_bounded_duration("1d", day), Ok(day));
+        assert_eq!(
+            parse_bounded_duration("0s", day),
+            Err("must be longer than zero".to_owned())
+        );
+        assert_eq!(
+            parse_bounded_duration("25h", day),
+            Err("`25h` is longer than the maximum of 1d".to_owned())
+        );
+        assert!(parse_bounded_duration("366d", MAX_OVERRIDE).is_err());
+        assert_eq!(describe_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(describe_duration(MAX_OVERRIDE), "365d");
+    }
+
+    #[test]
+    fn timing_keys_are_bounded_and_named() {
+        let p = problems(&format!(
+            "{GOOD}\n[health]\ninterval = \"18446744073709551615s\"\ntimeout = \"0s\"\nmax_interval = \"2d\"\n"
+        ));
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(
+            p[0].starts_with("line 21: health.interval: `18446744073709551615s` is too long"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].starts_with("line 22: health.timeout: must be longer than zero"),
+            "{p:?}"
+        );
+        assert!(
+            p[2].starts_with("line 23: health.max_interval: `2d` is longer than the maximum of 1d"),
+            "{p:?}"
+        );
+        let p = problems(&GOOD.replace(
+            "mode = \"local\"",
+            "mode = \"local\"\nhook_interval = \"0ms\"\nhook_timeout = \"100000h\"",
+        ));
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[0].contains("policy.hook_interval: must be longer than zero"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].contains("policy.hook_timeout: `100000h` is longer"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn weights_are_bounded() {
+        let p = problems(&GOOD.replace("weight = 2", "weight = 1001"));
+        assert_eq!(
+            p,
+            ["line 10: builders.b1.weight: must be a whole number from 1 to 1000"]
+        );
+        assert!(Config::parse(&GOOD.replace("weight = 2", "weight = 1000")).is_ok());
+    }
+
+    #[test]
+    fn pin_path_must_be_a_directory_of_its_own() {
+        for bad in [
+            "/sys/fs/bpf",
+            "/sys/fs/bpf/",
+            "/",
+            "/sys/fs/bpf/../bpf",
+            "//sys/fs/bpf",
+        ] {
+            let p = problems(&format!("[daemon]\npin_path = \"{bad}\"\n{GOOD}"));
+            assert_eq!(p.len(), 1, "{bad}: {p:?}");
+            assert!(p[0].starts_with("line 2: daemon.pin_path: "), "{p:?}");
+        }
+        assert!(Config::parse(&format!("[daemon]\npin_path = \"/sys/fs/bpf/x\"\n{GOOD}")).is_ok());
+    }
+
+    #[test]
+    fn claims_of_the_hosts_own_addresses_need_an_explicit_key() {
+        for (claim, why) in [
+            (
+                "127.0.0.0/8",
+                "contains 127.0.0.1: it would take the host's own SSH on 127.0.0.1:22",
+            ),
+            ("127.0.0.1", "contains 127.0.0.1"),
+            ("0.0.0.0/0", "claims a whole address family"),
+            ("::/0", "claims a whole address family"),
+            (
+                "::1",
+                "contains ::1: it would take the host's own SSH on [::1]:22",
+            ),
+            ("::ffff:0.0.0.0/96", "contains 127.0.0.1"),
+        ] {
+            let text = GOOD
+                .replace("\"127.0.0.22/32\", \"fd00::22\"", &format!("\"{claim}\""))
+                .replace("198.18.1.2:22", "builder-1.example:22");
+            let p = problems(&text);
+            assert_eq!(p.len(), 1, "{claim}: {p:?}");
+            assert!(p[0].starts_with("line 4: service[0].listen: "), "{p:?}");
+            assert!(p[0].contains(why), "{claim}: {p:?}");
+            assert!(p[0].contains("allow_host_addresses = true"), "{p:?}");
+            let allowed = text.replace(
+                "strategy = \"priority\"",
+                "strategy = \"priority\"\nallow_host_addresses = true",
+            );
+            let c = Config::parse(&allowed).unwrap();
+            assert!(c.services[0].allow_host_addresses);
+        }
+        assert!(!Config::parse(GOOD).unwrap().services[0].allow_host_addresses);
+        let p = problems(
+            &GOOD
+                .replace("[[service]]", "[[service]]\nport = 2222")
+                .replace("\"127.0.0.22/32\", ", "\"127.0.0.0/8\", "),
+        );
+        assert!(
+            p[0].contains("the host's own service on 127.0.0.1:2222"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn builders_and_metrics_must_not_be_claimed_and_ports_are_not_zero() {
+        let p = problems(&GOOD.replace("198.18.1.2:22", "198.18.1.2:0"));
+        assert_eq!(
+            p,
+            ["line 9: builders.b1.address: `198.18.1.2:0`: port 0 is not a port (1 to 65535)"]
+        );
+        let p = problems(&GOOD.replace("198.18.1.2:22", "127.0.0.22:22"));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("line 9: builders.b1.address: 127.0.0.22:22 is inside 127.0.0.22/32 port 22 claimed by service `x86`"), "{p:?}");
+        assert!(Config::parse(&GOOD.replace("198.18.1.2:22", "127.0.0.22:2222")).is_ok());
+        let p = problems(&format!("{GOOD}\n[metrics]\nlisten = \"[fd00::22]:22\"\n"));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("metrics.listen: [fd00::22]:22 is inside fd00::22/128 port 22"),
+            "{p:?}"
+        );
+        let p = problems(&format!("{GOOD}\n[metrics]\nlisten = \"127.0.0.1:0\"\n"));
+        assert!(p[0].contains("metrics.listen: port 0"), "{p:?}");
+    }
+
+    #[test]
+    fn min_healthy_builders_cannot_exceed_the_pool() {
+        let p = problems(&GOOD.replace(
+            "mode = \"local\"",
+            "mode = \"local\"\nmin_healthy_builders = 3",
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("line 19: policy.min_healthy_builders: 3 is more than the 2 builder(s) of service `x86`"), "{p:?}");
+        let p = problems(&GOOD.replace(
+            "strategy = \"priority\"",
+            "strategy = \"priority\"\npolicy = { min_healthy_builders = 5 }",
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("line 7: service[0].policy.min_healthy_builders: 5 is more"),
+            "{p:?}"
+        );
+        assert!(
+            Config::parse(&GOOD.replace(
+                "mode = \"local\"",
+                "mode = \"local\"\nmin_healthy_builders = 2"
+            ))
+            .is_ok()
+        );
     }
 
     #[test]

@@ -29,7 +29,8 @@ use yensid_ebpf::maps::{
 };
 
 use crate::{
-    config::{Config, Dataplane, Mode, Service},
+    config::{Config, ConfigError, Dataplane, Mode, Service},
+    dataplane::ident::escape,
     dataplane::proxy::{self, DataPath, Dispatcher},
     decide::health,
     decide::hook::{self, BuilderInput, Decision, HookError, HookInput, OverrideInput},
@@ -46,7 +47,8 @@ use crate::{
     operate::notify,
     operate::report,
     operate::status::PrefixDelivery,
-    state::{ModeOverride, OperatorState, unix_deadline, unix_now},
+    preflight,
+    state::{ModeOverride, OperatorState, unix_now, unix_now_rounded_up},
 };
 
 /// How long a listener that left the plan keeps accepting what the kernel
@@ -56,9 +58,17 @@ const LISTENER_GRACE: Duration = Duration::from_secs(2);
 pub async fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)
         .with_context(|| format!("invalid configuration {}", config_path.display()))?;
+    let problems = preflight::check(&config);
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "configuration {} cannot run on this host: {}",
+            config_path.display(),
+            ConfigError::Invalid(problems)
+        );
+    }
     raise_descriptor_limit();
     let state_file = config.daemon.state_file();
-    let mut state = OperatorState::load(&state_file)?;
+    let mut state = load_state(&state_file, &config);
     if !state.drained.is_empty() {
         info!(drained = ?state.drained, file = %state_file.display(), "drains restored");
     }
@@ -69,7 +79,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
         Some(o) => {
             info!(mode = %o.mode, "mode override expired while the daemon was down");
             state.mode_override = None;
-            state.save(&state_file)?;
+            if let Err(e) = state.save(&state_file) {
+                warn!(error = %e, "cannot record that the override expired");
+            }
         }
         None => {}
     }
@@ -91,6 +103,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let read_gid = access.read.as_ref().map(|g| g.gid);
     let kernel = match Kernel::load(&config.daemon.pin_path, read_gid) {
         Ok(kernel) => Some(Arc::new(kernel)),
+        // A pin directory that is not yensid's own is the operator's
+        // mistake, not a missing capability: no fallback.
+        Err(e @ bpf::BpfError::PinPath { .. }) => return Err(e.into()),
         Err(e) => {
             error!(
                 error = %brief(&e.to_string()),
@@ -144,6 +159,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         Ok(()) => controller.serve(incoming, hook_incoming).await,
         Err(e) => Err(e),
     };
+    refuse_while_stopping(kernel.as_deref());
     notify::stopping();
     control_task.abort();
     let _ = std::fs::remove_file(&control_path);
@@ -168,7 +184,29 @@ pub async fn run(config_path: &Path) -> Result<()> {
         routes.remove_all();
     }
     info!(open_connections_closed = cut, "yensid stopped");
+    // The dispatch link (unpinned now) must go with the process, not
+    // before: dropped here, it would leave the addresses unclaimed, and
+    // their connections free to reach other local listeners, while the
+    // runtime shuts down. The kernel closes it at exit.
+    if let Some(k) = kernel {
+        std::mem::forget(k);
+    }
     result
+}
+
+/// The operator's saved state, as far as it is valid: an unreadable file,
+/// or what no daemon could have written in it, is reported once and left
+/// out, so a bad file never keeps the daemon from starting (or makes it
+/// start and crash again).
+fn load_state(file: &Path, config: &Config) -> OperatorState {
+    let mut state = OperatorState::load(file).unwrap_or_else(|e| {
+        error!(file = %file.display(), error = %e, "state file ignored: starting without drains or mode override");
+        OperatorState::default()
+    });
+    for problem in state.sanitize(|name| config.builder(name).is_some(), unix_now()) {
+        warn!(file = %file.display(), "state file: {problem}");
+    }
+    state
 }
 
 /// Every proxied connection holds two descriptors (client and builder), so
@@ -320,8 +358,27 @@ fn brief(error: &str) -> String {
     }
 }
 
-/// Removes every pinned object. The programs detach when the process's
-/// last file descriptors close, right after.
+/// The first step of every stop: from here until the process exits, every
+/// claimed connection is refused (RST), so none reaches another local
+/// listener (the host's sshd) while listeners close and pins go. Once the
+/// process is gone, nothing claims the addresses any more.
+fn refuse_while_stopping(kernel: Option<&Kernel>) {
+    match kernel.map(Kernel::refuse_all) {
+        Some(Ok(())) => {
+            info!("stopping: claimed connections are refused until the process exits")
+        }
+        Some(Err(e)) => {
+            error!(error = %e, "stopping, but cannot make the kernel refuse claimed connections")
+        }
+        None => info!(
+            "stopping: without BPF, connections to the service addresses reach other local \
+             listeners once ours close"
+        ),
+    }
+}
+
+/// Removes the pinned objects yensid created. The programs detach when the
+/// process's last file descriptors close, right after.
 fn release_kernel(kernel: &Kernel) {
     if let Err(e) = kernel.remove_pins() {
         error!(error = %e, "could not remove pinned BPF objects");
@@ -479,11 +536,15 @@ impl Controller {
         )
     }
 
-    /// When the operator's override ends, if it is timed.
+    /// When the operator's override ends, if it is timed (and the end is
+    /// representable: overrides are bounded, so it always is).
     fn override_deadline(&self) -> Option<std::time::Instant> {
-        let until = self.registry.inner().mode_override?.until?;
-        let left = until.saturating_sub(unix_now());
-        Some(std::time::Instant::now() + Duration::from_secs(left))
+        let left = self
+            .registry
+            .inner()
+            .mode_override?
+            .seconds_left(unix_now())?;
+        std::time::Instant::now().checked_add(Duration::from_secs(left))
     }
 
     fn set_override(&mut self, value: Option<ModeOverride>) -> Option<String> {
@@ -516,6 +577,8 @@ impl Controller {
                     .filter(|n| inner.config.builder(n).is_none())
                     .collect();
                 if !unknown.is_empty() {
+                    let unknown: Vec<String> =
+                        unknown.iter().map(|n| escape(n.as_bytes())).collect();
                     warn!(
                         ?unknown,
                         "policy hook named unknown builders; decision ignored, the declarative one stays in force"
@@ -525,7 +588,12 @@ impl Controller {
                 if inner.hook.as_ref() == Some(&decision) {
                     return false;
                 }
-                info!(mode = ?decision.mode, weights = ?decision.weights, reason = ?decision.reason, "policy hook decided");
+                info!(
+                    mode = ?decision.mode,
+                    weights = ?decision.weights,
+                    reason = decision.reason.as_deref().map(|r| escape(r.as_bytes())),
+                    "policy hook decided"
+                );
                 inner.hook = Some(decision);
                 true
             }
@@ -626,7 +694,11 @@ impl Controller {
     /// Reloads the configuration file; an invalid one is refused (logged and
     /// returned) and the running configuration stays.
     async fn reload(&mut self) -> Result<()> {
-        match Config::load(&self.config_path) {
+        let loaded = Config::load(&self.config_path).and_then(|c| match preflight::check(&c) {
+            problems if problems.is_empty() => Ok(c),
+            problems => Err(ConfigError::Invalid(problems)),
+        });
+        match loaded {
             Ok(mut config) => {
                 let running = self.registry.inner().config.clone();
                 if config.daemon != running.daemon
@@ -656,7 +728,7 @@ impl Controller {
                 self.apply_logged().await;
             }
             Err(e) => {
-                error!(path = %self.config_path.display(), error = %e, "reload refused; keeping the running configuration");
+                error!(path = %self.config_path.display(), error = %e.to_string().replace('\n', "; "), "reload refused; keeping the running configuration");
                 return Err(e.into());
             }
         }
@@ -665,7 +737,10 @@ impl Controller {
 
     async fn apply_logged(&mut self) {
         if let Err(e) = self.apply().await {
-            error!(error = format!("{e:#}"), "cannot apply the plan");
+            error!(
+                error = crate::error_chain(e.as_ref()),
+                "cannot apply the plan"
+            );
         }
     }
 
@@ -702,9 +777,11 @@ impl Controller {
             let kernel_plan = local_override
                 .is_some_and(|o| o.until.is_some())
                 .then(|| decide(inner.mode_after_override()));
-            let local_until = local_override.map(|o| match o.until {
+            let local_until = local_override.map(|o| match o.seconds_left(now) {
                 None => u64::MAX,
-                Some(until) => path::boottime_ns() + (until - now) * 1_000_000_000,
+                Some(left) => path::boottime_ns()
+                    .saturating_add(left.saturating_mul(1_000_000_000))
+                    .min(u64::MAX - 1),
             });
             (inner.config.clone(), plan, kernel_plan, local_until)
         };
@@ -984,10 +1061,20 @@ impl Controller {
     /// `yensid mode`: shows, sets or resets the operator's override.
     async fn change_mode(&mut self, change: Option<ModeChange>) -> Reply {
         if let Some(change) = change {
-            let value = change.mode.map(|mode| ModeOverride {
-                mode,
-                until: change.for_seconds.map(unix_deadline),
-            });
+            let value = match change
+                .mode
+                .map(|mode| ModeOverride::starting(mode, change.for_seconds, unix_now_rounded_up()))
+                .transpose()
+            {
+                Ok(value) => value,
+                Err(e) => {
+                    warn!(error = %e, "mode change refused");
+                    return Reply {
+                        ok: false,
+                        message: format!("not changed: {e}"),
+                    };
+                }
+            };
             if let Some(e) = self.set_override(value) {
                 return Reply {
                     ok: false,

@@ -97,7 +97,8 @@ enum Command {
     Mode {
         /// local | remote | auto; leave out to show the mode in force.
         mode: Option<config::Mode>,
-        /// How long the override lasts (e.g. 30m, 2h); default: until changed.
+        /// How long the override lasts (e.g. 30m, 2h, 7d; at most 365d);
+        /// default: until changed.
         #[arg(long = "for", value_name = "DURATION", requires = "mode", value_parser = parse_for)]
         for_duration: Option<std::time::Duration>,
         /// Remove the override: back to the configured mode (or the hook's).
@@ -209,7 +210,11 @@ enum Command {
     ///
     /// Reports every problem at once, each with its key and line: unknown
     /// keys, unknown builder names, overlapping listen prefixes on one port,
-    /// bad addresses, zero weights. Exit status 0 when valid, 1 otherwise.
+    /// bad addresses, zero weights, durations out of bounds, claims that
+    /// would take the host's own addresses. Then what only this host can
+    /// tell: unknown groups, and claims of an address another program
+    /// listens on here (in this network namespace). Exit status 0 when
+    /// valid, 1 otherwise.
     CheckConfig {
         /// The configuration file (TOML).
         file: PathBuf,
@@ -223,13 +228,18 @@ fn main() -> std::process::ExitCode {
             return match run(&config.path) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e:#}");
+                    tracing::error!("{}", yensid::error_chain(e.as_ref()));
                     std::process::ExitCode::FAILURE
                 }
             };
         }
         Command::CheckConfig { file } => {
-            return match config::Config::load(&file) {
+            let checked =
+                config::Config::load(&file).and_then(|c| match yensid::preflight::check(&c) {
+                    problems if problems.is_empty() => Ok(c),
+                    problems => Err(config::ConfigError::Invalid(problems)),
+                });
+            return match checked {
                 Ok(c) => {
                     println!(
                         "ok: {} service(s), {} builder(s)",
@@ -304,7 +314,7 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("yensid: {e:#}");
+            eprintln!("yensid: {}", yensid::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
@@ -315,8 +325,10 @@ fn default_system() -> String {
     format!("{}-linux", std::env::consts::ARCH)
 }
 
+/// `--for`: longer than zero and at most [`config::MAX_OVERRIDE`] (clap
+/// names the flag in its error).
 fn parse_for(text: &str) -> Result<std::time::Duration, String> {
-    config::parse_duration(text)
+    config::parse_bounded_duration(text, config::MAX_OVERRIDE)
 }
 
 fn run(config: &Path) -> Result<()> {

@@ -115,7 +115,7 @@ impl Tracker {
             }
             (Ok(rtt), true) => {
                 self.last_rtt = Some(rtt);
-                self.streak += 1;
+                self.streak = self.streak.saturating_add(1);
                 if self.streak >= self.settings.rise {
                     self.down = None;
                     self.streak = 0;
@@ -128,7 +128,7 @@ impl Tracker {
                 }
             }
             (Err(failure), false) => {
-                self.streak += 1;
+                self.streak = self.streak.saturating_add(1);
                 if self.streak >= self.settings.fall {
                     Some(self.go_down(now, failure))
                 } else {
@@ -138,7 +138,7 @@ impl Tracker {
             }
             (Err(failure), true) => {
                 self.streak = 0;
-                self.failed_probes += 1;
+                self.failed_probes = self.failed_probes.saturating_add(1);
                 self.down = Some(failure);
                 self.next_probe = now + self.backoff();
                 None

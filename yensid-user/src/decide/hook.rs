@@ -6,13 +6,34 @@
 //! ([`Decision`]). A hook that fails, hangs past `hook_timeout` or prints
 //! something invalid changes nothing: the declarative decision stays in
 //! force and the reason is logged.
+//!
+//! The hook's output is untrusted: at most [`MAX_OUTPUT`] bytes of stdout
+//! are read, weights must be 1 to [`MAX_WEIGHT`], unknown keys are
+//! refused, and whatever of it reaches the log (stderr, invalid output,
+//! the reason) is cut short and escaped.
 
 use std::{collections::BTreeMap, path::Path, process::Stdio, time::Duration};
 
 use serde::{Deserialize, Serialize};
-use tokio::{io::AsyncWriteExt, process::Command, time::timeout};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt},
+    process::Command,
+    time::timeout,
+};
 
-use crate::{config::Mode, decide::link::Link};
+use crate::{
+    config::{MAX_WEIGHT, Mode},
+    dataplane::ident::escape,
+    decide::link::Link,
+};
+
+/// The most a hook may print on stdout; a decision is a few hundred bytes.
+pub const MAX_OUTPUT: usize = 64 * 1024;
+/// How much of a hook's stderr is kept for the log (the rest is read and
+/// dropped, so the hook never blocks on a full pipe).
+const MAX_STDERR: usize = 4 * 1024;
+/// How much of the hook's text (reason, stderr, bad output) is shown.
+const EXCERPT: usize = 200;
 
 /// What the hook is told (stdin).
 #[derive(Clone, Debug, Serialize)]
@@ -76,6 +97,8 @@ pub enum HookError {
     },
     #[error("did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("printed more than {MAX_OUTPUT} bytes")]
+    TooMuchOutput,
     #[error("exited with {status}: {stderr}")]
     Failed { status: String, stderr: String },
     #[error("printed an invalid decision ({error}): {output}")]
@@ -105,57 +128,131 @@ pub async fn run(
     let group = child.id();
     let document = serde_json::to_vec(input).expect("hook input serializes");
     let mut stdin = child.stdin.take().expect("stdin is piped");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
     let exchange = async move {
-        // A hook that does not read its input must not block us: write
-        // errors (EPIPE) are ignored, the exit status tells.
-        let _ = stdin.write_all(&document).await;
-        drop(stdin);
-        child.wait_with_output().await
+        // Written while the outputs are read, so a hook that prints before
+        // reading cannot deadlock with us. A hook that does not read its
+        // input must not block us: write errors (EPIPE) are ignored, the
+        // exit status tells.
+        let write = async {
+            let _ = stdin.write_all(&document).await;
+            drop(stdin);
+        };
+        let ((), out, err) = tokio::join!(
+            write,
+            read_at_most(stdout, MAX_OUTPUT),
+            read_keeping(stderr, MAX_STDERR)
+        );
+        let out = out?;
+        if out.len() > MAX_OUTPUT {
+            return Ok(None);
+        }
+        let err = err?;
+        let status = child.wait().await?;
+        Ok::<_, std::io::Error>(Some((status, out, err)))
     };
     let output = timeout(limit, exchange).await;
     if let Some(group) = group {
         // SAFETY: signals the process group this run created; no memory.
         unsafe { libc::kill(-(group as i32), libc::SIGKILL) };
     }
-    let output = output
+    let (status, stdout, stderr) = output
         .map_err(|_| HookError::Timeout(limit))?
         .map_err(|source| HookError::Spawn {
             command: command.display().to_string(),
             source,
-        })?;
-    if !output.status.success() {
+        })?
+        .ok_or(HookError::TooMuchOutput)?;
+    if !status.success() {
         return Err(HookError::Failed {
-            status: output.status.to_string(),
-            stderr: shorten(&String::from_utf8_lossy(&output.stderr)),
+            status: status.to_string(),
+            stderr: excerpt(&stderr),
         });
     }
-    parse(&output.stdout)
+    parse(&stdout)
 }
 
-/// Reads a decision; an empty output means "no opinion".
+/// Reads until the end, but at most `limit + 1` bytes (one more tells that
+/// there was more).
+async fn read_at_most(reader: impl AsyncRead + Unpin, limit: usize) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    reader
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .await?;
+    Ok(bytes)
+}
+
+/// Reads until the end and keeps the first `limit` bytes.
+async fn read_keeping(
+    mut reader: impl AsyncRead + Unpin,
+    limit: usize,
+) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    (&mut reader)
+        .take(limit as u64)
+        .read_to_end(&mut bytes)
+        .await?;
+    tokio::io::copy(&mut reader, &mut tokio::io::sink()).await?;
+    Ok(bytes)
+}
+
+/// Reads a decision; an empty output means "no opinion". The reason is
+/// cut to 200 characters, its control characters escaped.
 pub fn parse(stdout: &[u8]) -> Result<Decision, HookError> {
-    let text = String::from_utf8_lossy(stdout);
+    let invalid = |error: String| HookError::Invalid {
+        error,
+        output: excerpt(stdout),
+    };
+    if stdout.len() > MAX_OUTPUT {
+        return Err(HookError::TooMuchOutput);
+    }
+    let text = std::str::from_utf8(stdout).map_err(|e| invalid(e.to_string()))?;
     if text.trim().is_empty() {
         return Ok(Decision::default());
     }
-    let decision: Decision = serde_json::from_str(text.trim()).map_err(|e| HookError::Invalid {
-        error: e.to_string(),
-        output: shorten(&text),
-    })?;
-    if let Some((name, _)) = decision.weights.iter().find(|(_, w)| **w == 0) {
-        return Err(HookError::Invalid {
-            error: format!("weight of `{name}` must be at least 1"),
-            output: shorten(&text),
-        });
+    let mut decision: Decision =
+        serde_json::from_str(text.trim()).map_err(|e| invalid(e.to_string()))?;
+    if let Some((name, weight)) = decision
+        .weights
+        .iter()
+        .find(|(_, w)| !(1..=MAX_WEIGHT).contains(*w))
+    {
+        return Err(invalid(format!(
+            "weight {weight} of `{}` is not 1 to {MAX_WEIGHT}",
+            escape(name.as_bytes())
+        )));
+    }
+    if let Some(reason) = &mut decision.reason {
+        // Shown by `yensid mode` and `status` on a terminal: no control
+        // characters (escape sequences), and not a page long.
+        let mut shown: String = reason
+            .chars()
+            .take(EXCERPT)
+            .flat_map(|c| {
+                let escaped: Vec<char> = if c.is_control() {
+                    c.escape_default().collect()
+                } else {
+                    vec![c]
+                };
+                escaped
+            })
+            .collect();
+        if reason.chars().nth(EXCERPT).is_some() {
+            shown.push('…');
+        }
+        *reason = shown;
     }
     Ok(decision)
 }
 
-fn shorten(text: &str) -> String {
-    let text = text.trim();
-    match text.char_indices().nth(200) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
+/// The start of what a hook printed, escaped for a log line.
+pub fn excerpt(bytes: &[u8]) -> String {
+    let bytes = bytes.trim_ascii();
+    match bytes.get(..EXCERPT) {
+        Some(start) if bytes.len() > EXCERPT => format!("{}…", escape(start)),
+        _ => escape(bytes),
     }
 }
 
@@ -230,6 +327,58 @@ mod tests {
             parse(br#"{"weights": {"b1": 0}}"#),
             Err(HookError::Invalid { .. })
         ));
+    }
+
+    #[test]
+    fn hostile_decisions_are_bounded_and_escaped() {
+        let err = parse(br#"{"weights": {"b1": 1001}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("weight 1001 of `b1` is not 1 to 1000"),
+            "{err}"
+        );
+        assert!(matches!(
+            parse(br#"{"weights": {"b1": 4294967296}}"#),
+            Err(HookError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse(br#"{"weights": {"b1": -1}}"#),
+            Err(HookError::Invalid { .. })
+        ));
+        assert!(parse(br#"{"weights": {"b1": 1000}}"#).is_ok());
+        let err = parse(b"\x1b[2J\xff{").unwrap_err().to_string();
+        assert!(err.contains("\\x1b[2J\\xff{"), "{err}");
+        assert!(!err.contains('\x1b'), "{err}");
+        let long = format!(r#"{{"reason": "{}"}}"#, "é".repeat(300));
+        let d = parse(long.as_bytes()).unwrap();
+        assert_eq!(d.reason.unwrap().chars().count(), 201);
+        let d = parse(br#"{"reason": "on battery\u001b[2J\n"}"#).unwrap();
+        assert_eq!(d.reason.as_deref(), Some("on battery\\u{1b}[2J\\n"));
+        assert!(matches!(
+            parse(&vec![b' '; MAX_OUTPUT + 1]),
+            Err(HookError::TooMuchOutput)
+        ));
+        assert_eq!(excerpt(&[b'x'; 500]).len(), 200 + '…'.len_utf8());
+    }
+
+    #[tokio::test]
+    async fn a_hook_that_floods_its_outputs_is_cut_off() {
+        let flood = Script::new("flood", "yes '{}' | head -c 100000000");
+        let err = run(&flood.0, &input(), Duration::from_secs(20))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, HookError::TooMuchOutput), "{err}");
+        let noisy = Script::new(
+            "noisy",
+            "printf '\\033[31m' >&2; head -c 10000000 /dev/zero | tr '\\0' 'e' >&2; exit 1",
+        );
+        let err = run(&noisy.0, &input(), Duration::from_secs(20))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 400, "{err}");
+        assert!(err.contains("\\x1b[31meee"), "{err}");
     }
 
     #[test]

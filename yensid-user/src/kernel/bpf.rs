@@ -52,8 +52,23 @@ use yensid_ebpf::{
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+const BPFFS_MOUNT: &str = crate::config::BPFFS_MOUNT;
 const LINK_PIN: &str = "dispatch";
+/// The maps the BPF object declares pinned (`Array::pinned` and friends):
+/// what `maps-v<ABI>/` holds, and all that a stop removes from it.
+const PINNED_MAPS: [&str; 11] = [
+    names::BINDINGS,
+    names::SERVICES,
+    names::SERVICE_BACKENDS,
+    names::BUILDERS,
+    names::ASSIGNED,
+    names::RELEASED,
+    names::SERVICE_COUNTERS,
+    names::AFFINITY,
+    names::OVERRIDE,
+    names::LISTENERS,
+    names::PATH_STATS,
+];
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("YENSID_EBPF_OBJECT"));
 
@@ -90,21 +105,16 @@ pub enum BpfError {
     },
     #[error("cannot open the pinned map {path} read-only: {source}")]
     OpenPin { path: PathBuf, source: io::Error },
+    #[error("cannot remove {path}: {source}")]
+    Unpin { path: PathBuf, source: io::Error },
+    #[error("daemon.pin_path {path} {why}")]
+    PinPath { path: PathBuf, why: String },
 }
 
-/// An error and its causes on one line: aya's syscall errors keep the
-/// errno in their source, which `Display` alone leaves out.
+/// aya's syscall errors keep the errno in their source, which `Display`
+/// alone leaves out.
 fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        let more = c.to_string();
-        if !text.contains(&more) {
-            text = format!("{text}: {more}");
-        }
-        cause = c.source();
-    }
-    text
+    crate::error_chain(error)
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> BpfError {
@@ -286,10 +296,41 @@ impl Kernel {
             .map_err(map_err(names::PATH_STATS))
     }
 
-    /// Removes every pinned object. The programs stay attached only while
+    /// Removes the objects yensid pinned, by name (the dispatch link and
+    /// its maps), then their directories if that left them empty; whatever
+    /// else someone put there stays. The programs stay attached only while
     /// this process holds them, so they detach when it exits.
-    pub fn remove_pins(&self) -> io::Result<()> {
-        std::fs::remove_dir_all(&self.pin_path)
+    pub fn remove_pins(&self) -> Result<(), BpfError> {
+        let maps_dir = self.pin_path.join(format!("maps-v{ABI_VERSION}"));
+        let pins = std::iter::once(self.pin_path.join(LINK_PIN))
+            .chain(PINNED_MAPS.iter().map(|name| maps_dir.join(name)));
+        let mut first_error = None;
+        for path in pins {
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    first_error.get_or_insert(BpfError::Unpin { path, source: e });
+                }
+                _ => {}
+            }
+        }
+        for dir in [&maps_dir, &self.pin_path] {
+            if let Err(e) = std::fs::remove_dir(dir)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                first_error.get_or_insert(BpfError::Unpin {
+                    path: dir.clone(),
+                    source: e,
+                });
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Makes the kernel refuse (RST) every claimed connection from now on:
+    /// the first step of a stop, so that no connection reaches another
+    /// local listener while listeners close and pins go.
+    pub fn refuse_all(&self) -> Result<(), BpfError> {
+        self.set_local_override(Some(u64::MAX))
     }
 
     pub fn set_service(&self, service: u32, state: ServiceState) -> Result<(), BpfError> {
@@ -734,7 +775,9 @@ where
 }
 
 /// Mounts bpffs at /sys/fs/bpf when the pin path lives there and it is not
-/// mounted yet, then creates the pin directory.
+/// mounted yet, then creates the pin directory, which must be a directory
+/// of its own inside a bpffs: not the mount itself (where other programs
+/// pin their objects) and not on another file system.
 fn prepare_bpffs(pin_path: &Path) -> Result<(), BpfError> {
     let err = |path: &Path| {
         let path = path.to_owned();
@@ -745,14 +788,42 @@ fn prepare_bpffs(pin_path: &Path) -> Result<(), BpfError> {
         mount_bpffs(Path::new(BPFFS_MOUNT)).map_err(err(Path::new(BPFFS_MOUNT)))?;
         info!(path = BPFFS_MOUNT, "mounted bpffs");
     }
+    let not_own = |why: String| BpfError::PinPath {
+        path: pin_path.to_owned(),
+        why,
+    };
+    // The nearest existing ancestor: the directories created below it are
+    // on its file system.
+    let ancestor = pin_path
+        .ancestors()
+        .skip(1)
+        .find(|a| a.exists())
+        .ok_or_else(|| not_own("has no parent directory".to_owned()))?;
+    if !is_bpffs(ancestor) {
+        return Err(not_own(format!(
+            "{} is not on a bpffs: pin_path must be a directory of its own inside a bpffs \
+             mount (mount -t bpf bpf <dir>)",
+            ancestor.display()
+        )));
+    }
     std::fs::create_dir_all(pin_path).map_err(err(pin_path))?;
-    if !is_bpffs(pin_path) {
-        return Err(BpfError::Bpffs {
-            path: pin_path.to_owned(),
-            source: io::Error::other("not on a bpffs (mount -t bpf bpf <dir>)"),
-        });
+    let parent = pin_path.parent().unwrap_or(ancestor);
+    if !is_bpffs(pin_path)
+        || device(pin_path).map_err(err(pin_path))? != device(parent).map_err(err(parent))?
+    {
+        return Err(not_own(
+            "is a mount point of its own: pin_path must be a directory inside a bpffs mount, \
+             not the mount itself"
+                .to_owned(),
+        ));
     }
     Ok(())
+}
+
+/// The device a path's file system is on.
+fn device(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.dev())
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -785,18 +856,26 @@ fn mount_bpffs(path: &Path) -> io::Result<()> {
 }
 
 /// Removes map directories of other ABI versions (left by an older daemon
-/// that crashed); the stale link that used them is already unpinned.
+/// that crashed; the stale link that used them is already unpinned): the
+/// pins directly in them, then the directory if that emptied it.
 fn remove_other_versions(pin_path: &Path, current: &Path) {
     let Ok(entries) = std::fs::read_dir(pin_path) else {
         return;
     };
     for entry in entries.flatten() {
         let path = entry.path();
-        let is_maps_dir = entry.file_name().to_string_lossy().starts_with("maps-v");
-        if is_maps_dir && path != current {
-            warn!(path = %path.display(), "removing maps of another yensid version");
-            let _ = std::fs::remove_dir_all(&path);
+        let is_maps_dir = entry.file_name().to_string_lossy().starts_with("maps-v")
+            && entry.file_type().is_ok_and(|t| t.is_dir());
+        if !is_maps_dir || path == current {
+            continue;
         }
+        warn!(path = %path.display(), "removing maps of another yensid version");
+        for pin in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+            if pin.file_type().is_ok_and(|t| t.is_file()) {
+                let _ = std::fs::remove_file(pin.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&path);
     }
 }
 
@@ -819,6 +898,31 @@ mod tests {
             cgroup2_mount("31 30 0:27 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw"),
             None
         );
+    }
+
+    #[test]
+    fn the_pin_directory_must_be_its_own_inside_a_bpffs() {
+        // Root with bpffs mounted where the daemon expects it: as the daemon runs.
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 || !is_bpffs(Path::new(BPFFS_MOUNT)) {
+            eprintln!("SKIPPED (needs root and bpffs at {BPFFS_MOUNT})");
+            return;
+        }
+        let err = prepare_bpffs(Path::new(BPFFS_MOUNT))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not on a bpffs"), "{err}");
+        let elsewhere = std::env::temp_dir().join(format!("yensid-pins-{}", std::process::id()));
+        let err = prepare_bpffs(&elsewhere.join("pins"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not on a bpffs"), "{err}");
+        assert!(!elsewhere.exists(), "created a pin directory off bpffs");
+        let own = Path::new(BPFFS_MOUNT).join(format!("yensid-unit-{}", std::process::id()));
+        prepare_bpffs(&own.join("nested")).unwrap();
+        assert!(is_bpffs(&own.join("nested")));
+        std::fs::remove_dir(own.join("nested")).unwrap();
+        std::fs::remove_dir(&own).unwrap();
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::{
     operate::control::{self, Request},
     operate::machines,
     operate::status,
-    state::{ModeOverride, OperatorState, unix_deadline, unix_now},
+    state::{ModeOverride, OperatorState, unix_now, unix_now_rounded_up},
 };
 
 fn load(config_path: &Path) -> Result<Config> {
@@ -69,10 +69,11 @@ fn record_offline(config: &Config, request: &Request) -> Result<String> {
         Request::Mode {
             change: Some(change),
         } => {
-            state.mode_override = change.mode.map(|mode| ModeOverride {
-                mode,
-                until: change.for_seconds.map(unix_deadline),
-            });
+            state.mode_override = change
+                .mode
+                .map(|mode| ModeOverride::starting(mode, change.for_seconds, unix_now_rounded_up()))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
         }
         Request::Status | Request::Explain { .. } | Request::Mode { change: None } => {
             let now = unix_now();

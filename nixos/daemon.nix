@@ -127,7 +127,9 @@ let
         unchecked = settingsFormat.generate "yensid-unchecked.toml" cfg.finalSettings;
       }
       ''
-        yensid check-config "$unchecked"
+        # The file alone: groups and listeners are the running host's (groups
+        # are checked against users.groups below; listeners at every start).
+        yensid check-config --file-only "$unchecked"
         cp "$unchecked" "$out"
       '';
 
@@ -276,6 +278,28 @@ in
             assertion = cfg.policyHook == null || cfg.settings.policy.command == null;
             message = "services.yensid.policyHook and services.yensid.settings.policy.command are both set; set one.";
           }
+        ]
+        # The daemon refuses to start with a group the host lacks; the build
+        # sandbox cannot see the host's groups (check-config --file-only), but
+        # the system's own declaration can.
+        ++ map (
+          key:
+          let
+            group = lib.attrByPath key null cfg.settings;
+          in
+          {
+            assertion = group == null || config.users.groups ? ${group};
+            message = "services.yensid.settings.${lib.concatStringsSep "." key} names the group `${toString group}`, which is not in users.groups: declare it (users.groups.${toString group} = { };) or name another.";
+          }
+        ) [
+          [
+            "daemon"
+            "read_group"
+          ]
+          [
+            "policy"
+            "control_group"
+          ]
         ];
 
       environment.etc."yensid/yensid.toml".source = configFile;
@@ -284,9 +308,9 @@ in
         lib.unique (map (s: s.port) cfg.settings.service)
       );
 
-      # The capabilities and hardening below must match dist/yensid.service, where
-      # they are measured under a real systemd. They were written before that
-      # measurement: reconcile them with it (and keep the two in step afterwards).
+      # The capabilities and hardening below are those of dist/yensid.service, where
+      # they are measured under a real systemd; tests/tests/nixos.rs keeps the two
+      # equal.
       systemd.services.yensid = {
         description = "yensid, kernel-level redirector for Nix remote builds";
         wantedBy = [ "multi-user.target" ];

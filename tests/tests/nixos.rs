@@ -342,6 +342,30 @@ fn unknown_strategy_fails_evaluation_naming_the_option() -> Result<()> {
     Ok(())
 }
 
+/// A group the daemon would not find on the host fails evaluation (the build sandbox
+/// cannot check the host's groups, the system's declaration can); a declared one
+/// passes.
+#[test]
+fn undeclared_group_fails_evaluation_naming_the_option() -> Result<()> {
+    let Some(lib) =
+        NixpkgsLib::find_or_skip("undeclared_group_fails_evaluation_naming_the_option")?
+    else {
+        return Ok(());
+    };
+    let machine = |groups: &str| {
+        format!(
+            r#"{{ users.groups = {{ {groups} }}; services.yensid = {{ enable = true; settings = {{ daemon.read_group = "builders"; service = [ {{ name = "x"; listen = [ "127.0.0.20/30" ]; }} ]; builders.b1.address = "198.18.1.2:22"; }}; }}; }}"#
+        )
+    };
+    let error = evaluation_error(&lib, &machine(""))?;
+    ensure!(
+        error.contains("services.yensid.settings.daemon.read_group names the group `builders`"),
+        "{error}"
+    );
+    evaluate(&lib, &machine("builders = { };"), &defaults())?;
+    Ok(())
+}
+
 #[test]
 fn unknown_builder_fails_evaluation_naming_the_option() -> Result<()> {
     let Some(lib) = NixpkgsLib::find_or_skip("unknown_builder_fails_evaluation_naming_the_option")?

@@ -116,6 +116,8 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    dataplane::admission::{Quiet, Ticket},
+    dataplane::ident::{self, IdentError},
     kernel::bpf::{Kernel, Observation},
     kernel::hangup::Hangups,
     kernel::sock,
@@ -155,14 +157,23 @@ pub trait Dispatcher: Send + Sync + 'static {
     fn address(&self, builder: &str) -> Option<String>;
     /// How long a connect to a builder may take.
     fn connect_timeout(&self, builder: &str) -> Duration;
+    /// The client of `service` that the kernel steered to `steered` has
+    /// identified itself: counts the connection for the builder it is to
+    /// be served by (`steered` while it is available, else another one the
+    /// strategy picks) and names it; `None` when no builder may take it.
+    fn reserve(&self, service: &str, steered: &str) -> Option<String>;
     /// Records that `failed` could not serve a connection of `service` and
-    /// moves that connection to another builder not in `tried`, if any.
+    /// moves that connection (and its count) to another builder not in
+    /// `tried`, if any. `busy`: the builder accepted the connection and
+    /// then closed it or stayed silent, as an sshd at its `MaxStartups`
+    /// does: the probes, not this connection, decide its health.
     fn fail_over(
         &self,
         service: &str,
         failed: &str,
         reason: &str,
         tried: &[String],
+        busy: bool,
     ) -> Option<String>;
     /// Has the kernel measure the path of the socket with `cookie`, about
     /// to connect to `builder`, for as long as the guard lives (`None`
@@ -171,7 +182,8 @@ pub trait Dispatcher: Send + Sync + 'static {
     /// A builder answered with its identification line `elapsed` after
     /// the connect started.
     fn connected(&self, builder: &str, elapsed: Duration);
-    /// The connection that was counted for `builder` is over.
+    /// The connection steered to (or, once counted, served by) `builder`
+    /// is over.
     fn finished(&self, builder: &str, outcome: &Outcome);
 }
 
@@ -187,10 +199,13 @@ pub enum DataPath {
 /// How a connection ended.
 #[derive(Debug, Default)]
 pub struct Outcome {
-    /// The client was not speaking SSH.
+    /// The client did not identify itself as an SSH client (junk, an
+    /// invalid or over-long line, silence, or it left first).
     pub rejected: bool,
     /// No builder could be reached.
     pub unserved: bool,
+    /// The connection was counted for its builder ([`Dispatcher::reserve`]).
+    pub counted: bool,
     /// Builders that failed before one answered.
     pub failovers: u32,
     /// Served by the kernel splice (false: copied in userspace).
@@ -201,19 +216,38 @@ pub struct Outcome {
     pub from_builder: u64,
 }
 
+/// One line per second at most about rejected clients, so a flood of junk
+/// connections does not flood the log.
+static REJECTIONS: Quiet = Quiet::new(Duration::from_secs(1));
+/// The same for clients refused because no builder could take them.
+static UNSERVED: Quiet = Quiet::new(Duration::from_secs(1));
+
 /// Serves one accepted connection that the kernel steered to `builder`.
+/// `ticket` is its place among the connections in handoff, given back
+/// once both identification lines are known.
 pub async fn serve(
     client: TcpStream,
     service: &str,
     builder: String,
     dispatcher: Arc<dyn Dispatcher>,
     path: DataPath,
+    ticket: Ticket,
+    ident_timeout: Duration,
 ) {
     let started = Instant::now();
     let peer = client.peer_addr().ok();
     let mut outcome = Outcome::default();
-    let served = handoff(&client, service, builder, &*dispatcher, &mut outcome).await;
-    let builder = match served {
+    let served = handoff(
+        &client,
+        service,
+        builder,
+        &*dispatcher,
+        &mut outcome,
+        ident_timeout,
+    )
+    .await;
+    drop(ticket);
+    let (builder, error) = match served {
         Err((builder, why)) => {
             debug!(service, builder, ?peer, %why, "connection ended during the handoff");
             if outcome.unserved {
@@ -224,10 +258,8 @@ pub async fn serve(
         }
         Ok(opening) => {
             let builder = opening.builder.clone();
-            if let Err(e) = forward(client, opening, &path, &mut outcome).await {
-                debug!(service, builder, ?peer, error = %e, "connection closed with an error");
-            }
-            builder
+            let error = forward(client, opening, &path, &mut outcome).await.err();
+            (builder, error)
         }
     };
     info!(
@@ -239,6 +271,7 @@ pub async fn serve(
         to_builder = outcome.to_builder,
         from_builder = outcome.from_builder,
         seconds = started.elapsed().as_secs_f64(),
+        error = error.map(|e| e.to_string()),
         "connection closed"
     );
     dispatcher.finished(&builder, &outcome);
@@ -257,62 +290,138 @@ struct Opening {
     server_lines: Vec<u8>,
 }
 
-/// Why the handoff ended without a builder's line for the client.
-enum Failure {
-    /// The client's first line is not an SSH identification line.
-    NotSsh(Vec<u8>),
-    /// The client went away or stalled.
-    Client(io::Error),
-    /// No builder could be reached.
-    Unserved(io::Error),
+/// Why the client was not served.
+#[derive(Debug, thiserror::Error)]
+enum Rejection {
+    #[error(transparent)]
+    Invalid(#[from] IdentError),
+    #[error("no identification line within {0:?}")]
+    Silent(Duration),
+    #[error("left before identifying itself ({0})")]
+    Left(io::Error),
 }
 
-/// Steps 1 and 2 of the handoff, side by side.
+/// Steps 1 and 2 of the handoff: the client's line, then the builder.
 async fn handoff(
     client: &TcpStream,
     service: &str,
-    mut builder: String,
+    steered: String,
     dispatcher: &dyn Dispatcher,
     outcome: &mut Outcome,
+    ident_timeout: Duration,
 ) -> Result<Opening, (String, io::Error)> {
-    let client_line = async {
-        match step(read_line(client, MAX_IDENT_LINE)).await {
-            Ok(line) if line.starts_with(b"SSH-") => Ok(line),
-            Ok(line) => Err(Failure::NotSsh(line)),
-            Err(e) => Err(Failure::Client(e)),
+    let client_line = match timeout(ident_timeout, read_client_line(client)).await {
+        Ok(Ok(line)) => match ident::parse(&line) {
+            Ok(_) => Ok(line),
+            Err(e) => Err((e.into(), line)),
+        },
+        Ok(Err(e)) => Err((e, Vec::new())),
+        Err(_) => Err((Rejection::Silent(ident_timeout), Vec::new())),
+    };
+    let client_line = match client_line {
+        Ok(line) => line,
+        Err((why, line)) => {
+            outcome.rejected = true;
+            if let Some(left_out) = REJECTIONS.allow(Instant::now()) {
+                warn!(
+                    service,
+                    peer = ?client.peer_addr().ok(),
+                    reason = %why,
+                    first_bytes = %ident::escape(&line[..line.len().min(64)]),
+                    similar_left_out = left_out,
+                    "client rejected: closed before any builder was contacted"
+                );
+            }
+            return Err((steered, io::Error::other(why)));
         }
     };
-    // The first failure drops the other future: an upstream connection
-    // being made or already made for a client that is gone is closed.
-    let joined = tokio::try_join!(
-        client_line,
-        open_with_failover(service, &mut builder, dispatcher, outcome)
-    );
-    let (client_line, (upstream, observation, server_lines)) = match joined {
-        Ok(both) => both,
-        Err(Failure::NotSsh(line)) => {
-            outcome.rejected = true;
+    let Some(mut builder) = dispatcher.reserve(service, &steered) else {
+        outcome.unserved = true;
+        if let Some(left_out) = UNSERVED.allow(Instant::now()) {
             warn!(
                 service,
-                peer = ?client.peer_addr().ok(),
-                first_bytes = %String::from_utf8_lossy(&line[..line.len().min(32)]),
-                "client is not speaking SSH; closed"
+                steered,
+                similar_left_out = left_out,
+                "no builder may take the client (full, unhealthy or drained); refused"
             );
-            return Err((builder, io::Error::other("not an SSH client")));
         }
-        Err(Failure::Client(e)) => return Err((builder, e)),
-        Err(Failure::Unserved(e)) => {
-            outcome.unserved = true;
-            return Err((builder, e));
-        }
+        return Err((steered, io::Error::other("no builder available")));
     };
-    Ok(Opening {
-        builder,
-        upstream,
-        observation,
-        client_line,
-        server_lines,
-    })
+    outcome.counted = true;
+    // A client that leaves while the builder is being connected cancels
+    // that work at once: dropping the future closes the upstream socket.
+    let opened = tokio::select! {
+        opened = open_with_failover(service, &mut builder, dispatcher, outcome) => opened,
+        gone = client_gone(client) => Err(gone),
+    };
+    match opened {
+        Ok((upstream, observation, server_lines)) => Ok(Opening {
+            builder,
+            upstream,
+            observation,
+            client_line,
+            server_lines,
+        }),
+        Err(e) => Err((builder, e)),
+    }
+}
+
+/// Reads the client's identification line, at most one byte longer than
+/// RFC 4253 allows (so an over-long line is seen as one, not cut), and
+/// gives up as soon as its bytes cannot start one.
+async fn read_client_line(client: &TcpStream) -> Result<Vec<u8>, Rejection> {
+    let mut line = Vec::new();
+    let mut buf = [0u8; ident::MAX_LINE + 1];
+    loop {
+        let want = buf.len() - line.len();
+        let n = client
+            .peek(&mut buf[..want])
+            .await
+            .map_err(Rejection::Left)?;
+        if n == 0 {
+            return Err(Rejection::Left(io::ErrorKind::UnexpectedEof.into()));
+        }
+        let take = buf[..n]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(n, |end| end + 1);
+        let mut chunk = vec![0u8; take];
+        read_exact_from(client, &mut chunk)
+            .await
+            .map_err(Rejection::Left)?;
+        line.extend_from_slice(&chunk);
+        let prefix = line.len().min(4);
+        if line[..prefix] != b"SSH-"[..prefix]
+            || line.last() == Some(&b'\n')
+            || line.len() > ident::MAX_LINE
+        {
+            return Ok(line);
+        }
+    }
+}
+
+/// Resolves when the client has closed or reset its connection. A client
+/// that sends more after its identification line (allowed, if unusual)
+/// cannot be watched this way without spinning; it is then not watched.
+async fn client_gone(client: &TcpStream) -> io::Error {
+    let mut byte = [0u8; 1];
+    match client.peek(&mut byte).await {
+        Ok(0) => io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "client left during the handoff",
+        ),
+        Ok(_) => std::future::pending().await,
+        Err(e) => e,
+    }
+}
+
+/// What went wrong with one builder.
+struct UpstreamError {
+    error: io::Error,
+    /// The builder accepted the connection and then closed it, reset it
+    /// or sent no identification line: busy (an sshd at `MaxStartups`
+    /// does this), not necessarily down.
+    busy: bool,
 }
 
 /// Opens an upstream connection to `builder`, failing over to other
@@ -323,23 +432,24 @@ async fn open_with_failover(
     builder: &mut String,
     dispatcher: &dyn Dispatcher,
     outcome: &mut Outcome,
-) -> Result<(TcpStream, Option<Observation>, Vec<u8>), Failure> {
+) -> io::Result<(TcpStream, Option<Observation>, Vec<u8>)> {
     let mut tried = Vec::new();
     loop {
-        let e = match open_upstream(builder, dispatcher).await {
+        let UpstreamError { error, busy } = match open_upstream(builder, dispatcher).await {
             Ok(opened) => return Ok(opened),
             Err(e) => e,
         };
         outcome.failovers += 1;
         tried.push(builder.clone());
-        match dispatcher.fail_over(service, builder, &e.to_string(), &tried) {
+        match dispatcher.fail_over(service, builder, &error.to_string(), &tried, busy) {
             Some(next) => {
-                info!(service, failed = builder.as_str(), next, error = %e, "failing over before the client saw a byte");
+                info!(service, failed = builder.as_str(), next, busy, %error, "failing over before the client saw a byte");
                 *builder = next;
             }
             None => {
-                warn!(service, failed = builder.as_str(), error = %e, "no other builder; refusing the client");
-                return Err(Failure::Unserved(e));
+                outcome.unserved = true;
+                warn!(service, failed = builder.as_str(), busy, %error, "no other builder; refusing the client");
+                return Err(error);
             }
         }
     }
@@ -349,10 +459,12 @@ async fn open_with_failover(
 async fn open_upstream(
     builder: &str,
     dispatcher: &dyn Dispatcher,
-) -> io::Result<(TcpStream, Option<Observation>, Vec<u8>)> {
+) -> Result<(TcpStream, Option<Observation>, Vec<u8>), UpstreamError> {
+    let down = |error| UpstreamError { error, busy: false };
+    let busy = |error| UpstreamError { error, busy: true };
     let address = dispatcher
         .address(builder)
-        .ok_or_else(|| io::Error::other("builder is no longer configured"))?;
+        .ok_or_else(|| down(io::Error::other("builder is no longer configured")))?;
     let started = Instant::now();
     let observe = |socket: &TcpSocket| dispatcher.observe(builder, sock::cookie(socket).ok()?);
     let (upstream, observation) = timeout(
@@ -360,8 +472,9 @@ async fn open_upstream(
         connect_with(&address, observe),
     )
     .await
-    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-    upstream.set_nodelay(true)?;
+    .map_err(|_| down(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))?
+    .map_err(down)?;
+    upstream.set_nodelay(true).map_err(busy)?;
     let mut lines = Vec::new();
     loop {
         let line = timeout(
@@ -369,14 +482,26 @@ async fn open_upstream(
             read_line(&upstream, MAX_IDENT_LINE),
         )
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no SSH identification line"))??;
+        .map_err(|_| {
+            busy(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no SSH identification line",
+            ))
+        })?
+        .map_err(|e| {
+            let before = ident::escape(&lines[..lines.len().min(64)]);
+            busy(io::Error::new(
+                e.kind(),
+                format!("closed before its identification line ({e}); it sent `{before}`"),
+            ))
+        })?;
         lines.extend_from_slice(&line);
         if line.starts_with(b"SSH-") {
             dispatcher.connected(builder, started.elapsed());
             return Ok((upstream, observation, lines));
         }
         if lines.len() > MAX_SERVER_PREAMBLE {
-            return Err(io::Error::other("builder is not speaking SSH"));
+            return Err(down(io::Error::other("builder is not speaking SSH")));
         }
     }
 }
@@ -519,6 +644,19 @@ async fn watch_spliced(
     let mut buf = Vec::new();
     while ended.contains(&false) {
         for index in pair.next().await? {
+            // Its peer reset it (or closed it before this side was shut
+            // down, which only a reset does): nothing more can go through
+            // it, so the pair ends now, not when the other side gives up.
+            if !ended[1 - index] && sock::is_closed(sockets[index].socket)? {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    if index == 0 {
+                        "the client reset the connection"
+                    } else {
+                        "the builder reset the connection"
+                    },
+                ));
+            }
             if !ended[index] {
                 buf.resize(STRAY_BUFFER, 0);
                 ended[index] = !pump(&sockets[index], &sockets[1 - index], &mut buf).await?;
@@ -576,6 +714,13 @@ async fn drain(from: &StdTcpStream, to: &Spliced<'_>) -> io::Result<()> {
         let written = to.written()?;
         if written >= received {
             return Ok(());
+        }
+        // A peer that reset `to` takes no more bytes: waiting is pointless.
+        if sock::is_closed(to.socket)? {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "peer reset the connection while bytes were on their way to it",
+            ));
         }
         if written != last_written {
             last_written = written;

@@ -22,6 +22,7 @@ use yensid_ebpf::{
 
 use crate::{
     config::{Config, Mode, Service, Strategy},
+    dataplane::admission::Handoffs,
     dataplane::proxy::{Dispatcher, Outcome},
     decide::health::{Answer, Failure, Tracker, Transition},
     decide::hook::Decision,
@@ -35,6 +36,8 @@ use crate::{
 
 pub struct Registry {
     kernel: Option<Arc<Kernel>>,
+    /// Connections in handoff (not counted for any builder yet).
+    pub handoffs: Arc<Handoffs>,
     inner: Mutex<Inner>,
     /// Wakes the controller to recompute the plan.
     pub replan: Notify,
@@ -46,7 +49,10 @@ pub struct Inner {
     pub config: Arc<Config>,
     pub health: HashMap<String, Tracker>,
     pub drained: BTreeSet<String>,
-    /// Open connections per builder, as userspace counts them.
+    /// Open connections per builder, as userspace counts them: from the
+    /// moment the client identified itself and the builder was chosen for
+    /// it (the upstream connect) until the connection ends. A connection
+    /// still in handoff is not counted, here or in the kernel.
     pub active: HashMap<String, u64>,
     /// Per service, the affinity table by builder name.
     pub affinity: HashMap<String, Vec<String>>,
@@ -116,6 +122,7 @@ impl Registry {
         inner.sync_health();
         Self {
             kernel,
+            handoffs: Handoffs::new(inner.config.daemon.handoff),
             inner: Mutex::new(inner),
             replan: Notify::new(),
             state_changed: Notify::new(),
@@ -134,9 +141,14 @@ impl Registry {
         self.inner.lock().expect("registry poisoned")
     }
 
-    /// A connection counted for `builder` was accepted.
+    /// A connection the kernel steered to `builder` was accepted. The
+    /// kernel counted it at its SYN; in handoff it must not count against
+    /// the builder's `max_connections` (a client that never speaks would
+    /// hold a slot), so that count is given back at once.
+    /// [`Dispatcher::reserve`] counts it again once the client identified.
     pub fn accepted(&self, builder: &str) {
-        *self.inner().active.entry(builder.to_owned()).or_default() += 1;
+        let mut inner = self.inner();
+        self.adjust_released(&mut inner, builder, 1);
     }
 
     /// Records a probe result; a change of health is logged and replanned.
@@ -184,7 +196,8 @@ impl Registry {
     }
 
     /// Chooses a builder for a connection the kernel did not steer (the
-    /// userspace fallback), and counts it.
+    /// userspace fallback); like a steered one, it is counted only by
+    /// [`Dispatcher::reserve`].
     pub fn route(&self, service: &str, peer: SocketAddr) -> Option<String> {
         let mut inner = self.inner();
         let config = inner.config.clone();
@@ -205,20 +218,20 @@ impl Registry {
                 .available
                 .then_some(position as u32)
         });
-        let chosen = inner.choose(svc, &[], affinity)?;
-        *inner.active.entry(chosen.clone()).or_default() += 1;
-        Some(chosen)
+        inner.choose(svc, &[], affinity)
     }
 
     /// Moves one connection's count in the kernel: `delta` is added to the
     /// RELEASED counter of `builder` (wrapping, see the map's docs).
     fn adjust_released(&self, inner: &mut Inner, builder: &str, delta: i64) {
-        let (Some(kernel), Some(&index)) = (&self.kernel, inner.builder_index.get(builder)) else {
+        let Some(&index) = inner.builder_index.get(builder) else {
             return;
         };
         let released = inner.released.entry(index).or_default();
         *released = released.wrapping_add_signed(delta);
-        if let Err(e) = kernel.set_released(index, *released) {
+        if let Some(kernel) = &self.kernel
+            && let Err(e) = kernel.set_released(index, *released)
+        {
             error!(builder, error = %e, "cannot update the kernel's connection count");
         }
     }
@@ -513,15 +526,33 @@ impl Dispatcher for Registry {
             .map_or(Duration::from_secs(3), |b| b.health.connect_timeout)
     }
 
+    fn reserve(&self, service: &str, steered: &str) -> Option<String> {
+        let mut inner = self.inner();
+        let chosen = if inner.candidate(service, steered, &[]).available {
+            steered.to_owned()
+        } else {
+            // Full or gone since the SYN: the strategy picks among the
+            // others, as the kernel would now.
+            let config = inner.config.clone();
+            let svc = config.services.iter().find(|s| s.name == service)?;
+            inner.choose(svc, &[steered.to_owned()], None)?
+        };
+        *inner.active.entry(chosen.clone()).or_default() += 1;
+        self.adjust_released(&mut inner, &chosen, -1);
+        Some(chosen)
+    }
+
     fn fail_over(
         &self,
         service: &str,
         failed: &str,
         reason: &str,
         tried: &[String],
+        busy: bool,
     ) -> Option<String> {
         let mut inner = self.inner();
-        if let Some(tracker) = inner.health.get_mut(failed)
+        if !busy
+            && let Some(tracker) = inner.health.get_mut(failed)
             && let Some(Transition::Down(failure)) =
                 tracker.on_passive_failure(Instant::now(), reason.to_owned())
         {
@@ -562,8 +593,11 @@ impl Dispatcher for Registry {
 
     fn finished(&self, builder: &str, outcome: &Outcome) {
         let mut inner = self.inner();
-        if let Some(n) = inner.active.get_mut(builder) {
-            *n = n.saturating_sub(1);
+        if outcome.counted {
+            if let Some(n) = inner.active.get_mut(builder) {
+                *n = n.saturating_sub(1);
+            }
+            self.adjust_released(&mut inner, builder, 1);
         }
         let totals = inner.totals.entry(builder.to_owned()).or_default();
         if outcome.rejected {
@@ -573,7 +607,6 @@ impl Dispatcher for Registry {
             totals.to_builder += outcome.to_builder;
             totals.from_builder += outcome.from_builder;
         }
-        self.adjust_released(&mut inner, builder, 1);
     }
 }
 
@@ -648,7 +681,11 @@ mod tests {
         assert!(prediction.starts_with("-> b2"), "{prediction}");
         assert_eq!(r.route("s", peer).as_deref(), Some("b2"));
         r.accepted("b2");
-        assert_eq!(r.fail_over("s", "b2", "reset", &["b2".to_owned()]), None);
+        assert_eq!(r.reserve("s", "b2").as_deref(), Some("b2"));
+        assert_eq!(
+            r.fail_over("s", "b2", "reset", &["b2".to_owned()], false),
+            None
+        );
 
         plan.services[0].refusal = Some(Refusal::TooFewEligible {
             eligible: 1,
@@ -670,7 +707,8 @@ mod tests {
     fn failover_marks_the_builder_down_and_moves_the_count() {
         let r = registry();
         r.accepted("b1");
-        let next = r.fail_over("s", "b1", "connection refused", &["b1".to_owned()]);
+        assert_eq!(r.reserve("s", "b1").as_deref(), Some("b1"));
+        let next = r.fail_over("s", "b1", "connection refused", &["b1".to_owned()], false);
         assert_eq!(next.as_deref(), Some("b2"));
         let inner = r.inner();
         assert_eq!(inner.active.get("b1"), Some(&0));
@@ -688,7 +726,129 @@ mod tests {
         let r = registry();
         r.accepted("b1");
         let tried = ["b1".to_owned(), "b2".to_owned()];
-        assert_eq!(r.fail_over("s", "b2", "timeout", &tried), None);
+        assert_eq!(r.fail_over("s", "b2", "timeout", &tried, false), None);
+    }
+
+    fn limited(max_connections: u32) -> Registry {
+        let config = Config::parse(&format!(
+            "[[service]]\nname = \"s\"\nlisten = [\"127.0.0.22\"]\n\
+             [builders.b1]\naddress = \"198.18.1.2:22\"\nmax_connections = {max_connections}\n\
+             [builders.b2]\naddress = \"198.18.2.2:22\"\nmax_connections = {max_connections}\n"
+        ))
+        .unwrap();
+        Registry::new(config, OperatorState::default(), None)
+    }
+
+    fn active(r: &Registry, builder: &str) -> u64 {
+        r.inner().active.get(builder).copied().unwrap_or(0)
+    }
+
+    /// The kernel's view of a builder's open connections, ASSIGNED (its
+    /// count of SYNs steered there, simulated by `assigned`) minus
+    /// RELEASED (userspace's), is the count userspace keeps: identified
+    /// connections only.
+    #[test]
+    fn the_kernel_counts_what_userspace_counts() {
+        let r = limited(4);
+        r.adopt_index("b1", 0, 100);
+        r.adopt_index("b2", 1, 100);
+        let mut assigned = [100u64, 100];
+        let kernel_view = |r: &Registry, assigned: &[u64; 2]| -> [u64; 2] {
+            let inner = r.inner();
+            [0, 1].map(|i| assigned[i as usize].wrapping_sub(inner.released[&i]))
+        };
+        // Three SYNs steered to b1, accepted: in handoff, not counted.
+        for _ in 0..3 {
+            assigned[0] += 1;
+            r.accepted("b1");
+        }
+        assert_eq!(kernel_view(&r, &assigned), [0, 0]);
+        // One identifies and is served by b1; one is rejected; one fails
+        // over to b2 after identifying.
+        assert_eq!(r.reserve("s", "b1").as_deref(), Some("b1"));
+        r.finished(
+            "b1",
+            &Outcome {
+                rejected: true,
+                ..Outcome::default()
+            },
+        );
+        assert_eq!(r.reserve("s", "b1").as_deref(), Some("b1"));
+        assert_eq!(kernel_view(&r, &assigned), [2, 0]);
+        let next = r.fail_over("s", "b1", "reset", &["b1".to_owned()], true);
+        assert_eq!(next.as_deref(), Some("b2"));
+        assert_eq!(kernel_view(&r, &assigned), [1, 1]);
+        assert_eq!((active(&r, "b1"), active(&r, "b2")), (1, 1));
+        let served = Outcome {
+            counted: true,
+            ..Outcome::default()
+        };
+        r.finished("b1", &served);
+        r.finished("b2", &served);
+        assert_eq!(kernel_view(&r, &assigned), [0, 0]);
+        assert_eq!((active(&r, "b1"), active(&r, "b2")), (0, 0));
+    }
+
+    /// Connections in handoff hold no slot: any number of silent clients
+    /// leave max_connections to the clients that identify themselves.
+    #[test]
+    fn only_identified_clients_count_against_max_connections() {
+        let r = limited(1);
+        for _ in 0..8 {
+            r.accepted("b1");
+        }
+        assert_eq!((active(&r, "b1"), active(&r, "b2")), (0, 0));
+        let silent = Outcome {
+            rejected: true,
+            ..Outcome::default()
+        };
+        for _ in 0..8 {
+            r.finished("b1", &silent);
+        }
+        assert_eq!(active(&r, "b1"), 0, "a rejected client releases nothing");
+        assert_eq!(r.inner().totals["b1"].rejected_clients, 8);
+
+        r.accepted("b1");
+        assert_eq!(r.reserve("s", "b1").as_deref(), Some("b1"));
+        assert_eq!(active(&r, "b1"), 1);
+        // The kernel steered the next one to b1 too (its SYN came before
+        // the first identified): b1 is full now, so b2 serves it.
+        r.accepted("b1");
+        assert_eq!(r.reserve("s", "b1").as_deref(), Some("b2"));
+        r.accepted("b2");
+        assert_eq!(r.reserve("s", "b2"), None, "both full: refused");
+        assert_eq!((active(&r, "b1"), active(&r, "b2")), (1, 1));
+        let served = Outcome {
+            counted: true,
+            ..Outcome::default()
+        };
+        r.finished("b1", &served);
+        r.finished("b2", &served);
+        assert_eq!((active(&r, "b1"), active(&r, "b2")), (0, 0));
+        assert_eq!(r.inner().totals["b1"].connections, 1);
+    }
+
+    /// A builder that accepted and then dropped the connection (an sshd at
+    /// MaxStartups) is failed over but stays healthy; the count moves with
+    /// the client.
+    #[test]
+    fn a_busy_builder_is_failed_over_without_being_marked_down() {
+        let r = registry();
+        r.accepted("b1");
+        assert_eq!(r.reserve("s", "b1").as_deref(), Some("b1"));
+        let next = r.fail_over(
+            "s",
+            "b1",
+            "closed before its identification line",
+            &["b1".to_owned()],
+            true,
+        );
+        assert_eq!(next.as_deref(), Some("b2"));
+        let inner = r.inner();
+        assert!(inner.unavailable().is_empty(), "{:?}", inner.unavailable());
+        assert_eq!(inner.active.get("b1"), Some(&0));
+        assert_eq!(inner.active.get("b2"), Some(&1));
+        assert_eq!(inner.totals["b1"].failed_over, 1);
     }
 
     #[test]

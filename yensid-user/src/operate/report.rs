@@ -8,7 +8,9 @@ use yensid_ebpf::maps::ServiceCounters;
 
 use crate::{
     decide::registry::{Inner, ModeSource},
-    operate::status::{BuilderStatus, MemberStatus, ModeStatus, ServiceStatus, Status},
+    operate::status::{
+        BuilderStatus, HandoffStatus, MemberStatus, ModeStatus, ServiceStatus, Status,
+    },
     state::unix_now,
 };
 
@@ -22,6 +24,8 @@ pub struct Context {
     /// `kernel` when the `observe` program measures builder paths,
     /// otherwise `probes only: <why>`.
     pub path_measurement: String,
+    /// Connections in handoff.
+    pub handoffs: HandoffStatus,
 }
 
 /// `yensid explain`: the decision for the next connection of a service
@@ -196,6 +200,7 @@ pub fn status(inner: &Inner, context: &Context) -> Status {
         },
         services,
         builders,
+        handoffs: context.handoffs.clone(),
     }
 }
 

@@ -1109,9 +1109,9 @@ async fn accept_loop(
     }
 }
 
-/// One line per five seconds at most about connections refused at the
+/// At most one line per five seconds about connections refused at the
 /// handoff caps: a flood must not flood the log too.
-static HANDOFFS_FULL: Quiet = Quiet::new(Duration::from_secs(5));
+static HANDOFFS_FULL: Quiet = Quiet::new(Duration::from_secs(5), 1);
 
 /// Closes with RST: the userspace equivalent of the kernel's refusal.
 fn refuse(stream: TcpStream) {

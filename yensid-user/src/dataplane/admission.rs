@@ -6,8 +6,8 @@
 //! such connections exist at once, in total and per client address, so a
 //! flood of silent or short connections is bounded; beyond a cap a new
 //! connection is refused (RST) at once. [`Quiet`] keeps the log readable
-//! under such a flood: one line per decision kind and interval, with the
-//! count of what it left out.
+//! under such a flood: a few lines per decision kind and interval, then
+//! one with the count of what it left out.
 
 use std::{
     collections::HashMap,
@@ -125,43 +125,50 @@ impl Drop for Ticket {
     }
 }
 
-/// A rate limit for log lines about events a flood repeats: at most one
-/// line per `interval`, which also says how many it stands for.
+/// A rate limit for log lines about events a flood repeats: at most `burst`
+/// lines per `interval`; the next line written says how many were left out.
 pub struct Quiet {
     interval: Duration,
+    burst: u32,
     state: Mutex<QuietState>,
 }
 
-#[derive(Default)]
 struct QuietState {
-    last: Option<Instant>,
+    window_start: Option<Instant>,
+    written: u32,
     left_out: u64,
 }
 
 impl Quiet {
-    pub const fn new(interval: Duration) -> Self {
+    pub const fn new(interval: Duration, burst: u32) -> Self {
         Self {
             interval,
+            burst,
             state: Mutex::new(QuietState {
-                last: None,
+                window_start: None,
+                written: 0,
                 left_out: 0,
             }),
         }
     }
 
     /// `Some(n)` when a line may be written now: it stands for this event
-    /// and the `n` left out since the last line. `None`: leave this one out.
+    /// and the `n` left out before it. `None`: leave this one out.
     pub fn allow(&self, now: Instant) -> Option<u64> {
         let mut state = self.state.lock().expect("log limit poisoned");
-        match state.last {
-            Some(last) if now.saturating_duration_since(last) < self.interval => {
-                state.left_out += 1;
-                None
-            }
-            _ => {
-                state.last = Some(now);
-                Some(std::mem::take(&mut state.left_out))
-            }
+        let expired = state
+            .window_start
+            .is_none_or(|start| now.saturating_duration_since(start) >= self.interval);
+        if expired {
+            state.window_start = Some(now);
+            state.written = 0;
+        }
+        if state.written < self.burst {
+            state.written += 1;
+            Some(std::mem::take(&mut state.left_out))
+        } else {
+            state.left_out += 1;
+            None
         }
     }
 }
@@ -198,13 +205,16 @@ mod tests {
     }
 
     #[test]
-    fn quiet_writes_one_line_per_interval_with_the_count_left_out() {
-        let q = Quiet::new(Duration::from_secs(10));
+    fn quiet_writes_a_burst_per_interval_then_the_count_left_out() {
+        let q = Quiet::new(Duration::from_secs(10), 2);
         let t0 = Instant::now();
-        assert_eq!(q.allow(t0), Some(0));
-        assert_eq!(q.allow(t0 + Duration::from_secs(1)), None);
-        assert_eq!(q.allow(t0 + Duration::from_secs(9)), None);
-        assert_eq!(q.allow(t0 + Duration::from_secs(10)), Some(2));
-        assert_eq!(q.allow(t0 + Duration::from_secs(11)), None);
+        let at = |s| t0 + Duration::from_secs(s);
+        assert_eq!(q.allow(at(0)), Some(0));
+        assert_eq!(q.allow(at(1)), Some(0));
+        assert_eq!(q.allow(at(2)), None);
+        assert_eq!(q.allow(at(9)), None);
+        assert_eq!(q.allow(at(10)), Some(2));
+        assert_eq!(q.allow(at(11)), Some(0));
+        assert_eq!(q.allow(at(12)), None);
     }
 }

@@ -216,11 +216,11 @@ pub struct Outcome {
     pub from_builder: u64,
 }
 
-/// One line per second at most about rejected clients, so a flood of junk
+/// At most 20 lines per 10 s about rejected clients, so a flood of junk
 /// connections does not flood the log.
-static REJECTIONS: Quiet = Quiet::new(Duration::from_secs(1));
+static REJECTIONS: Quiet = Quiet::new(Duration::from_secs(10), 20);
 /// The same for clients refused because no builder could take them.
-static UNSERVED: Quiet = Quiet::new(Duration::from_secs(1));
+static UNSERVED: Quiet = Quiet::new(Duration::from_secs(10), 20);
 
 /// Serves one accepted connection that the kernel steered to `builder`.
 /// `ticket` is its place among the connections in handoff, given back

@@ -185,7 +185,11 @@ impl Sshd {
                 false => format!("{line}\n"),
             })
             .collect();
-        ensure!(changed != config, "no MaxStartups line in {}", self.config.display());
+        ensure!(
+            changed != config,
+            "no MaxStartups line in {}",
+            self.config.display()
+        );
         fs::write(&self.config, changed)?;
         if self.pid().is_some() {
             self.kill()?;
@@ -197,7 +201,9 @@ impl Sshd {
     /// session it runs), as when a builder's session dies mid-transfer; the listener
     /// keeps accepting. Returns how many processes were killed.
     pub fn kill_sessions(&self) -> Result<usize> {
-        let listener = self.pid().with_context(|| format!("sshd {} is not running", self.name))?;
+        let listener = self
+            .pid()
+            .with_context(|| format!("sshd {} is not running", self.name))?;
         let descendants = descendants_of(listener)?;
         for &pid in &descendants {
             // SAFETY: kill(2) on a pid we just found; a process that is already gone
@@ -283,7 +289,12 @@ fn descendants_of(root: u32) -> Result<Vec<u32>> {
     let mut next = 0;
     while next < found.len() {
         let parent = found[next];
-        found.extend(parents.iter().filter(|(_, p)| *p == parent).map(|(pid, _)| *pid));
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(pid, _)| *pid),
+        );
         next += 1;
     }
     found.remove(0);

@@ -57,7 +57,10 @@ fn sum_over_builders(status: &Status, key: &str) -> Result<u64> {
 }
 
 fn in_handoff(status: &Status) -> Result<u64> {
-    let handoffs = status.json().get("handoffs").context("no handoffs in status")?;
+    let handoffs = status
+        .json()
+        .get("handoffs")
+        .context("no handoffs in status")?;
     u64_at(handoffs, "in_progress")
 }
 
@@ -105,10 +108,14 @@ fn ensure_kernel_counts_released(daemon: &Daemon, dataplane: Dataplane) -> Resul
 /// Waits until the daemon holds no more descriptors than `baseline`.
 fn wait_descriptors_back(daemon: &Daemon, baseline: usize) -> Result<()> {
     let mut last = 0;
-    wait_until("the daemon's descriptors to come back to baseline", PATIENCE, || {
-        last = descriptors(daemon.pid())?;
-        Ok(last <= baseline)
-    })
+    wait_until(
+        "the daemon's descriptors to come back to baseline",
+        PATIENCE,
+        || {
+            last = descriptors(daemon.pid())?;
+            Ok(last <= baseline)
+        },
+    )
     .with_context(|| format!("{last} descriptors open, {baseline} at the start"))
 }
 
@@ -174,11 +181,9 @@ impl Holders {
             open,
             thread: Some(thread),
         };
-        wait_until(
-            &format!("{count} held connections"),
-            PATIENCE,
-            || Ok(holders.open.load(Ordering::SeqCst) >= count || holders.finished()),
-        )?;
+        wait_until(&format!("{count} held connections"), PATIENCE, || {
+            Ok(holders.open.load(Ordering::SeqCst) >= count || holders.finished())
+        })?;
         ensure!(!holders.finished(), "the holding thread ended early");
         Ok(holders)
     }
@@ -274,8 +279,14 @@ fn junk_clients_are_rejected_and_real_sessions_still_served(dataplane: Dataplane
     over_long.extend_from_slice(b"\r\n");
     let junk: Vec<(&str, Vec<u8>)> = vec![
         ("HTTP", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
-        ("binary", vec![0x00, 0xff, 0x16, 0x03, 0x01, 0x02, 0x00, 0x01, b'\n']),
-        ("escape sequences", b"\x1b]0;pwned\x07\x1b[2J\x1b[31mred\r\n".to_vec()),
+        (
+            "binary",
+            vec![0x00, 0xff, 0x16, 0x03, 0x01, 0x02, 0x00, 0x01, b'\n'],
+        ),
+        (
+            "escape sequences",
+            b"\x1b]0;pwned\x07\x1b[2J\x1b[31mred\r\n".to_vec(),
+        ),
         ("over-long SSH line", over_long),
         ("SSH-1.5", b"SSH-1.5-OldClient\r\n".to_vec()),
         ("a NUL in the line", b"SSH-2.0-a\0b\r\n".to_vec()),
@@ -306,7 +317,10 @@ fn junk_clients_are_rejected_and_real_sessions_still_served(dataplane: Dataplane
     })?;
 
     let (served, errors) = real_sessions(&ssh, 3);
-    ensure!(served == 3, "real sessions failed after the junk: {errors:?}");
+    ensure!(
+        served == 3,
+        "real sessions failed after the junk: {errors:?}"
+    );
     let log = daemon.log();
     ensure!(
         log.contains("client rejected"),
@@ -461,14 +475,22 @@ fn a_connection_flood_leaves_nothing_behind(dataplane: Dataplane) -> Result<()> 
     })?;
     let flood_ended = Instant::now();
     eprintln!("flood: {connected} connections accepted, {refused} refused");
-    ensure!(connected > 0, "not one connection of the flood was accepted");
+    ensure!(
+        connected > 0,
+        "not one connection of the flood was accepted"
+    );
 
-    wait_idle(&daemon)?;
+    // The first builder banner a new client gets after the flood: when it is served
+    // again (recorded for the report, not asserted: the machine's load decides it).
     raw.banner(service())?;
+    let served_again = flood_ended.elapsed();
+    wait_idle(&daemon)?;
+    let idle = flood_ended.elapsed();
     let (served, errors) = real_sessions(&ssh, 1);
     ensure!(served == 1, "no real session after the flood: {errors:?}");
     eprintln!(
-        "served again {:?} after the flood stopped ({dataplane:?})",
+        "{dataplane:?}: a builder banner {served_again:?} after the flood stopped, nothing \
+         in handoff after {idle:?}, a full ssh session after {:?}",
         flood_ended.elapsed()
     );
     ensure_no_builder_marked_down(&daemon)?;
@@ -486,7 +508,10 @@ fn a_builder_session_killed_mid_transfer_ends_its_pair(dataplane: Dataplane) -> 
     let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::LeastConnections);
     let daemon = Daemon::start(topology.client_ns(), &config)?;
     let ssh = topology.ssh_client()?;
-    ensure!(real_sessions(&ssh, 1).0 == 1, "no session before the transfer");
+    ensure!(
+        real_sessions(&ssh, 1).0 == 1,
+        "no session before the transfer"
+    );
     wait_idle(&daemon)?;
     let baseline = descriptors(daemon.pid())?;
     let b1 = topology.builder("b1");
@@ -516,7 +541,8 @@ fn a_builder_session_killed_mid_transfer_ends_its_pair(dataplane: Dataplane) -> 
             // Let bytes flow for a moment, so the pair is busy when its builder dies.
             wait_until(&format!("{direction} bytes to flow"), PATIENCE, || {
                 let (mut sent, mut received) = (0, 0);
-                for line in std::fs::read_to_string(format!("/proc/{}/io", transfer.id()))?.lines() {
+                for line in std::fs::read_to_string(format!("/proc/{}/io", transfer.id()))?.lines()
+                {
                     if let Some(v) = line.strip_prefix("wchar: ") {
                         sent = v.trim().parse::<u64>()?;
                     }
@@ -550,6 +576,9 @@ fn a_builder_session_killed_mid_transfer_ends_its_pair(dataplane: Dataplane) -> 
         wait_descriptors_back(&daemon, baseline)?;
     }
     let (served, errors) = real_sessions(&ssh, 1);
-    ensure!(served == 1, "no session after the killed transfers: {errors:?}");
+    ensure!(
+        served == 1,
+        "no session after the killed transfers: {errors:?}"
+    );
     Ok(())
 }

@@ -7,18 +7,30 @@
 //! opening of the SSH protocol itself, up to an instant where neither peer
 //! may send anything:
 //!
-//! 1. read the client's identification line (the client then waits for the
-//!    server's line);
-//! 2. at the same time (as HAProxy does, the connect does not wait for the
-//!    client's line), connect to the builder and read its identification
-//!    line, accepting the other lines RFC 4253 allows before it (the server
-//!    then waits for the client's line). A failed connect fails over to
-//!    another builder, invisibly to the client, which has not seen a byte
-//!    yet. Steps 1 and 2 only read, each from its own socket, so their
-//!    order does not matter; nothing is passed on until both are done. If
-//!    step 1 fails (the client is not speaking SSH, went away or stalled),
-//!    the upstream connection, made or in the making, is closed; if no
-//!    builder answers, the client is reset without waiting for its line;
+//! 1. read the client's identification line, within `[daemon]
+//!    ident_timeout` (default 5 s), and check it ([`ident::parse`]): a
+//!    line that is not SSH 2.0, holds control bytes or is longer than RFC
+//!    4253's 255 bytes is rejected, not cut and passed on. Until then no
+//!    builder is contacted and no builder counts the connection: a client
+//!    that never speaks costs one descriptor and a task, bounded by the
+//!    caps on connections in handoff (`crate::dataplane::admission`), and
+//!    is closed when the timeout ends. Bytes that cannot start `SSH-` end
+//!    it at once. The client then waits for the server's line (OpenSSH,
+//!    Go's and paramiko's clients all send theirs first; a client that
+//!    waited for the server's line first would be closed at the timeout);
+//! 2. count the connection for its builder (the one the kernel chose at
+//!    SYN time, or another if that one filled up since: see
+//!    `Dispatcher::reserve`), connect to it and read its identification
+//!    line, accepting the other lines RFC 4253 allows before it (the
+//!    server then waits for the client's line). A client that closes or
+//!    resets meanwhile cancels this at once. A failed connect (refused,
+//!    timed out) marks the builder down and fails over to another
+//!    builder, invisibly to the client, which has not seen a byte yet; a
+//!    builder that accepts and then closes, resets or stays silent (an
+//!    sshd at its `MaxStartups` writes `Exceeded MaxStartups` and closes)
+//!    is busy, not dead: the client is failed over too, but the probes
+//!    decide the builder's health. If no builder answers, the client is
+//!    reset;
 //! 3. pass both lines on; each peer answers with its KEXINIT packet;
 //! 4. read both KEXINIT packets (unencrypted, length-prefixed). The client
 //!    now waits for the server's KEXINIT, the server for the client's;
@@ -30,7 +42,11 @@
 //!
 //! FIN and RST are never redirected by the kernel, so userspace watches
 //! both sockets and passes a half-close on once the kernel has delivered
-//! every byte that came before it.
+//! every byte that came before it. A socket its peer reset ends the pair
+//! at once, and so does a half-close whose receiving side was reset (a
+//! builder's session that died while the client still sent): waiting for
+//! such a peer to take the bytes would keep the pair, its map entries and
+//! its `max_connections` slot for `DRAIN_STALL_LIMIT`.
 //!
 //! Known limit: a builder that closes right after the client's KEXINIT (as
 //! sshd does when no key-exchange algorithm matches) can close before step
@@ -84,15 +100,17 @@
 //!   the userspace path and 195 us for HAProxy (measured before the changes
 //!   below). With connections back to back on 2 CPUs that showed as 10-50
 //!   us more connect-to-banner at p50 than HAProxy in most runs.
-//! - Since then the connect to the builder starts while the client's line is
-//!   still coming (step 2), and spliced pairs share one epoll instance
+//! - Since then spliced pairs share one epoll instance
 //!   (`crate::kernel::hangup`): a connection holds its two sockets and nothing else,
 //!   so 10 000 fit a 20 000-descriptor limit, and an idle spliced
 //!   connection costs about 2 KiB of daemon RSS (10.3 MiB before, 30.2 MiB
 //!   with 9 900). Connect-to-banner, old handoff against new in the same
 //!   bench run, two runs with the order swapped (the later contender tends
 //!   to gain tens of us): p50 426 -> 251 us and 340 -> 278 us, p99 817 ->
-//!   492 us and 577 -> 594 us; HAProxy 267 and 332 us at p50.
+//!   492 us and 577 -> 594 us; HAProxy 267 and 332 us at p50. (That
+//!   handoff also connected to the builder while the client's line was
+//!   still coming; issue #10 made it wait for the line, see below.)
+//! - Identification first (issue #10): connect-to-banner, CONNECT_COST.
 //! - Tried, not kept: keying the SOCKHASH by the peer's cookie, so the
 //!   verdict program looks up its own cookie and the peer map with its four
 //!   updates and two deletes per connection goes. Connection rate, same-run

@@ -6,8 +6,11 @@
 //! not speak SSH, closes at once or sends garbage fails the probe.
 //!
 //! Rules: a healthy builder goes down after `fall` consecutive failed
-//! probes, or at once on a passive failure (a real connection could not
-//! reach it). A down builder is probed with exponential back-off
+//! probes, or at once on a passive failure (a real connection's connect
+//! was refused or timed out). A builder that accepted a real connection and
+//! then closed, reset or ignored it is busy (an sshd at `MaxStartups`, often
+//! because of its own clients' flood), which is no passive failure: the
+//! connection is failed over and the probes decide. A down builder is probed with exponential back-off
 //! (`interval`, doubling, capped at `max_interval`) and comes back after
 //! `rise` consecutive successful probes.
 

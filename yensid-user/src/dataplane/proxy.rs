@@ -110,7 +110,19 @@
 //!   492 us and 577 -> 594 us; HAProxy 267 and 332 us at p50. (That
 //!   handoff also connected to the builder while the client's line was
 //!   still coming; issue #10 made it wait for the line, see below.)
-//! - Identification first (issue #10): connect-to-banner, CONNECT_COST.
+//! - Identification first (issue #10): the builder is connected only once
+//!   the client's line is in, so connect-to-banner now includes the
+//!   builder's connect and banner after the line instead of beside it. A
+//!   local client sends its line right after its connect, so little was
+//!   overlapped; a remote client's line arrives half its RTT after the
+//!   accept, which is then added once. Measured on the test topology (one
+//!   builder behind a veth, a server that sends its banner at accept, the
+//!   client sending its line first as OpenSSH does), kernel path, debug
+//!   builds, old and new binaries alternating in four pairs of 1000-2000
+//!   sequential connections on a 2-CPU machine at load 15: p50 708 -> 726,
+//!   701 -> 723, 671 -> 830, 710 -> 806 us (+20 to +160 us, mean +74
+//!   us); p90 and p99 (1-12 ms) were noise in both. Not yet measured with
+//!   `cargo xtask bench` in release builds.
 //! - Tried, not kept: keying the SOCKHASH by the peer's cookie, so the
 //!   verdict program looks up its own cookie and the peer map with its four
 //!   updates and two deletes per connection goes. Connection rate, same-run

@@ -22,7 +22,7 @@ use std::{
 
 use tokio::{io::AsyncWriteExt, net::TcpStream, time::timeout};
 
-use crate::config::HealthSettings;
+use crate::{config::HealthSettings, dataplane::ident::escape};
 
 /// Why a builder is considered down.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -236,7 +236,7 @@ async fn read_banner(stream: &mut TcpStream) -> Result<String, Failure> {
         seen.extend_from_slice(&buf[..n]);
         for line in seen.split(|&b| b == b'\n') {
             if line.starts_with(b"SSH-") && seen.contains(&b'\n') {
-                let text = String::from_utf8_lossy(line).trim_end().to_owned();
+                let text = escape(line.strip_suffix(b"\r").unwrap_or(line));
                 return if text.starts_with("SSH-2.0-") || text.starts_with("SSH-1.99-") {
                     Ok(text)
                 } else {
@@ -256,12 +256,9 @@ fn looks_like_text(bytes: &[u8]) -> bool {
         .all(|&b| b == b'\r' || b == b'\n' || b == b'\t' || (0x20..0x7f).contains(&b))
 }
 
+/// The first bytes a builder sent, escaped: they go into logs and status.
 fn printable(bytes: &[u8]) -> String {
-    let shown: String = String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
-        .chars()
-        .map(|c| if c.is_control() { '.' } else { c })
-        .collect();
-    format!("`{shown}`")
+    format!("`{}`", escape(&bytes[..bytes.len().min(40)]))
 }
 
 #[cfg(test)]
@@ -376,10 +373,11 @@ mod tests {
             Err(Failure::BadBanner(_))
         ));
         let garbage = serve_once(b"\x00\x01\x02\xff\n").await;
-        assert!(matches!(
-            probe(&garbage, limit).await,
-            Err(Failure::BadBanner(_))
-        ));
+        assert_eq!(
+            probe(&garbage, limit).await.err(),
+            Some(Failure::BadBanner(r"`\x00\x01\x02\xff\n`".into())),
+            "the builder's bytes are escaped"
+        );
         let silent = serve_once(b"").await;
         assert!(matches!(
             probe(&silent, Duration::from_millis(100)).await,

@@ -18,7 +18,8 @@ use serde_json::Value;
 use yensid_tests::cli::{builder_connections, maps_json, u64_at};
 use yensid_tests::wait::wait_until;
 use yensid_tests::{
-    Daemon, DaemonConfig, Dataplane, Netns, SshClient, Status, Strategy, Topology, service,
+    ConnectAttempt, Daemon, DaemonConfig, Dataplane, Netns, SshClient, Status, Strategy, Topology,
+    service,
 };
 
 common::dataplane_tests!(
@@ -27,6 +28,7 @@ common::dataplane_tests!(
     silent_clients_do_not_reach_a_builders_max_startups,
     a_connection_flood_leaves_nothing_behind,
     a_builder_session_killed_mid_transfer_ends_its_pair,
+    handoff_caps_refuse_a_flood_not_other_clients,
 );
 
 /// Real ssh sessions the targets of issue 10 are measured on.
@@ -580,5 +582,78 @@ fn a_builder_session_killed_mid_transfer_ends_its_pair(dataplane: Dataplane) -> 
         served == 1,
         "no session after the killed transfers: {errors:?}"
     );
+    Ok(())
+}
+
+/// Restarts `daemon` with `keys` (`key = value` lines) added to its `[daemon]` table,
+/// which the harness's config does not render.
+fn restart_with_daemon_keys(daemon: &mut Daemon, keys: &str) -> Result<()> {
+    let path = daemon.config_path().to_owned();
+    let text = std::fs::read_to_string(&path)?;
+    let with_keys = text.replacen("[daemon]\n", &format!("[daemon]\n{keys}\n"), 1);
+    ensure!(with_keys != text, "no [daemon] table in {}", path.display());
+    let stopped = daemon.stop()?;
+    ensure!(stopped.success(), "yensid stopped with {stopped}");
+    std::fs::write(&path, with_keys)?;
+    daemon.restart()
+}
+
+/// One address holding `max_handoffs_per_client` silent connections: its next one is
+/// refused with RST at once and counted, while a client at another address is served;
+/// once the silent ones are gone, the first address is served again.
+fn handoff_caps_refuse_a_flood_not_other_clients(dataplane: Dataplane) -> Result<()> {
+    const PER_CLIENT: usize = 4;
+    let topology = Topology::new(2)?;
+    let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::LeastConnections);
+    let mut daemon = Daemon::start(topology.client_ns(), &config)?;
+    restart_with_daemon_keys(
+        &mut daemon,
+        &format!("max_handoffs = 16\nmax_handoffs_per_client = {PER_CLIENT}"),
+    )?;
+    let raw = topology.raw_client();
+    let other = topology.add_client_address(7)?;
+
+    let silent = Holders::start(topology.client_ns(), PER_CLIENT, b"")?;
+    daemon.wait_for_status("the silent connections in handoff", PATIENCE, |s| {
+        Ok(in_handoff(s)? >= PER_CLIENT as u64)
+    })?;
+    // The reset may come before the connect returns, or on the first read.
+    let answer = match raw.connect(service()) {
+        ConnectAttempt::Accepted(mut beyond) => {
+            beyond.set_read_timeout(Some(PATIENCE))?;
+            let mut byte = [0u8; 1];
+            beyond
+                .write_all(yensid_tests::tcp::CLIENT_IDENTIFICATION)
+                .and_then(|()| beyond.read(&mut byte).map(drop))
+        }
+        ConnectAttempt::Failed(e) => Err(e),
+        other => bail!("a connection beyond max_handoffs_per_client: {other:?}"),
+    };
+    ensure!(
+        matches!(&answer, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "a connection beyond max_handoffs_per_client was not reset: {answer:?}"
+    );
+    let status = daemon.wait_for_status("the refusal counted", PATIENCE, |s| {
+        let handoffs = s.json().get("handoffs").context("no handoffs")?;
+        Ok(u64_at(handoffs, "refused")? >= 1)
+    })?;
+    drop(status);
+    let served = topology
+        .raw_client()
+        .from_source(other)
+        .open_ssh(service())?;
+    ensure!(
+        served.served_by() == "b1" || served.served_by() == "b2",
+        "a client at another address was not served"
+    );
+    let log = daemon.log();
+    ensure!(
+        log.contains("too many connections in handoff"),
+        "the refusal was not logged:\n{log}"
+    );
+    silent.stop()?;
+    drop(served);
+    wait_idle(&daemon)?;
+    raw.banner(service())?;
     Ok(())
 }

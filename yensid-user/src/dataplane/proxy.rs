@@ -865,3 +865,77 @@ async fn read_packet(socket: &mut TcpStream) -> io::Result<Vec<u8>> {
     socket.read_exact(&mut packet[4..]).await?;
     Ok(packet)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connected pair: the daemon's side and the client's.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (daemon_side, _) = listener.accept().await.unwrap();
+        (daemon_side, client)
+    }
+
+    async fn client_line(sent: &[u8], close: bool) -> Result<Vec<u8>, Rejection> {
+        let (daemon_side, mut client) = pair().await;
+        client.write_all(sent).await.unwrap();
+        if close {
+            client.shutdown().await.unwrap();
+        }
+        let read = timeout(Duration::from_secs(5), read_client_line(&daemon_side));
+        read.await.expect("the read did not wait for more")
+    }
+
+    #[tokio::test]
+    async fn the_client_line_is_read_whole_and_nothing_past_it() {
+        let (daemon_side, mut client) = pair().await;
+        client
+            .write_all(b"SSH-2.0-OpenSSH_9.2\r\nKEX")
+            .await
+            .unwrap();
+        let line = read_client_line(&daemon_side).await.unwrap();
+        assert_eq!(line, b"SSH-2.0-OpenSSH_9.2\r\n");
+        let mut rest = [0u8; 3];
+        daemon_side.try_read(&mut rest).unwrap();
+        assert_eq!(&rest, b"KEX");
+    }
+
+    #[tokio::test]
+    async fn junk_and_over_long_lines_end_the_read_at_once() {
+        // Bytes that cannot start `SSH-` end it without waiting for a line feed.
+        let junk = client_line(b"\x16\x03\x01", false).await.unwrap();
+        assert!(ident::parse(&junk).is_err());
+        let http = client_line(b"GET / HTTP/1.1\r\n", false).await.unwrap();
+        assert!(matches!(
+            ident::parse(&http),
+            Err(IdentError::NotSsh { .. })
+        ));
+        // One byte past RFC 4253's limit is enough to reject, not cut, the line.
+        let mut long = b"SSH-2.0-".to_vec();
+        long.resize(400, b'a');
+        let read = client_line(&long, false).await.unwrap();
+        assert_eq!(read.len(), ident::MAX_LINE + 1);
+        assert_eq!(ident::parse(&read), Err(IdentError::TooLong));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_mid_line_is_rejected() {
+        assert!(matches!(
+            client_line(b"SSH-2.0-part", true).await,
+            Err(Rejection::Left(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_client_leaving_during_the_handoff_is_noticed() {
+        let (daemon_side, client) = pair().await;
+        let gone = client_gone(&daemon_side);
+        drop(client);
+        let error = timeout(Duration::from_secs(5), gone).await.unwrap();
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}

@@ -232,7 +232,8 @@ pub struct Outcome {
     /// The client did not identify itself as an SSH client (junk, an
     /// invalid or over-long line, silence, or it left first).
     pub rejected: bool,
-    /// No builder could be reached.
+    /// The client identified itself but was not put through to a builder:
+    /// none could take it or be reached, or the client left first.
     pub unserved: bool,
     /// The connection was counted for its builder ([`Dispatcher::reserve`]).
     pub counted: bool,
@@ -382,7 +383,10 @@ async fn handoff(
     // that work at once: dropping the future closes the upstream socket.
     let opened = tokio::select! {
         opened = open_with_failover(service, &mut builder, dispatcher, outcome) => opened,
-        gone = client_gone(client) => Err(gone),
+        gone = client_gone(client) => {
+            outcome.unserved = true;
+            Err(gone)
+        }
     };
     match opened {
         Ok((upstream, observation, server_lines)) => Ok(Opening {

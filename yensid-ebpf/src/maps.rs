@@ -29,13 +29,13 @@ pub const SERVICE_BACKENDS: &str = "SERVICE_BACKENDS";
 pub const BUILDERS: &str = "BUILDERS";
 /// Array: builder index -> connections the kernel assigned (kernel-owned).
 pub const ASSIGNED: &str = "ASSIGNED";
-/// Array: builder index -> connections userspace does not count for this
-/// builder (wrapping arithmetic: active = assigned - released). Userspace
-/// adds one when it accepts a connection the kernel assigned (in handoff,
-/// before the client's SSH identification line, it takes no slot), takes
-/// one away when the identified client is counted for this builder
-/// (including one moved here after another builder failed), and adds one
-/// when that connection ends or moves away.
+/// Array: builder index -> written by userspace so that assigned - released
+/// (wrapping) is the number of connections it counts for the builder:
+/// clients that sent their SSH identification line, until their connection
+/// ends. A connection in handoff takes no slot: userspace rewrites it from
+/// ASSIGNED when it accepts one, which also gives back SYNs that never
+/// became a connection (dropped on a full accept queue, then retransmitted
+/// and counted again).
 pub const RELEASED: &str = "RELEASED";
 /// Array: service index -> [`ServiceCounters`] (kernel-owned).
 pub const SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";

@@ -680,8 +680,8 @@ impl Controller {
                 // No connection of this daemon is open to a new index: the
                 // kernel's count restarts from whatever it holds.
                 let assigned = kernel.assigned(index)?;
-                self.registry.adopt_index(&builder.name, index, assigned);
                 kernel.set_released(index, assigned)?;
+                self.registry.adopt_index(&builder.name, index);
             }
             let weight = self.registry.inner().weight(&builder.name);
             kernel.set_builder(

@@ -67,8 +67,6 @@ pub struct Inner {
     /// choices (failover, the no-BPF fallback, `explain`) honour its
     /// exclusions and refusals too.
     pub plan: Option<Plan>,
-    /// What userspace last wrote to the kernel's RELEASED map, by index.
-    released: HashMap<u32, u64>,
     sequence: u64,
     /// Interfaces and routes; `None` while unknown.
     pub links: Option<LinkState>,
@@ -116,7 +114,6 @@ impl Registry {
             builder_index: HashMap::new(),
             paths: HashMap::new(),
             plan: None,
-            released: HashMap::new(),
             sequence: 0,
         };
         inner.sync_health();
@@ -147,8 +144,7 @@ impl Registry {
     /// hold a slot), so that count is given back at once.
     /// [`Dispatcher::reserve`] counts it again once the client identified.
     pub fn accepted(&self, builder: &str) {
-        let mut inner = self.inner();
-        self.adjust_released(&mut inner, builder, 1);
+        self.sync_kernel_count(&self.inner(), builder);
     }
 
     /// Records a probe result; a change of health is logged and replanned.
@@ -221,24 +217,32 @@ impl Registry {
         inner.choose(svc, &[], affinity)
     }
 
-    /// Moves one connection's count in the kernel: `delta` is added to the
-    /// RELEASED counter of `builder` (wrapping, see the map's docs).
-    fn adjust_released(&self, inner: &mut Inner, builder: &str, delta: i64) {
-        let Some(&index) = inner.builder_index.get(builder) else {
+    /// Makes the kernel's count of `builder`'s open connections (ASSIGNED
+    /// minus RELEASED) the count userspace keeps: identified clients only.
+    /// The kernel counts a connection at its SYN, which userspace cannot
+    /// see; writing RELEASED from what ASSIGNED holds now (not by adding
+    /// to it) gives back every SYN counted so far, including those that
+    /// never became a connection (a SYN dropped on a full accept queue is
+    /// counted again when it is retransmitted). A SYN counted after the
+    /// read stays counted until the next write, at its accept at the
+    /// latest. Called with the registry locked, so writes do not race.
+    fn sync_kernel_count(&self, inner: &Inner, builder: &str) {
+        let (Some(kernel), Some(&index)) = (&self.kernel, inner.builder_index.get(builder)) else {
             return;
         };
-        let released = inner.released.entry(index).or_default();
-        *released = released.wrapping_add_signed(delta);
-        if let Some(kernel) = &self.kernel
-            && let Err(e) = kernel.set_released(index, *released)
-        {
+        let active = inner.active.get(builder).copied().unwrap_or(0);
+        let synced = kernel
+            .assigned(index)
+            .and_then(|assigned| kernel.set_released(index, assigned.wrapping_sub(active)));
+        if let Err(e) = synced {
             error!(builder, error = %e, "cannot update the kernel's connection count");
         }
     }
 
     /// Starts counting a builder index afresh: no connection of this
-    /// daemon is open to it, whatever the kernel's counters say.
-    pub fn adopt_index(&self, builder: &str, index: u32, assigned: u64) {
+    /// daemon is open to it, whatever the kernel's counters say (the
+    /// caller wrote RELEASED = ASSIGNED).
+    pub fn adopt_index(&self, builder: &str, index: u32) {
         let paths = self
             .kernel
             .as_ref()
@@ -246,7 +250,6 @@ impl Registry {
             .unwrap_or_default();
         let mut inner = self.inner();
         inner.builder_index.insert(builder.to_owned(), index);
-        inner.released.insert(index, assigned);
         inner.paths.insert(
             builder.to_owned(),
             PathTracker::adopt(paths, path::boottime_ns()),
@@ -538,7 +541,7 @@ impl Dispatcher for Registry {
             inner.choose(svc, &[steered.to_owned()], None)?
         };
         *inner.active.entry(chosen.clone()).or_default() += 1;
-        self.adjust_released(&mut inner, &chosen, -1);
+        self.sync_kernel_count(&inner, &chosen);
         Some(chosen)
     }
 
@@ -578,8 +581,8 @@ impl Dispatcher for Registry {
             *n = n.saturating_sub(1);
         }
         *inner.active.entry(next.clone()).or_default() += 1;
-        self.adjust_released(&mut inner, failed, 1);
-        self.adjust_released(&mut inner, &next, -1);
+        self.sync_kernel_count(&inner, failed);
+        self.sync_kernel_count(&inner, &next);
         Some(next)
     }
 
@@ -593,12 +596,12 @@ impl Dispatcher for Registry {
 
     fn finished(&self, builder: &str, outcome: &Outcome) {
         let mut inner = self.inner();
-        if outcome.counted {
-            if let Some(n) = inner.active.get_mut(builder) {
-                *n = n.saturating_sub(1);
-            }
-            self.adjust_released(&mut inner, builder, 1);
+        if outcome.counted
+            && let Some(n) = inner.active.get_mut(builder)
+        {
+            *n = n.saturating_sub(1);
         }
+        self.sync_kernel_count(&inner, builder);
         let totals = inner.totals.entry(builder.to_owned()).or_default();
         if outcome.rejected {
             totals.rejected_clients += 1;
@@ -741,52 +744,6 @@ mod tests {
 
     fn active(r: &Registry, builder: &str) -> u64 {
         r.inner().active.get(builder).copied().unwrap_or(0)
-    }
-
-    /// The kernel's view of a builder's open connections, ASSIGNED (its
-    /// count of SYNs steered there, simulated by `assigned`) minus
-    /// RELEASED (userspace's), is the count userspace keeps: identified
-    /// connections only.
-    #[test]
-    fn the_kernel_counts_what_userspace_counts() {
-        let r = limited(4);
-        r.adopt_index("b1", 0, 100);
-        r.adopt_index("b2", 1, 100);
-        let mut assigned = [100u64, 100];
-        let kernel_view = |r: &Registry, assigned: &[u64; 2]| -> [u64; 2] {
-            let inner = r.inner();
-            [0, 1].map(|i| assigned[i as usize].wrapping_sub(inner.released[&i]))
-        };
-        // Three SYNs steered to b1, accepted: in handoff, not counted.
-        for _ in 0..3 {
-            assigned[0] += 1;
-            r.accepted("b1");
-        }
-        assert_eq!(kernel_view(&r, &assigned), [0, 0]);
-        // One identifies and is served by b1; one is rejected; one fails
-        // over to b2 after identifying.
-        assert_eq!(r.reserve("s", "b1").as_deref(), Some("b1"));
-        r.finished(
-            "b1",
-            &Outcome {
-                rejected: true,
-                ..Outcome::default()
-            },
-        );
-        assert_eq!(r.reserve("s", "b1").as_deref(), Some("b1"));
-        assert_eq!(kernel_view(&r, &assigned), [2, 0]);
-        let next = r.fail_over("s", "b1", "reset", &["b1".to_owned()], true);
-        assert_eq!(next.as_deref(), Some("b2"));
-        assert_eq!(kernel_view(&r, &assigned), [1, 1]);
-        assert_eq!((active(&r, "b1"), active(&r, "b2")), (1, 1));
-        let served = Outcome {
-            counted: true,
-            ..Outcome::default()
-        };
-        r.finished("b1", &served);
-        r.finished("b2", &served);
-        assert_eq!(kernel_view(&r, &assigned), [0, 0]);
-        assert_eq!((active(&r, "b1"), active(&r, "b2")), (0, 0));
     }
 
     /// Connections in handoff hold no slot: any number of silent clients

@@ -279,6 +279,12 @@ impl Daemon {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Everything the daemon logged so far, byte for byte (to check that it wrote no raw
+    /// bytes a client sent).
+    pub fn log_bytes(&self) -> Vec<u8> {
+        fs::read(&self.log_path).unwrap_or_default()
+    }
+
     /// The log lines stamped at or after `since` (lines without a time stamp, such as
     /// continuation lines, are left out).
     pub fn log_since(&self, since: SystemTime) -> Vec<LogLine> {

@@ -184,6 +184,46 @@ impl Sshd {
         self.spawn()
     }
 
+    /// Restarts the listening sshd with `MaxStartups` set to `max` (the test default
+    /// is 1000): beyond `max` unauthenticated connections it drops new ones, as a
+    /// builder under a flood does.
+    pub fn set_max_startups(&self, max: u32) -> Result<()> {
+        let config = fs::read_to_string(&self.config)?;
+        let changed: String = config
+            .lines()
+            .map(|line| match line.starts_with("MaxStartups ") {
+                true => format!("MaxStartups {max}\n"),
+                false => format!("{line}\n"),
+            })
+            .collect();
+        ensure!(
+            changed != config,
+            "no MaxStartups line in {}",
+            self.config.display()
+        );
+        fs::write(&self.config, changed)?;
+        if self.pid().is_some() {
+            self.kill()?;
+        }
+        self.spawn()
+    }
+
+    /// SIGKILLs every process the listening sshd forked (each connection's sshd and the
+    /// session it runs), as when a builder's session dies mid-transfer; the listener
+    /// keeps accepting. Returns how many processes were killed.
+    pub fn kill_sessions(&self) -> Result<usize> {
+        let listener = self
+            .pid()
+            .with_context(|| format!("sshd {} is not running", self.name))?;
+        let descendants = descendants_of(listener)?;
+        for &pid in &descendants {
+            // SAFETY: kill(2) on a pid we just found; a process that is already gone
+            // only makes it fail with ESRCH, which is fine.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        Ok(descendants.len())
+    }
+
     fn child(&self) -> MutexGuard<'_, Option<Child>> {
         self.child.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -235,6 +275,41 @@ impl Drop for Sshd {
             let _ = child.wait();
         }
     }
+}
+
+/// Every process below `root` in the process tree (from /proc's parent pids).
+fn descendants_of(root: u32) -> Result<Vec<u32>> {
+    let mut parents = Vec::new();
+    for entry in fs::read_dir("/proc")? {
+        let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`: comm may hold spaces, so parse after its `)`.
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parents.push((pid, ppid));
+        }
+    }
+    let mut found = vec![root];
+    let mut next = 0;
+    while next < found.len() {
+        let parent = found[next];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(pid, _)| *pid),
+        );
+        next += 1;
+    }
+    found.remove(0);
+    Ok(found)
 }
 
 fn render_config(

@@ -29,9 +29,13 @@ pub const SERVICE_BACKENDS: &str = "SERVICE_BACKENDS";
 pub const BUILDERS: &str = "BUILDERS";
 /// Array: builder index -> connections the kernel assigned (kernel-owned).
 pub const ASSIGNED: &str = "ASSIGNED";
-/// Array: builder index -> connections userspace has finished with, minus
-/// connections userspace moved to this builder after a failed connect
-/// (wrapping arithmetic: active = assigned - released).
+/// Array: builder index -> written by userspace so that assigned - released
+/// (wrapping) is the number of connections it counts for the builder:
+/// clients that sent their SSH identification line, until their connection
+/// ends. A connection in handoff takes no slot: userspace rewrites it from
+/// ASSIGNED when it accepts one, which also gives back SYNs that never
+/// became a connection (dropped on a full accept queue, then retransmitted
+/// and counted again).
 pub const RELEASED: &str = "RELEASED";
 /// Array: service index -> [`ServiceCounters`] (kernel-owned).
 pub const SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";

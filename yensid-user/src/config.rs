@@ -55,6 +55,30 @@ pub struct Daemon {
     /// Members of this group may read the pinned maps and ask the daemon
     /// for its status (no changes).
     pub read_group: Option<String>,
+    /// Limits on connections that have not finished their SSH handoff.
+    pub handoff: HandoffLimits,
+}
+
+/// `[daemon] ident_timeout`, `max_handoffs`, `max_handoffs_per_client`:
+/// what a connection may take before it is an SSH session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HandoffLimits {
+    /// How long a client may take to send its identification line.
+    pub ident_timeout: Duration,
+    /// Connections in handoff at once; beyond, new ones are refused (RST).
+    pub max_handoffs: u32,
+    /// Connections in handoff at once from one client address.
+    pub max_handoffs_per_client: u32,
+}
+
+impl Default for HandoffLimits {
+    fn default() -> Self {
+        Self {
+            ident_timeout: Duration::from_secs(5),
+            max_handoffs: 1024,
+            max_handoffs_per_client: 512,
+        }
+    }
 }
 
 impl Daemon {
@@ -479,6 +503,9 @@ mod raw {
         pub state_dir: Option<Spanned<String>>,
         pub runtime_dir: Option<Spanned<String>>,
         pub read_group: Option<Spanned<String>>,
+        pub ident_timeout: Option<Spanned<String>>,
+        pub max_handoffs: Option<Spanned<i64>>,
+        pub max_handoffs_per_client: Option<Spanned<i64>>,
     }
 
     #[derive(Deserialize)]
@@ -551,7 +578,8 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
     };
 
     let daemon = {
-        let d = raw.daemon.map(Spanned::into_inner);
+        let mut d = raw.daemon.map(Spanned::into_inner);
+        let handoff = handoff_limits(&mut check, d.as_mut());
         let (pin_path, dataplane, state_dir, runtime_dir, read_group) = match d {
             None => (None, None, None, None, None),
             Some(d) => (
@@ -587,6 +615,7 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             state_dir: dir("state_dir", state_dir, DEFAULT_STATE_DIR),
             runtime_dir: dir("runtime_dir", runtime_dir, DEFAULT_RUNTIME_DIR),
             read_group,
+            handoff,
         }
     };
 
@@ -982,6 +1011,43 @@ fn health_settings(
     }
 }
 
+/// The `[daemon]` keys of [`HandoffLimits`], taken out of `raw`.
+fn handoff_limits(check: &mut Checker<'_>, raw: Option<&mut raw::Daemon>) -> HandoffLimits {
+    let base = HandoffLimits::default();
+    let Some(raw) = raw else {
+        return base;
+    };
+    let ident_timeout = duration_field(
+        check,
+        "daemon.ident_timeout",
+        raw.ident_timeout.take(),
+        base.ident_timeout,
+    );
+    let max_handoffs = count_field(check, "daemon.max_handoffs", raw.max_handoffs.take())
+        .unwrap_or(base.max_handoffs);
+    let per_client = raw.max_handoffs_per_client.take();
+    let max_handoffs_per_client =
+        match count_field(check, "daemon.max_handoffs_per_client", per_client.clone()) {
+            Some(n) if n > max_handoffs => {
+                if let Some(v) = &per_client {
+                    check.report(
+                        "daemon.max_handoffs_per_client",
+                        v,
+                        format!("must not be above daemon.max_handoffs ({max_handoffs})"),
+                    );
+                }
+                max_handoffs
+            }
+            Some(n) => n,
+            None => base.max_handoffs_per_client.min(max_handoffs),
+        };
+    HandoffLimits {
+        ident_timeout,
+        max_handoffs,
+        max_handoffs_per_client,
+    }
+}
+
 /// A whole-number key of at least 1: `None` when absent, or when it is
 /// invalid (then reported).
 fn count_field(check: &mut Checker<'_>, key: &str, value: Option<Spanned<i64>>) -> Option<u32> {
@@ -1265,6 +1331,46 @@ mode = "local"
         let c = Config::parse(&GOOD.replace("builders = [\"b2\", \"b1\"]\n", "")).unwrap();
         assert_eq!(c.services[0].builders, ["b1", "b2"]);
         assert_eq!(c.services[0].strategy, Strategy::Priority);
+    }
+
+    #[test]
+    fn handoff_limits_have_defaults_and_are_checked_with_their_key() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.daemon.handoff, HandoffLimits::default());
+        let set = format!(
+            "[daemon]\nident_timeout = \"2s\"\nmax_handoffs = 64\nmax_handoffs_per_client = 8\n{GOOD}"
+        );
+        let h = Config::parse(&set).unwrap().daemon.handoff;
+        assert_eq!(
+            (h.ident_timeout, h.max_handoffs, h.max_handoffs_per_client),
+            (Duration::from_secs(2), 64, 8)
+        );
+        // Below the per-client default, the total caps it.
+        let small = format!("[daemon]\nmax_handoffs = 16\n{GOOD}");
+        assert_eq!(
+            Config::parse(&small)
+                .unwrap()
+                .daemon
+                .handoff
+                .max_handoffs_per_client,
+            16
+        );
+        let bad = format!(
+            "[daemon]\nident_timeout = \"0s\"\nmax_handoffs = 0\nmax_handoffs_per_client = -1\n{GOOD}"
+        );
+        assert_eq!(
+            problems(&bad),
+            [
+                "line 2: daemon.ident_timeout: must be longer than zero",
+                "line 3: daemon.max_handoffs: must be a whole number of at least 1",
+                "line 4: daemon.max_handoffs_per_client: must be a whole number of at least 1",
+            ]
+        );
+        let above = format!("[daemon]\nmax_handoffs = 4\nmax_handoffs_per_client = 5\n{GOOD}");
+        assert_eq!(
+            problems(&above),
+            ["line 3: daemon.max_handoffs_per_client: must not be above daemon.max_handoffs (4)"]
+        );
     }
 
     #[test]

@@ -30,6 +30,7 @@ use yensid_ebpf::maps::{
 
 use crate::{
     config::{Config, ConfigError, Dataplane, Mode, Service},
+    dataplane::admission::Quiet,
     dataplane::ident::escape,
     dataplane::proxy::{self, DataPath, Dispatcher},
     decide::health,
@@ -813,8 +814,8 @@ impl Controller {
                 // No connection of this daemon is open to a new index: the
                 // kernel's count restarts from whatever it holds.
                 let assigned = kernel.assigned(index)?;
-                self.registry.adopt_index(&builder.name, index, assigned);
                 kernel.set_released(index, assigned)?;
+                self.registry.adopt_index(&builder.name, index);
             }
             let weight = self.registry.inner().weight(&builder.name);
             kernel.set_builder(
@@ -1023,7 +1024,15 @@ impl Controller {
                 Some((name.clone(), kernel.as_ref()?.counters(index).ok()?))
             })
             .collect();
+        let handoffs = &self.registry.handoffs;
+        let limits = handoffs.limits();
         report::Context {
+            handoffs: crate::operate::status::HandoffStatus {
+                in_progress: handoffs.in_progress(),
+                refused: handoffs.refused(),
+                max_handoffs: limits.max_handoffs,
+                max_handoffs_per_client: limits.max_handoffs_per_client,
+            },
             counters,
             dataplane: match self.path {
                 DataPath::Kernel(..) => "kernel",
@@ -1214,7 +1223,8 @@ fn set_v6only(socket: &tokio::net::TcpSocket, on: bool) -> std::io::Result<()> {
 }
 
 /// Accepts connections. With `builder` set the kernel already chose (the
-/// listener is that builder's); without, userspace chooses.
+/// listener is that builder's); without, userspace chooses. Beyond the
+/// caps on connections in handoff, a new connection is refused at once.
 async fn accept_loop(
     listener: TcpListener,
     service: String,
@@ -1222,6 +1232,8 @@ async fn accept_loop(
     registry: Arc<Registry>,
     path: DataPath,
 ) {
+    let handoffs = registry.handoffs.clone();
+    let ident_timeout = handoffs.limits().ident_timeout;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -1231,11 +1243,29 @@ async fn accept_loop(
                 continue;
             }
         };
-        let chosen = match &builder {
-            Some(b) => {
-                registry.accepted(b);
-                b.clone()
+        if let Some(b) = &builder {
+            // Counted by the kernel at its SYN; in handoff it is not.
+            registry.accepted(b);
+        }
+        let ticket = match handoffs.admit(peer.ip()) {
+            Ok(ticket) => ticket,
+            Err(full) => {
+                if let Some(left_out) = HANDOFFS_FULL.allow(std::time::Instant::now()) {
+                    warn!(
+                        service,
+                        %peer,
+                        reason = %full,
+                        refused_in_total = handoffs.refused(),
+                        similar_left_out = left_out,
+                        "too many connections in handoff: new connection refused"
+                    );
+                }
+                refuse(stream);
+                continue;
             }
+        };
+        let chosen = match &builder {
+            Some(b) => b.clone(),
             None => match registry.route(&service, peer) {
                 Some(b) => b,
                 None => {
@@ -1248,10 +1278,23 @@ async fn accept_loop(
         let service = service.clone();
         let path = path.clone();
         tokio::spawn(async move {
-            proxy::serve(stream, &service, chosen, dispatcher, path).await;
+            proxy::serve(
+                stream,
+                &service,
+                chosen,
+                dispatcher,
+                path,
+                ticket,
+                ident_timeout,
+            )
+            .await;
         });
     }
 }
+
+/// At most one line per five seconds about connections refused at the
+/// handoff caps: a flood must not flood the log too.
+static HANDOFFS_FULL: Quiet = Quiet::new(Duration::from_secs(5), 1);
 
 /// Closes with RST: the userspace equivalent of the kernel's refusal.
 fn refuse(stream: TcpStream) {

@@ -1,5 +1,6 @@
 //! The data path of one connection: SSH handoff, then kernel splice or
 //! userspace copy.
 
+pub mod admission;
 pub mod ident;
 pub mod proxy;

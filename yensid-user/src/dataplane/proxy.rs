@@ -7,18 +7,30 @@
 //! opening of the SSH protocol itself, up to an instant where neither peer
 //! may send anything:
 //!
-//! 1. read the client's identification line (the client then waits for the
-//!    server's line);
-//! 2. at the same time (as HAProxy does, the connect does not wait for the
-//!    client's line), connect to the builder and read its identification
-//!    line, accepting the other lines RFC 4253 allows before it (the server
-//!    then waits for the client's line). A failed connect fails over to
-//!    another builder, invisibly to the client, which has not seen a byte
-//!    yet. Steps 1 and 2 only read, each from its own socket, so their
-//!    order does not matter; nothing is passed on until both are done. If
-//!    step 1 fails (the client is not speaking SSH, went away or stalled),
-//!    the upstream connection, made or in the making, is closed; if no
-//!    builder answers, the client is reset without waiting for its line;
+//! 1. read the client's identification line, within `[daemon]
+//!    ident_timeout` (default 5 s), and check it ([`ident::parse`]): a
+//!    line that is not SSH 2.0, holds control bytes or is longer than RFC
+//!    4253's 255 bytes is rejected, not cut and passed on. Until then no
+//!    builder is contacted and no builder counts the connection: a client
+//!    that never speaks costs one descriptor and a task, bounded by the
+//!    caps on connections in handoff (`crate::dataplane::admission`), and
+//!    is closed when the timeout ends. Bytes that cannot start `SSH-` end
+//!    it at once. The client then waits for the server's line (OpenSSH,
+//!    Go's and paramiko's clients all send theirs first; a client that
+//!    waited for the server's line first would be closed at the timeout);
+//! 2. count the connection for its builder (the one the kernel chose at
+//!    SYN time, or another if that one filled up since: see
+//!    `Dispatcher::reserve`), connect to it and read its identification
+//!    line, accepting the other lines RFC 4253 allows before it (the
+//!    server then waits for the client's line). A client that closes or
+//!    resets meanwhile cancels this at once. A failed connect (refused,
+//!    timed out) marks the builder down and fails over to another
+//!    builder, invisibly to the client, which has not seen a byte yet; a
+//!    builder that accepts and then closes, resets or stays silent (an
+//!    sshd at its `MaxStartups` writes `Exceeded MaxStartups` and closes)
+//!    is busy, not dead: the client is failed over too, but the probes
+//!    decide the builder's health. If no builder answers, the client is
+//!    reset;
 //! 3. pass both lines on; each peer answers with its KEXINIT packet;
 //! 4. read both KEXINIT packets (unencrypted, length-prefixed). The client
 //!    now waits for the server's KEXINIT, the server for the client's;
@@ -30,7 +42,11 @@
 //!
 //! FIN and RST are never redirected by the kernel, so userspace watches
 //! both sockets and passes a half-close on once the kernel has delivered
-//! every byte that came before it.
+//! every byte that came before it. A socket its peer reset ends the pair
+//! at once, and so does a half-close whose receiving side was reset (a
+//! builder's session that died while the client still sent): waiting for
+//! such a peer to take the bytes would keep the pair, its map entries and
+//! its `max_connections` slot for `DRAIN_STALL_LIMIT`.
 //!
 //! Known limit: a builder that closes right after the client's KEXINIT (as
 //! sshd does when no key-exchange algorithm matches) can close before step
@@ -84,15 +100,29 @@
 //!   the userspace path and 195 us for HAProxy (measured before the changes
 //!   below). With connections back to back on 2 CPUs that showed as 10-50
 //!   us more connect-to-banner at p50 than HAProxy in most runs.
-//! - Since then the connect to the builder starts while the client's line is
-//!   still coming (step 2), and spliced pairs share one epoll instance
+//! - Since then spliced pairs share one epoll instance
 //!   (`crate::kernel::hangup`): a connection holds its two sockets and nothing else,
 //!   so 10 000 fit a 20 000-descriptor limit, and an idle spliced
 //!   connection costs about 2 KiB of daemon RSS (10.3 MiB before, 30.2 MiB
 //!   with 9 900). Connect-to-banner, old handoff against new in the same
 //!   bench run, two runs with the order swapped (the later contender tends
 //!   to gain tens of us): p50 426 -> 251 us and 340 -> 278 us, p99 817 ->
-//!   492 us and 577 -> 594 us; HAProxy 267 and 332 us at p50.
+//!   492 us and 577 -> 594 us; HAProxy 267 and 332 us at p50. (That
+//!   handoff also connected to the builder while the client's line was
+//!   still coming; issue #10 made it wait for the line, see below.)
+//! - Identification first (issue #10): the builder is connected only once
+//!   the client's line is in, so connect-to-banner now includes the
+//!   builder's connect and banner after the line instead of beside it. A
+//!   local client sends its line right after its connect, so little was
+//!   overlapped; a remote client's line arrives half its RTT after the
+//!   accept, which is then added once. Measured on the test topology (one
+//!   builder behind a veth, a server that sends its banner at accept, the
+//!   client sending its line first as OpenSSH does), kernel path, debug
+//!   builds, old and new binaries alternating in four pairs of 1000-2000
+//!   sequential connections on a 2-CPU machine at load 15: p50 708 -> 726,
+//!   701 -> 723, 671 -> 830, 710 -> 806 us (+20 to +160 us, mean +74
+//!   us); p90 and p99 (1-12 ms) were noise in both. Not yet measured with
+//!   `cargo xtask bench` in release builds.
 //! - Tried, not kept: keying the SOCKHASH by the peer's cookie, so the
 //!   verdict program looks up its own cookie and the peer map with its four
 //!   updates and two deletes per connection goes. Connection rate, same-run
@@ -116,6 +146,8 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    dataplane::admission::{Quiet, Ticket},
+    dataplane::ident::{self, IdentError},
     kernel::bpf::{Kernel, Observation},
     kernel::hangup::Hangups,
     kernel::sock,
@@ -155,14 +187,23 @@ pub trait Dispatcher: Send + Sync + 'static {
     fn address(&self, builder: &str) -> Option<String>;
     /// How long a connect to a builder may take.
     fn connect_timeout(&self, builder: &str) -> Duration;
+    /// The client of `service` that the kernel steered to `steered` has
+    /// identified itself: counts the connection for the builder it is to
+    /// be served by (`steered` while it is available, else another one the
+    /// strategy picks) and names it; `None` when no builder may take it.
+    fn reserve(&self, service: &str, steered: &str) -> Option<String>;
     /// Records that `failed` could not serve a connection of `service` and
-    /// moves that connection to another builder not in `tried`, if any.
+    /// moves that connection (and its count) to another builder not in
+    /// `tried`, if any. `busy`: the builder accepted the connection and
+    /// then closed it or stayed silent, as an sshd at its `MaxStartups`
+    /// does: the probes, not this connection, decide its health.
     fn fail_over(
         &self,
         service: &str,
         failed: &str,
         reason: &str,
         tried: &[String],
+        busy: bool,
     ) -> Option<String>;
     /// Has the kernel measure the path of the socket with `cookie`, about
     /// to connect to `builder`, for as long as the guard lives (`None`
@@ -171,7 +212,8 @@ pub trait Dispatcher: Send + Sync + 'static {
     /// A builder answered with its identification line `elapsed` after
     /// the connect started.
     fn connected(&self, builder: &str, elapsed: Duration);
-    /// The connection that was counted for `builder` is over.
+    /// The connection steered to (or, once counted, served by) `builder`
+    /// is over.
     fn finished(&self, builder: &str, outcome: &Outcome);
 }
 
@@ -187,10 +229,14 @@ pub enum DataPath {
 /// How a connection ended.
 #[derive(Debug, Default)]
 pub struct Outcome {
-    /// The client was not speaking SSH.
+    /// The client did not identify itself as an SSH client (junk, an
+    /// invalid or over-long line, silence, or it left first).
     pub rejected: bool,
-    /// No builder could be reached.
+    /// The client identified itself but was not put through to a builder:
+    /// none could take it or be reached, or the client left first.
     pub unserved: bool,
+    /// The connection was counted for its builder ([`Dispatcher::reserve`]).
+    pub counted: bool,
     /// Builders that failed before one answered.
     pub failovers: u32,
     /// Served by the kernel splice.
@@ -205,19 +251,38 @@ pub struct Outcome {
     pub from_builder: u64,
 }
 
+/// At most 20 lines per 10 s about rejected clients, so a flood of junk
+/// connections does not flood the log.
+static REJECTIONS: Quiet = Quiet::new(Duration::from_secs(10), 20);
+/// The same for clients refused because no builder could take them.
+static UNSERVED: Quiet = Quiet::new(Duration::from_secs(10), 20);
+
 /// Serves one accepted connection that the kernel steered to `builder`.
+/// `ticket` is its place among the connections in handoff, given back
+/// once both identification lines are known.
 pub async fn serve(
     client: TcpStream,
     service: &str,
     builder: String,
     dispatcher: Arc<dyn Dispatcher>,
     path: DataPath,
+    ticket: Ticket,
+    ident_timeout: Duration,
 ) {
     let started = Instant::now();
     let peer = client.peer_addr().ok();
     let mut outcome = Outcome::default();
-    let served = handoff(&client, service, builder, &*dispatcher, &mut outcome).await;
-    let builder = match served {
+    let served = handoff(
+        &client,
+        service,
+        builder,
+        &*dispatcher,
+        &mut outcome,
+        ident_timeout,
+    )
+    .await;
+    drop(ticket);
+    let (builder, error) = match served {
         Err((builder, why)) => {
             debug!(service, builder, ?peer, %why, "connection ended during the handoff");
             if outcome.unserved {
@@ -228,10 +293,8 @@ pub async fn serve(
         }
         Ok(opening) => {
             let builder = opening.builder.clone();
-            if let Err(e) = forward(client, opening, &path, &mut outcome).await {
-                debug!(service, builder, ?peer, error = %e, "connection closed with an error");
-            }
-            builder
+            let error = forward(client, opening, &path, &mut outcome).await.err();
+            (builder, error)
         }
     };
     info!(
@@ -243,6 +306,7 @@ pub async fn serve(
         to_builder = outcome.to_builder,
         from_builder = outcome.from_builder,
         seconds = started.elapsed().as_secs_f64(),
+        error = error.map(|e| e.to_string()),
         "connection closed"
     );
     dispatcher.finished(&builder, &outcome);
@@ -261,62 +325,141 @@ struct Opening {
     server_lines: Vec<u8>,
 }
 
-/// Why the handoff ended without a builder's line for the client.
-enum Failure {
-    /// The client's first line is not an SSH identification line.
-    NotSsh(Vec<u8>),
-    /// The client went away or stalled.
-    Client(io::Error),
-    /// No builder could be reached.
-    Unserved(io::Error),
+/// Why the client was not served.
+#[derive(Debug, thiserror::Error)]
+enum Rejection {
+    #[error(transparent)]
+    Invalid(#[from] IdentError),
+    #[error("no identification line within {0:?}")]
+    Silent(Duration),
+    #[error("left before identifying itself ({0})")]
+    Left(io::Error),
 }
 
-/// Steps 1 and 2 of the handoff, side by side.
+/// Steps 1 and 2 of the handoff: the client's line, then the builder.
 async fn handoff(
     client: &TcpStream,
     service: &str,
-    mut builder: String,
+    steered: String,
     dispatcher: &dyn Dispatcher,
     outcome: &mut Outcome,
+    ident_timeout: Duration,
 ) -> Result<Opening, (String, io::Error)> {
-    let client_line = async {
-        match step(read_line(client, MAX_IDENT_LINE)).await {
-            Ok(line) if line.starts_with(b"SSH-") => Ok(line),
-            Ok(line) => Err(Failure::NotSsh(line)),
-            Err(e) => Err(Failure::Client(e)),
+    let client_line = match timeout(ident_timeout, read_client_line(client)).await {
+        Ok(Ok(line)) => match ident::parse(&line) {
+            Ok(_) => Ok(line),
+            Err(e) => Err((e.into(), line)),
+        },
+        Ok(Err(e)) => Err((e, Vec::new())),
+        Err(_) => Err((Rejection::Silent(ident_timeout), Vec::new())),
+    };
+    let client_line = match client_line {
+        Ok(line) => line,
+        Err((why, line)) => {
+            outcome.rejected = true;
+            if let Some(left_out) = REJECTIONS.allow(Instant::now()) {
+                warn!(
+                    service,
+                    peer = ?client.peer_addr().ok(),
+                    reason = %why,
+                    first_bytes = %ident::escape(&line[..line.len().min(64)]),
+                    similar_left_out = left_out,
+                    "client rejected: closed before any builder was contacted"
+                );
+            }
+            return Err((steered, io::Error::other(why)));
         }
     };
-    // The first failure drops the other future: an upstream connection
-    // being made or already made for a client that is gone is closed.
-    let joined = tokio::try_join!(
-        client_line,
-        open_with_failover(service, &mut builder, dispatcher, outcome)
-    );
-    let (client_line, (upstream, observation, server_lines)) = match joined {
-        Ok(both) => both,
-        Err(Failure::NotSsh(line)) => {
-            outcome.rejected = true;
+    let Some(mut builder) = dispatcher.reserve(service, &steered) else {
+        outcome.unserved = true;
+        if let Some(left_out) = UNSERVED.allow(Instant::now()) {
             warn!(
                 service,
-                peer = ?client.peer_addr().ok(),
-                first_bytes = %String::from_utf8_lossy(&line[..line.len().min(32)]),
-                "client is not speaking SSH; closed"
+                steered,
+                similar_left_out = left_out,
+                "no builder may take the client (full, unhealthy or drained); refused"
             );
-            return Err((builder, io::Error::other("not an SSH client")));
         }
-        Err(Failure::Client(e)) => return Err((builder, e)),
-        Err(Failure::Unserved(e)) => {
+        return Err((steered, io::Error::other("no builder available")));
+    };
+    outcome.counted = true;
+    // A client that leaves while the builder is being connected cancels
+    // that work at once: dropping the future closes the upstream socket.
+    let opened = tokio::select! {
+        opened = open_with_failover(service, &mut builder, dispatcher, outcome) => opened,
+        gone = client_gone(client) => {
             outcome.unserved = true;
-            return Err((builder, e));
+            Err(gone)
         }
     };
-    Ok(Opening {
-        builder,
-        upstream,
-        observation,
-        client_line,
-        server_lines,
-    })
+    match opened {
+        Ok((upstream, observation, server_lines)) => Ok(Opening {
+            builder,
+            upstream,
+            observation,
+            client_line,
+            server_lines,
+        }),
+        Err(e) => Err((builder, e)),
+    }
+}
+
+/// Reads the client's identification line, at most one byte longer than
+/// RFC 4253 allows (so an over-long line is seen as one, not cut), and
+/// gives up as soon as its bytes cannot start one.
+async fn read_client_line(client: &TcpStream) -> Result<Vec<u8>, Rejection> {
+    let mut line = Vec::new();
+    let mut buf = [0u8; ident::MAX_LINE + 1];
+    loop {
+        let want = buf.len() - line.len();
+        let n = client
+            .peek(&mut buf[..want])
+            .await
+            .map_err(Rejection::Left)?;
+        if n == 0 {
+            return Err(Rejection::Left(io::ErrorKind::UnexpectedEof.into()));
+        }
+        let take = buf[..n]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(n, |end| end + 1);
+        let mut chunk = vec![0u8; take];
+        read_exact_from(client, &mut chunk)
+            .await
+            .map_err(Rejection::Left)?;
+        line.extend_from_slice(&chunk);
+        let prefix = line.len().min(4);
+        if line[..prefix] != b"SSH-"[..prefix]
+            || line.last() == Some(&b'\n')
+            || line.len() > ident::MAX_LINE
+        {
+            return Ok(line);
+        }
+    }
+}
+
+/// Resolves when the client has closed or reset its connection. A client
+/// that sends more after its identification line (allowed, if unusual)
+/// cannot be watched this way without spinning; it is then not watched.
+async fn client_gone(client: &TcpStream) -> io::Error {
+    let mut byte = [0u8; 1];
+    match client.peek(&mut byte).await {
+        Ok(0) => io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "client left during the handoff",
+        ),
+        Ok(_) => std::future::pending().await,
+        Err(e) => e,
+    }
+}
+
+/// What went wrong with one builder.
+struct UpstreamError {
+    error: io::Error,
+    /// The builder accepted the connection and then closed it, reset it
+    /// or sent no identification line: busy (an sshd at `MaxStartups`
+    /// does this), not necessarily down.
+    busy: bool,
 }
 
 /// Opens an upstream connection to `builder`, failing over to other
@@ -327,23 +470,24 @@ async fn open_with_failover(
     builder: &mut String,
     dispatcher: &dyn Dispatcher,
     outcome: &mut Outcome,
-) -> Result<(TcpStream, Option<Observation>, Vec<u8>), Failure> {
+) -> io::Result<(TcpStream, Option<Observation>, Vec<u8>)> {
     let mut tried = Vec::new();
     loop {
-        let e = match open_upstream(builder, dispatcher).await {
+        let UpstreamError { error, busy } = match open_upstream(builder, dispatcher).await {
             Ok(opened) => return Ok(opened),
             Err(e) => e,
         };
         outcome.failovers += 1;
         tried.push(builder.clone());
-        match dispatcher.fail_over(service, builder, &e.to_string(), &tried) {
+        match dispatcher.fail_over(service, builder, &error.to_string(), &tried, busy) {
             Some(next) => {
-                info!(service, failed = builder.as_str(), next, error = %e, "failing over before the client saw a byte");
+                info!(service, failed = builder.as_str(), next, busy, %error, "failing over before the client saw a byte");
                 *builder = next;
             }
             None => {
-                warn!(service, failed = builder.as_str(), error = %e, "no other builder; refusing the client");
-                return Err(Failure::Unserved(e));
+                outcome.unserved = true;
+                warn!(service, failed = builder.as_str(), busy, %error, "no other builder; refusing the client");
+                return Err(error);
             }
         }
     }
@@ -353,10 +497,12 @@ async fn open_with_failover(
 async fn open_upstream(
     builder: &str,
     dispatcher: &dyn Dispatcher,
-) -> io::Result<(TcpStream, Option<Observation>, Vec<u8>)> {
+) -> Result<(TcpStream, Option<Observation>, Vec<u8>), UpstreamError> {
+    let down = |error| UpstreamError { error, busy: false };
+    let busy = |error| UpstreamError { error, busy: true };
     let address = dispatcher
         .address(builder)
-        .ok_or_else(|| io::Error::other("builder is no longer configured"))?;
+        .ok_or_else(|| down(io::Error::other("builder is no longer configured")))?;
     let started = Instant::now();
     let observe = |socket: &TcpSocket| dispatcher.observe(builder, sock::cookie(socket).ok()?);
     let (upstream, observation) = timeout(
@@ -364,8 +510,9 @@ async fn open_upstream(
         connect_with(&address, observe),
     )
     .await
-    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-    upstream.set_nodelay(true)?;
+    .map_err(|_| down(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))?
+    .map_err(down)?;
+    upstream.set_nodelay(true).map_err(busy)?;
     let mut lines = Vec::new();
     loop {
         let line = timeout(
@@ -373,14 +520,26 @@ async fn open_upstream(
             read_line(&upstream, MAX_IDENT_LINE),
         )
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no SSH identification line"))??;
+        .map_err(|_| {
+            busy(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no SSH identification line",
+            ))
+        })?
+        .map_err(|e| {
+            let before = ident::escape(&lines[..lines.len().min(64)]);
+            busy(io::Error::new(
+                e.kind(),
+                format!("closed before its identification line ({e}); it sent `{before}`"),
+            ))
+        })?;
         lines.extend_from_slice(&line);
         if line.starts_with(b"SSH-") {
             dispatcher.connected(builder, started.elapsed());
             return Ok((upstream, observation, lines));
         }
         if lines.len() > MAX_SERVER_PREAMBLE {
-            return Err(io::Error::other("builder is not speaking SSH"));
+            return Err(down(io::Error::other("builder is not speaking SSH")));
         }
     }
 }
@@ -524,6 +683,19 @@ async fn watch_spliced(
     let mut buf = Vec::new();
     while ended.contains(&false) {
         for index in pair.next().await? {
+            // Its peer reset it (or closed it before this side was shut
+            // down, which only a reset does): nothing more can go through
+            // it, so the pair ends now, not when the other side gives up.
+            if !ended[1 - index] && sock::is_closed(sockets[index].socket)? {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    if index == 0 {
+                        "the client reset the connection"
+                    } else {
+                        "the builder reset the connection"
+                    },
+                ));
+            }
             if !ended[index] {
                 buf.resize(STRAY_BUFFER, 0);
                 ended[index] = !pump(&sockets[index], &sockets[1 - index], &mut buf).await?;
@@ -581,6 +753,13 @@ async fn drain(from: &StdTcpStream, to: &Spliced<'_>) -> io::Result<()> {
         let written = to.written()?;
         if written >= received {
             return Ok(());
+        }
+        // A peer that reset `to` takes no more bytes: waiting is pointless.
+        if sock::is_closed(to.socket)? {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "peer reset the connection while bytes were on their way to it",
+            ));
         }
         if written != last_written {
             last_written = written;
@@ -694,4 +873,78 @@ async fn read_packet(socket: &mut TcpStream) -> io::Result<Vec<u8>> {
     packet[..4].copy_from_slice(&len);
     socket.read_exact(&mut packet[4..]).await?;
     Ok(packet)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connected pair: the daemon's side and the client's.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (daemon_side, _) = listener.accept().await.unwrap();
+        (daemon_side, client)
+    }
+
+    async fn client_line(sent: &[u8], close: bool) -> Result<Vec<u8>, Rejection> {
+        let (daemon_side, mut client) = pair().await;
+        client.write_all(sent).await.unwrap();
+        if close {
+            client.shutdown().await.unwrap();
+        }
+        let read = timeout(Duration::from_secs(5), read_client_line(&daemon_side));
+        read.await.expect("the read did not wait for more")
+    }
+
+    #[tokio::test]
+    async fn the_client_line_is_read_whole_and_nothing_past_it() {
+        let (daemon_side, mut client) = pair().await;
+        client
+            .write_all(b"SSH-2.0-OpenSSH_9.2\r\nKEX")
+            .await
+            .unwrap();
+        let line = read_client_line(&daemon_side).await.unwrap();
+        assert_eq!(line, b"SSH-2.0-OpenSSH_9.2\r\n");
+        let mut rest = [0u8; 3];
+        daemon_side.try_read(&mut rest).unwrap();
+        assert_eq!(&rest, b"KEX");
+    }
+
+    #[tokio::test]
+    async fn junk_and_over_long_lines_end_the_read_at_once() {
+        // Bytes that cannot start `SSH-` end it without waiting for a line feed.
+        let junk = client_line(b"\x16\x03\x01", false).await.unwrap();
+        assert!(ident::parse(&junk).is_err());
+        let http = client_line(b"GET / HTTP/1.1\r\n", false).await.unwrap();
+        assert!(matches!(
+            ident::parse(&http),
+            Err(IdentError::NotSsh { .. })
+        ));
+        // One byte past RFC 4253's limit is enough to reject, not cut, the line.
+        let mut long = b"SSH-2.0-".to_vec();
+        long.resize(400, b'a');
+        let read = client_line(&long, false).await.unwrap();
+        assert_eq!(read.len(), ident::MAX_LINE + 1);
+        assert_eq!(ident::parse(&read), Err(IdentError::TooLong));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_mid_line_is_rejected() {
+        assert!(matches!(
+            client_line(b"SSH-2.0-part", true).await,
+            Err(Rejection::Left(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_client_leaving_during_the_handoff_is_noticed() {
+        let (daemon_side, client) = pair().await;
+        let gone = client_gone(&daemon_side);
+        drop(client);
+        let error = timeout(Duration::from_secs(5), gone).await.unwrap();
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
+    }
 }

@@ -6,8 +6,11 @@
 //! not speak SSH, closes at once or sends garbage fails the probe.
 //!
 //! Rules: a healthy builder goes down after `fall` consecutive failed
-//! probes, or at once on a passive failure (a real connection could not
-//! reach it). A down builder is probed with exponential back-off
+//! probes, or at once on a passive failure (a real connection's connect
+//! was refused or timed out). A builder that accepted a real connection and
+//! then closed, reset or ignored it is busy (an sshd at `MaxStartups`, often
+//! because of its own clients' flood), which is no passive failure: the
+//! connection is failed over and the probes decide. A down builder is probed with exponential back-off
 //! (`interval`, doubling, capped at `max_interval`) and comes back after
 //! `rise` consecutive successful probes.
 
@@ -19,7 +22,7 @@ use std::{
 
 use tokio::{io::AsyncWriteExt, net::TcpStream, time::timeout};
 
-use crate::config::HealthSettings;
+use crate::{config::HealthSettings, dataplane::ident::escape};
 
 /// Why a builder is considered down.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -233,7 +236,7 @@ async fn read_banner(stream: &mut TcpStream) -> Result<String, Failure> {
         seen.extend_from_slice(&buf[..n]);
         for line in seen.split(|&b| b == b'\n') {
             if line.starts_with(b"SSH-") && seen.contains(&b'\n') {
-                let text = String::from_utf8_lossy(line).trim_end().to_owned();
+                let text = escape(line.strip_suffix(b"\r").unwrap_or(line));
                 return if text.starts_with("SSH-2.0-") || text.starts_with("SSH-1.99-") {
                     Ok(text)
                 } else {
@@ -253,12 +256,9 @@ fn looks_like_text(bytes: &[u8]) -> bool {
         .all(|&b| b == b'\r' || b == b'\n' || b == b'\t' || (0x20..0x7f).contains(&b))
 }
 
+/// The first bytes a builder sent, escaped: they go into logs and status.
 fn printable(bytes: &[u8]) -> String {
-    let shown: String = String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
-        .chars()
-        .map(|c| if c.is_control() { '.' } else { c })
-        .collect();
-    format!("`{shown}`")
+    format!("`{}`", escape(&bytes[..bytes.len().min(40)]))
 }
 
 #[cfg(test)]
@@ -373,10 +373,11 @@ mod tests {
             Err(Failure::BadBanner(_))
         ));
         let garbage = serve_once(b"\x00\x01\x02\xff\n").await;
-        assert!(matches!(
-            probe(&garbage, limit).await,
-            Err(Failure::BadBanner(_))
-        ));
+        assert_eq!(
+            probe(&garbage, limit).await.err(),
+            Some(Failure::BadBanner(r"`\x00\x01\x02\xff\n`".into())),
+            "the builder's bytes are escaped"
+        );
         let silent = serve_once(b"").await;
         assert!(matches!(
             probe(&silent, Duration::from_millis(100)).await,

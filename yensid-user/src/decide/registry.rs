@@ -22,6 +22,7 @@ use yensid_ebpf::{
 
 use crate::{
     config::{Config, Mode, Service, Strategy},
+    dataplane::admission::Handoffs,
     dataplane::proxy::{Dispatcher, Outcome},
     decide::health::{Answer, Failure, Tracker, Transition},
     decide::hook::Decision,
@@ -35,6 +36,8 @@ use crate::{
 
 pub struct Registry {
     kernel: Option<Arc<Kernel>>,
+    /// Connections in handoff (not counted for any builder yet).
+    pub handoffs: Arc<Handoffs>,
     inner: Mutex<Inner>,
     /// Wakes the controller to recompute the plan.
     pub replan: Notify,
@@ -46,7 +49,10 @@ pub struct Inner {
     pub config: Arc<Config>,
     pub health: HashMap<String, Tracker>,
     pub drained: BTreeSet<String>,
-    /// Open connections per builder, as userspace counts them.
+    /// Open connections per builder, as userspace counts them: from the
+    /// moment the client identified itself and the builder was chosen for
+    /// it (the upstream connect) until the connection ends. A connection
+    /// still in handoff is not counted, here or in the kernel.
     pub active: HashMap<String, u64>,
     /// Per service, the affinity table by builder name.
     pub affinity: HashMap<String, Vec<String>>,
@@ -61,8 +67,6 @@ pub struct Inner {
     /// choices (failover, the no-BPF fallback, `explain`) honour its
     /// exclusions and refusals too.
     pub plan: Option<Plan>,
-    /// What userspace last wrote to the kernel's RELEASED map, by index.
-    released: HashMap<u32, u64>,
     sequence: u64,
     /// Interfaces and routes; `None` while unknown.
     pub links: Option<LinkState>,
@@ -114,12 +118,12 @@ impl Registry {
             builder_index: HashMap::new(),
             paths: HashMap::new(),
             plan: None,
-            released: HashMap::new(),
             sequence: 0,
         };
         inner.sync_health();
         Self {
             kernel,
+            handoffs: Handoffs::new(inner.config.daemon.handoff),
             inner: Mutex::new(inner),
             replan: Notify::new(),
             state_changed: Notify::new(),
@@ -138,9 +142,13 @@ impl Registry {
         self.inner.lock().expect("registry poisoned")
     }
 
-    /// A connection counted for `builder` was accepted.
+    /// A connection the kernel steered to `builder` was accepted. The
+    /// kernel counted it at its SYN; in handoff it must not count against
+    /// the builder's `max_connections` (a client that never speaks would
+    /// hold a slot), so that count is given back at once.
+    /// [`Dispatcher::reserve`] counts it again once the client identified.
     pub fn accepted(&self, builder: &str) {
-        *self.inner().active.entry(builder.to_owned()).or_default() += 1;
+        self.sync_kernel_count(&self.inner(), builder);
     }
 
     /// Records a probe result; a change of health is logged and replanned.
@@ -188,7 +196,8 @@ impl Registry {
     }
 
     /// Chooses a builder for a connection the kernel did not steer (the
-    /// userspace fallback), and counts it.
+    /// userspace fallback); like a steered one, it is counted only by
+    /// [`Dispatcher::reserve`].
     pub fn route(&self, service: &str, peer: SocketAddr) -> Option<String> {
         let mut inner = self.inner();
         let config = inner.config.clone();
@@ -209,27 +218,35 @@ impl Registry {
                 .available
                 .then_some(position as u32)
         });
-        let chosen = inner.choose(svc, &[], affinity)?;
-        *inner.active.entry(chosen.clone()).or_default() += 1;
-        Some(chosen)
+        inner.choose(svc, &[], affinity)
     }
 
-    /// Moves one connection's count in the kernel: `delta` is added to the
-    /// RELEASED counter of `builder` (wrapping, see the map's docs).
-    fn adjust_released(&self, inner: &mut Inner, builder: &str, delta: i64) {
+    /// Makes the kernel's count of `builder`'s open connections (ASSIGNED
+    /// minus RELEASED) the count userspace keeps: identified clients only.
+    /// The kernel counts a connection at its SYN, which userspace cannot
+    /// see; writing RELEASED from what ASSIGNED holds now (not by adding
+    /// to it) gives back every SYN counted so far, including those that
+    /// never became a connection (a SYN dropped on a full accept queue is
+    /// counted again when it is retransmitted). A SYN counted after the
+    /// read stays counted until the next write, at its accept at the
+    /// latest. Called with the registry locked, so writes do not race.
+    fn sync_kernel_count(&self, inner: &Inner, builder: &str) {
         let (Some(kernel), Some(&index)) = (&self.kernel, inner.builder_index.get(builder)) else {
             return;
         };
-        let released = inner.released.entry(index).or_default();
-        *released = released.wrapping_add_signed(delta);
-        if let Err(e) = kernel.set_released(index, *released) {
+        let active = inner.active.get(builder).copied().unwrap_or(0);
+        let synced = kernel
+            .assigned(index)
+            .and_then(|assigned| kernel.set_released(index, assigned.wrapping_sub(active)));
+        if let Err(e) = synced {
             error!(builder, error = %e, "cannot update the kernel's connection count");
         }
     }
 
     /// Starts counting a builder index afresh: no connection of this
-    /// daemon is open to it, whatever the kernel's counters say.
-    pub fn adopt_index(&self, builder: &str, index: u32, assigned: u64) {
+    /// daemon is open to it, whatever the kernel's counters say (the
+    /// caller wrote RELEASED = ASSIGNED).
+    pub fn adopt_index(&self, builder: &str, index: u32) {
         let paths = self
             .kernel
             .as_ref()
@@ -237,7 +254,6 @@ impl Registry {
             .unwrap_or_default();
         let mut inner = self.inner();
         inner.builder_index.insert(builder.to_owned(), index);
-        inner.released.insert(index, assigned);
         inner.paths.insert(
             builder.to_owned(),
             PathTracker::adopt(paths, path::boottime_ns()),
@@ -526,15 +542,33 @@ impl Dispatcher for Registry {
             .map_or(Duration::from_secs(3), |b| b.health.connect_timeout)
     }
 
+    fn reserve(&self, service: &str, steered: &str) -> Option<String> {
+        let mut inner = self.inner();
+        let chosen = if inner.candidate(service, steered, &[]).available {
+            steered.to_owned()
+        } else {
+            // Full or gone since the SYN: the strategy picks among the
+            // others, as the kernel would now.
+            let config = inner.config.clone();
+            let svc = config.services.iter().find(|s| s.name == service)?;
+            inner.choose(svc, &[steered.to_owned()], None)?
+        };
+        *inner.active.entry(chosen.clone()).or_default() += 1;
+        self.sync_kernel_count(&inner, &chosen);
+        Some(chosen)
+    }
+
     fn fail_over(
         &self,
         service: &str,
         failed: &str,
         reason: &str,
         tried: &[String],
+        busy: bool,
     ) -> Option<String> {
         let mut inner = self.inner();
-        if let Some(tracker) = inner.health.get_mut(failed)
+        if !busy
+            && let Some(tracker) = inner.health.get_mut(failed)
             && let Some(Transition::Down(failure)) =
                 tracker.on_passive_failure(Instant::now(), reason.to_owned())
         {
@@ -560,8 +594,8 @@ impl Dispatcher for Registry {
             *n = n.saturating_sub(1);
         }
         *inner.active.entry(next.clone()).or_default() += 1;
-        self.adjust_released(&mut inner, failed, 1);
-        self.adjust_released(&mut inner, &next, -1);
+        self.sync_kernel_count(&inner, failed);
+        self.sync_kernel_count(&inner, &next);
         Some(next)
     }
 
@@ -575,9 +609,12 @@ impl Dispatcher for Registry {
 
     fn finished(&self, builder: &str, outcome: &Outcome) {
         let mut inner = self.inner();
-        if let Some(n) = inner.active.get_mut(builder) {
+        if outcome.counted
+            && let Some(n) = inner.active.get_mut(builder)
+        {
             *n = n.saturating_sub(1);
         }
+        self.sync_kernel_count(&inner, builder);
         let totals = inner.totals.entry(builder.to_owned()).or_default();
         if outcome.rejected {
             totals.rejected_clients += 1;
@@ -588,7 +625,6 @@ impl Dispatcher for Registry {
             totals.to_builder += outcome.to_builder;
             totals.from_builder += outcome.from_builder;
         }
-        self.adjust_released(&mut inner, builder, 1);
     }
 }
 
@@ -663,7 +699,11 @@ mod tests {
         assert!(prediction.starts_with("-> b2"), "{prediction}");
         assert_eq!(r.route("s", peer).as_deref(), Some("b2"));
         r.accepted("b2");
-        assert_eq!(r.fail_over("s", "b2", "reset", &["b2".to_owned()]), None);
+        assert_eq!(r.reserve("s", "b2").as_deref(), Some("b2"));
+        assert_eq!(
+            r.fail_over("s", "b2", "reset", &["b2".to_owned()], false),
+            None
+        );
 
         plan.services[0].refusal = Some(Refusal::TooFewEligible {
             eligible: 1,
@@ -685,7 +725,8 @@ mod tests {
     fn failover_marks_the_builder_down_and_moves_the_count() {
         let r = registry();
         r.accepted("b1");
-        let next = r.fail_over("s", "b1", "connection refused", &["b1".to_owned()]);
+        assert_eq!(r.reserve("s", "b1").as_deref(), Some("b1"));
+        let next = r.fail_over("s", "b1", "connection refused", &["b1".to_owned()], false);
         assert_eq!(next.as_deref(), Some("b2"));
         let inner = r.inner();
         assert_eq!(inner.active.get("b1"), Some(&0));
@@ -703,7 +744,83 @@ mod tests {
         let r = registry();
         r.accepted("b1");
         let tried = ["b1".to_owned(), "b2".to_owned()];
-        assert_eq!(r.fail_over("s", "b2", "timeout", &tried), None);
+        assert_eq!(r.fail_over("s", "b2", "timeout", &tried, false), None);
+    }
+
+    fn limited(max_connections: u32) -> Registry {
+        let config = Config::parse(&format!(
+            "[[service]]\nname = \"s\"\nlisten = [\"127.0.0.22\"]\n\
+             [builders.b1]\naddress = \"198.18.1.2:22\"\nmax_connections = {max_connections}\n\
+             [builders.b2]\naddress = \"198.18.2.2:22\"\nmax_connections = {max_connections}\n"
+        ))
+        .unwrap();
+        Registry::new(config, OperatorState::default(), None)
+    }
+
+    fn active(r: &Registry, builder: &str) -> u64 {
+        r.inner().active.get(builder).copied().unwrap_or(0)
+    }
+
+    /// Connections in handoff hold no slot: any number of silent clients
+    /// leave max_connections to the clients that identify themselves.
+    #[test]
+    fn only_identified_clients_count_against_max_connections() {
+        let r = limited(1);
+        for _ in 0..8 {
+            r.accepted("b1");
+        }
+        assert_eq!((active(&r, "b1"), active(&r, "b2")), (0, 0));
+        let silent = Outcome {
+            rejected: true,
+            ..Outcome::default()
+        };
+        for _ in 0..8 {
+            r.finished("b1", &silent);
+        }
+        assert_eq!(active(&r, "b1"), 0, "a rejected client releases nothing");
+        assert_eq!(r.inner().totals["b1"].rejected_clients, 8);
+
+        r.accepted("b1");
+        assert_eq!(r.reserve("s", "b1").as_deref(), Some("b1"));
+        assert_eq!(active(&r, "b1"), 1);
+        // The kernel steered the next one to b1 too (its SYN came before
+        // the first identified): b1 is full now, so b2 serves it.
+        r.accepted("b1");
+        assert_eq!(r.reserve("s", "b1").as_deref(), Some("b2"));
+        r.accepted("b2");
+        assert_eq!(r.reserve("s", "b2"), None, "both full: refused");
+        assert_eq!((active(&r, "b1"), active(&r, "b2")), (1, 1));
+        let served = Outcome {
+            counted: true,
+            ..Outcome::default()
+        };
+        r.finished("b1", &served);
+        r.finished("b2", &served);
+        assert_eq!((active(&r, "b1"), active(&r, "b2")), (0, 0));
+        assert_eq!(r.inner().totals["b1"].connections, 1);
+    }
+
+    /// A builder that accepted and then dropped the connection (an sshd at
+    /// MaxStartups) is failed over but stays healthy; the count moves with
+    /// the client.
+    #[test]
+    fn a_busy_builder_is_failed_over_without_being_marked_down() {
+        let r = registry();
+        r.accepted("b1");
+        assert_eq!(r.reserve("s", "b1").as_deref(), Some("b1"));
+        let next = r.fail_over(
+            "s",
+            "b1",
+            "closed before its identification line",
+            &["b1".to_owned()],
+            true,
+        );
+        assert_eq!(next.as_deref(), Some("b2"));
+        let inner = r.inner();
+        assert!(inner.unavailable().is_empty(), "{:?}", inner.unavailable());
+        assert_eq!(inner.active.get("b1"), Some(&0));
+        assert_eq!(inner.active.get("b2"), Some(&1));
+        assert_eq!(inner.totals["b1"].failed_over, 1);
     }
 
     #[test]

@@ -45,6 +45,18 @@ pub fn tcp_counts(socket: &impl AsRawFd) -> io::Result<TcpCounts> {
     })
 }
 
+/// `TCP_CLOSE`, the state of a connection that is gone (`tcpi_state`).
+const TCP_CLOSE: u8 = 7;
+
+/// Whether the socket's connection is gone (state `CLOSE`): reset by its
+/// peer, or closed by both sides.
+pub fn is_closed(socket: &impl AsRawFd) -> io::Result<bool> {
+    let mut info = RawTcpInfo::default();
+    getsockopt(socket, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)?;
+    // The first byte of `struct tcp_info` is `tcpi_state`.
+    Ok(info.head[0] == TCP_CLOSE)
+}
+
 /// What TCP_INFO's counts include besides payload: each of SYN and FIN
 /// takes a sequence number, which the kernel counts as a byte.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -257,6 +269,20 @@ mod tests {
             fin_received: true,
         };
         assert_eq!(payload_counts(&client, ended).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_reset_connection_is_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        assert!(!is_closed(&client).unwrap());
+        reset_on_close(&server).unwrap();
+        drop(server);
+        let mut buf = [0u8; 1];
+        // The RST arrives on loopback before the read returns.
+        let _ = (&client).read(&mut buf);
+        assert!(is_closed(&client).unwrap());
     }
 
     #[test]

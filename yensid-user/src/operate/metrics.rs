@@ -254,6 +254,18 @@ pub fn render(status: &Status) -> String {
         by_builder(&|b| b.rejected_clients.to_string()),
     );
     family(
+        "yensid_handoffs",
+        "gauge",
+        "Connections accepted that have not finished their SSH handoff.",
+        vec![(String::new(), status.handoffs.in_progress.to_string())],
+    );
+    family(
+        "yensid_handoffs_refused_total",
+        "counter",
+        "Connections refused (RST) because too many were in handoff.",
+        vec![(String::new(), status.handoffs.refused.to_string())],
+    );
+    family(
         "yensid_bytes_total",
         "counter",
         "Bytes forwarded, by direction.",
@@ -346,6 +358,7 @@ mod tests {
             dataplane: "kernel".into(),
             bpf: true,
             path_measurement: "kernel".into(),
+            handoffs: Default::default(),
             mode: ModeStatus {
                 in_force: "local".into(),
                 source: "override".into(),
@@ -410,6 +423,7 @@ mod tests {
             "yensid_kernel_rtt_seconds{builder=\"b1\"} 0.0005",
             "yensid_retransmits_total{builder=\"b1\"} 4",
             "yensid_rtt_samples_total{builder=\"b1\"} 9",
+            "yensid_handoffs 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -417,7 +431,7 @@ mod tests {
             );
         }
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
-        assert_eq!(families, 16);
+        assert_eq!(families, 18);
     }
 
     #[test]

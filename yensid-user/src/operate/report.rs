@@ -9,7 +9,8 @@ use yensid_ebpf::maps::ServiceCounters;
 use crate::{
     decide::registry::{Inner, ModeSource},
     operate::status::{
-        BuilderStatus, MemberStatus, ModeStatus, PrefixDelivery, ServiceStatus, Status,
+        BuilderStatus, HandoffStatus, MemberStatus, ModeStatus, PrefixDelivery, ServiceStatus,
+        Status,
     },
     state::unix_now,
 };
@@ -27,6 +28,8 @@ pub struct Context {
     /// How each claimed prefix reaches the host's stack, by prefix text;
     /// a prefix missing here is unknown.
     pub local_delivery: HashMap<String, PrefixDelivery>,
+    /// Connections in handoff.
+    pub handoffs: HandoffStatus,
 }
 
 /// `yensid explain`: the decision for the next connection of a service
@@ -220,6 +223,7 @@ pub fn status(inner: &Inner, context: &Context) -> Status {
         },
         services,
         builders,
+        handoffs: context.handoffs.clone(),
     }
 }
 

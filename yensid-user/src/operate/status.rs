@@ -28,6 +28,20 @@ pub struct Status {
     pub mode: ModeStatus,
     pub services: Vec<ServiceStatus>,
     pub builders: Vec<BuilderStatus>,
+    /// Connections that have not finished their SSH handoff.
+    #[serde(default)]
+    pub handoffs: HandoffStatus,
+}
+
+/// Connections accepted but not yet SSH sessions (no builder counts them).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HandoffStatus {
+    /// In handoff now.
+    pub in_progress: u32,
+    /// Refused (RST) at `max_handoffs` or `max_handoffs_per_client`.
+    pub refused: u64,
+    pub max_handoffs: u32,
+    pub max_handoffs_per_client: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -44,7 +44,7 @@ impl NixpkgsLib {
             skip(test, "no nix-instantiate (install Debian's nix-bin)");
             return Ok(None);
         }
-        if let Some(given) = std::env::var_os("YENSID_NIXPKGS_LIB") {
+        if let Some(given) = std::env::var_os("YENSID_NIXPKGS_LIB").filter(|v| !v.is_empty()) {
             return Self::from(Path::new(&given)).map(Some);
         }
         let on_nix_path = Command::new(NIX_INSTANTIATE)

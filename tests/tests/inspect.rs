@@ -1061,10 +1061,8 @@ fn wait_for_metrics(
 ) -> Result<Metrics> {
     let mut last = None;
     wait_until(what, WAIT, || {
-        let metrics = scrape(topology)?;
-        let done = condition(&metrics)?;
-        last = Some(metrics);
-        Ok(done)
+        let metrics = last.insert(scrape(topology)?);
+        condition(metrics)
     })
     .with_context(|| match &last {
         Some(m) => format!("last scrape:\n{}", m.text),
@@ -1396,9 +1394,12 @@ fn metrics_follow_the_events_that_move_them() -> Result<()> {
     let no_builder = [("service", SERVICE), ("reason", "no_builder")];
 
     // The probes: an RTT for each healthy builder.
+    // A builder has no RTT sample until its first probe has answered.
     let before = wait_for_metrics(&topology, "probe RTTs", |m| {
-        Ok(m.value("yensid_probe_rtt_seconds", &b1)? > 0.0
-            && m.value("yensid_probe_rtt_seconds", &b2)? > 0.0)
+        Ok(m.value("yensid_probe_rtt_seconds", &b1)
+            .is_ok_and(|rtt| rtt > 0.0)
+            && m.value("yensid_probe_rtt_seconds", &b2)
+                .is_ok_and(|rtt| rtt > 0.0))
     })?;
     for builder in [&b1, &b2] {
         ensure!(

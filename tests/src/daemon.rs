@@ -170,7 +170,7 @@ impl Daemon {
     fn start_configured(
         binary: &Path,
         ns: &Netns,
-        render_file: &dyn Fn(&InstancePaths, &Option<(HostNames, PathBuf)>) -> Result<String>,
+        render_file: &RenderFile,
         names: Option<&HostNames>,
         launch: Launch,
     ) -> Result<Self> {
@@ -676,12 +676,14 @@ pub struct Launch {
     pub inner: Vec<String>,
 }
 
+/// A hosts file the daemon runs with, and the names in it.
+type HostsFile = Option<(HostNames, PathBuf)>;
+
+/// Writes a daemon's config file from its paths and hosts file.
+type RenderFile<'a> = dyn Fn(&InstancePaths, &HostsFile) -> Result<String> + 'a;
+
 /// `config` as the daemon reads it: with the builders of `host_names` by host name.
-fn render(
-    config: &DaemonConfig,
-    paths: &InstancePaths,
-    host_names: &Option<(HostNames, PathBuf)>,
-) -> Result<String> {
+fn render(config: &DaemonConfig, paths: &InstancePaths, host_names: &HostsFile) -> Result<String> {
     let text = config.render(paths);
     match host_names {
         Some((names, _)) => names.rewrite(&text),

@@ -57,7 +57,14 @@ pub struct Daemon {
     pub read_group: Option<String>,
     /// Limits on connections that have not finished their SSH handoff.
     pub handoff: HandoffLimits,
+    /// How long a stop without a successor keeps serving the connections
+    /// that are open (none are accepted); zero cuts them at once.
+    pub shutdown_grace: Duration,
 }
+
+/// `[daemon] shutdown_grace` when absent: a remote build cut by a stop
+/// fails, and most finish or reach a natural end within this.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// `[daemon] ident_timeout`, `max_handoffs`, `max_handoffs_per_client`:
 /// what a connection may take before it is an SSH session.
@@ -506,6 +513,7 @@ mod raw {
         pub ident_timeout: Option<Spanned<String>>,
         pub max_handoffs: Option<Spanned<i64>>,
         pub max_handoffs_per_client: Option<Spanned<i64>>,
+        pub shutdown_grace: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]
@@ -580,6 +588,8 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
     let daemon = {
         let mut d = raw.daemon.map(Spanned::into_inner);
         let handoff = handoff_limits(&mut check, d.as_mut());
+        let shutdown_grace =
+            shutdown_grace(&mut check, d.as_mut().and_then(|d| d.shutdown_grace.take()));
         let (pin_path, dataplane, state_dir, runtime_dir, read_group) = match d {
             None => (None, None, None, None, None),
             Some(d) => (
@@ -616,6 +626,7 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             runtime_dir: dir("runtime_dir", runtime_dir, DEFAULT_RUNTIME_DIR),
             read_group,
             handoff,
+            shutdown_grace,
         }
     };
 
@@ -1048,6 +1059,33 @@ fn handoff_limits(check: &mut Checker<'_>, raw: Option<&mut raw::Daemon>) -> Han
     }
 }
 
+/// `[daemon] shutdown_grace`: like [`duration_field`], except that zero
+/// is valid (stop at once).
+fn shutdown_grace(check: &mut Checker<'_>, value: Option<Spanned<String>>) -> Duration {
+    let Some(v) = value else {
+        return DEFAULT_SHUTDOWN_GRACE;
+    };
+    match parse_duration(v.get_ref()) {
+        Ok(d) if d > MAX_CONFIG_DURATION => {
+            check.report(
+                "daemon.shutdown_grace",
+                &v,
+                format!(
+                    "`{}` is longer than the maximum of {}",
+                    v.get_ref(),
+                    describe_duration(MAX_CONFIG_DURATION)
+                ),
+            );
+            DEFAULT_SHUTDOWN_GRACE
+        }
+        Ok(d) => d,
+        Err(msg) => {
+            check.report("daemon.shutdown_grace", &v, msg);
+            DEFAULT_SHUTDOWN_GRACE
+        }
+    }
+}
+
 /// A whole-number key of at least 1: `None` when absent, or when it is
 /// invalid (then reported).
 fn count_field(check: &mut Checker<'_>, key: &str, value: Option<Spanned<i64>>) -> Option<u32> {
@@ -1331,6 +1369,36 @@ mode = "local"
         let c = Config::parse(&GOOD.replace("builders = [\"b2\", \"b1\"]\n", "")).unwrap();
         assert_eq!(c.services[0].builders, ["b1", "b2"]);
         assert_eq!(c.services[0].strategy, Strategy::Priority);
+    }
+
+    #[test]
+    fn shutdown_grace_defaults_allows_zero_and_is_bounded() {
+        let grace = |line: &str| Config::parse(&format!("[daemon]\n{line}\n{GOOD}"));
+        assert_eq!(
+            Config::parse(GOOD).unwrap().daemon.shutdown_grace,
+            DEFAULT_SHUTDOWN_GRACE
+        );
+        assert_eq!(
+            grace("shutdown_grace = \"0s\"")
+                .unwrap()
+                .daemon
+                .shutdown_grace,
+            Duration::ZERO
+        );
+        assert_eq!(
+            grace("shutdown_grace = \"2m\"")
+                .unwrap()
+                .daemon
+                .shutdown_grace,
+            Duration::from_secs(120)
+        );
+        for bad in ["\"2d\"", "\"soon\"", "\"-1s\""] {
+            let p = problems(&format!("[daemon]\nshutdown_grace = {bad}\n{GOOD}"));
+            assert!(
+                p.len() == 1 && p[0].contains("daemon.shutdown_grace"),
+                "{bad}: {p:?}"
+            );
+        }
     }
 
     #[test]

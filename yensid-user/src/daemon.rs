@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context, Result};
 use tokio::{
     net::{TcpListener, TcpStream},
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
     sync::{mpsc, watch},
     task::JoinHandle,
 };
@@ -29,7 +29,7 @@ use yensid_ebpf::maps::{
 };
 
 use crate::{
-    config::{Config, ConfigError, Dataplane, Mode, Service},
+    config::{Config, ConfigError, Dataplane, Mode, Service, describe_duration},
     dataplane::admission::Quiet,
     dataplane::ident::escape,
     dataplane::proxy::{self, DataPath, Dispatcher},
@@ -126,7 +126,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let control_path = config.daemon.control_socket();
     let links = watch_links(&config).await;
     let registry = Arc::new(Registry::new(config, state, kernel.clone()));
-    let (requests, incoming) = mpsc::channel(16);
+    let mut stop_signals = StopSignals::new()?;
+    let (requests, mut incoming) = mpsc::channel(16);
     let (hook_results, hook_incoming) = mpsc::channel(1);
     let metrics_listen = registry.inner().config.metrics_listen;
     if let Some(listen) = metrics_listen {
@@ -157,15 +158,24 @@ pub async fn run(config_path: &Path) -> Result<()> {
         registry.inner().links = Some(rx.borrow().clone());
     }
     let result = match controller.apply().await {
-        Ok(()) => controller.serve(incoming, hook_incoming).await,
+        Ok(()) => {
+            controller
+                .serve(&mut incoming, hook_incoming, &mut stop_signals)
+                .await
+        }
         Err(e) => Err(e),
     };
     refuse_while_stopping(kernel.as_deref());
     notify::stopping();
+    controller.close_all();
+    if result.is_ok() {
+        controller
+            .let_connections_finish(&mut incoming, &mut stop_signals)
+            .await;
+    }
     control_task.abort();
     let _ = std::fs::remove_file(&control_path);
-    let cut = registry.inner().active.values().sum::<u64>();
-    controller.close_all();
+    let cut = open_connections(&registry);
     for (builder, t) in &registry.inner().totals {
         info!(
             builder,
@@ -457,15 +467,53 @@ struct Controller {
     hook: HookRunner,
 }
 
+/// SIGTERM and SIGINT, held from serving through the stop: the first
+/// begins the stop, a second one during the grace cuts what is left.
+struct StopSignals {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl StopSignals {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+        })
+    }
+
+    /// The name of the next stop signal, when it comes.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
+}
+
+/// How often a stop reports the connections it waits for.
+const STOP_REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a stop looks whether the last connection ended. Polled, not
+/// signalled: connections end in the registry's count and, still in their
+/// handoff, in the handoff limits, and a short poll covers both.
+const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Connections the daemon serves: those with a builder, and those still in
+/// their handoff (a connection in both is counted twice for a moment,
+/// never zero times).
+fn open_connections(registry: &Registry) -> u64 {
+    let assigned: u64 = registry.inner().active.values().sum();
+    assigned + u64::from(registry.handoffs.in_progress())
+}
+
 impl Controller {
     async fn serve(
         &mut self,
-        mut requests: mpsc::Receiver<Pending>,
+        requests: &mut mpsc::Receiver<Pending>,
         mut hook_results: mpsc::Receiver<Result<Decision, HookError>>,
+        stop_signals: &mut StopSignals,
     ) -> Result<()> {
         let mut hangup = signal(SignalKind::hangup())?;
-        let mut terminate = signal(SignalKind::terminate())?;
-        let mut interrupt = signal(SignalKind::interrupt())?;
         let registry = self.registry.clone();
         let config = registry.inner().config.clone();
         let mut hook_tick = tokio::time::interval(config.policy.hook_interval);
@@ -494,8 +542,10 @@ impl Controller {
                     }
                     hook_tick = tokio::time::interval(registry.inner().config.policy.hook_interval);
                 }
-                _ = terminate.recv() => return Ok(()),
-                _ = interrupt.recv() => return Ok(()),
+                signal = stop_signals.recv() => {
+                    info!(signal, "stop requested");
+                    return Ok(());
+                }
                 _ = registry.replan.notified() => self.apply_logged().await,
                 Some((request, reply)) = requests.recv() => {
                     let answer = self.handle(request).await;
@@ -518,6 +568,70 @@ impl Controller {
                     info!("mode override expired");
                     self.set_override(None);
                     self.apply_logged().await;
+                }
+            }
+        }
+    }
+
+    /// The graceful part of a stop, with listeners closed and the kernel
+    /// refusing new connections: the open ones go on until they end, the
+    /// grace expires or a second stop signal comes. Meanwhile the control
+    /// socket answers `status` and `mode` and refuses changes.
+    async fn let_connections_finish(
+        &mut self,
+        requests: &mut mpsc::Receiver<Pending>,
+        stop_signals: &mut StopSignals,
+    ) {
+        let grace = self.registry.inner().config.daemon.shutdown_grace;
+        let open = open_connections(&self.registry);
+        if open == 0 || grace.is_zero() {
+            return;
+        }
+        let waiting = |open: u64| {
+            let line = format!(
+                "stopping: {open} connection(s) still open; waiting up to {}",
+                describe_duration(grace)
+            );
+            info!(connections = open, "{line}");
+            notify::status(&line);
+        };
+        waiting(open);
+        let start = tokio::time::Instant::now();
+        let deadline = tokio::time::sleep_until(start + grace);
+        tokio::pin!(deadline);
+        let mut report =
+            tokio::time::interval_at(start + STOP_REPORT_INTERVAL, STOP_REPORT_INTERVAL);
+        let mut check = tokio::time::interval(STOP_CHECK_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = check.tick() => {
+                    if open_connections(&self.registry) == 0 {
+                        info!("stopping: every connection ended");
+                        return;
+                    }
+                }
+                _ = report.tick() => waiting(open_connections(&self.registry)),
+                () = &mut deadline => {
+                    let open = open_connections(&self.registry);
+                    warn!(connections = open, "grace expired: cutting {open} connection(s)");
+                    return;
+                }
+                signal = stop_signals.recv() => {
+                    let open = open_connections(&self.registry);
+                    warn!(signal, connections = open, "second stop signal: cutting {open} connection(s) at once");
+                    return;
+                }
+                Some((request, reply)) = requests.recv() => {
+                    let answer = match request {
+                        Request::Status | Request::Mode { change: None } => {
+                            self.handle(request).await
+                        }
+                        _ => Reply {
+                            ok: false,
+                            message: "yensid is stopping; it takes no changes".to_owned(),
+                        },
+                    };
+                    let _ = reply.send(answer);
                 }
             }
         }

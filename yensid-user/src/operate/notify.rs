@@ -51,6 +51,13 @@ pub fn stopping() {
     ]);
 }
 
+/// What `systemctl status` shows, without a change of state (the open
+/// connections a stop waits for).
+pub fn status(status: &str) {
+    let status = one_line(status);
+    send(&[NotifyState::Status(&status)]);
+}
+
 fn send(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
         let sent: Vec<String> = states.iter().map(ToString::to_string).collect();

@@ -142,6 +142,12 @@ let
       toString (pkgs.writeShellScript "yensid-policy-hook" cfg.policyHook);
 
   knownBuilders = lib.attrNames cfg.settings.builders;
+
+  # `[daemon] shutdown_grace` plus 15s to release the kernel's objects, as in
+  # dist/yensid.service (45s for the default grace of 30s). systemd sums the
+  # parts of "<grace> 15s", and reads the daemon's units (ms, s, m, h, d) alike.
+  shutdownGrace = cfg.settings.daemon.shutdown_grace or null;
+  timeoutStop = if shutdownGrace == null then "45s" else "${toString shutdownGrace} 15s";
 in
 {
   options.services.yensid = {
@@ -326,6 +332,7 @@ in
           ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
           Restart = "on-failure";
           RestartSec = "1s";
+          TimeoutStopSec = timeoutStop;
           StateDirectory = "yensid";
           RuntimeDirectory = "yensid";
           # Two descriptors per proxied connection (client and builder side).

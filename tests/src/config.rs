@@ -253,6 +253,8 @@ pub struct DaemonConfig {
     pub health: Option<HealthConfig>,
     /// `[daemon] read_group`; `None` leaves it out.
     pub read_group: Option<String>,
+    /// `[daemon] shutdown_grace`; `None` leaves it out (the daemon's default, 30s).
+    pub shutdown_grace: Option<Duration>,
 }
 
 impl DaemonConfig {
@@ -286,6 +288,10 @@ impl DaemonConfig {
             links: Vec::new(),
             health: None,
             read_group: None,
+            // Stops cut open connections at once, as before the grace existed: most
+            // tests stop with sessions they no longer care about. The grace's own
+            // tests (tests/tests/graceful_stop.rs) set it.
+            shutdown_grace: Some(Duration::ZERO),
         }
     }
 
@@ -329,6 +335,9 @@ impl DaemonConfig {
         let _ = writeln!(w, "dataplane = {}", quote(self.dataplane.as_str()));
         if let Some(group) = &self.read_group {
             let _ = writeln!(w, "read_group = {}", quote(group));
+        }
+        if let Some(grace) = self.shutdown_grace {
+            let _ = writeln!(w, "shutdown_grace = \"{}ms\"", grace.as_millis());
         }
         for service in &self.services {
             let _ = writeln!(w, "\n[[service]]");

@@ -277,6 +277,28 @@ fn module_unit_matches_the_shipped_unit() -> Result<()> {
     Ok(())
 }
 
+/// A `shutdown_grace` in the settings sets the stop timeout to it plus the same 15 s
+/// margin as the shipped unit's default (systemd sums the parts of `2m 15s`).
+#[test]
+fn stop_timeout_follows_the_shutdown_grace() -> Result<()> {
+    let Some(lib) = NixpkgsLib::find_or_skip("stop_timeout_follows_the_shutdown_grace")? else {
+        return Ok(());
+    };
+    let laptop = evaluate(
+        &lib,
+        r#"{ imports = [ examples.laptop.daemon ]; services.yensid.settings.daemon.shutdown_grace = "2m"; }"#,
+        &defaults(),
+    )?;
+    let timeout = &laptop.json["unit"]["serviceConfig"]["TimeoutStopSec"];
+    ensure!(timeout == &json!("2m 15s"), "TimeoutStopSec = {timeout}");
+    ensure!(
+        laptop.json["settings"]["daemon"]["shutdown_grace"] == json!("2m"),
+        "the grace is not in the configuration file: {}",
+        laptop.json["settings"]
+    );
+    Ok(())
+}
+
 /// The builder side: a system user for Nix to log in as, with the clients' keys, a
 /// trusted Nix user without being in wheel; sshd's MaxStartups raised.
 #[test]

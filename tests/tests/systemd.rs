@@ -2,7 +2,8 @@
 //! systemd: Debian 12 booted in a container (see `yensid_tests::container`), yensid
 //! installed as /usr/bin/yensid, two real sshd builders on the container's loopback
 //! (127.0.0.2:2222 and 127.0.0.3:2222), the container's own sshd on *:22, and
-//! yensid claiming 127.0.0.22:22 in front of them.
+//! yensid claiming 127.0.0.22:22 in front of them. `systemctl stop` with a session
+//! open waits for it (the graceful stop, issue 12).
 //!
 //! The first run builds the cached root file system with debootstrap (minutes); later
 //! runs boot a copy-on-write overlay of it in seconds.
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use yensid_tests::container::{Container, DEBOOTSTRAP, NSPAWN};
+use yensid_tests::wait::wait_until;
 use yensid_tests::{KeyPair, privileged_or_skip, yensid_binary};
 
 const SERVICE: &str = "127.0.0.22";
@@ -57,6 +59,9 @@ fn the_shipped_unit_runs_under_systemd() -> Result<()> {
             )
         })?;
     ensure!(container.unit_property("yensid", "Type")? == "notify");
+    // The default shutdown_grace (30s) plus the margin to release the kernel's objects.
+    let stop_timeout = container.unit_property("yensid", "TimeoutStopUSec")?;
+    ensure!(stop_timeout == "45s", "TimeoutStopUSec={stop_timeout}");
     ensure!(container.unit_property("yensid", "ActiveState")? == "active");
     let status = container.unit_property("yensid", "StatusText")?;
     ensure!(
@@ -192,9 +197,55 @@ fn the_shipped_unit_runs_under_systemd() -> Result<()> {
         "status text after an invalid reload: {status:?}"
     );
 
+    // A stop with a session open: the unit deactivates, saying so in its status,
+    // while the session goes on and new connections are refused; it stops once the
+    // session ends.
+    container.write(
+        CONFIG,
+        &config(&container)?.replace("mode = \"nowhere\"", "mode = \"remote\""),
+        0o644,
+    )?;
+    container.run(&["systemctl", "reload", "yensid"])?;
+    let status = container.unit_property("yensid", "StatusText")?;
+    ensure!(
+        !status.contains("reload refused"),
+        "status text after the reload to mode remote: {status:?}"
+    );
+    let mut session = LiveSession::open(&container)?;
+    session.ask("before the stop")?;
+    container.run(&["systemctl", "stop", "--no-block", "yensid"])?;
+    wait_until(
+        "the unit to wait for the open session",
+        REPLY_TIMEOUT,
+        || {
+            Ok(
+                container.unit_property("yensid", "ActiveState")? == "deactivating"
+                    && container
+                        .unit_property("yensid", "StatusText")?
+                        .starts_with("stopping: 1 connection(s) still open"),
+            )
+        },
+    )?;
+    let refused = container
+        .command(&["bash", "-c", &tcp_banner(SERVICE)])
+        .output()?;
+    ensure!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("Connection refused"),
+        "a new connection during the stop was not refused: {refused:?}"
+    );
+    session.ask("during the stop")?;
+    session.close()?;
+    wait_until("the unit to stop after the session", REPLY_TIMEOUT, || {
+        Ok(container.unit_property("yensid", "ActiveState")? == "inactive")
+    })?;
+    ensure!(
+        container
+            .journal("yensid")?
+            .contains("stopping: every connection ended")
+    );
+
     // A clean stop: nothing pinned, nothing claiming the address, no process left.
-    container.run(&["systemctl", "stop", "yensid"])?;
-    ensure!(container.unit_property("yensid", "ActiveState")? == "inactive");
     ensure!(container.unit_property("yensid", "Result")? == "success");
     let bpffs = container.run(&["ls", "-A", "/sys/fs/bpf"])?;
     ensure!(

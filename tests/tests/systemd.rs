@@ -245,7 +245,8 @@ fn the_shipped_unit_runs_under_systemd() -> Result<()> {
             .contains("stopping: every connection ended")
     );
 
-    // A clean stop: nothing pinned, nothing claiming the address, no process left.
+    // It stopped cleanly: nothing pinned, nothing claiming the address, no process
+    // left.
     ensure!(container.unit_property("yensid", "Result")? == "success");
     let bpffs = container.run(&["ls", "-A", "/sys/fs/bpf"])?;
     ensure!(

@@ -421,23 +421,13 @@ impl Daemon {
     /// [`Self::cli`] as user `uid` with group `gid` and no supplementary groups
     /// (`setpriv`), e.g. to check that only root or `control_group` may change things.
     pub fn cli_as(&self, uid: u32, gid: u32, args: &[&str]) -> Result<String> {
-        run_within(
-            Command::new("setpriv")
-                .arg(format!("--reuid={uid}"))
-                .arg(format!("--regid={gid}"))
-                .arg("--clear-groups")
-                .arg(&self.binary)
-                .args(args)
-                .arg("--config")
-                .arg(&self.config_path),
-            Stdio::null(),
-            CLI_TIMEOUT,
-        )
+        self.cli_as_member(uid, gid, &[], args)
     }
 
     /// [`Self::cli`] as user `uid` with primary group `gid` and the supplementary
-    /// groups `groups` (`setpriv --groups`), e.g. a member of `control_group` whose
-    /// membership is a supplementary group, as for a real user.
+    /// groups `groups` (`setpriv --groups`, or `--clear-groups` when there are none),
+    /// e.g. a member of `control_group` whose membership is a supplementary group, as
+    /// for a real user.
     pub fn cli_as_member(
         &self,
         uid: u32,
@@ -445,12 +435,17 @@ impl Daemon {
         groups: &[u32],
         args: &[&str],
     ) -> Result<String> {
-        let groups: Vec<String> = groups.iter().map(u32::to_string).collect();
+        let groups = if groups.is_empty() {
+            "--clear-groups".to_owned()
+        } else {
+            let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+            format!("--groups={}", list.join(","))
+        };
         run_within(
             Command::new("setpriv")
                 .arg(format!("--reuid={uid}"))
                 .arg(format!("--regid={gid}"))
-                .arg(format!("--groups={}", groups.join(",")))
+                .arg(groups)
                 .arg(&self.binary)
                 .args(args)
                 .arg("--config")

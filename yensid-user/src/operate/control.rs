@@ -379,6 +379,7 @@ pub async fn serve(listener: UnixListener, requests: mpsc::Sender<Pending>, acce
     let connections = Arc::new(Mutex::new(Connections::default()));
     let mut backoff = AcceptBackoff::new("control");
     let mut turned_away = Throttled::new();
+    let bad_requests = Arc::new(Mutex::new(Throttled::new()));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => {
@@ -416,8 +417,9 @@ pub async fn serve(listener: UnixListener, requests: mpsc::Sender<Pending>, acce
         };
         let requests = requests.clone();
         let access = access.clone();
+        let bad_requests = bad_requests.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, &peer, requests, &access).await {
+            if let Err(e) = answer(stream, &peer, requests, &access, &bad_requests).await {
                 warn!(uid = peer.uid, error = %e, "control request failed");
             }
             drop(slot);
@@ -430,6 +432,7 @@ async fn answer(
     peer: &Peer,
     requests: mpsc::Sender<Pending>,
     access: &Access,
+    bad_requests: &Mutex<Throttled>,
 ) -> io::Result<()> {
     let (mut read, mut write) = stream.into_split();
     let received = timeout(READ_TIMEOUT, receive(&mut read))
@@ -437,7 +440,13 @@ async fn answer(
         .unwrap_or(Ok(Err(RequestError::TimedOut(READ_TIMEOUT))))?;
     let reply = match received {
         Err(bad) => {
-            info!(uid = peer.uid, "bad control request: {bad}");
+            let logged = bad_requests
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .admit(Instant::now());
+            if let Some(left_out) = logged {
+                info!(uid = peer.uid, left_out, "bad control request: {bad}");
+            }
             Reply {
                 ok: false,
                 message: bad.to_string(),

@@ -966,11 +966,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         let unit = match &rest[..unit_len] {
             "ms" => Duration::from_millis(value),
             "s" => Duration::from_secs(value),
-            "m" => Duration::from_secs(value * 60),
-            "h" => Duration::from_secs(value * 3600),
+            "m" => Duration::from_secs(value.checked_mul(60).ok_or_else(bad)?),
+            "h" => Duration::from_secs(value.checked_mul(3600).ok_or_else(bad)?),
             _ => return Err(bad()),
         };
-        total += unit;
+        total = total.checked_add(unit).ok_or_else(bad)?;
         rest = &rest[unit_len..];
     }
     Ok(total)
@@ -1231,6 +1231,10 @@ mode = "local"
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        // Found by the `duration` fuzz target: units and sums that overflow.
+        assert!(parse_duration("307445734561825861m").is_err());
+        assert!(parse_duration("5124095576030432h").is_err());
+        assert!(parse_duration("18446744073709551615s1s").is_err());
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("5 s").is_err());
         assert!(parse_duration("").is_err());

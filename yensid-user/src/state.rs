@@ -71,7 +71,7 @@ impl OperatorState {
     /// The saved state; a missing file is the empty state.
     pub fn load(path: &Path) -> Result<Self, StateError> {
         match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StateError::Parse {
+            Ok(bytes) => Self::parse(&bytes).map_err(|source| StateError::Parse {
                 path: path.to_owned(),
                 source,
             }),
@@ -81,6 +81,11 @@ impl OperatorState {
                 source,
             }),
         }
+    }
+
+    /// The state in a file's bytes, whatever they hold.
+    pub fn parse(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
     }
 
     /// Writes to a temporary file and renames it over `path`, so a crash

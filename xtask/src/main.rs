@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod demo;
+mod fuzz;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -27,6 +28,7 @@ enum Command {
     ///
     /// The black-box tests need root: they create network namespaces with
     /// real sshd builders. Unprivileged, they say loudly that they skipped.
+    /// Without extra arguments, every fuzz target then runs for 10 s.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -37,13 +39,28 @@ enum Command {
     Demo,
     /// Measure direct, HAProxy, kernel path and userspace path side by side.
     Bench(bench::Options),
+    /// Fuzz every parser of untrusted input (cargo-fuzz, nightly): each
+    /// target for a given time, with executions and crashes per target.
+    ///
+    /// Installs cargo-fuzz when it is missing. Fails if a target crashed;
+    /// the input is left in fuzz/artifacts/<target>/.
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf => build::ebpf(),
-        Command::Test { args } => build::test(&args),
+        Command::Test { args } => {
+            build::test(&args)?;
+            // The whole suite (as CI runs it) also fuzzes every target briefly.
+            if args.is_empty() {
+                let targets: Vec<&str> = fuzz::TARGETS.iter().map(|(name, _)| *name).collect();
+                fuzz::fuzz(&targets, fuzz::TEST_SECONDS)?;
+            }
+            Ok(())
+        }
         Command::Demo => demo::run(),
         Command::Bench(options) => bench::run(&options),
+        Command::Fuzz(options) => fuzz::run_options(&options),
     }
 }

@@ -404,7 +404,7 @@ fn has_package_lists() -> bool {
     })
 }
 
-fn path_with_cargo_bin() -> String {
+pub fn path_with_cargo_bin() -> String {
     let path = std::env::var("PATH").unwrap_or_default();
     match std::env::var_os("HOME") {
         Some(home) => format!("{}/.cargo/bin:{path}", Path::new(&home).display()),

@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod demo;
+mod fuzz;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -29,6 +30,7 @@ enum Command {
     /// real sshd builders. Unprivileged, they skip; the summary line counts
     /// them (`N passed, N failed, N skipped: not root`), and a skip fails the
     /// run in CI (`CI=true`) or with `--all`.
+    /// Without extra arguments, every fuzz target then runs for 10 s.
     Test {
         /// Every test must run: any skipped test fails the run (as in CI).
         #[arg(long)]
@@ -42,13 +44,28 @@ enum Command {
     Demo,
     /// Measure direct, HAProxy, kernel path and userspace path side by side.
     Bench(bench::Options),
+    /// Fuzz every parser of untrusted input (cargo-fuzz, nightly): each
+    /// target for a given time, with executions and crashes per target.
+    ///
+    /// Installs cargo-fuzz when it is missing. Fails if a target crashed;
+    /// the input is left in fuzz/artifacts/<target>/.
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf => build::ebpf(),
-        Command::Test { all, args } => build::test(&args, all),
+        Command::Test { all, args } => {
+            build::test(&args, all)?;
+            // The whole suite (as CI runs it) also fuzzes every target briefly.
+            if args.is_empty() {
+                let targets: Vec<&str> = fuzz::TARGETS.iter().map(|(name, _)| *name).collect();
+                fuzz::fuzz(&targets, fuzz::TEST_SECONDS)?;
+            }
+            Ok(())
+        }
         Command::Demo => demo::run(),
         Command::Bench(options) => bench::run(&options),
+        Command::Fuzz(options) => fuzz::run_options(&options),
     }
 }

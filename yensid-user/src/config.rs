@@ -1597,6 +1597,10 @@ mode = "local"
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        // Found by the `duration` fuzz target: units and sums that overflow.
+        assert!(parse_duration("307445734561825861m").is_err());
+        assert!(parse_duration("5124095576030432h").is_err());
+        assert!(parse_duration("18446744073709551615s1s").is_err());
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("5 s").is_err());
         assert!(parse_duration("").is_err());

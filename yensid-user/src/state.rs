@@ -126,7 +126,7 @@ impl OperatorState {
                 path: path.to_owned(),
             });
         }
-        serde_json::from_slice(&bytes).map_err(|source| StateError::Parse {
+        Self::parse(&bytes).map_err(|source| StateError::Parse {
             path: path.to_owned(),
             source,
         })
@@ -160,6 +160,11 @@ impl OperatorState {
             }
         }
         dropped
+    }
+
+    /// The state in a file's bytes, whatever they hold.
+    pub fn parse(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
     }
 
     /// Writes to a temporary file and renames it over `path`, so a crash

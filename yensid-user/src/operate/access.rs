@@ -5,9 +5,11 @@
 //! `drain`, `undrain` and changing the mode need root or membership of
 //! `policy.control_group` (the operator's explicit delegation, e.g. to a
 //! laptop's own user). The socket itself is `0600` while no group is
-//! configured, and `0666` otherwise, in which case every request is
-//! checked against the caller's credentials as the kernel reports them
-//! (`SO_PEERCRED`, `SO_PEERGROUPS`), which the caller cannot forge.
+//! configured, and `0666` otherwise, in which case every caller is
+//! checked against its credentials as the kernel reports them
+//! (`SO_PEERCRED`, `SO_PEERGROUPS`), which it cannot forge: at accept,
+//! before a byte is read, whether it may look at all ([`Right::Read`]);
+//! then, once its request is read, whether it may do what it asks.
 
 use std::{io, os::fd::AsRawFd};
 

@@ -3,8 +3,23 @@
 //! Every scrape asks the controller for the same [`Status`] document that
 //! `yensid status --json` prints and renders it in Prometheus' text format,
 //! so the two can never disagree. Rendering is a pure function.
+//!
+//! Whoever can reach the address can connect, so the endpoint is bounded:
+//! a request head of at most [`MAX_HEAD`] bytes parsed by httparse within
+//! [`READ_TIMEOUT`], at most [`MAX_CONNECTIONS`] scrapes at once (one more
+//! is answered 503 and closed), a proper status for any other method or
+//! path, and a paced accept loop when descriptors run out.
 
-use std::{fmt::Write as _, net::SocketAddr, time::Duration};
+use std::{
+    fmt::Write as _,
+    io::Write as _,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -13,10 +28,11 @@ use tokio::{
     sync::{mpsc, oneshot},
     time::timeout,
 };
-use tracing::{info, warn};
+use tracing::{debug, info};
 
 use crate::{
-    operate::control::{Pending, Request},
+    dataplane::ident::escape,
+    operate::control::{AcceptBackoff, Pending, Request, Throttled},
     operate::status::Status,
 };
 
@@ -51,71 +67,196 @@ impl Histogram {
     }
 }
 
+/// Longest request head read; a longer one is answered 431.
+pub const MAX_HEAD: usize = 8192;
+/// Most header lines a request may have.
+const MAX_HEADERS: usize = 32;
+/// Scrapes served at once; one more is answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long a scraper may take to send its request head, and to take the
+/// answer.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a request head asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Not complete yet: read more.
+    NeedMore,
+    /// `GET /metrics`.
+    Metrics,
+    /// Anything else, answered with this status line and body.
+    Refuse { status: &'static str, body: String },
+}
+
+/// Reads the request head a scraper sent so far (at most [`MAX_HEAD`]
+/// bytes are ever passed), with httparse.
+pub fn route(head: &[u8]) -> Route {
+    let refuse = |status, body: String| Route::Refuse { status, body };
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(head) {
+        Ok(httparse::Status::Partial) if head.len() >= MAX_HEAD => refuse(
+            "431 Request Header Fields Too Large",
+            format!("the request head is longer than {MAX_HEAD} bytes\n"),
+        ),
+        Ok(httparse::Status::Partial) => Route::NeedMore,
+        Err(httparse::Error::TooManyHeaders) => refuse(
+            "431 Request Header Fields Too Large",
+            format!("more than {MAX_HEADERS} header lines\n"),
+        ),
+        Err(e) => refuse("400 Bad Request", format!("not an HTTP request: {e}\n")),
+        Ok(httparse::Status::Complete(_)) => {
+            let path = request.path.unwrap_or_default();
+            let resource = path.split_once('?').map_or(path, |(resource, _)| resource);
+            if resource != "/metrics" {
+                refuse(
+                    "404 Not Found",
+                    format!(
+                        "only GET /metrics is served here, not `{}`\n",
+                        escape(path.as_bytes())
+                    ),
+                )
+            } else if request.method != Some("GET") {
+                refuse(
+                    "405 Method Not Allowed",
+                    format!(
+                        "only GET /metrics is served here, not `{}`\n",
+                        escape(request.method.unwrap_or_default().as_bytes())
+                    ),
+                )
+            } else {
+                Route::Metrics
+            }
+        }
+    }
+}
+
 /// Serves `GET /metrics` on `listen` until the task is aborted.
 pub async fn serve(listen: SocketAddr, requests: mpsc::Sender<Pending>) -> std::io::Result<()> {
     let listener = TcpListener::bind(listen).await?;
     info!(%listen, "metrics endpoint listening");
     tokio::spawn(async move {
+        let open = Arc::new(AtomicUsize::new(0));
+        let mut backoff = AcceptBackoff::new("metrics");
+        let mut turned_away = Throttled::new();
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => {
+                    backoff.accepted();
+                    stream
+                }
+                Err(e) => {
+                    backoff.failed(&e).await;
+                    continue;
+                }
+            };
+            let Some(slot) = Slot::take(&open) else {
+                if let Some(left_out) = turned_away.admit(Instant::now()) {
+                    info!(
+                        left_out,
+                        "metrics connection turned away: {MAX_CONNECTIONS} are open"
+                    );
+                }
+                turn_away(stream);
                 continue;
             };
             let requests = requests.clone();
             tokio::spawn(async move {
                 if let Err(e) = answer(stream, requests).await {
-                    warn!(error = %e, "metrics request failed");
+                    debug!(error = %e, "metrics request failed");
                 }
+                drop(slot);
             });
         }
     });
     Ok(())
 }
 
-async fn answer(mut stream: TcpStream, requests: mpsc::Sender<Pending>) -> std::io::Result<()> {
-    let mut request = Vec::new();
-    let mut buf = [0u8; 1024];
-    let read_head = async {
-        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            request.extend_from_slice(&buf[..n]);
-        }
-        Ok::<_, std::io::Error>(())
-    };
-    timeout(Duration::from_secs(5), read_head)
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "slow request"))??;
-    let first = String::from_utf8_lossy(&request);
-    let first = first.lines().next().unwrap_or_default();
-    let (code, body) = if first.starts_with("GET /metrics ") || first == "GET /metrics" {
-        let (tx, rx) = oneshot::channel();
-        let _ = requests.send((Request::Status, tx)).await;
-        match rx
-            .await
-            .ok()
-            .and_then(|r| serde_json::from_str::<Status>(&r.message).ok())
-        {
-            Some(status) => ("200 OK", render(&status)),
-            None => (
-                "503 Service Unavailable",
-                "the daemon is stopping\n".to_owned(),
-            ),
-        }
+/// An open scrape; it frees its place when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>) -> Option<Self> {
+        open.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < MAX_CONNECTIONS).then_some(n + 1)
+        })
+        .ok()?;
+        Some(Self(open.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Answers 503 without reading and without waiting: a short response into
+/// a fresh socket's empty buffer.
+fn turn_away(stream: TcpStream) {
+    if let Ok(stream) = stream.into_std() {
+        let body = format!("more than {MAX_CONNECTIONS} scrapes at once\n");
+        let _ = (&stream).write(response("503 Service Unavailable", &body).as_bytes());
+    }
+}
+
+fn response(status: &str, body: &str) -> String {
+    // RFC 9110 15.5.6: a 405 says which methods are allowed.
+    let allow = if status.starts_with("405") {
+        "Allow: GET\r\n"
     } else {
-        (
-            "404 Not Found",
-            "only GET /metrics is served here\n".to_owned(),
-        )
+        ""
     };
-    let head = format!(
-        "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+    format!(
+        "HTTP/1.1 {status}\r\n{allow}Content-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    )
+}
+
+async fn answer(mut stream: TcpStream, requests: mpsc::Sender<Pending>) -> std::io::Result<()> {
+    let mut head = vec![0; MAX_HEAD];
+    let mut received = 0;
+    // Until a head is complete, or NeedMore if the scraper leaves first.
+    let read_head = async {
+        loop {
+            // Never empty: route refuses a head of MAX_HEAD bytes.
+            let n = stream.read(&mut head[received..]).await?;
+            received += n;
+            match route(&head[..received]) {
+                Route::NeedMore if n > 0 => continue,
+                routed => return Ok::<_, std::io::Error>(routed),
+            }
+        }
+    };
+    let routed = timeout(READ_TIMEOUT, read_head).await.unwrap_or_else(|_| {
+        Ok(Route::Refuse {
+            status: "408 Request Timeout",
+            body: format!("no complete request head within {READ_TIMEOUT:?}\n"),
+        })
+    })?;
+    let text = match routed {
+        Route::Metrics => {
+            let (tx, rx) = oneshot::channel();
+            let _ = requests.send((Request::Status, tx)).await;
+            match rx
+                .await
+                .ok()
+                .and_then(|r| serde_json::from_str::<Status>(&r.message).ok())
+            {
+                Some(status) => response("200 OK", &render(&status)),
+                None => response("503 Service Unavailable", "the daemon is stopping\n"),
+            }
+        }
+        Route::Refuse { status, body } => response(status, &body),
+        Route::NeedMore => return Ok(()),
+    };
+    let send = async {
+        stream.write_all(text.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    timeout(READ_TIMEOUT, send).await.map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, "the scraper does not read")
+    })?
 }
 
 /// The Prometheus text exposition of a status document.
@@ -443,5 +584,88 @@ mod tests {
         assert_eq!(h.buckets[2], 1, "<= 2.5ms");
         assert_eq!(*h.buckets.last().unwrap(), 1, "10 s is only in +Inf");
         assert_eq!(h.count, 2);
+    }
+
+    fn status_of(route: Route) -> &'static str {
+        match route {
+            Route::Refuse { status, .. } => status,
+            Route::Metrics => "metrics",
+            Route::NeedMore => "need more",
+        }
+    }
+
+    #[test]
+    fn only_get_metrics_is_served_and_everything_else_gets_a_proper_status() {
+        let cases: [(&[u8], &str); 9] = [
+            (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", "metrics"),
+            (b"GET /metrics?x=1 HTTP/1.0\r\n\r\n", "metrics"),
+            (b"GET /metrics HTTP/1.1\r\nHost: x\r\n", "need more"),
+            (b"GET /metr", "need more"),
+            (b"POST /metrics HTTP/1.1\r\n\r\n", "405 Method Not Allowed"),
+            (b"GET / HTTP/1.1\r\n\r\n", "404 Not Found"),
+            (b"GET /metrics/x HTTP/1.1\r\n\r\n", "404 Not Found"),
+            (
+                b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+                "400 Bad Request",
+            ),
+            (b"SSH-2.0-OpenSSH_9.2\r\n", "400 Bad Request"),
+        ];
+        for (head, expected) in cases {
+            assert_eq!(status_of(route(head)), expected, "{}", escape(head));
+        }
+        let mut many = b"GET /metrics HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(
+            status_of(route(&many)),
+            "431 Request Header Fields Too Large"
+        );
+        let mut long = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+        long.resize(MAX_HEAD, b'y');
+        assert_eq!(
+            status_of(route(&long)),
+            "431 Request Header Fields Too Large"
+        );
+        let Route::Refuse { body, .. } = route(b"GET /\x1b[2J HTTP/1.1\r\n\r\n") else {
+            panic!("served");
+        };
+        assert!(!body.trim_end().chars().any(char::is_control), "{body:?}");
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_answers_a_scrape_and_refuses_a_stranger() {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listen = probe.local_addr().unwrap();
+        drop(probe);
+        let (tx, mut rx) = mpsc::channel::<Pending>(1);
+        serve(listen, tx).await.unwrap();
+        tokio::spawn(async move {
+            while let Some((_, reply)) = rx.recv().await {
+                let message = serde_json::to_string(&status()).unwrap();
+                let _ = reply.send(crate::operate::control::Reply { ok: true, message });
+            }
+        });
+        let fetch = |request: &'static [u8]| async move {
+            let mut stream = TcpStream::connect(listen).await.unwrap();
+            stream.write_all(request).await.unwrap();
+            let mut text = String::new();
+            stream.read_to_string(&mut text).await.unwrap();
+            text
+        };
+        let text = fetch(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(
+            text.contains("\nyensid_connections_total{builder=\"b1\"} 6\n"),
+            "{text}"
+        );
+        let text = fetch(b"DELETE /metrics HTTP/1.1\r\n\r\n").await;
+        assert!(
+            text.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{text}"
+        );
+        let text = fetch(b"\0\0\0\r\n\r\n").await;
+        assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
     }
 }

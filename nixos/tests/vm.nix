@@ -81,14 +81,7 @@ in
             health.interval = "1s";
           };
         };
-        # The claimed prefix is delivered locally, where the sk_lookup program sees it.
-        networking.interfaces.lo.ipv4.routes = [
-          {
-            address = "10.77.0.0";
-            prefixLength = 30;
-            type = "local";
-          }
-        ];
+        # No local route for the claimed prefix: yensid adds it itself (proto 121).
       };
 
     client =

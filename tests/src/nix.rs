@@ -198,6 +198,10 @@ impl NixClient {
             .with_context(|| format!("write {}", expr.display()))?;
         let names: Vec<String> = derivations.iter().map(|d| d.name().to_owned()).collect();
         let home = self.dir.path().join("home");
+        // Nix leaves empty `nix-<pid>-<n>` directories in TMPDIR: keep them in the
+        // client's directory, removed with it.
+        let tmp = self.dir.path().join("tmp");
+        fs::create_dir_all(&tmp).with_context(|| format!("mkdir {}", tmp.display()))?;
         let ssh_opts = format!(
             "-F /dev/null -i {} -o UserKnownHostsFile={} -o GlobalKnownHostsFile=/dev/null \
              -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes -o BatchMode=yes \
@@ -226,6 +230,7 @@ impl NixClient {
             .env("XDG_CACHE_HOME", home.join(".cache"))
             .env("XDG_CONFIG_HOME", home.join(".config"))
             .env("XDG_DATA_HOME", home.join(".local/share"))
+            .env("TMPDIR", &tmp)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -326,7 +326,11 @@ fn render_config(
     // sshd keeps only the first SetEnv line: every variable goes on this one.
     let mut env = format!("YENSID_BUILDER={}", spec.name);
     if let Some(store) = spec.store {
-        env.push_str(&format!(" NIX_CONF_DIR={}", store.conf_dir().display()));
+        env.push_str(&format!(
+            " NIX_CONF_DIR={} TMPDIR={}",
+            store.conf_dir().display(),
+            store.tmp_dir().display()
+        ));
     }
     format!(
         "\

@@ -27,11 +27,14 @@ pub struct NixStore {
     root: PathBuf,
     /// `NIX_CONF_DIR` of the builder's sessions.
     conf_dir: PathBuf,
+    /// `TMPDIR` of the builder's sessions: Nix leaves empty `nix-<pid>-<n>`
+    /// directories in it, which go with the store instead of staying in /tmp.
+    tmp_dir: PathBuf,
 }
 
 impl NixStore {
     /// Makes an empty `<dir>/nix` (Nix creates the store and its database on first use)
-    /// and `<dir>/nix-conf/nix.conf`.
+    /// `<dir>/nix-conf/nix.conf` and `<dir>/tmp`.
     pub(crate) fn create(dir: &Path) -> Result<Self> {
         ensure!(
             Path::new(NIX_DAEMON).exists(),
@@ -44,11 +47,16 @@ impl NixStore {
         );
         let root = dir.join("nix");
         let conf_dir = dir.join("nix-conf");
-        for sub in [&root, &conf_dir] {
+        let tmp_dir = dir.join("tmp");
+        for sub in [&root, &conf_dir, &tmp_dir] {
             fs::create_dir(sub).with_context(|| format!("mkdir {}", sub.display()))?;
         }
         fs::write(conf_dir.join("nix.conf"), NIX_CONF)?;
-        Ok(Self { root, conf_dir })
+        Ok(Self {
+            root,
+            conf_dir,
+            tmp_dir,
+        })
     }
 
     /// The directory the builder sees as /nix.
@@ -58,6 +66,10 @@ impl NixStore {
 
     pub(crate) fn conf_dir(&self) -> &Path {
         &self.conf_dir
+    }
+
+    pub(crate) fn tmp_dir(&self) -> &Path {
+        &self.tmp_dir
     }
 
     /// Whether `store_path` (`/nix/store/<hash>-<name>`) is in this store.

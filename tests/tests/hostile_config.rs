@@ -442,8 +442,11 @@ mod tests {
         let foreign = mount.path.join("another-program");
         std::fs::create_dir(&foreign)?;
         let config = DaemonConfig::for_topology(&topology, Dataplane::Kernel, Strategy::RoundRobin);
-        let mut paths = throwaway_paths();
-        paths.pin_path = mount.path.clone();
+        let paths = InstancePaths {
+            pin_path: mount.path.clone(),
+            state_dir: mount.daemon_files().join("state"),
+            runtime_dir: mount.daemon_files().join("run"),
+        };
         let file = mount.config_file();
         std::fs::write(&file, config.render(&paths))?;
         let out = std::process::Command::new("timeout")
@@ -479,12 +482,14 @@ struct BpffsMount {
 
 impl BpffsMount {
     fn new() -> Result<Self> {
+        // Short: the daemon's control socket path (runtime dir plus this name) must
+        // fit a socket address.
         let path = std::env::temp_dir().join(format!(
-            "yensid-hostile-bpffs-{}-{}",
+            "yensid-hb-{:x}-{}",
             std::process::id(),
             SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)?
-                .as_nanos()
+                .subsec_nanos()
         ));
         std::fs::create_dir(&path)?;
         let mount = Self { path };
@@ -504,6 +509,11 @@ impl BpffsMount {
     fn config_file(&self) -> std::path::PathBuf {
         self.path.with_extension("toml")
     }
+
+    /// State and runtime directories next to the mount, removed with it.
+    fn daemon_files(&self) -> std::path::PathBuf {
+        self.path.with_extension("d")
+    }
 }
 
 impl Drop for BpffsMount {
@@ -513,6 +523,7 @@ impl Drop for BpffsMount {
             .status();
         let _ = std::fs::remove_dir(&self.path);
         let _ = std::fs::remove_file(self.config_file());
+        let _ = std::fs::remove_dir_all(self.daemon_files());
     }
 }
 
@@ -693,6 +704,7 @@ fn base_toml() -> String {
     )
 }
 
+/// Paths for a config that is only checked, never run: nothing is created there.
 fn throwaway_paths() -> InstancePaths {
     let dir = std::env::temp_dir().join(format!("yensid-hostile-{}", std::process::id()));
     InstancePaths {

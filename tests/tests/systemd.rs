@@ -50,14 +50,7 @@ fn the_shipped_unit_runs_under_systemd() -> Result<()> {
 
     // Type=notify: `systemctl start` returns once the daemon sent READY=1, and the
     // STATUS= line it sent with it is the unit's status text.
-    container
-        .run(&["systemctl", "start", "yensid"])
-        .with_context(|| {
-            format!(
-                "journal:\n{}",
-                container.journal("yensid").unwrap_or_default()
-            )
-        })?;
+    systemctl_showing_the_journal(&container, "start")?;
     ensure!(container.unit_property("yensid", "Type")? == "notify");
     // The default shutdown_grace (30s) plus the margin to release the kernel's objects.
     let stop_timeout = container.unit_property("yensid", "TimeoutStopUSec")?;
@@ -139,14 +132,7 @@ fn the_shipped_unit_runs_under_systemd() -> Result<()> {
         &format!("{}\n[policy]\nmode = \"local\"\n", config(&container)?),
         0o644,
     )?;
-    container
-        .run(&["systemctl", "reload", "yensid"])
-        .with_context(|| {
-            format!(
-                "journal:\n{}",
-                container.journal("yensid").unwrap_or_default()
-            )
-        })?;
+    systemctl_showing_the_journal(&container, "reload")?;
     ensure!(container.unit_property("yensid", "ActiveState")? == "active");
     let status = container.unit_property("yensid", "StatusText")?;
     ensure!(
@@ -443,4 +429,17 @@ impl Drop for LiveSession {
             let _ = self.child.wait();
         }
     }
+}
+
+/// `systemctl <verb> yensid`; on failure the error carries yensid's journal.
+fn systemctl_showing_the_journal(container: &Container, verb: &str) -> Result<()> {
+    container
+        .run(&["systemctl", verb, "yensid"])
+        .with_context(|| {
+            format!(
+                "journal:\n{}",
+                container.journal("yensid").unwrap_or_default()
+            )
+        })
+        .map(drop)
 }

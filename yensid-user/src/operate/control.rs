@@ -278,6 +278,22 @@ impl AcceptBackoff {
         }
     }
 
+    /// The next connection `accept` gives, backing off while it fails.
+    pub(crate) async fn accept<S, A, F>(&mut self, mut accept: impl FnMut() -> F) -> S
+    where
+        F: Future<Output = io::Result<(S, A)>>,
+    {
+        loop {
+            match accept().await {
+                Ok((stream, _)) => {
+                    self.accepted();
+                    return stream;
+                }
+                Err(e) => self.failed(&e).await,
+            }
+        }
+    }
+
     pub(crate) async fn failed(&mut self, error: &io::Error) {
         if self.failures == 0 {
             warn!(socket = self.socket, %error, "cannot accept connections: backing off");
@@ -381,16 +397,7 @@ pub async fn serve(listener: UnixListener, requests: mpsc::Sender<Pending>, acce
     let mut turned_away = Throttled::new();
     let bad_requests = Arc::new(Mutex::new(Throttled::new()));
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                backoff.accepted();
-                stream
-            }
-            Err(e) => {
-                backoff.failed(&e).await;
-                continue;
-            }
-        };
+        let stream = backoff.accept(|| listener.accept()).await;
         let peer = match access::peer(&stream) {
             Ok(peer) => peer,
             Err(e) => {

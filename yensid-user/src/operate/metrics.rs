@@ -140,16 +140,7 @@ pub async fn serve(listen: SocketAddr, requests: mpsc::Sender<Pending>) -> std::
         let mut backoff = AcceptBackoff::new("metrics");
         let mut turned_away = Throttled::new();
         loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => {
-                    backoff.accepted();
-                    stream
-                }
-                Err(e) => {
-                    backoff.failed(&e).await;
-                    continue;
-                }
-            };
+            let stream = backoff.accept(|| listener.accept()).await;
             let Some(slot) = Slot::take(&open) else {
                 if let Some(left_out) = turned_away.admit(Instant::now()) {
                     info!(

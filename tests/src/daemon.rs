@@ -21,6 +21,7 @@ use crate::wait::{wait_child, wait_until};
 pub(crate) const BPFFS: &str = "/sys/fs/bpf";
 /// The daemon prints a line containing this to stderr once it serves (CONTRACT.md).
 const READY_LINE: &str = "yensid ready";
+const TOOK_OVER_LINE: &str = "took over";
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest any one CLI call may take: a stuck control socket fails the test instead
@@ -245,6 +246,67 @@ impl Daemon {
         )?;
         self.exit = None;
         self.wait_ready()
+    }
+
+    /// Starts a second `yensid run` for this instance while this one runs, as an
+    /// upgrade would (`binary`, or the same one; with `config` rendered first, or the
+    /// same file): it takes the listeners and connections over, and the running one
+    /// exits. Returns when the new process has logged `took over` and the old one has
+    /// exited successfully; from then on this value is the new process.
+    pub fn take_over(
+        &mut self,
+        binary: Option<&Path>,
+        config: Option<&DaemonConfig>,
+    ) -> Result<()> {
+        ensure!(self.is_running()?, "no daemon runs to take over from");
+        if let Some(config) = config {
+            let next = self.config_path.with_extension("toml.next");
+            fs::write(&next, config.render(&self.paths))?;
+            fs::rename(&next, &self.config_path)?;
+        }
+        if let Some(binary) = binary {
+            self.binary = binary.to_owned();
+        }
+        let took_over_before = self.log().matches(TOOK_OVER_LINE).count();
+        let hosts = self.host_names.as_ref().map(|(_, file)| file.as_path());
+        let successor = spawn(
+            &self.binary,
+            &self.launch,
+            &self.netns,
+            &self.config_path,
+            &self.log_path,
+            hosts,
+        )?;
+        let mut predecessor = std::mem::replace(&mut self.child, successor);
+        let took_over = wait_until("the successor's `took over`", READY_TIMEOUT, || {
+            if self.log().matches(TOOK_OVER_LINE).count() > took_over_before {
+                return Ok(true);
+            }
+            if let Some(status) = self.child.try_wait()? {
+                self.exit = Some(status);
+                bail!("the successor exited ({status}) before it took over");
+            }
+            Ok(false)
+        });
+        if let Err(e) = took_over {
+            // The predecessor serves on: make it this value again, so that it is
+            // stopped and reaped like any daemon.
+            let mut successor = std::mem::replace(&mut self.child, predecessor);
+            let _ = successor.kill();
+            let _ = successor.wait();
+            self.exit = None;
+            return Err(e);
+        }
+        let exit = wait_child(&mut predecessor, STOP_TIMEOUT)?;
+        match exit {
+            Some(status) if status.success() => Ok(()),
+            Some(status) => bail!("the predecessor exited with {status} after the takeover"),
+            None => {
+                let _ = predecessor.kill();
+                let _ = predecessor.wait();
+                bail!("the predecessor still ran {STOP_TIMEOUT:?} after the takeover")
+            }
+        }
     }
 
     /// Fails if the daemon exits or stays silent; its log is echoed when the failed

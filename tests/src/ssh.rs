@@ -47,6 +47,7 @@ impl KnownHosts {
 
 /// `ssh` as root with one identity and one known_hosts file, strict host key checking
 /// and no interaction, inside a namespace.
+#[derive(Clone)]
 pub struct SshClient {
     ns: String,
     identity: PathBuf,

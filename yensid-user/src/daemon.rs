@@ -17,7 +17,9 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use std::os::fd::{AsFd, OwnedFd};
 use tokio::{
+    io::unix::AsyncFd,
     net::{TcpListener, TcpStream},
     signal::unix::{Signal, SignalKind, signal},
     sync::{mpsc, watch},
@@ -31,8 +33,9 @@ use yensid_ebpf::maps::{
 use crate::{
     config::{Config, ConfigError, Dataplane, Mode, Service, describe_duration},
     dataplane::admission::Quiet,
+    dataplane::handover::{self, Recaller},
     dataplane::ident::escape,
-    dataplane::proxy::{self, DataPath, Dispatcher},
+    dataplane::proxy::{self, DataPath},
     decide::health,
     decide::hook::{self, BuilderInput, Decision, HookError, HookInput, OverrideInput},
     decide::link::{self, LinkState},
@@ -51,6 +54,8 @@ use crate::{
     preflight,
     state::{ModeOverride, OperatorState, unix_now, unix_now_rounded_up},
 };
+
+mod takeover;
 
 /// How long a listener that left the plan keeps accepting what the kernel
 /// already queued on it.
@@ -100,7 +105,15 @@ pub async fn run(config_path: &Path) -> Result<()> {
             .map(|name| Group::resolve("policy.control_group", name))
             .transpose()?,
     };
-    let control = control::bind(&config.daemon.control_socket(), &access).await?;
+    // A daemon of this instance that runs hands its listeners and live
+    // connections over (see `dataplane::handover`).
+    let handover_path =
+        handover::socket_path(&config.daemon.runtime_dir, &config.daemon.instance());
+    let predecessor = takeover::greet(&handover_path).await?;
+    let control = match &predecessor {
+        Some(_) => None,
+        None => Some(control::bind(&config.daemon.control_socket(), &access).await?),
+    };
     let read_gid = access.read.as_ref().map(|g| g.gid);
     let kernel = match Kernel::load(&config.daemon.pin_path, read_gid) {
         Ok(kernel) => Some(Arc::new(kernel)),
@@ -116,12 +129,25 @@ pub async fn run(config_path: &Path) -> Result<()> {
             None
         }
     };
-    let path = match (&kernel, config.daemon.dataplane) {
-        (Some(k), Dataplane::Kernel) => DataPath::Kernel(
+    let splicer = match &kernel {
+        Some(k) => Some((
             k.clone(),
             Hangups::new().context("cannot create the epoll instance for spliced connections")?,
-        ),
+        )),
+        None => None,
+    };
+    let path = match (&splicer, config.daemon.dataplane) {
+        (Some((k, hangups)), Dataplane::Kernel) => DataPath::Kernel(k.clone(), hangups.clone()),
         _ => DataPath::Userspace,
+    };
+    let mut inherited = match predecessor {
+        Some(predecessor) => Some(predecessor.receive(kernel.is_some()).await?),
+        None => None,
+    };
+    let control = match (control, inherited.as_mut().and_then(|i| i.control.take())) {
+        (Some(bound), _) => bound,
+        (None, Some(fd)) => takeover::unix_listener(fd).context("the inherited control socket")?,
+        (None, None) => control::bind(&config.daemon.control_socket(), &access).await?,
     };
     let control_path = config.daemon.control_socket();
     let links = watch_links(&config).await;
@@ -130,17 +156,26 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let (requests, mut incoming) = mpsc::channel(16);
     let (hook_results, hook_incoming) = mpsc::channel(1);
     let metrics_listen = registry.inner().config.metrics_listen;
-    if let Some(listen) = metrics_listen {
-        metrics::serve(listen, requests.clone())
-            .await
-            .with_context(|| format!("cannot serve metrics on {listen}"))?;
-    }
-    let control_task = tokio::spawn(control::serve(control, requests, access));
+    let metrics = match metrics_listen {
+        Some(listen) => {
+            let inherited_metrics = inherited.as_mut().and_then(|i| i.metrics.take());
+            let listener = match takeover::tcp_listener_at(inherited_metrics, listen) {
+                Some(listener) => listener,
+                None => metrics::bind(listen)
+                    .await
+                    .with_context(|| format!("cannot serve metrics on {listen}"))?,
+            };
+            Some(Endpoint::start_metrics(listener, requests.clone())?)
+        }
+        None => None,
+    };
+    let control = Endpoint::start_control(control, requests.clone(), access.clone())?;
     let mut controller = Controller {
         config_path: config_path.to_owned(),
         state_file,
         registry: registry.clone(),
         path,
+        splicer,
         listeners: HashMap::new(),
         probes: HashMap::new(),
         services: Indices::new(MAX_SERVICES),
@@ -153,11 +188,29 @@ pub async fn run(config_path: &Path) -> Result<()> {
             running: false,
             pending: true,
         },
+        recaller: Recaller::default(),
+        requests,
+        access,
+        control,
+        metrics,
+        handover: None,
+        inherited_listeners: HashMap::new(),
     };
     if let Some(rx) = &controller.links {
         registry.inner().links = Some(rx.borrow().clone());
     }
-    let result = match controller.apply().await {
+    let adopted = inherited.map(|i| controller.adopt(i));
+    let started = match controller.apply().await {
+        Ok(()) => {
+            if let Some(adopted) = adopted {
+                controller.finish_takeover(adopted).await;
+            }
+            controller.listen_for_successors(&handover_path);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    let result = match started {
         Ok(()) => {
             controller
                 .serve(&mut incoming, hook_incoming, &mut stop_signals)
@@ -165,6 +218,19 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
         Err(e) => Err(e),
     };
+    if let Ok(Stop::HandedOver) = result {
+        // The successor owns the pins, the routes, the sockets and the
+        // control socket's path now: leave them all as they are. The
+        // dispatch link (no longer pinned) detaches when this process exits.
+        notify::stopping();
+        info!("yensid handed over; exiting");
+        if let Some(k) = kernel {
+            std::mem::forget(k);
+        }
+        return Ok(());
+    }
+    let result = result.map(drop);
+    controller.stop_listening_for_successors(&handover_path);
     refuse_while_stopping(kernel.as_deref());
     notify::stopping();
     controller.close_all();
@@ -173,7 +239,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
             .let_connections_finish(&mut incoming, &mut stop_signals)
             .await;
     }
-    control_task.abort();
+    controller.control.task.abort();
     let _ = std::fs::remove_file(&control_path);
     let cut = open_connections(&registry);
     for (builder, t) in &registry.inner().totals {
@@ -447,6 +513,51 @@ impl Indices {
 struct ListenerHandle {
     id: u32,
     task: JoinHandle<()>,
+    /// The listening socket, held apart from its accept task: a takeover
+    /// stops the task and hands the socket on with its queue.
+    socket: OwnedFd,
+    /// The kernel steers connections to it for one builder (otherwise it
+    /// is a fallback listener on a service address).
+    steered: bool,
+}
+
+/// A listener the daemon serves on besides the builders' (the control
+/// socket, the metrics endpoint): its socket and the task that serves it.
+struct Endpoint {
+    socket: OwnedFd,
+    task: JoinHandle<()>,
+}
+
+impl Endpoint {
+    fn start_control(
+        listener: tokio::net::UnixListener,
+        requests: mpsc::Sender<Pending>,
+        access: Access,
+    ) -> Result<Self> {
+        let socket = listener
+            .as_fd()
+            .try_clone_to_owned()
+            .context("cannot duplicate the control socket")?;
+        let task = tokio::spawn(control::serve(listener, requests, access));
+        Ok(Endpoint { socket, task })
+    }
+
+    fn start_metrics(listener: TcpListener, requests: mpsc::Sender<Pending>) -> Result<Self> {
+        let socket = listener
+            .as_fd()
+            .try_clone_to_owned()
+            .context("cannot duplicate the metrics socket")?;
+        let task = tokio::spawn(metrics::serve(listener, requests));
+        Ok(Endpoint { socket, task })
+    }
+}
+
+/// Why the controller stopped serving.
+enum Stop {
+    /// A stop signal: the graceful stop follows.
+    Signal,
+    /// A successor took everything over.
+    HandedOver,
 }
 
 struct Controller {
@@ -465,6 +576,20 @@ struct Controller {
     /// `None` if rtnetlink could not be opened.
     local_routes: Option<LocalRoutes>,
     hook: HookRunner,
+    /// The kernel side for spliced pairs, also when new connections are
+    /// copied (pairs a predecessor spliced).
+    splicer: Option<(Arc<Kernel>, Hangups)>,
+    /// Stops the connection tasks for a successor.
+    recaller: Recaller,
+    requests: mpsc::Sender<Pending>,
+    access: Access,
+    control: Endpoint,
+    metrics: Option<Endpoint>,
+    /// The handover socket a successor connects to.
+    handover: Option<AsyncFd<OwnedFd>>,
+    /// Listeners a predecessor handed over, by (service, builder), with
+    /// their ids: used by the plan before any new one is opened.
+    inherited_listeners: HashMap<(String, String), (u32, OwnedFd)>,
 }
 
 /// SIGTERM and SIGINT, held from serving through the stop: the first
@@ -512,7 +637,7 @@ impl Controller {
         requests: &mut mpsc::Receiver<Pending>,
         mut hook_results: mpsc::Receiver<Result<Decision, HookError>>,
         stop_signals: &mut StopSignals,
-    ) -> Result<()> {
+    ) -> Result<Stop> {
         let mut hangup = signal(SignalKind::hangup())?;
         let registry = self.registry.clone();
         let config = registry.inner().config.clone();
@@ -544,7 +669,12 @@ impl Controller {
                 }
                 signal = stop_signals.recv() => {
                     info!(signal, "stop requested");
-                    return Ok(());
+                    return Ok(Stop::Signal);
+                }
+                successor = takeover::successor(self.handover.as_ref()) => {
+                    if self.hand_over(successor).await {
+                        return Ok(Stop::HandedOver);
+                    }
                 }
                 _ = registry.replan.notified() => self.apply_logged().await,
                 Some((request, reply)) = requests.recv() => {
@@ -925,10 +1055,18 @@ impl Controller {
                 .builder_index
                 .contains_key(&builder.name);
             if first_time {
-                // No connection of this daemon is open to a new index: the
-                // kernel's count restarts from whatever it holds.
+                // The kernel's count restarts from whatever it holds, with
+                // the connections a predecessor handed over (none at a
+                // plain start).
+                let open = self
+                    .registry
+                    .inner()
+                    .active
+                    .get(&builder.name)
+                    .copied()
+                    .unwrap_or(0);
                 let assigned = kernel.assigned(index)?;
-                kernel.set_released(index, assigned)?;
+                kernel.set_released(index, assigned.wrapping_sub(open))?;
                 self.registry.adopt_index(&builder.name, index);
             }
             let weight = self.registry.inner().weight(&builder.name);
@@ -1020,22 +1158,66 @@ impl Controller {
         svc: &Service,
         builder: &str,
     ) -> Result<u32> {
-        let listener = listener_socket(svc)?.listen(1024)?;
         let key = format!("{}/{}", svc.name, builder);
-        let id = self.listener_ids.get_or_assign(&key)?;
+        let inherited = self
+            .inherited_listeners
+            .remove(&(svc.name.clone(), builder.to_owned()));
+        let (id, listener) = match inherited {
+            // Already in the socket map at its id, its queue intact.
+            Some((id, socket)) => (id, takeover::tcp_listener(socket)?),
+            None => (
+                self.listener_ids.get_or_assign(&key)?,
+                listener_socket(svc)?.listen(1024)?,
+            ),
+        };
         kernel.register_listener(id, &listener)?;
+        self.start_listener((svc.name.clone(), builder.to_owned()), id, listener, true)?;
+        Ok(id)
+    }
+
+    /// Starts accepting on a listener. `steered`: the kernel chose the
+    /// builder (the key's second part); otherwise userspace chooses.
+    fn start_listener(
+        &mut self,
+        key: (String, String),
+        id: u32,
+        listener: TcpListener,
+        steered: bool,
+    ) -> Result<()> {
+        let socket = listener
+            .as_fd()
+            .try_clone_to_owned()
+            .context("cannot duplicate a listening socket")?;
         let task = tokio::spawn(accept_loop(
             listener,
-            svc.name.clone(),
-            Some(builder.to_owned()),
+            key.0.clone(),
+            steered.then(|| key.1.clone()),
             self.registry.clone(),
-            self.path.clone(),
+            self.context(),
         ));
         self.listeners.insert(
-            (svc.name.clone(), builder.to_owned()),
-            ListenerHandle { id, task },
+            key,
+            ListenerHandle {
+                id,
+                task,
+                socket,
+                steered,
+            },
         );
-        Ok(id)
+        Ok(())
+    }
+
+    /// What connection tasks work with.
+    fn context(&self) -> proxy::Context {
+        let registry = self.registry.clone();
+        proxy::Context {
+            handoffs: registry.handoffs.clone(),
+            ident_timeout: registry.handoffs.limits().ident_timeout,
+            dispatcher: registry,
+            path: self.path.clone(),
+            splicer: self.splicer.clone(),
+            recall: self.recaller.recall(),
+        }
     }
 
     /// Closes listeners that left the plan, after a grace period for
@@ -1077,14 +1259,7 @@ impl Controller {
                 let listener = TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("service {}: cannot bind {addr}", svc.name))?;
-                let task = tokio::spawn(accept_loop(
-                    listener,
-                    svc.name.clone(),
-                    None,
-                    self.registry.clone(),
-                    DataPath::Userspace,
-                ));
-                self.listeners.insert(key, ListenerHandle { id: 0, task });
+                self.start_listener(key, 0, listener, false)?;
             }
         }
         self.retire_listeners(|key| wanted.contains(key));
@@ -1344,10 +1519,9 @@ async fn accept_loop(
     service: String,
     builder: Option<String>,
     registry: Arc<Registry>,
-    path: DataPath,
+    cx: proxy::Context,
 ) {
     let handoffs = registry.handoffs.clone();
-    let ident_timeout = handoffs.limits().ident_timeout;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -1388,21 +1562,14 @@ async fn accept_loop(
                 }
             },
         };
-        let dispatcher: Arc<dyn Dispatcher> = registry.clone();
-        let service = service.clone();
-        let path = path.clone();
-        tokio::spawn(async move {
-            proxy::serve(
-                stream,
-                &service,
-                chosen,
-                dispatcher,
-                path,
-                ticket,
-                ident_timeout,
-            )
-            .await;
-        });
+        let accepted = proxy::Accepted {
+            client: stream,
+            service: service.clone(),
+            steered: chosen,
+            consumed: Vec::new(),
+            opened_unix_ms: proxy::unix_ms(),
+        };
+        tokio::spawn(proxy::serve(accepted, ticket, cx.clone()));
     }
 }
 

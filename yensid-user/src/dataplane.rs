@@ -2,5 +2,7 @@
 //! userspace copy.
 
 pub mod admission;
+pub mod handover;
 pub mod ident;
 pub mod proxy;
+pub mod relay;

@@ -135,7 +135,7 @@ use std::{
     net::TcpStream as StdTcpStream,
     os::fd::AsRawFd,
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::{
@@ -146,8 +146,10 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    dataplane::admission::{Quiet, Ticket},
+    dataplane::admission::{Handoffs, Quiet, Ticket},
+    dataplane::handover::{Meta, Parked, Recall},
     dataplane::ident::{self, IdentError},
+    dataplane::relay::Relay,
     kernel::bpf::{Kernel, Observation},
     kernel::hangup::Hangups,
     kernel::sock,
@@ -257,59 +259,266 @@ static REJECTIONS: Quiet = Quiet::new(Duration::from_secs(10), 20);
 /// The same for clients refused because no builder could take them.
 static UNSERVED: Quiet = Quiet::new(Duration::from_secs(10), 20);
 
-/// Serves one accepted connection that the kernel steered to `builder`.
-/// `ticket` is its place among the connections in handoff, given back
-/// once both identification lines are known.
-pub async fn serve(
-    client: TcpStream,
-    service: &str,
-    builder: String,
-    dispatcher: Arc<dyn Dispatcher>,
-    path: DataPath,
-    ticket: Ticket,
-    ident_timeout: Duration,
-) {
-    let started = Instant::now();
+/// What every connection task works with.
+#[derive(Clone)]
+pub struct Context {
+    pub dispatcher: Arc<dyn Dispatcher>,
+    pub path: DataPath,
+    /// The kernel side for spliced pairs a predecessor handed over, even
+    /// when this daemon copies new connections in userspace.
+    pub splicer: Option<(Arc<Kernel>, Hangups)>,
+    pub recall: Recall,
+    pub handoffs: Arc<Handoffs>,
+    pub ident_timeout: Duration,
+}
+
+/// An accepted connection, or one a predecessor handed over in its handoff.
+pub struct Accepted {
+    pub client: TcpStream,
+    pub service: String,
+    /// The builder the kernel chose at SYN time.
+    pub steered: String,
+    /// Bytes of the client's identification line already read.
+    pub consumed: Vec<u8>,
+    pub opened_unix_ms: u64,
+}
+
+/// Now, in Unix milliseconds: when a connection opened, in a form another
+/// process can use.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Serves one accepted connection. `ticket` is its place among the
+/// connections in handoff, given back once both identification lines are
+/// known.
+pub async fn serve(accepted: Accepted, ticket: Ticket, cx: Context) {
+    let _running = cx.recall.running();
+    let Accepted {
+        client,
+        service,
+        steered,
+        consumed,
+        opened_unix_ms,
+    } = accepted;
     let peer = client.peer_addr().ok();
     let mut outcome = Outcome::default();
-    let served = handoff(
-        &client,
-        service,
-        builder,
-        &*dispatcher,
-        &mut outcome,
-        ident_timeout,
-    )
-    .await;
+    let mut line = consumed;
+    let served = handoff(&client, &service, steered, &mut line, &cx, &mut outcome).await;
     drop(ticket);
-    let (builder, error) = match served {
-        Err((builder, why)) => {
+    let opening = match served {
+        Ok(opening) => opening,
+        Err(HandoffEnd::Recalled(steered)) => {
+            // Nothing reached the client: a successor starts again.
+            cx.dispatcher.finished(&steered, &outcome);
+            if let Ok(client) = client.into_std() {
+                cx.recall.park(Parked::Fresh {
+                    client,
+                    service,
+                    steered,
+                    consumed: line,
+                    opened_unix_ms,
+                });
+            }
+            return;
+        }
+        Err(HandoffEnd::Failed(builder, why)) => {
             debug!(service, builder, ?peer, %why, "connection ended during the handoff");
             if outcome.unserved {
                 reset(&client);
             }
-            dispatcher.finished(&builder, &outcome);
+            cx.dispatcher.finished(&builder, &outcome);
             return;
         }
-        Ok(opening) => {
-            let builder = opening.builder.clone();
-            let error = forward(client, opening, &path, &mut outcome).await.err();
-            (builder, error)
+    };
+    let meta = Meta {
+        service,
+        builder: opening.builder.clone(),
+        peer,
+        opened_unix_ms,
+        failovers: outcome.failovers,
+    };
+    let finish = forward(client, opening, &cx, &mut outcome).await;
+    conclude(finish, meta, outcome, &cx);
+}
+
+/// Serves a connection a predecessor handed over, from where it stopped.
+pub async fn resume(parked: Parked, cx: Context) {
+    let _running = cx.recall.running();
+    let mut outcome = Outcome {
+        counted: true,
+        ..Outcome::default()
+    };
+    let (finish, meta) = match parked {
+        Parked::Fresh {
+            client,
+            service,
+            steered,
+            consumed,
+            opened_unix_ms,
+        } => {
+            drop(_running);
+            let Ok(client) = stream(client) else {
+                return;
+            };
+            let peer = client
+                .peer_addr()
+                .map(|p| p.ip())
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+            match cx.handoffs.admit(peer) {
+                Ok(ticket) => {
+                    let accepted = Accepted {
+                        client,
+                        service,
+                        steered,
+                        consumed,
+                        opened_unix_ms,
+                    };
+                    Box::pin(serve(accepted, ticket, cx)).await;
+                }
+                Err(full) => {
+                    warn!(service, reason = %full, "a connection in handoff was handed over, but the handoff caps are full: refused");
+                    reset(&client);
+                }
+            }
+            return;
+        }
+        Parked::Spliced {
+            client,
+            upstream,
+            meta,
+            ended,
+        } => {
+            outcome.spliced = true;
+            let Some((kernel, hangups)) = cx.splicer.clone() else {
+                warn!(
+                    service = meta.service,
+                    builder = meta.builder,
+                    "a spliced connection was handed over, but this daemon has no BPF: cut"
+                );
+                cx.dispatcher.finished(&meta.builder, &outcome);
+                return;
+            };
+            (
+                watch_pair(
+                    client,
+                    upstream,
+                    ended,
+                    &kernel,
+                    &hangups,
+                    &cx,
+                    &mut outcome,
+                )
+                .await,
+                meta,
+            )
+        }
+        Parked::Copied {
+            client,
+            upstream,
+            relay,
+            meta,
+        } => {
+            let finish = match (stream(client), stream(upstream)) {
+                (Ok(client), Ok(upstream)) => {
+                    relay_pair(client, upstream, relay, &cx, &mut outcome).await
+                }
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            };
+            (finish, meta)
         }
     };
+    conclude(finish, meta, outcome, &cx);
+}
+
+fn stream(socket: StdTcpStream) -> io::Result<TcpStream> {
+    socket.set_nonblocking(true)?;
+    TcpStream::from_std(socket)
+}
+
+/// The end of a connection's data path: logged and counted, or parked for
+/// a successor.
+fn conclude(finish: io::Result<Finish>, mut meta: Meta, outcome: Outcome, cx: &Context) {
+    let error = match finish {
+        Ok(Finish::Recalled(Recalled::Spliced {
+            client,
+            upstream,
+            ended,
+        })) => {
+            cx.recall.park(Parked::Spliced {
+                client,
+                upstream,
+                meta,
+                ended,
+            });
+            return;
+        }
+        Ok(Finish::Recalled(Recalled::Copied {
+            client,
+            upstream,
+            relay,
+        })) => {
+            cx.recall.park(Parked::Copied {
+                client,
+                upstream,
+                relay,
+                meta,
+            });
+            return;
+        }
+        Ok(Finish::Ended) => None,
+        Err(e) => Some(e),
+    };
+    meta.failovers = meta.failovers.max(outcome.failovers);
+    let seconds = unix_ms().saturating_sub(meta.opened_unix_ms) as f64 / 1e3;
     info!(
-        service,
-        builder,
-        ?peer,
+        service = meta.service,
+        builder = meta.builder,
+        peer = ?meta.peer,
         spliced = outcome.spliced,
-        failovers = outcome.failovers,
+        failovers = meta.failovers,
         to_builder = outcome.to_builder,
         from_builder = outcome.from_builder,
-        seconds = started.elapsed().as_secs_f64(),
+        seconds,
         error = error.map(|e| e.to_string()),
         "connection closed"
     );
-    dispatcher.finished(&builder, &outcome);
+    cx.dispatcher.finished(&meta.builder, &outcome);
+}
+
+/// How a data path stopped.
+enum Finish {
+    /// Both directions ended (or one failed: see the error).
+    Ended,
+    /// Recalled for a successor, whole.
+    Recalled(Recalled),
+}
+
+/// A data path stopped for a successor (the connection's [`Meta`] is
+/// added by whoever knows it).
+enum Recalled {
+    Spliced {
+        client: StdTcpStream,
+        upstream: StdTcpStream,
+        ended: [bool; 2],
+    },
+    Copied {
+        client: StdTcpStream,
+        upstream: StdTcpStream,
+        relay: Relay,
+    },
+}
+
+/// Why a handoff did not lead to a data path.
+enum HandoffEnd {
+    /// The connection ended (the builder it was steered to or counted for,
+    /// and why).
+    Failed(String, io::Error),
+    /// Recalled for a successor before the client saw a byte; the builder
+    /// it was steered to.
+    Recalled(String),
 }
 
 /// What the handoff leaves for the data path.
@@ -337,39 +546,40 @@ enum Rejection {
 }
 
 /// Steps 1 and 2 of the handoff: the client's line, then the builder.
+/// Until a builder answered, a recall stops it (nothing reached the
+/// client yet); `line` holds what was read of the client's line.
 async fn handoff(
     client: &TcpStream,
     service: &str,
     steered: String,
-    dispatcher: &dyn Dispatcher,
+    line: &mut Vec<u8>,
+    cx: &Context,
     outcome: &mut Outcome,
-    ident_timeout: Duration,
-) -> Result<Opening, (String, io::Error)> {
-    let client_line = match timeout(ident_timeout, read_client_line(client)).await {
-        Ok(Ok(line)) => match ident::parse(&line) {
-            Ok(_) => Ok(line),
-            Err(e) => Err((e.into(), line)),
-        },
-        Ok(Err(e)) => Err((e, Vec::new())),
-        Err(_) => Err((Rejection::Silent(ident_timeout), Vec::new())),
+) -> Result<Opening, HandoffEnd> {
+    let dispatcher = &*cx.dispatcher;
+    let read = tokio::select! {
+        read = timeout(cx.ident_timeout, read_client_line(client, line)) => read,
+        () = cx.recall.requested() => return Err(HandoffEnd::Recalled(steered)),
     };
-    let client_line = match client_line {
-        Ok(line) => line,
-        Err((why, line)) => {
-            outcome.rejected = true;
-            if let Some(left_out) = REJECTIONS.allow(Instant::now()) {
-                warn!(
-                    service,
-                    peer = ?client.peer_addr().ok(),
-                    reason = %why,
-                    first_bytes = %ident::escape(&line[..line.len().min(64)]),
-                    similar_left_out = left_out,
-                    "client rejected: closed before any builder was contacted"
-                );
-            }
-            return Err((steered, io::Error::other(why)));
+    let rejection = match read {
+        Ok(Ok(())) => ident::parse(line).err().map(Rejection::from),
+        Ok(Err(e)) => Some(e),
+        Err(_) => Some(Rejection::Silent(cx.ident_timeout)),
+    };
+    if let Some(why) = rejection {
+        outcome.rejected = true;
+        if let Some(left_out) = REJECTIONS.allow(Instant::now()) {
+            warn!(
+                service,
+                peer = ?client.peer_addr().ok(),
+                reason = %why,
+                first_bytes = %ident::escape(&line[..line.len().min(64)]),
+                similar_left_out = left_out,
+                "client rejected: closed before any builder was contacted"
+            );
         }
-    };
+        return Err(HandoffEnd::Failed(steered, io::Error::other(why)));
+    }
     let Some(mut builder) = dispatcher.reserve(service, &steered) else {
         outcome.unserved = true;
         if let Some(left_out) = UNSERVED.allow(Instant::now()) {
@@ -380,7 +590,10 @@ async fn handoff(
                 "no builder may take the client (full, unhealthy or drained); refused"
             );
         }
-        return Err((steered, io::Error::other("no builder available")));
+        return Err(HandoffEnd::Failed(
+            steered,
+            io::Error::other("no builder available"),
+        ));
     };
     outcome.counted = true;
     // A client that leaves while the builder is being connected cancels
@@ -391,26 +604,39 @@ async fn handoff(
             outcome.unserved = true;
             Err(gone)
         }
+        () = cx.recall.requested() => {
+            // Counted for `builder` until now: `finished` gives it back.
+            outcome.unserved = true;
+            return Err(HandoffEnd::Recalled(builder));
+        }
     };
     match opened {
         Ok((upstream, observation, server_lines)) => Ok(Opening {
             builder,
             upstream,
             observation,
-            client_line,
+            client_line: std::mem::take(line),
             server_lines,
         }),
-        Err(e) => Err((builder, e)),
+        Err(e) => Err(HandoffEnd::Failed(builder, e)),
     }
 }
 
-/// Reads the client's identification line, at most one byte longer than
-/// RFC 4253 allows (so an over-long line is seen as one, not cut), and
-/// gives up as soon as its bytes cannot start one.
-async fn read_client_line(client: &TcpStream) -> Result<Vec<u8>, Rejection> {
-    let mut line = Vec::new();
+/// Reads the client's identification line into `line` (which may hold its
+/// beginning already), at most one byte longer than RFC 4253 allows (so an
+/// over-long line is seen as one, not cut), and gives up as soon as its
+/// bytes cannot start one. Cancel-safe: every byte read is in `line` at
+/// once.
+async fn read_client_line(client: &TcpStream, line: &mut Vec<u8>) -> Result<(), Rejection> {
     let mut buf = [0u8; ident::MAX_LINE + 1];
     loop {
+        let prefix = line.len().min(4);
+        if line[..prefix] != b"SSH-"[..prefix]
+            || line.last() == Some(&b'\n')
+            || line.len() > ident::MAX_LINE
+        {
+            return Ok(());
+        }
         let want = buf.len() - line.len();
         let n = client
             .peek(&mut buf[..want])
@@ -423,17 +649,12 @@ async fn read_client_line(client: &TcpStream) -> Result<Vec<u8>, Rejection> {
             .iter()
             .position(|&b| b == b'\n')
             .map_or(n, |end| end + 1);
-        let mut chunk = vec![0u8; take];
-        read_exact_from(client, &mut chunk)
-            .await
-            .map_err(Rejection::Left)?;
-        line.extend_from_slice(&chunk);
-        let prefix = line.len().min(4);
-        if line[..prefix] != b"SSH-"[..prefix]
-            || line.last() == Some(&b'\n')
-            || line.len() > ident::MAX_LINE
-        {
-            return Ok(line);
+        // The bytes were peeked, so they are there: one read takes them.
+        match client.try_read(&mut buf[..take]) {
+            Ok(0) => return Err(Rejection::Left(io::ErrorKind::UnexpectedEof.into())),
+            Ok(got) => line.extend_from_slice(&buf[..got]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(Rejection::Left(e)),
         }
     }
 }
@@ -576,9 +797,9 @@ async fn connect_with<T>(
 async fn forward(
     mut client: TcpStream,
     opening: Opening,
-    path: &DataPath,
+    cx: &Context,
     outcome: &mut Outcome,
-) -> io::Result<()> {
+) -> io::Result<Finish> {
     let Opening {
         mut upstream,
         observation: _observation,
@@ -589,10 +810,10 @@ async fn forward(
     client.set_nodelay(true)?;
     upstream.write_all(&client_line).await?;
     client.write_all(&server_lines).await?;
-    let (kernel, hangups) = match path {
+    let (kernel, hangups) = match &cx.path {
         DataPath::Kernel(kernel, hangups) => (kernel, hangups),
         DataPath::Userspace => {
-            return copy(&mut client, &mut upstream, outcome).await;
+            return relay_pair(client, upstream, Relay::new()?, cx, outcome).await;
         }
     };
     let client_kexinit = step(read_packet(&mut client)).await?;
@@ -601,7 +822,7 @@ async fn forward(
         warn!("a peer sent more than one packet before key exchange; copying in userspace");
         upstream.write_all(&client_kexinit).await?;
         client.write_all(&server_kexinit).await?;
-        return copy(&mut client, &mut upstream, outcome).await;
+        return relay_pair(client, upstream, Relay::new()?, cx, outcome).await;
     }
     sock::set_send_buffer(&client, SPLICED_SEND_BUFFER)?;
     sock::set_send_buffer(&upstream, SPLICED_SEND_BUFFER)?;
@@ -615,8 +836,37 @@ async fn forward(
     // Out of tokio's epoll, whose interest in reading would wake the daemon
     // on every redirected segment.
     let (client, upstream) = (client.into_std()?, upstream.into_std()?);
-    let mut ended = [false, false];
-    let watched = watch_spliced(hangups, &client, &upstream, &mut ended).await;
+    watch_pair(
+        client,
+        upstream,
+        [false, false],
+        kernel,
+        hangups,
+        cx,
+        outcome,
+    )
+    .await
+}
+
+/// Watches a spliced pair until it ends or is recalled.
+async fn watch_pair(
+    client: StdTcpStream,
+    upstream: StdTcpStream,
+    mut ended: [bool; 2],
+    kernel: &Kernel,
+    hangups: &Hangups,
+    cx: &Context,
+    outcome: &mut Outcome,
+) -> io::Result<Finish> {
+    let cookies = (sock::cookie(&client)?, sock::cookie(&upstream)?);
+    let watched = tokio::select! {
+        watched = watch_spliced(hangups, &client, &upstream, &mut ended) => watched,
+        // Between two events the pair's state is `ended` and the sockets:
+        // the kernel goes on forwarding while a successor takes them.
+        () = cx.recall.requested() => {
+            return Ok(Finish::Recalled(Recalled::Spliced { client, upstream, ended }));
+        }
+    };
     kernel.unsplice(cookies.0, cookies.1);
     let ends = sock::Ends {
         connected: true,
@@ -624,27 +874,34 @@ async fn forward(
         fin_received: ended[1],
     };
     count_upstream(&upstream, ends, outcome);
-    watched
+    watched.map(|()| Finish::Ended)
 }
 
-async fn copy(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
+/// Relays a pair in userspace until it ends or is recalled.
+async fn relay_pair(
+    client: TcpStream,
+    upstream: TcpStream,
+    mut relay: Relay,
+    cx: &Context,
     outcome: &mut Outcome,
-) -> io::Result<()> {
+) -> io::Result<Finish> {
     outcome.copied = true;
-    let copied = tokio::io::copy_bidirectional(client, upstream).await;
-    // Done without an error, each direction ended with a FIN that was
-    // passed on; after an error, which FINs came is unknown, and one may
-    // be counted as a byte.
-    let ended = copied.is_ok();
+    let relayed = tokio::select! {
+        relayed = relay.run(&client, &upstream) => relayed,
+        // The relay's state is whole at every await point: the pipes hold
+        // the bytes in flight.
+        () = cx.recall.requested() => {
+            let (client, upstream) = (client.into_std()?, upstream.into_std()?);
+            return Ok(Finish::Recalled(Recalled::Copied { client, upstream, relay }));
+        }
+    };
     let ends = sock::Ends {
         connected: true,
-        fin_sent: ended,
-        fin_received: ended,
+        fin_sent: relay.state.up.shut,
+        fin_received: relay.state.down.eof,
     };
-    count_upstream(upstream, ends, outcome);
-    copied.map(drop)
+    count_upstream(&upstream, ends, outcome);
+    relayed.map(|()| Finish::Ended)
 }
 
 /// Counts the payload bytes exchanged with the builder.
@@ -895,8 +1152,14 @@ mod tests {
         if close {
             client.shutdown().await.unwrap();
         }
-        let read = timeout(Duration::from_secs(5), read_client_line(&daemon_side));
-        read.await.expect("the read did not wait for more")
+        let mut line = Vec::new();
+        let read = timeout(
+            Duration::from_secs(5),
+            read_client_line(&daemon_side, &mut line),
+        );
+        read.await
+            .expect("the read did not wait for more")
+            .map(|()| line)
     }
 
     #[tokio::test]
@@ -906,11 +1169,30 @@ mod tests {
             .write_all(b"SSH-2.0-OpenSSH_9.2\r\nKEX")
             .await
             .unwrap();
-        let line = read_client_line(&daemon_side).await.unwrap();
+        let mut line = Vec::new();
+        read_client_line(&daemon_side, &mut line).await.unwrap();
         assert_eq!(line, b"SSH-2.0-OpenSSH_9.2\r\n");
         let mut rest = [0u8; 3];
         daemon_side.try_read(&mut rest).unwrap();
         assert_eq!(&rest, b"KEX");
+    }
+
+    #[tokio::test]
+    async fn a_line_begun_by_a_predecessor_is_finished_whole() {
+        let (daemon_side, mut client) = pair().await;
+        client.write_all(b"SSH-2.0-Op").await.unwrap();
+        let mut line = Vec::new();
+        // Stopped (as a takeover recalls it) once the first part is in.
+        let first = timeout(
+            Duration::from_millis(200),
+            read_client_line(&daemon_side, &mut line),
+        )
+        .await;
+        assert!(first.is_err(), "the read did not wait for the rest");
+        assert_eq!(line, b"SSH-2.0-Op");
+        client.write_all(b"enSSH_9.2\r\n").await.unwrap();
+        read_client_line(&daemon_side, &mut line).await.unwrap();
+        assert_eq!(line, b"SSH-2.0-OpenSSH_9.2\r\n");
     }
 
     #[tokio::test]

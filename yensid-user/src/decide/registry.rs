@@ -36,6 +36,9 @@ use crate::{
 
 pub struct Registry {
     kernel: Option<Arc<Kernel>>,
+    /// Set while a successor takes over: the maps are the successor's to
+    /// write from then on (both daemons share them).
+    frozen: std::sync::atomic::AtomicBool,
     /// Connections in handoff (not counted for any builder yet).
     pub handoffs: Arc<Handoffs>,
     inner: Mutex<Inner>,
@@ -75,6 +78,8 @@ pub struct Inner {
     pub mode_override: Option<ModeOverride>,
     /// The policy hook's last valid decision.
     pub hook: Option<Decision>,
+    /// What this daemon took over from its predecessor, if it did.
+    pub takeover: Option<crate::operate::status::TakeoverStatus>,
 }
 
 /// Where the mode in force comes from.
@@ -111,6 +116,7 @@ impl Registry {
             addresses: HashMap::new(),
             mode_override: state.mode_override,
             hook: None,
+            takeover: None,
             active: HashMap::new(),
             affinity: HashMap::new(),
             totals: HashMap::new(),
@@ -123,6 +129,7 @@ impl Registry {
         inner.sync_health();
         Self {
             kernel,
+            frozen: std::sync::atomic::AtomicBool::new(false),
             handoffs: Handoffs::new(inner.config.daemon.handoff),
             inner: Mutex::new(inner),
             replan: Notify::new(),
@@ -132,6 +139,26 @@ impl Registry {
 
     pub fn kernel(&self) -> Option<Arc<Kernel>> {
         self.kernel.clone()
+    }
+
+    /// Stops (`true`) or resumes writing the kernel's maps from connection
+    /// events: a successor that takes over writes them from then on.
+    pub fn freeze(&self, frozen: bool) {
+        self.frozen
+            .store(frozen, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn writable_kernel(&self) -> Option<&Arc<Kernel>> {
+        if self.frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        self.kernel.as_ref()
+    }
+
+    /// A connection to `builder` a predecessor handed over: counted as
+    /// open (the kernel's count follows at the next plan).
+    pub fn adopt_connection(&self, builder: &str) {
+        *self.inner().active.entry(builder.to_owned()).or_default() += 1;
     }
 
     pub fn kernel_loaded(&self) -> bool {
@@ -231,7 +258,9 @@ impl Registry {
     /// read stays counted until the next write, at its accept at the
     /// latest. Called with the registry locked, so writes do not race.
     fn sync_kernel_count(&self, inner: &Inner, builder: &str) {
-        let (Some(kernel), Some(&index)) = (&self.kernel, inner.builder_index.get(builder)) else {
+        let (Some(kernel), Some(&index)) =
+            (self.writable_kernel(), inner.builder_index.get(builder))
+        else {
             return;
         };
         let active = inner.active.get(builder).copied().unwrap_or(0);
@@ -575,7 +604,8 @@ impl Dispatcher for Registry {
             warn!(builder = failed, reason = %failure, "builder unhealthy: no new connections");
             // The kernel must stop choosing it before the next SYN, not
             // when the controller gets round to replanning.
-            if let (Some(kernel), Some(&index)) = (&self.kernel, inner.builder_index.get(failed))
+            if let (Some(kernel), Some(&index)) =
+                (self.writable_kernel(), inner.builder_index.get(failed))
                 && let Err(e) = kernel.make_ineligible(index)
             {
                 error!(builder = failed, error = %e, "cannot take the builder out of the kernel's selection");

@@ -7,7 +7,10 @@
 //!   connections keep being refused (their listeners are gone) instead of
 //!   reaching another local listener.
 //! - `maps-v<ABI>/`: the dispatch maps and the path measurements, readable
-//!   without the daemon. The ABI version in the name keeps a daemon from
+//!   without the daemon, and the splice maps (`SPLICED`, `PEERS`): a
+//!   spliced pair keeps flowing while its descriptors are on their way to
+//!   the next daemon or in systemd's file descriptor store, and that daemon
+//!   finds it there. The ABI version in the name keeps a daemon from
 //!   reusing maps of another layout.
 //!
 //! With a read group, the pin directories are `0750` and the pins `0640`,
@@ -56,7 +59,7 @@ const BPFFS_MOUNT: &str = crate::config::BPFFS_MOUNT;
 const LINK_PIN: &str = "dispatch";
 /// The maps the BPF object declares pinned (`Array::pinned` and friends):
 /// what `maps-v<ABI>/` holds, and all that a stop removes from it.
-const PINNED_MAPS: [&str; 11] = [
+const PINNED_MAPS: [&str; 13] = [
     names::BINDINGS,
     names::SERVICES,
     names::SERVICE_BACKENDS,
@@ -68,6 +71,8 @@ const PINNED_MAPS: [&str; 11] = [
     names::OVERRIDE,
     names::LISTENERS,
     names::PATH_STATS,
+    names::SPLICED,
+    names::PEERS,
 ];
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("YENSID_EBPF_OBJECT"));
@@ -126,7 +131,8 @@ pub struct Kernel {
     pin_path: PathBuf,
     // Keeps the programs loaded (the link and the SOCKHASH reference them).
     _ebpf: Ebpf,
-    _link: FdLink,
+    /// `None` only for the instant of a re-pin.
+    link: Mutex<Option<FdLink>>,
     tables: Mutex<Tables>,
     splice: Mutex<Splice>,
     observed: Mutex<HashMap<MapData, u64, u32>>,
@@ -218,7 +224,7 @@ impl Kernel {
         // maps), so replacing the pin leaves no instant without a claim.
         let link_pin = pin_path.join(LINK_PIN);
         if link_pin.exists() {
-            warn!(path = %link_pin.display(), "replacing the dispatch link of a daemon that did not stop cleanly");
+            info!(path = %link_pin.display(), "replacing the pinned dispatch link (of the daemon this one takes over from, or of one that did not stop cleanly)");
             std::fs::remove_file(&link_pin).map_err(|source| BpfError::Bpffs {
                 path: link_pin.clone(),
                 source,
@@ -257,7 +263,7 @@ impl Kernel {
         Ok(Kernel {
             pin_path: pin_path.to_owned(),
             _ebpf: ebpf,
-            _link: link,
+            link: Mutex::new(Some(link)),
             tables: Mutex::new(tables),
             splice: Mutex::new(Splice { spliced, peers }),
             observed: Mutex::new(observed),
@@ -480,6 +486,52 @@ impl Kernel {
         }
     }
 
+    /// Removes the peer entries of every spliced pair but `keep`'s: what
+    /// a daemon that died without handing its pairs on left behind (their
+    /// sockets closed with it and left the SOCKHASH; the peer map is keyed
+    /// by cookies, which are never reused, so those entries only take room).
+    pub fn forget_peers_except(&self, keep: &std::collections::HashSet<u64>) -> usize {
+        let mut s = self.splice.lock().expect("splice maps poisoned");
+        let stale: Vec<u64> = s
+            .peers
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|cookie| !keep.contains(cookie))
+            .collect();
+        for cookie in &stale {
+            let _ = s.peers.remove(cookie);
+        }
+        stale.len()
+    }
+
+    /// Pins this daemon's dispatch link again, replacing whatever is
+    /// pinned in its place: after a successor that replaced the pin failed
+    /// to take over, this daemon serves on and its link must outlive it.
+    pub fn repin_link(&self) -> Result<(), BpfError> {
+        let link_pin = self.pin_path.join(LINK_PIN);
+        match std::fs::remove_file(&link_pin) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(BpfError::Bpffs {
+                    path: link_pin,
+                    source: e,
+                });
+            }
+            _ => {}
+        }
+        let mut slot = self.link.lock().expect("dispatch link poisoned");
+        let Some(link) = slot.take() else {
+            return Ok(());
+        };
+        // Pinning consumes the link and gives it back inside the pin; on
+        // failure it is gone, and with it the claim once this process exits.
+        let pinned = link.pin(&link_pin).map_err(|source| BpfError::Pin {
+            path: link_pin,
+            source,
+        })?;
+        *slot = Some(FdLink::from(pinned));
+        Ok(())
+    }
+
     fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
         self.tables.lock().expect("BPF tables poisoned")
     }
@@ -524,6 +576,10 @@ pub struct MapsDump {
     /// Service -> slots per backend position.
     pub affinity: Vec<(u32, Vec<(u32, u32)>)>,
     pub local_override_until_boot_ns: u64,
+    /// Sockets joined to a peer in the kernel (two per spliced pair),
+    /// whoever holds them: a daemon, a successor taking over, or systemd's
+    /// file descriptor store.
+    pub spliced_sockets: u64,
 }
 
 /// Opens the pinned maps under `pin_path` and decodes them.
@@ -539,6 +595,7 @@ pub fn read_pinned(pin_path: &Path) -> Result<MapsDump, BpfError> {
     let affinity: Array<MapData, u32> = open(&dir, names::AFFINITY)?;
     let mode_override: Array<MapData, Override> = open(&dir, names::OVERRIDE)?;
     let path_stats: Array<MapData, PathStats> = open(&dir, names::PATH_STATS)?;
+    let peers: HashMap<MapData, u64, u64> = open(&dir, names::PEERS)?;
     let mut dump = MapsDump {
         pin_path: pin_path.to_owned(),
         dispatch_attached: pin_path.join(LINK_PIN).exists(),
@@ -555,6 +612,7 @@ pub fn read_pinned(pin_path: &Path) -> Result<MapsDump, BpfError> {
         path_stats: Vec::new(),
         affinity: Vec::new(),
         local_override_until_boot_ns: mode_override.get(&0, 0).map_or(0, |o| o.local_until_ns),
+        spliced_sockets: peers.keys().filter(Result::is_ok).count() as u64,
     };
     for (i, state) in services.iter().enumerate() {
         let Ok(state) = state else { continue };

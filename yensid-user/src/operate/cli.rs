@@ -248,6 +248,11 @@ pub fn show_maps(config_path: &Path, json: bool) -> Result<String> {
             t => t.to_string(),
         }
     );
+    let _ = writeln!(
+        out,
+        "\nSPLICED {} socket(s) joined to a peer in the kernel",
+        dump.spliced_sockets
+    );
     Ok(out)
 }
 

@@ -131,36 +131,38 @@ pub fn route(head: &[u8]) -> Route {
     }
 }
 
-/// Serves `GET /metrics` on `listen` until the task is aborted.
-pub async fn serve(listen: SocketAddr, requests: mpsc::Sender<Pending>) -> std::io::Result<()> {
+/// Binds the metrics endpoint.
+pub async fn bind(listen: SocketAddr) -> std::io::Result<TcpListener> {
     let listener = TcpListener::bind(listen).await?;
     info!(%listen, "metrics endpoint listening");
-    tokio::spawn(async move {
-        let open = Arc::new(AtomicUsize::new(0));
-        let mut backoff = AcceptBackoff::new("metrics");
-        let mut turned_away = Throttled::new();
-        loop {
-            let stream = backoff.accept(|| listener.accept()).await;
-            let Some(slot) = Slot::take(&open) else {
-                if let Some(left_out) = turned_away.admit(Instant::now()) {
-                    info!(
-                        left_out,
-                        "metrics connection turned away: {MAX_CONNECTIONS} are open"
-                    );
-                }
-                turn_away(stream);
-                continue;
-            };
-            let requests = requests.clone();
-            tokio::spawn(async move {
-                if let Err(e) = answer(stream, requests).await {
-                    debug!(error = %e, "metrics request failed");
-                }
-                drop(slot);
-            });
-        }
-    });
-    Ok(())
+    Ok(listener)
+}
+
+/// Serves the metrics endpoint on `listener` until the task is stopped.
+pub async fn serve(listener: TcpListener, requests: mpsc::Sender<Pending>) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut backoff = AcceptBackoff::new("metrics");
+    let mut turned_away = Throttled::new();
+    loop {
+        let stream = backoff.accept(|| listener.accept()).await;
+        let Some(slot) = Slot::take(&open) else {
+            if let Some(left_out) = turned_away.admit(Instant::now()) {
+                info!(
+                    left_out,
+                    "metrics connection turned away: {MAX_CONNECTIONS} are open"
+                );
+            }
+            turn_away(stream);
+            continue;
+        };
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, requests).await {
+                debug!(error = %e, "metrics request failed");
+            }
+            drop(slot);
+        });
+    }
 }
 
 /// An open scrape; it frees its place when dropped.
@@ -491,6 +493,8 @@ mod tests {
             bpf: true,
             path_measurement: "kernel".into(),
             handoffs: Default::default(),
+            takeover: None,
+            retired_builders: Vec::new(),
             mode: ModeStatus {
                 in_force: "local".into(),
                 source: "override".into(),
@@ -631,7 +635,8 @@ mod tests {
         let listen = probe.local_addr().unwrap();
         drop(probe);
         let (tx, mut rx) = mpsc::channel::<Pending>(1);
-        serve(listen, tx).await.unwrap();
+        let listener = bind(listen).await.unwrap();
+        tokio::spawn(serve(listener, tx));
         tokio::spawn(async move {
             while let Some((_, reply)) = rx.recv().await {
                 let message = serde_json::to_string(&status()).unwrap();

@@ -51,6 +51,17 @@ pub fn stopping() {
     ]);
 }
 
+/// This process took over from the daemon that ran: it is the service's
+/// main process now (systemd takes `MAINPID=` from any process of the
+/// service with `NotifyAccess=all`), and it serves.
+pub fn took_over(pid: u32) {
+    send(&[
+        NotifyState::MainPid(pid),
+        NotifyState::Ready,
+        NotifyState::Status("took over from the previous daemon"),
+    ]);
+}
+
 /// What `systemctl status` shows, without a change of state (the open
 /// connections a stop waits for).
 pub fn status(status: &str) {

@@ -224,6 +224,16 @@ pub fn status(inner: &Inner, context: &Context) -> Status {
         services,
         builders,
         handoffs: context.handoffs.clone(),
+        takeover: inner.takeover.clone(),
+        retired_builders: inner
+            .active
+            .iter()
+            .filter(|&(name, &n)| n > 0 && inner.config.builder(name).is_none())
+            .map(|(name, &active)| crate::operate::status::RetiredBuilder {
+                name: name.clone(),
+                active,
+            })
+            .collect(),
     }
 }
 

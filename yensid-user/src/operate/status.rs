@@ -31,6 +31,36 @@ pub struct Status {
     /// Connections that have not finished their SSH handoff.
     #[serde(default)]
     pub handoffs: HandoffStatus,
+    /// What this daemon took over from the one before it, if it did.
+    #[serde(default)]
+    pub takeover: Option<TakeoverStatus>,
+    /// Builders no longer configured whose connections continue (a
+    /// takeover or reload removed them: drained, not cut).
+    #[serde(default)]
+    pub retired_builders: Vec<RetiredBuilder>,
+}
+
+/// A takeover, as the successor saw it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TakeoverStatus {
+    /// The predecessor's process id.
+    pub from_pid: u32,
+    /// When (seconds since the epoch).
+    pub at: u64,
+    pub listeners: u64,
+    pub spliced: u64,
+    pub copied: u64,
+    pub in_handoff: u64,
+    /// From the moment the predecessor stopped accepting to the moment
+    /// this daemon accepted, in milliseconds.
+    pub handover_ms: f64,
+}
+
+/// A builder that left the configuration with connections still open.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RetiredBuilder {
+    pub name: String,
+    pub active: u64,
 }
 
 /// Connections accepted but not yet SSH sessions (no builder counts them).
@@ -151,6 +181,20 @@ pub fn render(status: &Status) -> String {
     );
     if status.path_measurement != "kernel" {
         let _ = writeln!(out, "builder RTT: {}", status.path_measurement);
+    }
+    if let Some(t) = &status.takeover {
+        let _ = writeln!(
+            out,
+            "took over from pid {}: {} spliced, {} copied and {} in-handoff connection(s), {} listener(s), handover {:.1} ms",
+            t.from_pid, t.spliced, t.copied, t.in_handoff, t.listeners, t.handover_ms
+        );
+    }
+    for r in &status.retired_builders {
+        let _ = writeln!(
+            out,
+            "{}: no longer configured, {} open connection(s) continue (drained, not cut)",
+            r.name, r.active
+        );
     }
     let _ = writeln!(out, "{}\n", status.mode.summary);
     let mut rows = vec![vec![
@@ -522,6 +566,7 @@ mod tests {
             )],
             affinity: Vec::new(),
             local_override_until_boot_ns: 0,
+            spliced_sockets: 0,
         };
         let p = pinned(&config, &dump);
         assert_eq!(p.services.len(), 1, "arm claims nothing in the pins");

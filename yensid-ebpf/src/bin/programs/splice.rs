@@ -6,6 +6,10 @@
 //! cookie. When a socket has no peer entry (being torn down), the bytes are
 //! passed to the socket's own receive queue, where userspace forwards them:
 //! nothing is ever dropped here.
+//!
+//! Both maps are pinned: a spliced pair keeps flowing while no daemon holds
+//! it (its two descriptors in flight to a successor, or in systemd's file
+//! descriptor store), and the next daemon finds the pair where it was.
 
 use aya_ebpf::{
     bindings::sk_action::SK_PASS,
@@ -17,9 +21,9 @@ use aya_ebpf::{
 use yensid_ebpf::maps::MAX_SPLICED_SOCKETS;
 
 #[map]
-static SPLICED: SockHash<u64> = SockHash::with_max_entries(MAX_SPLICED_SOCKETS, 0);
+static SPLICED: SockHash<u64> = SockHash::pinned(MAX_SPLICED_SOCKETS, 0);
 #[map]
-static PEERS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_SPLICED_SOCKETS, 0);
+static PEERS: HashMap<u64, u64> = HashMap::pinned(MAX_SPLICED_SOCKETS, 0);
 
 #[stream_verdict]
 pub fn splice(ctx: SkBuffContext) -> u32 {

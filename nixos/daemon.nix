@@ -321,18 +321,26 @@ in
         description = "yensid, kernel-level redirector for Nix remote builds";
         wantedBy = [ "multi-user.target" ];
         after = [ "network.target" ];
-        # A changed configuration is reloaded (SIGHUP: open connections go on); a
-        # changed package restarts the daemon (the pinned program refuses meanwhile,
-        # so Nix builds locally instead of hanging).
-        reloadTriggers = [ configFile ];
-        restartTriggers = [ cfg.package ];
+        # A changed package or configuration is applied by a takeover, not a
+        # restart: `nixos-rebuild switch` reloads the unit, whose ExecReload starts
+        # the new daemon, which takes every listener and live connection over from
+        # the running one (no connection refused or cut; see README "Takeover").
+        reloadIfChanged = true;
+        reloadTriggers = [
+          configFile
+          cfg.package
+        ];
         serviceConfig = {
           Type = "notify";
           ExecStart = "${lib.getExe' cfg.package "yensid"} run --config /etc/yensid/yensid.toml";
-          ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
+          ExecReload = "${lib.getExe' cfg.package "yensid"} takeover --config /etc/yensid/yensid.toml";
+          NotifyAccess = "all";
           Restart = "on-failure";
           RestartSec = "1s";
           TimeoutStopSec = timeoutStop;
+          FileDescriptorStoreMax = 16384;
+          FileDescriptorStorePreserve = "restart";
+          Environment = "FDSTORE=16384";
           StateDirectory = "yensid";
           RuntimeDirectory = "yensid";
           # Two descriptors per proxied connection (client and builder side).

@@ -309,6 +309,43 @@ impl Daemon {
         }
     }
 
+    /// Starts a successor as [`Self::take_over`] does, with `config` plus the raw
+    /// `extra_toml`, which must make it fail in the middle of the takeover. Returns
+    /// once it exited and this daemon logged that it serves on.
+    pub fn abort_take_over(&mut self, config: &DaemonConfig, extra_toml: &str) -> Result<()> {
+        let next = self.config_path.with_extension("toml.next");
+        fs::write(
+            &next,
+            format!("{}\n{extra_toml}\n", config.render(&self.paths)),
+        )?;
+        fs::rename(&next, &self.config_path)?;
+        let since = SystemTime::now();
+        let hosts = self.host_names.as_ref().map(|(_, file)| file.as_path());
+        let mut successor = spawn(
+            &self.binary,
+            &self.launch,
+            &self.netns,
+            &self.config_path,
+            &self.log_path,
+            hosts,
+        )?;
+        if wait_child(&mut successor, READY_TIMEOUT)?.is_none() {
+            let _ = successor.kill();
+            let _ = successor.wait();
+            bail!("the successor did not fail");
+        }
+        self.wait_for_log(
+            &["takeover failed: this daemon serves on"],
+            since,
+            READY_TIMEOUT,
+        )?;
+        ensure!(
+            self.is_running()?,
+            "the daemon exited after its successor died"
+        );
+        Ok(())
+    }
+
     /// Fails if the daemon exits or stays silent; its log is echoed when the failed
     /// start drops it.
     fn wait_ready(&mut self) -> Result<()> {

@@ -205,8 +205,13 @@ fn client_side_lists_alias_entries_like_yensid_nix_machines() -> Result<()> {
     ensure!(
         unit["ExecReload"]
             .as_str()
-            .is_some_and(|r| r.ends_with("/bin/kill -HUP $MAINPID")),
+            .is_some_and(|r| r.ends_with("/bin/yensid takeover --config /etc/yensid/yensid.toml")),
         "{unit}"
+    );
+    ensure!(
+        laptop.json["unit"]["reloadIfChanged"] == json!(true),
+        "a changed package must be taken over, not restarted: {}",
+        laptop.json["unit"]
     );
     ensure!(unit["StateDirectory"] == json!("yensid"), "{unit}");
     ensure!(unit["RuntimeDirectory"] == json!("yensid"), "{unit}");

@@ -24,6 +24,7 @@ common::dataplane_tests!(
     a_takeover_under_load_loses_nothing,
     twenty_takeovers_in_a_row_leave_nothing_behind,
     a_changed_configuration_drains_a_removed_builder,
+    a_successor_that_dies_leaves_the_daemon_serving,
 );
 
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(900);
@@ -296,6 +297,47 @@ fn twenty_takeovers_in_a_row_leave_nothing_behind(dataplane: Dataplane) -> Resul
         );
     }
     eprintln!("20 takeovers: {probes} probes served");
+    daemon.stop()?;
+    Ok(())
+}
+
+/// A successor that fails in the middle of the takeover (after it pinned its own
+/// dispatch link and received everything: its metrics address is taken): the running
+/// daemon takes its connections and listeners back into service and pins its link
+/// again; the live session goes on, new connections are served, and a later
+/// takeover works.
+fn a_successor_that_dies_leaves_the_daemon_serving(dataplane: Dataplane) -> Result<()> {
+    let topology = Topology::new(2)?;
+    let config = DaemonConfig::for_topology(&topology, dataplane, Strategy::RoundRobin);
+    let mut daemon = Daemon::start(topology.client_ns(), &config)?;
+    let ssh = topology.ssh_client()?;
+    let mut session = yensid_tests::LiveSession::start(&ssh, service())?;
+    let taken = topology
+        .client_ns()
+        .run(|| std::net::TcpListener::bind("127.0.0.1:0"))??;
+    let port = taken.local_addr()?.port();
+    daemon.abort_take_over(
+        &config,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )?;
+    let log = daemon.log();
+    ensure!(
+        log.contains("cannot serve metrics on")
+            && log.contains("replacing the pinned dispatch link"),
+        "the successor failed for another reason, or before it pinned its link:\n{log}"
+    );
+    ensure!(
+        daemon.pin_path().join("dispatch").exists(),
+        "no dispatch link pinned after the failed takeover"
+    );
+    for _ in 0..4 {
+        ssh.served_by(service())?;
+    }
+    session.finish()?;
+    let mut session = yensid_tests::LiveSession::start(&ssh, service())?;
+    daemon.take_over(None, Some(&config))?;
+    session.finish()?;
+    ssh.served_by(service())?;
     daemon.stop()?;
     Ok(())
 }

@@ -47,6 +47,7 @@ use crate::{
     kernel::path,
     operate::access::{Access, Group},
     operate::control::{self, ModeChange, Pending, Reply, Request},
+    operate::fdstore,
     operate::metrics,
     operate::notify,
     operate::report,
@@ -61,7 +62,13 @@ mod takeover;
 /// already queued on it.
 const LISTENER_GRACE: Duration = Duration::from_secs(2);
 
-pub async fn run(config_path: &Path) -> Result<()> {
+pub use takeover::start_successor;
+
+pub async fn run(
+    config_path: &Path,
+    require_predecessor: bool,
+    stored: fdstore::Stored,
+) -> Result<()> {
     let config = Config::load(config_path)
         .with_context(|| format!("invalid configuration {}", config_path.display()))?;
     let problems = preflight::check(&config);
@@ -109,7 +116,17 @@ pub async fn run(config_path: &Path) -> Result<()> {
     // connections over (see `dataplane::handover`).
     let handover_path =
         handover::socket_path(&config.daemon.runtime_dir, &config.daemon.instance());
+    // Taken first, so that no child process inherits it.
+    let report = takeover::report_pipe();
+    fdstore::init();
     let predecessor = takeover::greet(&handover_path).await?;
+    if require_predecessor && predecessor.is_none() {
+        anyhow::bail!(
+            "--take-over: no daemon of instance `{}` runs (nothing listens on {})",
+            config.daemon.instance(),
+            handover_path.display()
+        );
+    }
     let control = match &predecessor {
         Some(_) => None,
         None => Some(control::bind(&config.daemon.control_socket(), &access).await?),
@@ -200,10 +217,23 @@ pub async fn run(config_path: &Path) -> Result<()> {
         registry.inner().links = Some(rx.borrow().clone());
     }
     let adopted = inherited.map(|i| controller.adopt(i));
+    let recovered = (!stored.is_empty()).then(|| controller.adopt_stored(stored));
     let started = match controller.apply().await {
+        // The predecessor serves on when this daemon goes without a word:
+        // leave the shared pins, maps and routes to it.
+        Err(e) if adopted.is_some() => {
+            drop(adopted);
+            if let Some(k) = kernel {
+                std::mem::forget(k);
+            }
+            return Err(e.context("cannot serve what the running daemon handed over; it serves on"));
+        }
         Ok(()) => {
             if let Some(adopted) = adopted {
-                controller.finish_takeover(adopted).await;
+                controller.finish_takeover(adopted, report).await;
+            }
+            if let Some(recovered) = recovered {
+                controller.finish_recovery(recovered);
             }
             controller.listen_for_successors(&handover_path);
             Ok(())
@@ -222,7 +252,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
         // The successor owns the pins, the routes, the sockets and the
         // control socket's path now: leave them all as they are. The
         // dispatch link (no longer pinned) detaches when this process exits.
-        notify::stopping();
+        // Nothing is said to systemd: the successor is its main process.
         info!("yensid handed over; exiting");
         if let Some(k) = kernel {
             std::mem::forget(k);
@@ -1165,10 +1195,11 @@ impl Controller {
         let (id, listener) = match inherited {
             // Already in the socket map at its id, its queue intact.
             Some((id, socket)) => (id, takeover::tcp_listener(socket)?),
-            None => (
-                self.listener_ids.get_or_assign(&key)?,
-                listener_socket(svc)?.listen(1024)?,
-            ),
+            None => {
+                let listener = listener_socket(svc)?.listen(1024)?;
+                fdstore::store_listener(&svc.name, builder, &listener);
+                (self.listener_ids.get_or_assign(&key)?, listener)
+            }
         };
         kernel.register_listener(id, &listener)?;
         self.start_listener((svc.name.clone(), builder.to_owned()), id, listener, true)?;
@@ -1231,6 +1262,9 @@ impl Controller {
             .collect();
         for key in gone {
             if let Some(handle) = self.listeners.remove(&key) {
+                if handle.steered {
+                    fdstore::remove_listener(&key.0, &key.1);
+                }
                 self.listener_ids
                     .retain(|n| n != format!("{}/{}", key.0, key.1));
                 tokio::spawn(async move {
@@ -1433,8 +1467,11 @@ impl Controller {
     }
 
     fn close_all(&mut self) {
-        for (_, handle) in self.listeners.drain() {
+        for ((service, builder), handle) in self.listeners.drain() {
             handle.task.abort();
+            if handle.steered {
+                fdstore::remove_listener(&service, &builder);
+            }
         }
         for (_, task) in self.probes.drain() {
             task.abort();

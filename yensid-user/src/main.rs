@@ -59,7 +59,30 @@ enum Command {
     /// uncleanly, the pinned program keeps refusing claimed connections, so
     /// Nix builds locally instead of hanging. Log verbosity: RUST_LOG
     /// (default `info`).
+    ///
+    /// Started while a daemon of the same instance runs (same pin_path), it
+    /// takes over: the running daemon hands it its listeners and every live
+    /// connection (spliced, copied or in its handoff) and exits; nothing is
+    /// refused or cut meanwhile. The new binary and configuration apply to
+    /// new connections; open ones stay with their builder, even one that
+    /// left the configuration. See also `yensid takeover`.
     Run {
+        #[command(flatten)]
+        config: ConfigFile,
+        /// Fail unless a running daemon of this instance hands over (instead
+        /// of starting afresh when none runs).
+        #[arg(long)]
+        take_over: bool,
+    },
+    /// Replace the running daemon by a new one without losing a connection:
+    /// for upgrades and configuration changes (the unit's ExecReload).
+    ///
+    /// Starts `yensid run --take-over` from this binary with this
+    /// configuration, in the background, and returns once it has taken over
+    /// (exit 0) or has failed (exit 1, and the running daemon serves on).
+    /// Under systemd the new daemon becomes the service's main process
+    /// (`MAINPID=`; the unit needs NotifyAccess=all). Needs root.
+    Takeover {
         #[command(flatten)]
         config: ConfigFile,
     },
@@ -229,9 +252,9 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let output = match Cli::parse().command {
-        Command::Run { config } => {
+        Command::Run { config, take_over } => {
             init_logging();
-            return match run(&config.path) {
+            return match run(&config.path, take_over) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{}", yensid::error_chain(e.as_ref()));
@@ -278,6 +301,9 @@ fn main() -> std::process::ExitCode {
                 for_seconds: for_duration.map(|d| d.as_secs().max(1)),
             });
             cli::send(&config.path, &Request::Mode { change }).map(|m| m + "\n")
+        }
+        Command::Takeover { config } => {
+            daemon::start_successor(&config.path, TAKEOVER_LIMIT).map(|summary| summary + "\n")
         }
         Command::Drain { builder, config } => {
             cli::send(&config.path, &Request::Drain { builder }).map(|m| m + "\n")
@@ -343,12 +369,19 @@ fn parse_for(text: &str) -> Result<std::time::Duration, String> {
     config::parse_bounded_duration(text, config::MAX_OVERRIDE)
 }
 
-fn run(config: &Path) -> Result<()> {
+/// How long `yensid takeover` waits for the new daemon: it loads its BPF
+/// programs and receives every connection; each step of the exchange has
+/// its own 30 s limit.
+const TAKEOVER_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+fn run(config: &Path, take_over: bool) -> Result<()> {
+    // SAFETY: no other thread runs yet (the runtime starts below).
+    let stored = unsafe { yensid::operate::fdstore::take_from_environment() };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(daemon::run(config))
+    runtime.block_on(daemon::run(config, take_over, stored))
 }
 
 fn init_logging() {

@@ -4,6 +4,7 @@
 pub mod access;
 pub mod cli;
 pub mod control;
+pub mod fdstore;
 pub mod machines;
 pub mod metrics;
 pub mod notify;

@@ -57,6 +57,10 @@ in
               type = types.listOf types.unspecified;
               default = [ ];
             };
+            reloadIfChanged = mkOption {
+              type = types.bool;
+              default = false;
+            };
             # NixOS: attrsOf unitOption, a value or a list of values.
             serviceConfig = mkOption {
               type = types.attrsOf (

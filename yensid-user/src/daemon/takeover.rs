@@ -22,7 +22,7 @@ use crate::{
         self, HandoverError, Item, Message, PROTOCOL, Parked, Received, describe,
     },
     dataplane::proxy,
-    operate::{notify, status::TakeoverStatus},
+    operate::{fdstore, notify, status::TakeoverStatus},
     state::unix_now,
 };
 
@@ -236,11 +236,16 @@ impl Controller {
         for c in &inherited.connections {
             match c {
                 Parked::Spliced { meta, .. } | Parked::Copied { meta, .. } => {
-                    self.registry.adopt_connection(&meta.builder)
+                    self.registry.adopt_connection(&meta.builder);
+                    if meta.in_fd_store {
+                        fdstore::adopted(2);
+                    }
                 }
                 Parked::Fresh { .. } => {}
             }
         }
+        // The predecessor's listeners are in the store too, if it keeps one.
+        fdstore::adopted(listeners as usize);
         Adopted {
             socket: inherited.socket,
             connections: inherited.connections,
@@ -253,7 +258,11 @@ impl Controller {
     /// After the first plan: serves the adopted connections, accepts what
     /// was queued on listeners the plan does not keep, and lets the
     /// predecessor go.
-    pub(super) async fn finish_takeover(&mut self, adopted: Adopted) {
+    pub(super) async fn finish_takeover(
+        &mut self,
+        adopted: Adopted,
+        report_pipe: Option<std::fs::File>,
+    ) {
         let leftover: Vec<(String, String)> = self.inherited_listeners.keys().cloned().collect();
         for key in &leftover {
             if let Some((id, socket)) = self.inherited_listeners.remove(key) {
@@ -267,6 +276,7 @@ impl Controller {
         }
         self.retire_listeners(|k| !leftover.contains(k));
         let mut report = TakeoverStatus {
+            from: "handover".to_owned(),
             from_pid: adopted.from_pid,
             at: unix_now(),
             listeners: adopted.listeners,
@@ -324,6 +334,21 @@ impl Controller {
             report.from_pid,
             report.handover_ms,
         );
+        if let Some(mut pipe) = report_pipe {
+            use std::io::Write;
+            let _ = writeln!(
+                pipe,
+                "ok pid {} took over {} connection(s) ({} spliced, {} copied, {} in handoff) and {} listener(s) from pid {} in {:.1} ms",
+                std::process::id(),
+                report.spliced + report.copied + report.in_handoff,
+                report.spliced,
+                report.copied,
+                report.in_handoff,
+                report.listeners,
+                report.from_pid,
+                report.handover_ms
+            );
+        }
         self.registry.inner().takeover = Some(report);
     }
 
@@ -541,4 +566,216 @@ impl Controller {
 
 fn dup(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
     fd.try_clone()
+}
+
+/// The environment variable naming the descriptor on which `yensid
+/// takeover` waits for the new daemon's word.
+pub const REPORT_FD_ENV: &str = "YENSID_TAKEOVER_REPORT_FD";
+
+/// The pipe `yensid takeover` gave this process, if it did: taken (and
+/// closed on exec) at once, so no child inherits it.
+pub(super) fn report_pipe() -> Option<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    let fd: i32 = std::env::var(REPORT_FD_ENV).ok()?.parse().ok()?;
+    // SAFETY: fstat on a descriptor number, which may not be open: then it fails.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if fd < 3
+        || unsafe { libc::fstat(fd, &mut st) } != 0
+        || st.st_mode & libc::S_IFMT != libc::S_IFIFO
+    {
+        warn!(fd, "{REPORT_FD_ENV} names no pipe; ignored");
+        return None;
+    }
+    // SAFETY: an open pipe descriptor that this process owns from here on.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Some(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// Starts `yensid run --take-over` from this binary with `config` in the
+/// background and waits for its word: `Ok(summary)` once it took over.
+pub fn start_successor(config: &Path, limit: Duration) -> Result<String> {
+    use std::{io::Read, os::unix::process::CommandExt, process::Command};
+    // A configuration the new daemon would refuse is said here, before
+    // anything starts; the running daemon is not touched.
+    crate::config::Config::load(config).with_context(|| {
+        format!(
+            "invalid configuration {}; the running daemon serves on",
+            config.display()
+        )
+    })?;
+    let mut fds = [0; 2];
+    // SAFETY: valid out array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot create a pipe");
+    }
+    use std::os::fd::FromRawFd;
+    // SAFETY: fresh descriptors owned here.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    const CHILD_FD: i32 = 3;
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let raw_writer = std::os::fd::AsRawFd::as_raw_fd(&writer);
+    let mut command = Command::new(&exe);
+    command
+        .args(["run", "--take-over", "--config"])
+        .arg(config)
+        .env(REPORT_FD_ENV, CHILD_FD.to_string())
+        .stdin(std::process::Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            // Its own session: it outlives this command and its terminal.
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // dup2 clears close-on-exec on the copy.
+            if libc::dup2(raw_writer, CHILD_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    drop(writer);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut word = String::new();
+        let _ = std::fs::File::from(reader)
+            .take(4096)
+            .read_to_string(&mut word);
+        let _ = tx.send(word);
+    });
+    let word = match rx.recv_timeout(limit) {
+        Ok(word) => word,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!(
+                "the new daemon (pid {}) did not take over within {limit:?}; stopped it, the running daemon serves on",
+                child.id()
+            );
+        }
+    };
+    match word.strip_prefix("ok ") {
+        Some(summary) => Ok(summary.trim().to_owned()),
+        None => {
+            let status = child.wait().ok();
+            anyhow::bail!(
+                "the new daemon (pid {}) did not take over ({}); see its log. The running daemon serves on",
+                child.id(),
+                status.map_or("no exit status".to_owned(), |s| s.to_string())
+            )
+        }
+    }
+}
+
+/// What systemd's file descriptor store gave back, adopted before the
+/// first plan.
+pub(super) struct Recovered {
+    connections: Vec<Parked>,
+    listeners: u64,
+}
+
+impl Controller {
+    /// Takes in the listeners and spliced pairs systemd kept for this
+    /// service (the daemon before this one crashed, or was restarted with
+    /// the store preserved).
+    pub(super) fn adopt_stored(&mut self, stored: fdstore::Stored) -> Recovered {
+        if stored.unknown > 0 {
+            warn!(
+                descriptors = stored.unknown,
+                "systemd passed descriptors yensid does not know; closed"
+            );
+        }
+        let listeners = stored.listeners.len() as u64;
+        for (service, builder, socket) in stored.listeners {
+            let id = match self
+                .listener_ids
+                .get_or_assign(&format!("{service}/{builder}"))
+            {
+                Ok(id) => id,
+                Err(e) => {
+                    warn!(service, builder, error = %e, "a stored listener has no room; closed");
+                    fdstore::remove_listener(&service, &builder);
+                    continue;
+                }
+            };
+            self.inherited_listeners
+                .insert((service, builder), (id, socket));
+        }
+        let mut connections = Vec::new();
+        for (_cookie, service, builder, client, upstream) in stored.pairs {
+            let client = std::net::TcpStream::from(client);
+            let upstream = std::net::TcpStream::from(upstream);
+            self.registry.adopt_connection(&builder);
+            connections.push(Parked::Spliced {
+                meta: handover::Meta {
+                    service,
+                    builder,
+                    peer: client.peer_addr().ok(),
+                    opened_unix_ms: proxy::unix_ms(),
+                    failovers: 0,
+                    in_fd_store: true,
+                },
+                client,
+                upstream,
+                ended: [false, false],
+            });
+        }
+        fdstore::adopted(connections.len() * 2 + listeners as usize);
+        Recovered {
+            connections,
+            listeners,
+        }
+    }
+
+    /// After the first plan: serves what the store gave back.
+    pub(super) fn finish_recovery(&mut self, recovered: Recovered) {
+        // Listeners the plan did not take: their queues are served for a
+        // moment, then they close (and leave the store).
+        let leftover: Vec<(String, String)> = self.inherited_listeners.keys().cloned().collect();
+        for key in &leftover {
+            if let Some((id, socket)) = self.inherited_listeners.remove(key) {
+                let started = tcp_listener(socket)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|l| self.start_listener(key.clone(), id, l, true));
+                if let Err(e) = started {
+                    error!(error = %e, "cannot accept on a stored listener");
+                }
+            }
+        }
+        self.retire_listeners(|k| !leftover.contains(k));
+        let mut peers = std::collections::HashSet::new();
+        let spliced = recovered.connections.len() as u64;
+        for c in recovered.connections {
+            if let Parked::Spliced {
+                client, upstream, ..
+            } = &c
+            {
+                for s in [client, upstream] {
+                    if let Ok(cookie) = crate::kernel::sock::cookie(s) {
+                        peers.insert(cookie);
+                    }
+                }
+            }
+            tokio::spawn(proxy::resume(c, self.context()));
+        }
+        if let Some(kernel) = self.registry.kernel() {
+            kernel.forget_peers_except(&peers);
+        }
+        info!(
+            spliced,
+            listeners = recovered.listeners,
+            "adopted {spliced} spliced connection(s) and {} listener(s) from systemd's file descriptor store",
+            recovered.listeners
+        );
+        self.registry.inner().takeover = Some(TakeoverStatus {
+            from: "fd store".to_owned(),
+            at: unix_now(),
+            listeners: recovered.listeners,
+            spliced,
+            ..TakeoverStatus::default()
+        });
+    }
 }

@@ -95,6 +95,9 @@ pub struct Meta {
     /// When the client connected (Unix time, milliseconds).
     pub opened_unix_ms: u64,
     pub failovers: u32,
+    /// Its sockets are in systemd's file descriptor store.
+    #[serde(default)]
+    pub in_fd_store: bool,
 }
 
 /// A connection stopped where its whole state is known.
@@ -746,6 +749,7 @@ mod tests {
             peer: None,
             opened_unix_ms: 1,
             failovers: 0,
+            in_fd_store: false,
         }
     }
 

@@ -153,6 +153,7 @@ use crate::{
     kernel::bpf::{Kernel, Observation},
     kernel::hangup::Hangups,
     kernel::sock,
+    operate::fdstore,
 };
 
 /// Longest identification line (RFC 4253 4.2: 255 bytes including CRLF).
@@ -333,14 +334,15 @@ pub async fn serve(accepted: Accepted, ticket: Ticket, cx: Context) {
             return;
         }
     };
-    let meta = Meta {
+    let mut meta = Meta {
         service,
         builder: opening.builder.clone(),
         peer,
         opened_unix_ms,
         failovers: outcome.failovers,
+        in_fd_store: false,
     };
-    let finish = forward(client, opening, &cx, &mut outcome).await;
+    let finish = forward(client, opening, &cx, &mut meta, &mut outcome).await;
     conclude(finish, meta, outcome, &cx);
 }
 
@@ -409,6 +411,7 @@ pub async fn resume(parked: Parked, cx: Context) {
                     &kernel,
                     &hangups,
                     &cx,
+                    &meta,
                     &mut outcome,
                 )
                 .await,
@@ -798,6 +801,7 @@ async fn forward(
     mut client: TcpStream,
     opening: Opening,
     cx: &Context,
+    meta: &mut Meta,
     outcome: &mut Outcome,
 ) -> io::Result<Finish> {
     let Opening {
@@ -831,6 +835,9 @@ async fn forward(
         .splice((cookies.0, &client), (cookies.1, &upstream))
         .map_err(io::Error::other)?;
     outcome.spliced = true;
+    // Kept by systemd too, the pair outlives a crash of this daemon.
+    meta.in_fd_store =
+        fdstore::store_pair(cookies.0, &meta.service, &meta.builder, &client, &upstream);
     upstream.write_all(&client_kexinit).await?;
     client.write_all(&server_kexinit).await?;
     // Out of tokio's epoll, whose interest in reading would wake the daemon
@@ -843,12 +850,14 @@ async fn forward(
         kernel,
         hangups,
         cx,
+        meta,
         outcome,
     )
     .await
 }
 
 /// Watches a spliced pair until it ends or is recalled.
+#[allow(clippy::too_many_arguments)]
 async fn watch_pair(
     client: StdTcpStream,
     upstream: StdTcpStream,
@@ -856,6 +865,7 @@ async fn watch_pair(
     kernel: &Kernel,
     hangups: &Hangups,
     cx: &Context,
+    meta: &Meta,
     outcome: &mut Outcome,
 ) -> io::Result<Finish> {
     let cookies = (sock::cookie(&client)?, sock::cookie(&upstream)?);
@@ -868,6 +878,9 @@ async fn watch_pair(
         }
     };
     kernel.unsplice(cookies.0, cookies.1);
+    if meta.in_fd_store {
+        fdstore::remove_pair(cookies.0, &meta.service, &meta.builder);
+    }
     let ends = sock::Ends {
         connected: true,
         fin_sent: ended[0],

@@ -194,12 +194,24 @@ impl Kernel {
         })?;
         let spliced: SockHash<MapData, u64> = take(&mut ebpf, names::SPLICED)?;
         let splice: &mut SkSkb = program(&mut ebpf, "splice")?;
-        splice
+        let attached = splice
             .attach(spliced.fd())
             .map_err(|source| BpfError::Program {
                 name: "splice",
                 source,
             })?;
+        // The SOCKHASH is pinned and shared with the daemon before and after
+        // this one: the program attached to it must not be detached when
+        // this process lets go (a successor that fails would otherwise leave
+        // the running daemon's pairs without one). Attaching replaces it; it
+        // goes with the map.
+        let attachment = splice
+            .take_link(attached)
+            .map_err(|source| BpfError::Program {
+                name: "splice",
+                source,
+            })?;
+        std::mem::forget(attachment);
 
         let dispatch: &mut SkLookup = program(&mut ebpf, "dispatch")?;
         dispatch.load().map_err(|source| BpfError::Program {

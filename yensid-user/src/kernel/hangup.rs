@@ -120,17 +120,20 @@ impl Hangups {
                 events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
                 u64: token(id, index),
             };
-            // SAFETY: valid epoll and socket descriptors, valid event.
-            let rc = unsafe {
-                libc::epoll_ctl(
-                    self.shared.epoll.as_raw_fd(),
-                    libc::EPOLL_CTL_ADD,
-                    socket,
-                    &mut event,
-                )
+            let control = |op, event: &mut libc::epoll_event| {
+                // SAFETY: valid epoll and socket descriptors, valid event.
+                match unsafe { libc::epoll_ctl(self.shared.epoll.as_raw_fd(), op, socket, event) } {
+                    0 => Ok(()),
+                    _ => Err(io::Error::last_os_error()),
+                }
             };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
+            match control(libc::EPOLL_CTL_ADD, &mut event) {
+                // Watched before by this process (a pair recalled for a
+                // successor that then failed): only its token changes.
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    control(libc::EPOLL_CTL_MOD, &mut event)?
+                }
+                other => other?,
             }
         }
         Ok(pair)

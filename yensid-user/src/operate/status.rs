@@ -43,7 +43,11 @@ pub struct Status {
 /// A takeover, as the successor saw it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TakeoverStatus {
-    /// The predecessor's process id.
+    /// `handover` (from a running daemon) or `fd store` (systemd's file
+    /// descriptor store, after a crash).
+    #[serde(default)]
+    pub from: String,
+    /// The predecessor's process id (0 from the fd store).
     pub from_pid: u32,
     /// When (seconds since the epoch).
     pub at: u64,
@@ -182,12 +186,22 @@ pub fn render(status: &Status) -> String {
     if status.path_measurement != "kernel" {
         let _ = writeln!(out, "builder RTT: {}", status.path_measurement);
     }
-    if let Some(t) = &status.takeover {
-        let _ = writeln!(
-            out,
-            "took over from pid {}: {} spliced, {} copied and {} in-handoff connection(s), {} listener(s), handover {:.1} ms",
-            t.from_pid, t.spliced, t.copied, t.in_handoff, t.listeners, t.handover_ms
-        );
+    match &status.takeover {
+        Some(t) if t.from == "fd store" => {
+            let _ = writeln!(
+                out,
+                "recovered from systemd's file descriptor store: {} spliced connection(s), {} listener(s)",
+                t.spliced, t.listeners
+            );
+        }
+        Some(t) => {
+            let _ = writeln!(
+                out,
+                "took over from pid {}: {} spliced, {} copied and {} in-handoff connection(s), {} listener(s), handover {:.1} ms",
+                t.from_pid, t.spliced, t.copied, t.in_handoff, t.listeners, t.handover_ms
+            );
+        }
+        None => {}
     }
     for r in &status.retired_builders {
         let _ = writeln!(

@@ -507,6 +507,7 @@ mod tests {
                     dispatched: 5,
                     refused_mode: 0,
                     refused_unavailable: 2,
+                    queued: 0,
                     sequence: 5,
                 },
             )],

@@ -4,3 +4,4 @@
 pub mod admission;
 pub mod ident;
 pub mod proxy;
+pub mod queue;

@@ -21,9 +21,10 @@ use yensid_ebpf::{
 };
 
 use crate::{
-    config::{Config, Mode, Service, Strategy},
+    config::{Config, Mode, Service, Strategy, WhenFull},
     dataplane::admission::Handoffs,
     dataplane::proxy::{Dispatcher, Outcome},
+    dataplane::queue::Queues,
     decide::health::{Answer, Failure, Tracker, Transition},
     decide::hook::Decision,
     decide::link::LinkState,
@@ -43,6 +44,8 @@ pub struct Registry {
     pub replan: Notify,
     /// Wakes the policy hook: something it is told about changed.
     pub state_changed: Notify,
+    /// Connections held while every builder is full (`when_full = "queue"`).
+    pub queues: Arc<Queues>,
 }
 
 pub struct Inner {
@@ -127,6 +130,7 @@ impl Registry {
             inner: Mutex::new(inner),
             replan: Notify::new(),
             state_changed: Notify::new(),
+            queues: Arc::default(),
         }
     }
 
@@ -209,16 +213,7 @@ impl Registry {
         {
             return None;
         }
-        let affinity = inner.affinity.get(service).and_then(|table| {
-            let slot = select::client_hash(address_words(peer.ip())) % AFFINITY_SLOTS;
-            let name = table.get(slot as usize)?;
-            let position = svc.builders.iter().position(|b| b == name)?;
-            inner
-                .candidate(service, name, &[])
-                .available
-                .then_some(position as u32)
-        });
-        inner.choose(svc, &[], affinity)
+        inner.choose_for(svc, peer.ip())
     }
 
     /// Makes the kernel's count of `builder`'s open connections (ASSIGNED
@@ -493,6 +488,20 @@ impl Inner {
         )
     }
 
+    /// The builder the service's strategy picks for a connection from
+    /// `client`, affinity included, as the kernel would.
+    fn choose_for(&mut self, svc: &Service, client: IpAddr) -> Option<String> {
+        let affinity = self.affinity.get(&svc.name).and_then(|table| {
+            let slot = select::client_hash(address_words(client)) % AFFINITY_SLOTS;
+            let name = table.get(slot as usize)?;
+            let position = svc.builders.iter().position(|b| b == name)?;
+            self.candidate(&svc.name, name, &[])
+                .available
+                .then_some(position as u32)
+        });
+        self.choose(svc, &[], affinity)
+    }
+
     /// The shared selection code over userspace's view of a service.
     fn choose(
         &mut self,
@@ -613,6 +622,9 @@ impl Dispatcher for Registry {
             && let Some(n) = inner.active.get_mut(builder)
         {
             *n = n.saturating_sub(1);
+            // Before the kernel's count drops: a freed slot goes to a
+            // waiting connection, not to a newer SYN.
+            self.serve_queues_locked(&mut inner);
         }
         self.sync_kernel_count(&inner, builder);
         let totals = inner.totals.entry(builder.to_owned()).or_default();
@@ -625,6 +637,53 @@ impl Dispatcher for Registry {
             totals.to_builder += outcome.to_builder;
             totals.from_builder += outcome.from_builder;
         }
+    }
+}
+
+/// `when_full = "queue"` (see `dataplane::queue`).
+impl Registry {
+    /// Hands waiting connections to builders with a free slot; refuses
+    /// those of services that refuse connections now or no longer queue.
+    pub fn serve_queues(&self) {
+        self.serve_queues_locked(&mut self.inner());
+    }
+
+    fn serve_queues_locked(&self, inner: &mut Inner) {
+        if self.queues.is_empty() {
+            return;
+        }
+        let config = inner.config.clone();
+        self.queues.refuse_unless(|name| {
+            config
+                .services
+                .iter()
+                .any(|s| s.name == name && matches!(s.when_full, WhenFull::Queue(_)))
+        });
+        let refusing_mode = inner.mode_in_force(unix_now()).0 == Mode::Local;
+        for svc in &config.services {
+            let refusing = refusing_mode
+                || inner
+                    .service_plan(&svc.name)
+                    .is_some_and(|s| s.refusal.is_some());
+            self.queues.serve(&svc.name, refusing, |peer| {
+                let chosen = inner.choose_for(svc, peer)?;
+                *inner.active.entry(chosen.clone()).or_default() += 1;
+                self.sync_kernel_count(inner, &chosen);
+                Some(chosen)
+            });
+        }
+    }
+
+    /// Gives back the count of a builder taken for a queued connection
+    /// that ended before its handoff took it (its client never identified
+    /// itself, or it could not be served).
+    pub fn release_reserved(&self, builder: &str) {
+        let mut inner = self.inner();
+        if let Some(n) = inner.active.get_mut(builder) {
+            *n = n.saturating_sub(1);
+        }
+        self.serve_queues_locked(&mut inner);
+        self.sync_kernel_count(&inner, builder);
     }
 }
 

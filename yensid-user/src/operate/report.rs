@@ -9,8 +9,8 @@ use yensid_ebpf::maps::ServiceCounters;
 use crate::{
     decide::registry::{Inner, ModeSource},
     operate::status::{
-        BuilderStatus, HandoffStatus, MemberStatus, ModeStatus, PrefixDelivery, ServiceStatus,
-        Status,
+        BuilderStatus, HandoffStatus, MemberStatus, ModeStatus, PrefixDelivery, QueueStatus,
+        ServiceStatus, Status,
     },
     state::unix_now,
 };
@@ -30,6 +30,8 @@ pub struct Context {
     pub local_delivery: HashMap<String, PrefixDelivery>,
     /// Connections in handoff.
     pub handoffs: HandoffStatus,
+    /// The queue of each service with `when_full = "queue"`.
+    pub queues: HashMap<String, QueueStatus>,
 }
 
 /// `yensid explain`: the decision for the next connection of a service
@@ -152,6 +154,7 @@ pub fn status(inner: &Inner, context: &Context) -> Status {
                             })
                     })
                     .collect(),
+                queue: context.queues.get(&svc.name).cloned(),
             }
         })
         .collect();

@@ -1191,13 +1191,9 @@ impl Controller {
             .collect();
         let handoffs = &self.registry.handoffs;
         let limits = handoffs.limits();
-        let queues = queue::statuses(
-            &self.registry.queues,
-            &self.registry.inner().config,
-            &counters,
-        );
         report::Context {
-            queues,
+            // Not read here: the caller may hold the registry's lock.
+            queues: self.registry.queues.clone(),
             handoffs: crate::operate::status::HandoffStatus {
                 in_progress: handoffs.in_progress(),
                 refused: handoffs.refused(),

@@ -192,6 +192,17 @@ pub trait Dispatcher: Send + Sync + 'static {
     /// be served by (`steered` while it is available, else another one the
     /// strategy picks) and names it; `None` when no builder may take it.
     fn reserve(&self, service: &str, steered: &str) -> Option<String>;
+    /// No builder could take an identified client of `service`
+    /// ([`Dispatcher::reserve`] found none): a service that queues when
+    /// full holds it until one can; otherwise the client is given back to
+    /// be refused.
+    fn hold(
+        &self,
+        service: &str,
+        client: TcpStream,
+        client_line: Vec<u8>,
+        ticket: Ticket,
+    ) -> Option<TcpStream>;
     /// Records that `failed` could not serve a connection of `service` and
     /// moves that connection (and its count) to another builder not in
     /// `tried`, if any. `busy`: the builder accepted the connection and
@@ -269,29 +280,101 @@ pub async fn serve(
     ticket: Ticket,
     ident_timeout: Duration,
 ) {
+    serve_with(
+        client,
+        service,
+        builder,
+        dispatcher,
+        path,
+        ticket,
+        Identification::Read(ident_timeout),
+    )
+    .await
+}
+
+/// Like [`serve`], for a client whose identification line was read (and
+/// checked) before it waited in a queue (`crate::dataplane::queue`).
+pub async fn serve_identified(
+    client: TcpStream,
+    service: &str,
+    builder: String,
+    dispatcher: Arc<dyn Dispatcher>,
+    path: DataPath,
+    ticket: Ticket,
+    client_line: Vec<u8>,
+) {
+    serve_with(
+        client,
+        service,
+        builder,
+        dispatcher,
+        path,
+        ticket,
+        Identification::Known(client_line),
+    )
+    .await
+}
+
+/// Where the client's identification line comes from.
+enum Identification {
+    /// Read from the client within this time.
+    Read(Duration),
+    /// Read already.
+    Known(Vec<u8>),
+}
+
+async fn serve_with(
+    client: TcpStream,
+    service: &str,
+    builder: String,
+    dispatcher: Arc<dyn Dispatcher>,
+    path: DataPath,
+    ticket: Ticket,
+    identification: Identification,
+) {
     let started = Instant::now();
     let peer = client.peer_addr().ok();
     let mut outcome = Outcome::default();
+    let mut unreserved = None;
     let served = handoff(
         &client,
         service,
         builder,
         &*dispatcher,
         &mut outcome,
-        ident_timeout,
+        identification,
+        &mut unreserved,
     )
     .await;
-    drop(ticket);
     let (builder, error) = match served {
         Err((builder, why)) => {
             debug!(service, builder, ?peer, %why, "connection ended during the handoff");
-            if outcome.unserved {
+            // No builder could take the identified client: a service that
+            // queues when full holds it, others refuse it.
+            let refused = match unreserved {
+                Some(line) => dispatcher.hold(service, client, line, ticket).inspect(|_| {
+                    if let Some(left_out) = UNSERVED.allow(Instant::now()) {
+                        warn!(
+                            service,
+                            steered = builder,
+                            similar_left_out = left_out,
+                            "no builder may take the client (full, unhealthy or drained); refused"
+                        );
+                    }
+                }),
+                None => {
+                    drop(ticket);
+                    outcome.unserved.then_some(client)
+                }
+            };
+            if let Some(client) = refused {
                 reset(&client);
             }
             dispatcher.finished(&builder, &outcome);
             return;
         }
         Ok(opening) => {
+            drop(ticket);
             let builder = opening.builder.clone();
             let error = forward(client, opening, &path, &mut outcome).await.err();
             (builder, error)
@@ -337,21 +420,28 @@ enum Rejection {
 }
 
 /// Steps 1 and 2 of the handoff: the client's line, then the builder.
+/// `unreserved` gets the client's line back when no builder could take it.
 async fn handoff(
     client: &TcpStream,
     service: &str,
     steered: String,
     dispatcher: &dyn Dispatcher,
     outcome: &mut Outcome,
-    ident_timeout: Duration,
+    identification: Identification,
+    unreserved: &mut Option<Vec<u8>>,
 ) -> Result<Opening, (String, io::Error)> {
-    let client_line = match timeout(ident_timeout, read_client_line(client)).await {
-        Ok(Ok(line)) => match ident::parse(&line) {
-            Ok(_) => Ok(line),
-            Err(e) => Err((e.into(), line)),
-        },
-        Ok(Err(e)) => Err((e, Vec::new())),
-        Err(_) => Err((Rejection::Silent(ident_timeout), Vec::new())),
+    let client_line = match identification {
+        Identification::Known(line) => Ok(line),
+        Identification::Read(ident_timeout) => {
+            match timeout(ident_timeout, read_client_line(client)).await {
+                Ok(Ok(line)) => match ident::parse(&line) {
+                    Ok(_) => Ok(line),
+                    Err(e) => Err((e.into(), line)),
+                },
+                Ok(Err(e)) => Err((e, Vec::new())),
+                Err(_) => Err((Rejection::Silent(ident_timeout), Vec::new())),
+            }
+        }
     };
     let client_line = match client_line {
         Ok(line) => line,
@@ -372,14 +462,7 @@ async fn handoff(
     };
     let Some(mut builder) = dispatcher.reserve(service, &steered) else {
         outcome.unserved = true;
-        if let Some(left_out) = UNSERVED.allow(Instant::now()) {
-            warn!(
-                service,
-                steered,
-                similar_left_out = left_out,
-                "no builder may take the client (full, unhealthy or drained); refused"
-            );
-        }
+        *unreserved = Some(client_line);
         return Err((steered, io::Error::other("no builder available")));
     };
     outcome.counted = true;

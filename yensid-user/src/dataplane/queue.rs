@@ -53,10 +53,9 @@ use tokio::{
     task::AbortHandle,
 };
 use tracing::{info, warn};
-use yensid_ebpf::maps::ServiceCounters;
 
 use crate::{
-    config::{Config, QueueSettings, WhenFull},
+    config::{QueueSettings, WhenFull},
     dataplane::admission::{Quiet, Ticket},
     dataplane::proxy::{self, DataPath, Dispatcher, Outcome},
     decide::registry::Registry,
@@ -83,6 +82,11 @@ pub struct QueuedConnection {
     /// Its place among the connections in handoff (`daemon.max_handoffs`
     /// and `max_handoffs_per_client` bound queued connections too).
     pub ticket: Ticket,
+    /// What was read from the client: empty when the kernel steered it to
+    /// the queue; its identification line when it was queued after its
+    /// handoff had read the line and found no builder with a free slot
+    /// (the kernel had steered it to a builder whose slot was taken since).
+    pub read: Vec<u8>,
 }
 
 /// Round-robin over per-client FIFOs: [`FairQueue::pop`] takes the oldest
@@ -443,30 +447,6 @@ impl Queues {
     }
 }
 
-/// `status`'s view of the queue of every service that queues, with the
-/// kernel's count of SYNs it steered to each (by service name).
-pub fn statuses(
-    queues: &Queues,
-    config: &Config,
-    counters: &HashMap<String, ServiceCounters>,
-) -> HashMap<String, QueueStatus> {
-    config
-        .services
-        .iter()
-        .filter_map(|svc| match svc.when_full {
-            WhenFull::Queue(settings) => Some((
-                svc.name.clone(),
-                queues.status(
-                    &svc.name,
-                    settings,
-                    counters.get(&svc.name).map(|c| c.queued),
-                ),
-            )),
-            WhenFull::Refuse => None,
-        })
-        .collect()
-}
-
 /// Waits until the queued connection's client leaves or its deadline
 /// passes, then ends its wait (if it is still waiting).
 async fn watch_one(
@@ -574,10 +554,46 @@ pub async fn accept_loop(listener: TcpListener, service: String, registry: Arc<R
                 arrived,
                 service: service.clone(),
                 ticket,
+                read: Vec::new(),
             },
             settings,
         );
     }
+}
+
+/// [`Dispatcher::hold`]: queues an identified client that no builder could
+/// take, if `service` queues and takes connections now; else gives it back.
+pub fn hold_unreserved(
+    registry: &Registry,
+    service: &str,
+    client: TcpStream,
+    client_line: Vec<u8>,
+    ticket: Ticket,
+) -> Option<TcpStream> {
+    let Some(settings) = registry.queueing(service) else {
+        return Some(client);
+    };
+    let peer = client.peer_addr().ok()?;
+    let stream = match client.into_std() {
+        Ok(stream) => stream,
+        Err(e) => {
+            warn!(service, %peer, error = %e, "cannot hold a connection in the queue");
+            return None;
+        }
+    };
+    registry.queues.enqueue(
+        registry,
+        QueuedConnection {
+            stream,
+            peer,
+            arrived: Instant::now(),
+            service: service.to_owned(),
+            ticket,
+            read: client_line,
+        },
+        settings,
+    );
+    None
 }
 
 /// Serves the connections taken from the queues, each through the normal
@@ -607,6 +623,7 @@ pub async fn run_handoffs(registry: Arc<Registry>, path: DataPath) {
             stream,
             service,
             ticket,
+            read,
             ..
         } = connection;
         let stream = match TcpStream::from_std(stream) {
@@ -619,16 +636,21 @@ pub async fn run_handoffs(registry: Arc<Registry>, path: DataPath) {
         };
         let path = path.clone();
         tokio::spawn(async move {
-            proxy::serve(
-                stream,
-                &service,
-                builder,
-                reserved,
-                path,
-                ticket,
-                ident_timeout,
-            )
-            .await;
+            if read.is_empty() {
+                proxy::serve(
+                    stream,
+                    &service,
+                    builder,
+                    reserved,
+                    path,
+                    ticket,
+                    ident_timeout,
+                )
+                .await;
+            } else {
+                proxy::serve_identified(stream, &service, builder, reserved, path, ticket, read)
+                    .await;
+            }
         });
     }
 }
@@ -666,6 +688,16 @@ impl Dispatcher for Reserved {
             return Some(self.builder.clone());
         }
         self.registry.reserve(service, steered)
+    }
+
+    fn hold(
+        &self,
+        service: &str,
+        client: TcpStream,
+        client_line: Vec<u8>,
+        ticket: Ticket,
+    ) -> Option<TcpStream> {
+        self.registry.hold(service, client, client_line, ticket)
     }
 
     fn fail_over(

@@ -21,10 +21,11 @@ use yensid_ebpf::{
 };
 
 use crate::{
-    config::{Config, Mode, Service, Strategy, WhenFull},
+    config::{Config, Mode, QueueSettings, Service, Strategy, WhenFull},
     dataplane::admission::Handoffs,
+    dataplane::admission::Ticket,
     dataplane::proxy::{Dispatcher, Outcome},
-    dataplane::queue::Queues,
+    dataplane::queue::{self, Queues},
     decide::health::{Answer, Failure, Tracker, Transition},
     decide::hook::Decision,
     decide::link::LinkState,
@@ -459,6 +460,15 @@ impl Inner {
         out
     }
 
+    /// Whether `service` refuses every connection now: mode `local`, or
+    /// its plan's refusal (too few eligible builders).
+    pub fn refusing(&self, service: &str) -> bool {
+        self.mode_in_force(unix_now()).0 == Mode::Local
+            || self
+                .service_plan(service)
+                .is_some_and(|s| s.refusal.is_some())
+    }
+
     /// The plan in force for `service`, if there is one yet.
     pub fn service_plan(&self, service: &str) -> Option<&ServicePlan> {
         self.plan
@@ -567,6 +577,16 @@ impl Dispatcher for Registry {
         Some(chosen)
     }
 
+    fn hold(
+        &self,
+        service: &str,
+        client: tokio::net::TcpStream,
+        client_line: Vec<u8>,
+        ticket: Ticket,
+    ) -> Option<tokio::net::TcpStream> {
+        queue::hold_unreserved(self, service, client, client_line, ticket)
+    }
+
     fn fail_over(
         &self,
         service: &str,
@@ -659,18 +679,26 @@ impl Registry {
                 .iter()
                 .any(|s| s.name == name && matches!(s.when_full, WhenFull::Queue(_)))
         });
-        let refusing_mode = inner.mode_in_force(unix_now()).0 == Mode::Local;
         for svc in &config.services {
-            let refusing = refusing_mode
-                || inner
-                    .service_plan(&svc.name)
-                    .is_some_and(|s| s.refusal.is_some());
+            let refusing = inner.refusing(&svc.name);
             self.queues.serve(&svc.name, refusing, |peer| {
                 let chosen = inner.choose_for(svc, peer)?;
                 *inner.active.entry(chosen.clone()).or_default() += 1;
                 self.sync_kernel_count(inner, &chosen);
                 Some(chosen)
             });
+        }
+    }
+
+    /// The queue settings of `service` while it takes connections (not in
+    /// mode `local`, enough eligible builders); `None` if it does not
+    /// queue or refuses now.
+    pub fn queueing(&self, service: &str) -> Option<QueueSettings> {
+        let inner = self.inner();
+        let svc = inner.config.services.iter().find(|s| s.name == service)?;
+        match svc.when_full {
+            WhenFull::Queue(settings) if !inner.refusing(service) => Some(settings),
+            _ => None,
         }
     }
 

@@ -245,7 +245,12 @@ fn a_client_with_few_connections_is_not_served_last() -> Result<()> {
 fn queue_timeout_refuses_and_a_client_that_leaves_is_dropped() -> Result<()> {
     let topology = Topology::new(2)?;
     let config = queue_config(&topology, Some(Duration::from_secs(2)));
-    let daemon = Daemon::start(topology.client_ns(), &config)?;
+    let mut daemon = Daemon::start(topology.client_ns(), &config)?;
+    let metrics_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9422);
+    cli::restart_with_extra_toml(
+        &mut daemon,
+        &format!("[metrics]\nlisten = \"{metrics_addr}\""),
+    )?;
     let raw = topology.raw_client();
     let _occupiers = [raw.open_ssh(service())?, raw.open_ssh(service())?];
     let client = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10));
@@ -283,6 +288,32 @@ fn queue_timeout_refuses_and_a_client_that_leaves_is_dropped() -> Result<()> {
         SystemTime::now() - Duration::from_secs(60),
         WAIT,
     )?;
+    let metrics = cli::Metrics::parse(&cli::http_get(
+        topology.client_ns(),
+        metrics_addr,
+        "/metrics",
+    )?)?;
+    let svc = [("service", "ssh")];
+    for (name, expected) in [
+        ("yensid_queue_length", 0.0),
+        ("yensid_queued_total", 2.0),
+        ("yensid_queue_timed_out_total", 1.0),
+        ("yensid_queue_left_total", 1.0),
+        ("yensid_queue_served_total", 0.0),
+        ("yensid_queue_wait_seconds_count", 0.0),
+    ] {
+        let value = metrics.value(name, &svc)?;
+        ensure!(value == expected, "{name} is {value}, not {expected}");
+    }
+    ensure!(
+        metrics
+            .types
+            .get("yensid_queue_wait_seconds")
+            .map(String::as_str)
+            == Some("histogram"),
+        "the wait times are a histogram:\n{}",
+        metrics.text
+    );
     Ok(())
 }
 

@@ -15,8 +15,8 @@ use yensid_tests::cli;
 use yensid_tests::tcp::CLIENT_IDENTIFICATION;
 use yensid_tests::wait::wait_until;
 use yensid_tests::{
-    Daemon, DaemonConfig, Dataplane, Derivation, Gate, NixClient, Site, StoreScheme, Strategy,
-    Topology, WhenFull, remote_builder, service,
+    Daemon, DaemonConfig, Dataplane, Derivation, Gate, Launch, NixClient, Site, StoreScheme,
+    Strategy, Topology, WhenFull, remote_builder, service,
 };
 
 /// Only against hangs.
@@ -45,6 +45,7 @@ mod kernel {
         a_client_with_few_connections_is_not_served_last,
         queue_timeout_refuses_and_a_client_that_leaves_is_dropped,
         refuse_stays_the_default,
+        without_bpf_a_full_pool_queues_too,
     );
 }
 
@@ -338,5 +339,64 @@ fn refuse_stays_the_default() -> Result<()> {
         queue_status(&daemon)?.is_null(),
         "a refusing service has no queue"
     );
+    Ok(())
+}
+
+/// Without BPF (the daemon lacks CAP_BPF, CAP_SYS_ADMIN and CAP_PERFMON) the daemon binds
+/// the service address itself and chooses in userspace: a connection that finds both
+/// builders full is held there too, and when a slot frees it reaches that builder.
+fn without_bpf_a_full_pool_queues_too() -> Result<()> {
+    const WITHOUT_BPF: &str = "-bpf,-sys_admin,-perfmon";
+    let topology = Topology::new(2)?;
+    let config = queue_config(&topology, Some(Duration::from_secs(300)));
+    let launch = Launch {
+        outer: Vec::new(),
+        inner: vec![
+            "setpriv".to_owned(),
+            format!("--inh-caps={WITHOUT_BPF}"),
+            format!("--bounding-set={WITHOUT_BPF}"),
+            "--".to_owned(),
+        ],
+    };
+    let daemon = Daemon::start_wrapped(topology.client_ns(), &config, launch)?;
+    daemon.wait_for_log(
+        &["BPF UNAVAILABLE: falling back to userspace"],
+        SystemTime::UNIX_EPOCH,
+        WAIT,
+    )?;
+    let raw = topology.raw_client();
+    let mut occupiers = vec![raw.open_ssh(service())?, raw.open_ssh(service())?];
+    let mut queued = connect_and_identify(&topology, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10)))?;
+    let q = wait_for_queue(&daemon, "one connection queued", |q| {
+        Ok(cli::u64_at(q, "waiting")? == 1)
+    })?;
+    ensure!(
+        cli::opt_u64_at(&q, "kernel_queued")?.is_none(),
+        "no kernel counter without BPF: {q}"
+    );
+    let freed = occupiers.pop().context("two occupiers")?;
+    let builder = freed.served_by().to_owned();
+    freed.close()?;
+    queued.set_read_timeout(Some(WAIT))?;
+    let mut banner = Vec::new();
+    let mut byte = [0u8; 1];
+    while !banner.ends_with(b"\n") && banner.len() < 256 {
+        let n = queued
+            .read(&mut byte)
+            .context("the queued client's banner")?;
+        ensure!(
+            n == 1,
+            "closed after {:?}",
+            String::from_utf8_lossy(&banner)
+        );
+        banner.push(byte[0]);
+    }
+    let banner = String::from_utf8_lossy(&banner);
+    ensure!(
+        banner.starts_with("SSH-2.0-") && banner.trim_end().ends_with(&builder),
+        "the queued client got {banner:?}, not the banner of {builder}, whose slot freed"
+    );
+    let q = queue_status(&daemon)?;
+    ensure!(cli::u64_at(&q, "served")? == 1, "{q}");
     Ok(())
 }

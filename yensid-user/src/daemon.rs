@@ -1439,7 +1439,12 @@ async fn accept_loop(
             None => match registry.route(&service, peer) {
                 Some(b) => b,
                 None => {
-                    refuse(stream);
+                    // Every builder full: a queueing service holds it.
+                    if let Some(stream) =
+                        queue::hold(&registry, &service, stream, Vec::new(), ticket)
+                    {
+                        refuse(stream);
+                    }
                     continue;
                 }
             },

@@ -561,13 +561,16 @@ pub async fn accept_loop(listener: TcpListener, service: String, registry: Arc<R
     }
 }
 
-/// [`Dispatcher::hold`]: queues an identified client that no builder could
-/// take, if `service` queues and takes connections now; else gives it back.
-pub fn hold_unreserved(
+/// Queues a client that no builder could take, if `service` queues and
+/// takes connections now; else gives it back (to be refused). `read` is
+/// what was read from it: its identification line when its handoff found
+/// no builder ([`Dispatcher::hold`]), nothing when the userspace fallback
+/// (no BPF) found every builder full at its accept.
+pub fn hold(
     registry: &Registry,
     service: &str,
     client: TcpStream,
-    client_line: Vec<u8>,
+    read: Vec<u8>,
     ticket: Ticket,
 ) -> Option<TcpStream> {
     let Some(settings) = registry.queueing(service) else {
@@ -589,7 +592,7 @@ pub fn hold_unreserved(
             arrived: Instant::now(),
             service: service.to_owned(),
             ticket,
-            read: client_line,
+            read,
         },
         settings,
     );

@@ -584,7 +584,7 @@ impl Dispatcher for Registry {
         client_line: Vec<u8>,
         ticket: Ticket,
     ) -> Option<tokio::net::TcpStream> {
-        queue::hold_unreserved(self, service, client, client_line, ticket)
+        queue::hold(self, service, client, client_line, ticket)
     }
 
     fn fail_over(

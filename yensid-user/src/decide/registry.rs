@@ -436,7 +436,15 @@ impl Inner {
                         _ => "first available in list order",
                     }
                 ),
-                None => "REFUSED (RST): every eligible builder is at max_connections".into(),
+                None => match svc.when_full {
+                    WhenFull::Queue(q) => format!(
+                        "QUEUED: every eligible builder is at max_connections; held up to {} for a slot",
+                        crate::config::describe_duration(q.timeout)
+                    ),
+                    WhenFull::Refuse => {
+                        "REFUSED (RST): every eligible builder is at max_connections".into()
+                    }
+                },
             },
         }
     }
@@ -842,6 +850,31 @@ mod tests {
         ))
         .unwrap();
         Registry::new(config, OperatorState::default(), None)
+    }
+
+    #[test]
+    fn a_full_queueing_service_queues_only_while_it_takes_connections() {
+        let config = Config::parse(
+            "[[service]]\nname = \"s\"\nlisten = [\"127.0.0.22\"]\nwhen_full = \"queue\"\n\
+             queue_timeout = \"90s\"\n\
+             [builders.b1]\naddress = \"198.18.1.2:22\"\nmax_connections = 1\n",
+        )
+        .unwrap();
+        let r = Registry::new(config, OperatorState::default(), None);
+        let svc = r.inner().config.services[0].clone();
+        assert_eq!(r.reserve("s", "b1").as_deref(), Some("b1"));
+        assert_eq!(r.reserve("s", "b1"), None, "full");
+        let prediction = r.inner().predict(&svc, None, 1);
+        assert!(
+            prediction.starts_with("QUEUED") && prediction.contains("90s"),
+            "{prediction}"
+        );
+        assert!(r.queueing("s").is_some());
+        r.inner().mode_override = Some(ModeOverride {
+            mode: Mode::Local,
+            until: None,
+        });
+        assert_eq!(r.queueing("s"), None, "mode local refuses, never queues");
     }
 
     fn active(r: &Registry, builder: &str) -> u64 {

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use yensid_tests::cli;
-use yensid_tests::tcp::CLIENT_IDENTIFICATION;
+use yensid_tests::tcp::{CLIENT_IDENTIFICATION, ConnectAttempt};
 use yensid_tests::wait::wait_until;
 use yensid_tests::{
     Daemon, DaemonConfig, Dataplane, Derivation, Gate, Launch, NixClient, Site, StoreScheme,
@@ -41,7 +41,9 @@ macro_rules! privileged_tests {
 mod kernel {
     use super::Result;
     privileged_tests!(
-        six_thin_clients_all_build_through_a_full_pool,
+        six_thin_clients_all_build_through_a_full_pool_ssh_ng,
+        six_thin_clients_all_build_through_a_full_pool_ssh,
+        queue_limit_refuses_the_rest,
         a_client_with_few_connections_is_not_served_last,
         queue_timeout_refuses_and_a_client_that_leaves_is_dropped,
         refuse_stays_the_default,
@@ -96,11 +98,19 @@ fn connect_and_identify(topology: &Topology, source: IpAddr) -> Result<TcpStream
     Ok(stream)
 }
 
+fn six_thin_clients_all_build_through_a_full_pool_ssh_ng() -> Result<()> {
+    six_thin_clients_all_build_through_a_full_pool(StoreScheme::SshNg)
+}
+
+fn six_thin_clients_all_build_through_a_full_pool_ssh() -> Result<()> {
+    six_thin_clients_all_build_through_a_full_pool(StoreScheme::Ssh)
+}
+
 /// Six `nix-build --max-jobs 0` runs (thin clients: no local builds) against a pool of
 /// two one-connection builders. Every build holds its connection until the test opens
 /// the gate, so two build and four wait in the queue; then all six succeed, each on a
 /// builder, the four through the queue.
-fn six_thin_clients_all_build_through_a_full_pool() -> Result<()> {
+fn six_thin_clients_all_build_through_a_full_pool(scheme: StoreScheme) -> Result<()> {
     const RUNS: usize = 6;
     let topology = Topology::with_stores(2)?;
     let config = queue_config(&topology, Some(Duration::from_secs(240)));
@@ -111,7 +121,7 @@ fn six_thin_clients_all_build_through_a_full_pool() -> Result<()> {
     let nix = NixClient::new(&topology, &known_hosts.stdout)?
         .with_ssh_connect_timeout(Duration::from_secs(250));
     let gate = Gate::new(&topology)?;
-    let builders = remote_builder(StoreScheme::SshNg, service().ip(), 1);
+    let builders = remote_builder(scheme, service().ip(), 1);
     let batches: Vec<Vec<Derivation>> =
         (0..RUNS).map(|_| vec![Derivation::behind(&gate)]).collect();
     let running = batches
@@ -314,6 +324,54 @@ fn queue_timeout_refuses_and_a_client_that_leaves_is_dropped() -> Result<()> {
             == Some("histogram"),
         "the wait times are a histogram:\n{}",
         metrics.text
+    );
+    Ok(())
+}
+
+/// With `queue_limit = 2`, a third connection that finds the pool full is refused with
+/// RST (after the kernel steered it to the queue) and counted; the two queued wait on.
+fn queue_limit_refuses_the_rest() -> Result<()> {
+    let topology = Topology::new(2)?;
+    let mut config = queue_config(&topology, Some(Duration::from_secs(300)));
+    config.service_mut().when_full = Some(WhenFull::Queue {
+        timeout: Some(Duration::from_secs(300)),
+        limit: Some(2),
+    });
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
+    let raw = topology.raw_client();
+    let _occupiers = [raw.open_ssh(service())?, raw.open_ssh(service())?];
+    let client = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10));
+    let _queued = [
+        connect_and_identify(&topology, client)?,
+        connect_and_identify(&topology, client)?,
+    ];
+    wait_for_queue(&daemon, "two connections queued", |q| {
+        Ok(cli::u64_at(q, "waiting")? == 2)
+    })?;
+    // Not identifying itself: the RST may come before anything could be written, even
+    // before the connect returned.
+    match topology.raw_client().from_source(client).connect(service()) {
+        ConnectAttempt::Accepted(mut third) => {
+            third.set_read_timeout(Some(WAIT))?;
+            let mut buf = [0u8; 64];
+            match third.read(&mut buf) {
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+                other => bail!("the connection beyond queue_limit ended with {other:?}, not RST"),
+            }
+        }
+        ConnectAttempt::Failed(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => bail!("the connection beyond queue_limit ended with {other:?}"),
+    }
+    let q = wait_for_queue(&daemon, "the refusal counted", |q| {
+        Ok(cli::u64_at(q, "refused_full")? == 1)
+    })?;
+    ensure!(
+        cli::u64_at(&q, "waiting")? == 2 && cli::u64_at(&q, "queued")? == 2,
+        "{q}"
+    );
+    ensure!(
+        cli::opt_u64_at(&q, "kernel_queued")? == Some(3),
+        "the kernel steered all three to the queue (not refused at SYN): {q}"
     );
     Ok(())
 }

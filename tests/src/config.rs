@@ -168,6 +168,39 @@ pub struct ServiceConfig {
     pub strategy: Strategy,
     /// This service's `policy = { ... }` over the `[policy]` rules.
     pub policy: Option<LinkRules>,
+    /// `when_full` and the queue's keys; `None` leaves them out (refuse).
+    pub when_full: Option<WhenFull>,
+}
+
+/// A service's `when_full`; `None` fields are left out so the daemon's defaults apply.
+#[derive(Clone, Debug)]
+pub enum WhenFull {
+    Refuse,
+    Queue {
+        /// `queue_timeout`, written in milliseconds.
+        timeout: Option<Duration>,
+        /// `queue_limit`.
+        limit: Option<u32>,
+    },
+}
+
+impl WhenFull {
+    /// `key = value` lines of the service table.
+    fn lines(&self) -> Vec<String> {
+        match self {
+            Self::Refuse => vec!["when_full = \"refuse\"".to_owned()],
+            Self::Queue { timeout, limit } => {
+                let mut lines = vec!["when_full = \"queue\"".to_owned()];
+                if let Some(t) = timeout {
+                    lines.push(format!("queue_timeout = \"{}ms\"", t.as_millis()));
+                }
+                if let Some(l) = limit {
+                    lines.push(format!("queue_limit = {l}"));
+                }
+                lines
+            }
+        }
+    }
 }
 
 /// One `[builders.<name>]`; `None` fields are left out so the daemon's defaults apply.
@@ -270,6 +303,7 @@ impl DaemonConfig {
                 builders: None,
                 strategy,
                 policy: None,
+                when_full: None,
             }],
             builders: topology
                 .builders()
@@ -350,6 +384,9 @@ impl DaemonConfig {
             let _ = writeln!(w, "strategy = {}", quote(service.strategy.as_str()));
             if let Some(rules) = &service.policy {
                 let _ = writeln!(w, "policy = {}", inline_table(&rules.pairs()));
+            }
+            for line in service.when_full.iter().flat_map(WhenFull::lines) {
+                let _ = writeln!(w, "{line}");
             }
         }
         for builder in &self.builders {

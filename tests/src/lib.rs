@@ -40,7 +40,7 @@ pub mod wait;
 
 pub use config::{
     BuilderConfig, DaemonConfig, Dataplane, HealthConfig, InstancePaths, LinkKind, LinkRules,
-    PolicyConfig, PolicyMode, ServiceConfig, Strategy,
+    PolicyConfig, PolicyMode, ServiceConfig, Strategy, WhenFull,
 };
 pub use daemon::{
     Daemon, DataPathCounts, Launch, LogLine, built_binary, check_config, check_config_text,

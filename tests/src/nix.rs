@@ -86,6 +86,9 @@ pub struct NixClient {
     known_hosts: PathBuf,
     sites: Sites,
     dir: TempDir,
+    /// ssh's `ConnectTimeout`, which also bounds its wait for the server's
+    /// identification line (a connection held in yensid's queue waits there).
+    ssh_connect_timeout: Duration,
 }
 
 /// How one `nix-build` run went.
@@ -168,7 +171,14 @@ impl NixClient {
             known_hosts: known_hosts_file,
             sites: topology.sites(),
             dir,
+            ssh_connect_timeout: Duration::from_secs(5),
         })
+    }
+
+    /// ssh's `ConnectTimeout` for every run (default 5 s).
+    pub fn with_ssh_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.ssh_connect_timeout = timeout;
+        self
     }
 
     /// Builds `derivations` in one `nix-build --builders builders --max-jobs max_jobs`;
@@ -205,9 +215,10 @@ impl NixClient {
         let ssh_opts = format!(
             "-F /dev/null -i {} -o UserKnownHostsFile={} -o GlobalKnownHostsFile=/dev/null \
              -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes -o BatchMode=yes \
-             -o ConnectTimeout=5",
+             -o ConnectTimeout={}",
             self.identity.display(),
-            self.known_hosts.display()
+            self.known_hosts.display(),
+            self.ssh_connect_timeout.as_secs().max(1)
         );
         let mut child = exec_command(&self.ns, "unshare")
             .args([

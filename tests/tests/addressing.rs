@@ -389,6 +389,7 @@ fn several_services_on_different_ports_and_prefixes(dataplane: Dataplane) -> Res
         builders: Some(vec!["b3".into()]),
         strategy: Strategy::LeastConnections,
         policy: None,
+        when_full: None,
     });
     let _daemon = Daemon::start(topology.client_ns(), &config)?;
     let raw = topology.raw_client();

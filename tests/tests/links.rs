@@ -1286,6 +1286,7 @@ fn every_policy_key_renders_to_a_valid_config() -> Result<()> {
                 max_rtt_ms: Some(20),
                 min_healthy_builders: Some(1),
             }),
+            when_full: None,
         }],
         builders: vec![
             builder("b1", "198.18.1.2:22"),

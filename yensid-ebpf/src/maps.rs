@@ -44,7 +44,8 @@ pub const AFFINITY: &str = "AFFINITY";
 /// Array with one [`Override`]: the operator's "build locally" that the
 /// kernel enforces itself, expiry included.
 pub const OVERRIDE: &str = "OVERRIDE";
-/// SOCKMAP: listener id -> listening socket of one (service, builder) pair.
+/// SOCKMAP: listener id -> listening socket of one (service, builder) pair,
+/// or of a service's queue ([`queue_listener`]).
 pub const LISTENERS: &str = "LISTENERS";
 /// SOCKHASH: socket cookie -> established socket being spliced.
 pub const SPLICED: &str = "SPLICED";
@@ -66,8 +67,21 @@ pub mod strategy {
     pub const PRIORITY: u32 = 4;
 }
 
-/// Listener ids (indices of `LISTENERS`).
+/// Listener ids of (service, builder) pairs: `0..MAX_LISTENERS` of
+/// `LISTENERS`.
 pub const MAX_LISTENERS: u32 = MAX_SERVICES * MAX_BACKENDS;
+/// Entries of `LISTENERS`: the pairs' ids, then one reserved id per service
+/// for its queue listener ([`queue_listener`]).
+pub const LISTENER_SLOTS: u32 = MAX_LISTENERS + MAX_SERVICES;
+
+/// The `LISTENERS` id of the queue listener of service index `service`
+/// (`when_full = "queue"`): where a connection that finds every eligible
+/// builder at `max_connections` is steered. An empty slot means the
+/// service refuses instead.
+#[inline(always)]
+pub const fn queue_listener(service: u32) -> u32 {
+    MAX_LISTENERS + service
+}
 
 /// Size of a binding key's data: 2 bytes port (big endian), 2 zero bytes,
 /// 16 bytes IPv6 address (IPv4 as `::ffff:a.b.c.d`).
@@ -178,6 +192,9 @@ pub struct ServiceCounters {
     pub refused_mode: u64,
     /// Connections refused because no builder was eligible or available.
     pub refused_unavailable: u64,
+    /// Connections steered to the service's queue listener because every
+    /// eligible builder was at `max_connections`.
+    pub queued: u64,
     /// Round-robin sequence.
     pub sequence: u64,
 }

@@ -164,6 +164,35 @@ pub struct Service {
     /// the host itself uses (127.0.0.1, ::1, a whole address family, the
     /// address of another local listener on the port).
     pub allow_host_addresses: bool,
+    /// What a connection that finds every eligible builder full gets.
+    pub when_full: WhenFull,
+}
+
+/// `when_full`: refuse (RST, Nix builds locally) or hold the connection
+/// until a builder has a free slot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WhenFull {
+    #[default]
+    Refuse,
+    Queue(QueueSettings),
+}
+
+/// `when_full = "queue"`'s bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueSettings {
+    /// `queue_timeout`: how long a connection may wait for a slot; then
+    /// it is refused (RST).
+    pub timeout: Duration,
+    /// `queue_limit`: connections held at once; one more is refused.
+    pub limit: u32,
+}
+
+impl QueueSettings {
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const DEFAULT_LIMIT: u32 = 256;
+    /// Each held connection costs two descriptors (its socket and the one
+    /// that watches for the client leaving).
+    pub const MAX_LIMIT: u32 = 4096;
 }
 
 impl Service {
@@ -526,6 +555,9 @@ mod raw {
         pub strategy: Option<super::Strategy>,
         pub policy: Option<Rules>,
         pub allow_host_addresses: Option<bool>,
+        pub when_full: Option<Spanned<String>>,
+        pub queue_timeout: Option<Spanned<String>>,
+        pub queue_limit: Option<Spanned<i64>>,
     }
 
     #[derive(Deserialize)]
@@ -866,6 +898,13 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
                 (None, None) => {}
             }
         }
+        let when_full = when_full(
+            &mut check,
+            &key,
+            s.when_full,
+            s.queue_timeout,
+            s.queue_limit,
+        );
         services.push(Service {
             name,
             listen,
@@ -874,6 +913,7 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             strategy: s.strategy.unwrap_or(Strategy::LeastConnections),
             rules,
             allow_host_addresses: s.allow_host_addresses == Some(true),
+            when_full,
         });
     }
 
@@ -1057,6 +1097,67 @@ fn handoff_limits(check: &mut Checker<'_>, raw: Option<&mut raw::Daemon>) -> Han
         max_handoffs,
         max_handoffs_per_client,
     }
+}
+
+/// A service's `when_full`, `queue_timeout` and `queue_limit`. The queue's
+/// keys without `when_full = "queue"` are a mistake, not a no-op.
+fn when_full(
+    check: &mut Checker<'_>,
+    key: &dyn Fn(&str) -> String,
+    kind: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    limit: Option<Spanned<i64>>,
+) -> WhenFull {
+    // Read by hand rather than as a serde enum, whose error does not name
+    // the key.
+    let queue = match kind.as_ref().map(|k| (k, k.get_ref().as_str())) {
+        None | Some((_, "refuse")) => false,
+        Some((_, "queue")) => true,
+        Some((k, other)) => {
+            check.report(
+                key("when_full"),
+                k,
+                format!(
+                    "`{}`: must be \"refuse\" or \"queue\"",
+                    crate::dataplane::ident::escape(other.as_bytes())
+                ),
+            );
+            false
+        }
+    };
+    if !queue {
+        if let Some(v) = &timeout {
+            check.report(key("queue_timeout"), v, "only with when_full = \"queue\"");
+        }
+        if let Some(v) = &limit {
+            check.report(key("queue_limit"), v, "only with when_full = \"queue\"");
+        }
+        return WhenFull::Refuse;
+    }
+    let timeout = duration_field(
+        check,
+        &key("queue_timeout"),
+        timeout,
+        QueueSettings::DEFAULT_TIMEOUT,
+    );
+    let limit = match limit {
+        None => QueueSettings::DEFAULT_LIMIT,
+        Some(v) => match u32::try_from(*v.get_ref()) {
+            Ok(n @ 1..=QueueSettings::MAX_LIMIT) => n,
+            _ => {
+                check.report(
+                    key("queue_limit"),
+                    &v,
+                    format!(
+                        "must be a whole number from 1 to {}",
+                        QueueSettings::MAX_LIMIT
+                    ),
+                );
+                QueueSettings::DEFAULT_LIMIT
+            }
+        },
+    };
+    WhenFull::Queue(QueueSettings { timeout, limit })
 }
 
 /// `[daemon] shutdown_grace`: like [`duration_field`], except that zero
@@ -1339,6 +1440,59 @@ mode = "local"
             Err(ConfigError::Invalid(p)) => p.iter().map(ToString::to_string).collect(),
             Err(e) => panic!("{e}"),
         }
+    }
+
+    #[test]
+    fn when_full_defaults_to_refuse_and_queue_keys_are_checked_with_their_key() {
+        assert_eq!(
+            Config::parse(GOOD).unwrap().services[0].when_full,
+            WhenFull::Refuse
+        );
+        let with = |keys: &str| GOOD.replace("strategy = \"priority\"", keys);
+        let c = Config::parse(&with("when_full = \"queue\"")).unwrap();
+        assert_eq!(
+            c.services[0].when_full,
+            WhenFull::Queue(QueueSettings {
+                timeout: Duration::from_secs(60),
+                limit: 256
+            })
+        );
+        let c = Config::parse(&with(
+            "when_full = \"queue\"\nqueue_timeout = \"2m\"\nqueue_limit = 10",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.services[0].when_full,
+            WhenFull::Queue(QueueSettings {
+                timeout: Duration::from_secs(120),
+                limit: 10
+            })
+        );
+        let p = problems(&with("queue_timeout = \"10s\""));
+        assert!(
+            p[0].contains("service[0].queue_timeout") && p[0].contains("only with"),
+            "{p:?}"
+        );
+        let p = problems(&with("when_full = \"refuse\"\nqueue_limit = 3"));
+        assert!(p[0].contains("service[0].queue_limit"), "{p:?}");
+        let p = problems(&with("when_full = \"queue\"\nqueue_timeout = \"2d\""));
+        assert!(
+            p[0].contains("service[0].queue_timeout") && p[0].contains("maximum"),
+            "{p:?}"
+        );
+        let p = problems(&with("when_full = \"queue\"\nqueue_timeout = \"0s\""));
+        assert!(p[0].contains("service[0].queue_timeout"), "{p:?}");
+        for bad in ["0", "-1", "4097"] {
+            let p = problems(&with(&format!(
+                "when_full = \"queue\"\nqueue_limit = {bad}"
+            )));
+            assert!(p[0].contains("service[0].queue_limit"), "{bad}: {p:?}");
+        }
+        let p = problems(&with("when_full = \"wait\""));
+        assert!(
+            p[0].contains("service[0].when_full") && p[0].contains("`wait`"),
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -27,15 +27,17 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 use yensid_ebpf::maps::{
-    Backend, BuilderState, MAX_BUILDERS, MAX_LISTENERS, MAX_SERVICES, ServiceState, refusal,
+    Backend, BuilderState, MAX_BUILDERS, MAX_LISTENERS, MAX_SERVICES, ServiceState, queue_listener,
+    refusal,
 };
 
 use crate::{
-    config::{Config, ConfigError, Dataplane, Mode, Service, describe_duration},
+    config::{Config, ConfigError, Dataplane, Mode, Service, WhenFull, describe_duration},
     dataplane::admission::Quiet,
     dataplane::handover::{self, Recaller},
     dataplane::ident::escape,
     dataplane::proxy::{self, DataPath},
+    dataplane::queue,
     decide::health,
     decide::hook::{self, BuilderInput, Decision, HookError, HookInput, OverrideInput},
     decide::link::{self, LinkState},
@@ -198,6 +200,7 @@ pub async fn run(
         services: Indices::new(MAX_SERVICES),
         builders: Indices::new(MAX_BUILDERS),
         listener_ids: Indices::new(MAX_LISTENERS),
+        queue_listeners: HashMap::new(),
         links,
         local_routes: open_local_routes(),
         hook: HookRunner {
@@ -216,6 +219,7 @@ pub async fn run(
     if let Some(rx) = &controller.links {
         registry.inner().links = Some(rx.borrow().clone());
     }
+    let queue_handoffs = tokio::spawn(queue::run_handoffs(registry.clone(), controller.context()));
     let adopted = inherited.map(|i| controller.adopt(i));
     let recovered = (!stored.is_empty()).then(|| controller.adopt_stored(stored));
     let started = match controller.apply().await {
@@ -270,6 +274,7 @@ pub async fn run(
             .await;
     }
     controller.control.task.abort();
+    queue_handoffs.abort();
     let _ = std::fs::remove_file(&control_path);
     let cut = open_connections(&registry);
     for (builder, t) in &registry.inner().totals {
@@ -602,6 +607,8 @@ struct Controller {
     services: Indices,
     builders: Indices,
     listener_ids: Indices,
+    /// The queue listener of each service with `when_full = "queue"`.
+    queue_listeners: HashMap<String, JoinHandle<()>>,
     links: Option<watch::Receiver<LinkState>>,
     /// `None` if rtnetlink could not be opened.
     local_routes: Option<LocalRoutes>,
@@ -1073,6 +1080,7 @@ impl Controller {
             None => self.apply_fallback(&config).await?,
         }
         self.registry.follow_plan(plan);
+        self.registry.serve_queues();
         Ok(())
     }
 
@@ -1162,6 +1170,7 @@ impl Controller {
             }
         }
         kernel.set_bindings(&bindings)?;
+        self.sync_queue_listeners(kernel, config)?;
         let names: BTreeSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
         for gone in self.services.retain(|n| names.contains(n)) {
             kernel.set_service(gone, ServiceState::default())?;
@@ -1249,6 +1258,45 @@ impl Controller {
             splicer: self.splicer.clone(),
             recall: self.recaller.recall(),
         }
+    }
+
+    /// Opens the queue listener of every service with `when_full =
+    /// "queue"` at its reserved id in `LISTENERS`, and closes those of
+    /// services that no longer queue (closing a listener empties its slot:
+    /// the kernel then refuses, as with `refuse`).
+    fn sync_queue_listeners(&mut self, kernel: &Kernel, config: &Config) -> Result<()> {
+        let queueing: BTreeSet<&str> = config
+            .services
+            .iter()
+            .filter(|s| matches!(s.when_full, WhenFull::Queue(_)))
+            .map(|s| s.name.as_str())
+            .collect();
+        self.queue_listeners.retain(|name, task| {
+            let keep = queueing.contains(name.as_str());
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for svc in config
+            .services
+            .iter()
+            .filter(|s| queueing.contains(s.name.as_str()))
+        {
+            if self.queue_listeners.contains_key(&svc.name) {
+                continue;
+            }
+            let listener = listener_socket(svc)?.listen(1024)?;
+            let service = self.services.get_or_assign(&svc.name)?;
+            kernel.register_listener(queue_listener(service), &listener)?;
+            let task = tokio::spawn(queue::accept_loop(
+                listener,
+                svc.name.clone(),
+                self.registry.clone(),
+            ));
+            self.queue_listeners.insert(svc.name.clone(), task);
+        }
+        Ok(())
     }
 
     /// Closes listeners that left the plan, after a grace period for
@@ -1350,6 +1398,8 @@ impl Controller {
         let handoffs = &self.registry.handoffs;
         let limits = handoffs.limits();
         report::Context {
+            // Not read here: the caller may hold the registry's lock.
+            queues: self.registry.queues.clone(),
             handoffs: crate::operate::status::HandoffStatus {
                 in_progress: handoffs.in_progress(),
                 refused: handoffs.refused(),
@@ -1473,6 +1523,9 @@ impl Controller {
                 fdstore::remove_listener(&service, &builder);
             }
         }
+        for (_, task) in self.queue_listeners.drain() {
+            task.abort();
+        }
         for (_, task) in self.probes.drain() {
             task.abort();
         }
@@ -1594,7 +1647,12 @@ async fn accept_loop(
             None => match registry.route(&service, peer) {
                 Some(b) => b,
                 None => {
-                    refuse(stream);
+                    // Every builder full: a queueing service holds it.
+                    if let Some(stream) =
+                        queue::hold(&registry, &service, stream, Vec::new(), ticket)
+                    {
+                        refuse(stream);
+                    }
                     continue;
                 }
             },

@@ -5,4 +5,5 @@ pub mod admission;
 pub mod handover;
 pub mod ident;
 pub mod proxy;
+pub mod queue;
 pub mod relay;

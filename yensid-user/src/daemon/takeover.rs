@@ -447,7 +447,20 @@ impl Controller {
         if let Some(m) = &self.metrics {
             m.task.abort();
         }
-        let (parked, stragglers) = self.recaller.collect(COLLECT_LIMIT).await;
+        let (mut parked, stragglers) = self.recaller.collect(COLLECT_LIMIT).await;
+        // Connections waiting for a slot: like those in their handoff, the
+        // successor serves them anew (and queues them again while the pool
+        // is full).
+        for waiting in self.registry.queues.take_all() {
+            let waited = waiting.arrived.elapsed().as_millis() as u64;
+            parked.push(Parked::Fresh {
+                client: waiting.stream,
+                service: waiting.service,
+                steered: String::new(),
+                consumed: waiting.read,
+                opened_unix_ms: proxy::unix_ms().saturating_sub(waited),
+            });
+        }
         if stragglers > 0 {
             warn!(
                 connections = stragglers,

@@ -195,6 +195,17 @@ pub trait Dispatcher: Send + Sync + 'static {
     /// be served by (`steered` while it is available, else another one the
     /// strategy picks) and names it; `None` when no builder may take it.
     fn reserve(&self, service: &str, steered: &str) -> Option<String>;
+    /// No builder could take an identified client of `service`
+    /// ([`Dispatcher::reserve`] found none): a service that queues when
+    /// full holds it until one can; otherwise the client is given back to
+    /// be refused.
+    fn hold(
+        &self,
+        service: &str,
+        client: TcpStream,
+        client_line: Vec<u8>,
+        ticket: Ticket,
+    ) -> Option<TcpStream>;
     /// Records that `failed` could not serve a connection of `service` and
     /// moves that connection (and its count) to another builder not in
     /// `tried`, if any. `busy`: the builder accepted the connection and
@@ -308,10 +319,30 @@ pub async fn serve(accepted: Accepted, ticket: Ticket, cx: Context) {
     let mut outcome = Outcome::default();
     let mut line = consumed;
     let served = handoff(&client, &service, steered, &mut line, &cx, &mut outcome).await;
-    drop(ticket);
     let opening = match served {
-        Ok(opening) => opening,
+        Ok(opening) => {
+            drop(ticket);
+            opening
+        }
+        Err(HandoffEnd::NoBuilder(steered)) => {
+            // A service that queues when full holds the identified client;
+            // others refuse it.
+            if let Some(client) = cx.dispatcher.hold(&service, client, line, ticket) {
+                if let Some(left_out) = UNSERVED.allow(Instant::now()) {
+                    warn!(
+                        service,
+                        steered,
+                        similar_left_out = left_out,
+                        "no builder may take the client (full, unhealthy or drained); refused"
+                    );
+                }
+                reset(&client);
+            }
+            cx.dispatcher.finished(&steered, &outcome);
+            return;
+        }
         Err(HandoffEnd::Recalled(steered)) => {
+            drop(ticket);
             // Nothing reached the client: a successor starts again.
             cx.dispatcher.finished(&steered, &outcome);
             if let Ok(client) = client.into_std() {
@@ -326,6 +357,7 @@ pub async fn serve(accepted: Accepted, ticket: Ticket, cx: Context) {
             return;
         }
         Err(HandoffEnd::Failed(builder, why)) => {
+            drop(ticket);
             debug!(service, builder, ?peer, %why, "connection ended during the handoff");
             if outcome.unserved {
                 reset(&client);
@@ -522,6 +554,9 @@ enum HandoffEnd {
     /// Recalled for a successor before the client saw a byte; the builder
     /// it was steered to.
     Recalled(String),
+    /// The client identified itself and no builder may take it (the
+    /// builder it was steered to).
+    NoBuilder(String),
 }
 
 /// What the handoff leaves for the data path.
@@ -585,18 +620,7 @@ async fn handoff(
     }
     let Some(mut builder) = dispatcher.reserve(service, &steered) else {
         outcome.unserved = true;
-        if let Some(left_out) = UNSERVED.allow(Instant::now()) {
-            warn!(
-                service,
-                steered,
-                similar_left_out = left_out,
-                "no builder may take the client (full, unhealthy or drained); refused"
-            );
-        }
-        return Err(HandoffEnd::Failed(
-            steered,
-            io::Error::other("no builder available"),
-        ));
+        return Err(HandoffEnd::NoBuilder(steered));
     };
     outcome.counted = true;
     // A client that leaves while the builder is being connected cancels

@@ -21,9 +21,11 @@ use yensid_ebpf::{
 };
 
 use crate::{
-    config::{Config, Mode, Service, Strategy},
+    config::{Config, Mode, QueueSettings, Service, Strategy, WhenFull},
     dataplane::admission::Handoffs,
+    dataplane::admission::Ticket,
     dataplane::proxy::{Dispatcher, Outcome},
+    dataplane::queue::{self, Queues},
     decide::health::{Answer, Failure, Tracker, Transition},
     decide::hook::Decision,
     decide::link::LinkState,
@@ -46,6 +48,8 @@ pub struct Registry {
     pub replan: Notify,
     /// Wakes the policy hook: something it is told about changed.
     pub state_changed: Notify,
+    /// Connections held while every builder is full (`when_full = "queue"`).
+    pub queues: Arc<Queues>,
 }
 
 pub struct Inner {
@@ -134,6 +138,7 @@ impl Registry {
             inner: Mutex::new(inner),
             replan: Notify::new(),
             state_changed: Notify::new(),
+            queues: Arc::default(),
         }
     }
 
@@ -236,16 +241,7 @@ impl Registry {
         {
             return None;
         }
-        let affinity = inner.affinity.get(service).and_then(|table| {
-            let slot = select::client_hash(address_words(peer.ip())) % AFFINITY_SLOTS;
-            let name = table.get(slot as usize)?;
-            let position = svc.builders.iter().position(|b| b == name)?;
-            inner
-                .candidate(service, name, &[])
-                .available
-                .then_some(position as u32)
-        });
-        inner.choose(svc, &[], affinity)
+        inner.choose_for(svc, peer.ip())
     }
 
     /// Makes the kernel's count of `builder`'s open connections (ASSIGNED
@@ -469,7 +465,15 @@ impl Inner {
                         _ => "first available in list order",
                     }
                 ),
-                None => "REFUSED (RST): every eligible builder is at max_connections".into(),
+                None => match svc.when_full {
+                    WhenFull::Queue(q) => format!(
+                        "QUEUED: every eligible builder is at max_connections; held up to {} for a slot",
+                        crate::config::describe_duration(q.timeout)
+                    ),
+                    WhenFull::Refuse => {
+                        "REFUSED (RST): every eligible builder is at max_connections".into()
+                    }
+                },
             },
         }
     }
@@ -491,6 +495,15 @@ impl Inner {
             out.insert(name.clone(), Unavailable::Draining);
         }
         out
+    }
+
+    /// Whether `service` refuses every connection now: mode `local`, or
+    /// its plan's refusal (too few eligible builders).
+    pub fn refusing(&self, service: &str) -> bool {
+        self.mode_in_force(unix_now()).0 == Mode::Local
+            || self
+                .service_plan(service)
+                .is_some_and(|s| s.refusal.is_some())
     }
 
     /// The plan in force for `service`, if there is one yet.
@@ -520,6 +533,20 @@ impl Inner {
             eligible,
             self.active.get(name).copied().unwrap_or(0),
         )
+    }
+
+    /// The builder the service's strategy picks for a connection from
+    /// `client`, affinity included, as the kernel would.
+    fn choose_for(&mut self, svc: &Service, client: IpAddr) -> Option<String> {
+        let affinity = self.affinity.get(&svc.name).and_then(|table| {
+            let slot = select::client_hash(address_words(client)) % AFFINITY_SLOTS;
+            let name = table.get(slot as usize)?;
+            let position = svc.builders.iter().position(|b| b == name)?;
+            self.candidate(&svc.name, name, &[])
+                .available
+                .then_some(position as u32)
+        });
+        self.choose(svc, &[], affinity)
     }
 
     /// The shared selection code over userspace's view of a service.
@@ -587,6 +614,16 @@ impl Dispatcher for Registry {
         Some(chosen)
     }
 
+    fn hold(
+        &self,
+        service: &str,
+        client: tokio::net::TcpStream,
+        client_line: Vec<u8>,
+        ticket: Ticket,
+    ) -> Option<tokio::net::TcpStream> {
+        queue::hold(self, service, client, client_line, ticket)
+    }
+
     fn fail_over(
         &self,
         service: &str,
@@ -643,6 +680,9 @@ impl Dispatcher for Registry {
             && let Some(n) = inner.active.get_mut(builder)
         {
             *n = n.saturating_sub(1);
+            // Before the kernel's count drops: a freed slot goes to a
+            // waiting connection, not to a newer SYN.
+            self.serve_queues_locked(&mut inner);
         }
         self.sync_kernel_count(&inner, builder);
         let totals = inner.totals.entry(builder.to_owned()).or_default();
@@ -655,6 +695,61 @@ impl Dispatcher for Registry {
             totals.to_builder += outcome.to_builder;
             totals.from_builder += outcome.from_builder;
         }
+    }
+}
+
+/// `when_full = "queue"` (see `dataplane::queue`).
+impl Registry {
+    /// Hands waiting connections to builders with a free slot; refuses
+    /// those of services that refuse connections now or no longer queue.
+    pub fn serve_queues(&self) {
+        self.serve_queues_locked(&mut self.inner());
+    }
+
+    fn serve_queues_locked(&self, inner: &mut Inner) {
+        if self.queues.is_empty() {
+            return;
+        }
+        let config = inner.config.clone();
+        self.queues.refuse_unless(|name| {
+            config
+                .services
+                .iter()
+                .any(|s| s.name == name && matches!(s.when_full, WhenFull::Queue(_)))
+        });
+        for svc in &config.services {
+            let refusing = inner.refusing(&svc.name);
+            self.queues.serve(&svc.name, refusing, |peer| {
+                let chosen = inner.choose_for(svc, peer)?;
+                *inner.active.entry(chosen.clone()).or_default() += 1;
+                self.sync_kernel_count(inner, &chosen);
+                Some(chosen)
+            });
+        }
+    }
+
+    /// The queue settings of `service` while it takes connections (not in
+    /// mode `local`, enough eligible builders); `None` if it does not
+    /// queue or refuses now.
+    pub fn queueing(&self, service: &str) -> Option<QueueSettings> {
+        let inner = self.inner();
+        let svc = inner.config.services.iter().find(|s| s.name == service)?;
+        match svc.when_full {
+            WhenFull::Queue(settings) if !inner.refusing(service) => Some(settings),
+            _ => None,
+        }
+    }
+
+    /// Gives back the count of a builder taken for a queued connection
+    /// that ended before its handoff took it (its client never identified
+    /// itself, or it could not be served).
+    pub fn release_reserved(&self, builder: &str) {
+        let mut inner = self.inner();
+        if let Some(n) = inner.active.get_mut(builder) {
+            *n = n.saturating_sub(1);
+        }
+        self.serve_queues_locked(&mut inner);
+        self.sync_kernel_count(&inner, builder);
     }
 }
 
@@ -785,6 +880,31 @@ mod tests {
         ))
         .unwrap();
         Registry::new(config, OperatorState::default(), None)
+    }
+
+    #[test]
+    fn a_full_queueing_service_queues_only_while_it_takes_connections() {
+        let config = Config::parse(
+            "[[service]]\nname = \"s\"\nlisten = [\"127.0.0.22\"]\nwhen_full = \"queue\"\n\
+             queue_timeout = \"90s\"\n\
+             [builders.b1]\naddress = \"198.18.1.2:22\"\nmax_connections = 1\n",
+        )
+        .unwrap();
+        let r = Registry::new(config, OperatorState::default(), None);
+        let svc = r.inner().config.services[0].clone();
+        assert_eq!(r.reserve("s", "b1").as_deref(), Some("b1"));
+        assert_eq!(r.reserve("s", "b1"), None, "full");
+        let prediction = r.inner().predict(&svc, None, 1);
+        assert!(
+            prediction.starts_with("QUEUED") && prediction.contains("90s"),
+            "{prediction}"
+        );
+        assert!(r.queueing("s").is_some());
+        r.inner().mode_override = Some(ModeOverride {
+            mode: Mode::Local,
+            until: None,
+        });
+        assert_eq!(r.queueing("s"), None, "mode local refuses, never queues");
     }
 
     fn active(r: &Registry, builder: &str) -> u64 {

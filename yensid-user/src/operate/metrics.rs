@@ -32,8 +32,9 @@ use tracing::{debug, info};
 
 use crate::{
     dataplane::ident::escape,
+    dataplane::queue::WAIT_BUCKETS,
     operate::control::{AcceptBackoff, Pending, Request, Throttled},
-    operate::status::Status,
+    operate::status::{QueueStatus, Status},
 };
 
 /// Upper bounds of the connect-time histogram, in seconds.
@@ -53,11 +54,16 @@ pub struct Histogram {
 
 impl Histogram {
     pub fn observe(&mut self, value: Duration) {
+        self.observe_in(&CONNECT_BUCKETS, value);
+    }
+
+    /// Counts `value` in a histogram whose buckets end at `bounds`.
+    pub fn observe_in(&mut self, bounds: &[f64], value: Duration) {
         let seconds = value.as_secs_f64();
-        if self.buckets.len() != CONNECT_BUCKETS.len() {
-            self.buckets = vec![0; CONNECT_BUCKETS.len()];
+        if self.buckets.len() != bounds.len() {
+            self.buckets = vec![0; bounds.len()];
         }
-        for (count, bound) in self.buckets.iter_mut().zip(CONNECT_BUCKETS) {
+        for (count, &bound) in self.buckets.iter_mut().zip(bounds) {
             if seconds <= bound {
                 *count += 1;
             }
@@ -445,6 +451,7 @@ pub fn render(status: &Status) -> String {
         "RTT samples the kernel took on the daemon's connections to the builder.",
         by_builder(&|b| b.rtt_samples.to_string()),
     );
+    render_queues(&mut out, status);
     let _ = writeln!(
         out,
         "# HELP yensid_connect_seconds From upstream connect to the builder's SSH identification line.\n# TYPE yensid_connect_seconds histogram"
@@ -478,6 +485,87 @@ pub fn render(status: &Status) -> String {
     out
 }
 
+/// The queues of services with `when_full = "queue"`.
+fn render_queues(out: &mut String, status: &Status) {
+    let queues: Vec<(&str, &QueueStatus)> = status
+        .services
+        .iter()
+        .filter_map(|s| Some((s.name.as_str(), s.queue.as_ref()?)))
+        .collect();
+    let mut family = |name: &str, kind: &str, help: &str, value: &dyn Fn(&QueueStatus) -> u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (service, q) in &queues {
+            let _ = writeln!(out, "{name}{{service=\"{service}\"}} {}", value(q));
+        }
+    };
+    family(
+        "yensid_queue_length",
+        "gauge",
+        "Connections waiting in the service's queue for a builder slot.",
+        &|q| q.waiting,
+    );
+    family(
+        "yensid_queued_total",
+        "counter",
+        "Connections that entered the service's queue.",
+        &|q| q.queued,
+    );
+    family(
+        "yensid_queue_served_total",
+        "counter",
+        "Queued connections handed to a builder.",
+        &|q| q.served,
+    );
+    family(
+        "yensid_queue_timed_out_total",
+        "counter",
+        "Queued connections refused (RST) at queue_timeout.",
+        &|q| q.timed_out,
+    );
+    family(
+        "yensid_queue_left_total",
+        "counter",
+        "Queued connections whose client left while waiting.",
+        &|q| q.left,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP yensid_queue_refused_total Connections refused (RST) by the queue, by reason.\n# TYPE yensid_queue_refused_total counter"
+    );
+    for (service, q) in &queues {
+        for (reason, n) in [
+            ("queue_full", q.refused_full),
+            ("service_refusing", q.refused),
+        ] {
+            let _ = writeln!(
+                out,
+                "yensid_queue_refused_total{{service=\"{service}\",reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP yensid_queue_wait_seconds How long queued connections waited before a builder took them.\n# TYPE yensid_queue_wait_seconds histogram"
+    );
+    for (service, q) in &queues {
+        let h = &q.wait_seconds;
+        for (i, bound) in WAIT_BUCKETS.iter().enumerate() {
+            let count = h.buckets.get(i).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "yensid_queue_wait_seconds_bucket{{service=\"{service}\",le=\"{bound}\"}} {count}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "yensid_queue_wait_seconds_bucket{{service=\"{service}\",le=\"+Inf\"}} {}\n\
+             yensid_queue_wait_seconds_sum{{service=\"{service}\"}} {}\n\
+             yensid_queue_wait_seconds_count{{service=\"{service}\"}} {}",
+            h.count, h.sum_seconds, h.count
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -487,6 +575,9 @@ mod tests {
         let mut connect = Histogram::default();
         connect.observe(Duration::from_micros(300));
         connect.observe(Duration::from_millis(30));
+        let mut wait = Histogram::default();
+        wait.observe_in(&WAIT_BUCKETS, Duration::from_millis(300));
+        wait.observe_in(&WAIT_BUCKETS, Duration::from_secs(20));
         Status {
             pid: 1,
             dataplane: "kernel".into(),
@@ -513,6 +604,19 @@ mod tests {
                 refused_mode_local: Some(3),
                 refused_no_builder: Some(0),
                 local_delivery: Vec::new(),
+                queue: Some(QueueStatus {
+                    waiting: 2,
+                    limit: 10,
+                    timeout_seconds: 60.0,
+                    queued: 9,
+                    served: 5,
+                    timed_out: 1,
+                    refused_full: 3,
+                    left: 1,
+                    refused: 0,
+                    wait_seconds: wait,
+                    kernel_queued: Some(12),
+                }),
             }],
             builders: vec![BuilderStatus {
                 name: "b1".into(),
@@ -560,6 +664,17 @@ mod tests {
             "yensid_retransmits_total{builder=\"b1\"} 4",
             "yensid_rtt_samples_total{builder=\"b1\"} 9",
             "yensid_handoffs 0",
+            "yensid_queue_length{service=\"x86\"} 2",
+            "yensid_queued_total{service=\"x86\"} 9",
+            "yensid_queue_served_total{service=\"x86\"} 5",
+            "yensid_queue_timed_out_total{service=\"x86\"} 1",
+            "yensid_queue_left_total{service=\"x86\"} 1",
+            "yensid_queue_refused_total{service=\"x86\",reason=\"queue_full\"} 3",
+            "yensid_queue_wait_seconds_bucket{service=\"x86\",le=\"0.25\"} 0",
+            "yensid_queue_wait_seconds_bucket{service=\"x86\",le=\"0.5\"} 1",
+            "yensid_queue_wait_seconds_bucket{service=\"x86\",le=\"30\"} 2",
+            "yensid_queue_wait_seconds_bucket{service=\"x86\",le=\"+Inf\"} 2",
+            "yensid_queue_wait_seconds_count{service=\"x86\"} 2",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -567,7 +682,7 @@ mod tests {
             );
         }
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
-        assert_eq!(families, 18);
+        assert_eq!(families, 25);
     }
 
     #[test]

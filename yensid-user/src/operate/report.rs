@@ -2,11 +2,13 @@
 //! and sentences built from the registry, the last plan and the kernel's
 //! counters. Read-only; the controller gathers the [`Context`].
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use yensid_ebpf::maps::ServiceCounters;
 
 use crate::{
+    config::WhenFull,
+    dataplane::queue::Queues,
     decide::registry::{Inner, ModeSource},
     operate::status::{
         BuilderStatus, HandoffStatus, MemberStatus, ModeStatus, PrefixDelivery, ServiceStatus,
@@ -30,6 +32,8 @@ pub struct Context {
     pub local_delivery: HashMap<String, PrefixDelivery>,
     /// Connections in handoff.
     pub handoffs: HandoffStatus,
+    /// The queues of services with `when_full = "queue"`.
+    pub queues: Arc<Queues>,
 }
 
 /// `yensid explain`: the decision for the next connection of a service
@@ -152,6 +156,14 @@ pub fn status(inner: &Inner, context: &Context) -> Status {
                             })
                     })
                     .collect(),
+                queue: match svc.when_full {
+                    WhenFull::Queue(settings) => Some(context.queues.status(
+                        &svc.name,
+                        settings,
+                        counters.map(|c| c.queued),
+                    )),
+                    WhenFull::Refuse => None,
+                },
             }
         })
         .collect();

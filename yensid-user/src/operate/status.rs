@@ -109,6 +109,37 @@ pub struct ServiceStatus {
     /// `kernel::local_route`), in `listen` order.
     #[serde(default)]
     pub local_delivery: Vec<PrefixDelivery>,
+    /// With `when_full = "queue"`: the queue (null with `refuse`).
+    #[serde(default)]
+    pub queue: Option<QueueStatus>,
+}
+
+/// A queueing service's queue (`dataplane::queue`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct QueueStatus {
+    /// Connections waiting now.
+    pub waiting: u64,
+    /// `queue_limit`.
+    pub limit: u32,
+    /// `queue_timeout`.
+    pub timeout_seconds: f64,
+    /// Connections that entered the queue, ever.
+    pub queued: u64,
+    /// Handed to a builder.
+    pub served: u64,
+    /// Refused (RST) at `queue_timeout`.
+    pub timed_out: u64,
+    /// Refused (RST) at once: the queue held `queue_limit` connections.
+    pub refused_full: u64,
+    /// Their client left while they waited.
+    pub left: u64,
+    /// Refused (RST) because the service stopped taking connections while
+    /// they waited (mode `local`, too few eligible builders).
+    pub refused: u64,
+    /// How long the served ones waited.
+    pub wait_seconds: Histogram,
+    /// SYNs the kernel steered to the queue (absent without BPF).
+    pub kernel_queued: Option<u64>,
 }
 
 /// How one claimed prefix reaches the host's stack.
@@ -276,6 +307,11 @@ pub fn render(status: &Status) -> String {
     out.push('\n');
     table(&mut out, &rows);
     for s in &status.services {
+        if let Some(q) = &s.queue {
+            let _ = writeln!(out, "{}: {}", s.name, queue_line(q));
+        }
+    }
+    for s in &status.services {
         for d in &s.local_delivery {
             let _ = writeln!(out, "{}: {}: {}", s.name, d.prefix, d.how);
         }
@@ -290,6 +326,27 @@ pub fn render(status: &Status) -> String {
         }
     }
     out
+}
+
+/// One service's queue in words.
+fn queue_line(q: &QueueStatus) -> String {
+    let mean = match q.wait_seconds.count {
+        0 => String::new(),
+        n => format!(", mean wait {:.1}s", q.wait_seconds.sum_seconds / n as f64),
+    };
+    format!(
+        "queue {}/{} waiting (timeout {}s); queued {}, served {}{mean}, timed out {}, \
+         refused {} (full) + {} (service refusing), left {}",
+        q.waiting,
+        q.limit,
+        q.timeout_seconds,
+        q.queued,
+        q.served,
+        q.timed_out,
+        q.refused_full,
+        q.refused,
+        q.left
+    )
 }
 
 /// What the pinned maps say while no daemon runs: the kernel's counters go
@@ -565,6 +622,7 @@ mod tests {
                     dispatched: 5,
                     refused_mode: 0,
                     refused_unavailable: 2,
+                    queued: 0,
                     sequence: 5,
                 },
             )],

@@ -7,6 +7,14 @@
 //! RST so the Nix client sees ECONNREFUSED at once and builds locally).
 //! Claimed traffic never falls through to another local listener. Everything
 //! unclaimed is passed on untouched.
+//!
+//! One exception to the refusal: a service with `when_full = "queue"` has a
+//! queue listener registered in `LISTENERS` at its reserved id
+//! ([`queue_listener`]). A SYN that finds every eligible builder at its
+//! `max_connections` (and for no other reason: mode `local`, too few
+//! eligible builders and a pool with no eligible builder still refuse) is
+//! delivered there, and userspace holds the connection until a slot frees.
+//! No builder counts it at SYN time; userspace counts it when it hands it on.
 
 use core::ptr::read_volatile;
 
@@ -21,9 +29,9 @@ use aya_ebpf::{
 };
 use yensid_ebpf::{
     maps::{
-        AFFINITY_SLOTS, BINDING_KEY_LEN, Backend, BuilderState, MAX_BACKENDS, MAX_BINDINGS,
-        MAX_BUILDERS, MAX_LISTENERS, MAX_SERVICES, Override, ServiceCounters, ServiceState,
-        binding_key, refusal, strategy, v4_mapped,
+        AFFINITY_SLOTS, BINDING_KEY_LEN, Backend, BuilderState, LISTENER_SLOTS, MAX_BACKENDS,
+        MAX_BINDINGS, MAX_BUILDERS, MAX_SERVICES, Override, ServiceCounters, ServiceState,
+        binding_key, queue_listener, refusal, strategy, v4_mapped,
     },
     select::{Candidate, Draw, Pool, choose, client_hash},
 };
@@ -55,7 +63,7 @@ static SCRATCH: PerCpuArray<Pool> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static OVERRIDE: Array<Override> = Array::pinned(1, 0);
 #[map]
-static LISTENERS: SockMap = SockMap::pinned(MAX_LISTENERS, 0);
+static LISTENERS: SockMap = SockMap::pinned(LISTENER_SLOTS, 0);
 
 #[sk_lookup]
 pub fn dispatch(ctx: SkLookupContext) -> u32 {
@@ -89,11 +97,12 @@ pub fn dispatch(ctx: SkLookupContext) -> u32 {
     };
     // SAFETY: array values live as long as the map; fields are only
     // projected here, every access is atomic (see `atomic::add`).
-    let (dispatched, refused_mode, refused_unavailable, sequence) = unsafe {
+    let (dispatched, refused_mode, refused_unavailable, queued, sequence) = unsafe {
         (
             &raw mut (*counters).dispatched,
             &raw mut (*counters).refused_mode,
             &raw mut (*counters).refused_unavailable,
+            &raw mut (*counters).queued,
             &raw mut (*counters).sequence,
         )
     };
@@ -123,8 +132,18 @@ pub fn dispatch(ctx: SkLookupContext) -> u32 {
     // SAFETY: per-CPU map memory, used only by this invocation (sk_lookup
     // runs with preemption disabled).
     let pool = unsafe { &mut *pool };
-    gather(pool, service, state.backends);
+    let any_eligible = gather(pool, service, state.backends);
     let Some(position) = choose(state.strategy, pool, &draw) else {
+        // Eligible builders exist but none is available: every one of them
+        // is at max_connections. Queue if the service has a queue.
+        if any_eligible
+            && LISTENERS
+                .redirect_sk_lookup(&ctx, queue_listener(service), 0)
+                .is_ok()
+        {
+            count(queued);
+            return SK_PASS;
+        }
         count(refused_unavailable);
         return SK_DROP;
     };
@@ -218,22 +237,37 @@ fn affinity_choice(service: u32, backends: u32, remote: &[u8; 16]) -> Option<u32
     candidate(backend).available.then_some(position)
 }
 
-/// Reads the state of every backend of a service, once.
+/// Reads the state of every backend of a service, once. True when at
+/// least one backend is eligible (whether or not it is below its limit).
 #[inline(always)]
-fn gather(pool: &mut Pool, service: u32, backends: u32) {
+fn gather(pool: &mut Pool, service: u32, backends: u32) -> bool {
+    let mut any_eligible = false;
     let mut position = 0;
     while position < MAX_BACKENDS {
         if position >= backends {
             break;
         }
         let candidate = match SERVICE_BACKENDS.get(service * MAX_BACKENDS + position) {
-            Some(backend) => candidate(backend),
+            Some(backend) => {
+                any_eligible |= eligible(backend);
+                candidate(backend)
+            }
             None => Candidate::new(0, 0, false, 0),
         };
         pool.set(position, candidate);
         position += 1;
     }
     pool.set_len(backends);
+    any_eligible
+}
+
+/// Whether the backend may take connections apart from its limit.
+#[inline(always)]
+fn eligible(backend: &Backend) -> bool {
+    match BUILDERS.get(backend.builder) {
+        Some(settings) => settings.eligible != 0 && backend.eligible != 0 && settings.weight > 0,
+        None => false,
+    }
 }
 
 #[inline(always)]

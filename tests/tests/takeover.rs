@@ -106,6 +106,7 @@ impl Load {
 /// every attempt must be served. Returns how many were made.
 struct Prober<'scope> {
     stop: Arc<AtomicBool>,
+    made: Arc<std::sync::atomic::AtomicU64>,
     thread: thread::ScopedJoinHandle<'scope, Result<u64>>,
 }
 
@@ -117,6 +118,8 @@ impl<'scope> Prober<'scope> {
     ) -> Prober<'scope> {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
+        let made = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = made.clone();
         let thread = scope.spawn(move || {
             let client = yensid_tests::RawClient::new(topology.client_ns());
             let mut made = 0u64;
@@ -130,11 +133,20 @@ impl<'scope> Prober<'scope> {
                     made + 1
                 );
                 made += 1;
+                counted.store(made, Ordering::Relaxed);
                 thread::sleep(pause);
             }
             Ok(made)
         });
-        Prober { stop, thread }
+        Prober { stop, made, thread }
+    }
+
+    /// Waits until `n` attempts were made in all (each served, or the prober
+    /// stopped with its error).
+    fn wait_for(&self, n: u64) -> Result<()> {
+        wait_until(&format!("{n} connection attempts"), WAIT, || {
+            Ok(self.made.load(Ordering::Relaxed) >= n || self.thread.is_finished())
+        })
     }
 
     fn finish(self) -> Result<u64> {
@@ -192,12 +204,13 @@ fn a_takeover_under_load_loses_nothing(dataplane: Dataplane) -> Result<()> {
     let predecessor = daemon.pid();
     let since = SystemTime::now();
     let (took_over, probes) = thread::scope(|scope| -> Result<_> {
-        let prober = Prober::start(scope, &topology, Duration::from_millis(5));
-        // Some attempts before, then the takeover, then some after.
-        thread::sleep(Duration::from_millis(200));
+        // 200 attempts spread over the handover: 50 before it, the rest during
+        // and after.
+        let prober = Prober::start(scope, &topology, Duration::from_millis(2));
+        prober.wait_for(50)?;
         daemon.take_over(None, None)?;
         let took_over = daemon.wait_for_log(&["took over"], since, WAIT)?;
-        thread::sleep(Duration::from_millis(200));
+        prober.wait_for(200)?;
         Ok((took_over, prober.finish()?))
     })?;
     gate.open()?;
@@ -228,7 +241,7 @@ fn a_takeover_under_load_loses_nothing(dataplane: Dataplane) -> Result<()> {
         Dataplane::Kernel => ensure!(spliced >= Some(7), "spliced: {t}"),
         Dataplane::Userspace => ensure!(copied >= Some(7) && spliced == Some(0), "copied: {t}"),
     }
-    ensure!(probes >= 10, "only {probes} connection attempts were made");
+    ensure!(probes >= 200, "only {probes} connection attempts were made");
     eprintln!(
         "takeover: {} ms, {probes} probes served; {}",
         t["handover_ms"], took_over.text

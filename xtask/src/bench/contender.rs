@@ -67,26 +67,14 @@ impl Contender {
                 middlebox: None,
             }),
             Self::Haproxy => {
-                let haproxy = Haproxy::start(
-                    topology,
-                    &HaproxySpec {
-                        service: service(),
-                        refusal: HAPROXY_REFUSAL,
-                        servers: upstreams,
-                        sessions,
-                    },
-                )?;
+                let haproxy = Haproxy::start(topology, &haproxy_spec(upstreams, sessions))?;
                 Ok(Running {
                     targets: vec![service()],
                     middlebox: Some(Box::new(haproxy)),
                 })
             }
             Self::Yensid(dataplane) => {
-                let mut config =
-                    DaemonConfig::for_topology(topology, dataplane, Strategy::LeastConnections);
-                for upstream in upstreams {
-                    config.builder_mut(&upstream.builder).address = upstream.address;
-                }
+                let config = yensid_config(topology, dataplane, upstreams);
                 let daemon = Daemon::start_binary(yensid, topology.client_ns(), &config)?;
                 Ok(Running {
                     targets: vec![service()],
@@ -95,6 +83,30 @@ impl Contender {
             }
         }
     }
+}
+
+/// HAProxy in front of `upstreams`, able to hold `sessions` connections.
+pub fn haproxy_spec(upstreams: &[Upstream], sessions: usize) -> HaproxySpec<'_> {
+    HaproxySpec {
+        service: service(),
+        refusal: HAPROXY_REFUSAL,
+        servers: upstreams,
+        sessions,
+    }
+}
+
+/// yensid with `dataplane` in front of `upstreams`, balancing by least
+/// connections as HAProxy does.
+pub fn yensid_config(
+    topology: &Topology,
+    dataplane: Dataplane,
+    upstreams: &[Upstream],
+) -> DaemonConfig {
+    let mut config = DaemonConfig::for_topology(topology, dataplane, Strategy::LeastConnections);
+    for upstream in upstreams {
+        config.builder_mut(&upstream.builder).address = upstream.address;
+    }
+    config
 }
 
 /// Where HAProxy's "build locally" frontend listens: beside the service,

@@ -62,6 +62,18 @@ impl Figure {
         figures
     }
 
+    /// The `--only` section that measures it.
+    pub fn section(self) -> &'static str {
+        match self {
+            Self::Throughput { .. } | Self::CpuPerGib { .. } => "throughput",
+            Self::BannerLatency { .. } => "banner",
+            Self::RefusalLatency { .. } => "refusal",
+            Self::ConnectionRate => "rate",
+            Self::IdleRss => "memory",
+            Self::NixBuilds => "nix",
+        }
+    }
+
     pub fn label(self) -> String {
         match self {
             Self::Throughput { mode, streams } => transfer_label(mode, streams),

@@ -289,7 +289,12 @@ impl Replaceable {
                 let gone = wait_until("the replaced HAProxy to exit", STOP_TIMEOUT, || {
                     haproxy.replaced_exited()
                 });
-                let mut notes = super::contender::Middlebox::finish(haproxy)?;
+                // The replaced process logs each proxy it stopped: that is
+                // the reload working, not a problem.
+                let mut notes: Vec<String> = super::contender::Middlebox::finish(haproxy)?
+                    .into_iter()
+                    .filter(|n| !n.contains("stopped (cumulated conns"))
+                    .collect();
                 if let Err(e) = gone {
                     notes.push(format!("{e:#}"));
                 }

@@ -134,7 +134,7 @@ pub fn run(setup: &Setup) -> Result<()> {
         .contenders
         .iter()
         .copied()
-        .filter(|c| *c != Contender::Direct)
+        .filter(|c| matches!(c, Contender::Haproxy | Contender::Yensid(_)))
         .collect();
     let topology = Topology::new(BUILDERS)?;
     let servers: Vec<BenchServer> = topology
@@ -247,7 +247,9 @@ impl Replaceable {
                     successor: None,
                 })
             }
-            Contender::Direct => bail!("a direct connection has nothing to hand over"),
+            Contender::Direct | Contender::SplicePrototype => {
+                bail!("{} has no handover", contender.name())
+            }
         }
     }
 

@@ -238,8 +238,8 @@ impl Drop for Haproxy {
 }
 
 impl Middlebox for Haproxy {
-    fn pid(&self) -> u32 {
-        self.child.id()
+    fn pid(&self) -> Option<u32> {
+        Some(self.child.id())
     }
 
     fn refuse(&mut self) -> Result<SocketAddr> {

@@ -34,6 +34,7 @@ mod nix;
 mod protocol;
 mod reaction;
 mod report;
+mod splicer;
 mod ssh;
 mod target;
 mod uploads;
@@ -46,7 +47,7 @@ use yensid_tests::Topology;
 use yensid_tests::wait::wait_until;
 
 use crate::build;
-use contender::{CONTENDERS, Contender, Upstream};
+use contender::{CONTENDERS, Contender, PROTOTYPES, Upstream};
 use figure::{Figure, PERCENTILES, Value, percentile_micros};
 use protocol::BenchServer;
 use report::{Report, Results};
@@ -93,8 +94,10 @@ pub struct Options {
     /// Trials per reaction-time series (link down, `yensid mode local`).
     #[arg(long, default_value_t = 50)]
     reaction_trials: usize,
-    /// Only these contenders (direct, haproxy, kernel, userspace); default:
-    /// all. Targets that need a missing one are reported as unknown.
+    /// Only these contenders (direct, haproxy, kernel, userspace, and splice:
+    /// a splice(2) forwarder in the bench, measured only when named);
+    /// default: all but splice. Targets that need a missing one are
+    /// reported as unknown.
     #[arg(long = "contender", value_parser = parse_contender)]
     contenders: Vec<Contender>,
     /// Bytes of fresh input per derivation in the upload-parallelism runs.
@@ -116,9 +119,14 @@ pub struct Options {
 fn parse_contender(key: &str) -> Result<Contender, String> {
     CONTENDERS
         .into_iter()
+        .chain(PROTOTYPES)
         .find(|c| c.key() == key)
         .ok_or_else(|| {
-            let keys: Vec<&str> = CONTENDERS.iter().map(|c| c.key()).collect();
+            let keys: Vec<&str> = CONTENDERS
+                .iter()
+                .chain(&PROTOTYPES)
+                .map(|c| c.key())
+                .collect();
             format!("one of {}", keys.join(", "))
         })
 }
@@ -260,10 +268,15 @@ pub fn run(options: &Options) -> Result<()> {
     let setup = Setup {
         options,
         yensid: build::yensid_binary(true),
-        contenders: CONTENDERS
-            .into_iter()
-            .filter(|c| options.contenders.is_empty() || options.contenders.contains(c))
-            .collect(),
+        contenders: if options.contenders.is_empty() {
+            CONTENDERS.to_vec()
+        } else {
+            CONTENDERS
+                .into_iter()
+                .chain(PROTOTYPES)
+                .filter(|c| options.contenders.contains(c))
+                .collect()
+        },
         out: build::workspace_root().join(&options.out),
     };
     let mut failed = Vec::new();

@@ -335,10 +335,12 @@ fn measure_table(setup: &Setup, fd_limit: u64, started: Instant) -> Result<()> {
     println!("\n{}", report.markdown());
     let dir = &setup.out;
     report.write(dir)?;
-    let chart = dir.join("latest.png");
-    chart::draw(&report, &chart)?;
+    // Reaction times alone have no figure to chart.
+    if !report.figures.is_empty() {
+        chart::draw(&report, &dir.join("latest.png"))?;
+    }
     build::progress(&format!(
-        "wrote latest.md, latest.json and latest.png in {}",
+        "wrote latest.md and latest.json (and the chart of its figures) in {}",
         dir.display()
     ));
     let failed = report.failed_figures();

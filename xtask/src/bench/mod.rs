@@ -591,16 +591,27 @@ fn measure(
     }
 
     if wants("rate") {
+        let cpu_before = running.pid().map(cpu::process_seconds);
         let rate = measure::connection_rate(
             client_ns,
             &targets,
             options.rate_clients,
             Duration::from_secs(options.rate_seconds),
         );
+        let cpu = match (cpu_before, running.pid(), &rate) {
+            (None, _, _) | (_, None, _) => Value::NotApplicable,
+            (Some(Err(e)), _, _) => Value::Failed(format!("{e:#}")),
+            (_, _, Err(e)) => Value::Failed(format!("{e:#}")),
+            (Some(Ok(before)), Some(pid), Ok(rate)) => match cpu::process_seconds(pid) {
+                Ok(after) => Value::Measured((after - before) / rate.completed as f64 * 1e6),
+                Err(e) => Value::Failed(format!("{e:#}")),
+            },
+        };
         sheet.put(
             Figure::ConnectionRate,
-            Value::from_result(rate.map_err(|e| format!("{e:#}"))),
+            Value::from_result(rate.map(|r| r.per_second).map_err(|e| format!("{e:#}"))),
         );
+        sheet.put(Figure::ConnectionCpu, cpu);
         quiet(&mut notes);
     }
 

@@ -319,6 +319,15 @@ impl RealSsh {
         Some(self.bytes as f64 / sample.seconds / 1e6)
     }
 
+    /// Slowest and fastest round of `contender` in `cell`, MB/s.
+    fn spread(&self, contender: Contender, cell: usize) -> Option<(f64, f64)> {
+        let samples = &self.cells[self.column(contender)?][cell].samples;
+        let mb = |s: &Sample| self.bytes as f64 / s.seconds / 1e6;
+        let slowest = samples.iter().map(mb).reduce(f64::min)?;
+        let fastest = samples.iter().map(mb).reduce(f64::max)?;
+        Some((slowest, fastest))
+    }
+
     fn cpu_per_gib(&self, contender: Contender, cell: usize) -> Option<f64> {
         let sample = self.cells[self.column(contender)?][cell].median()?;
         Some(sample.cpu_seconds / (self.bytes as f64 / GIB))
@@ -355,6 +364,24 @@ impl RealSsh {
         md
     }
 
+    fn spread_table(&self) -> String {
+        let names: Vec<&str> = self.contenders.iter().map(|c| c.name()).collect();
+        let mut md = format!("| MB/s | {} |\n", names.join(" | "));
+        md += &format!("|---|{}\n", "---:|".repeat(names.len()));
+        for (cell, cipher, mode) in Self::rows() {
+            let cells: Vec<String> = self
+                .contenders
+                .iter()
+                .map(|&c| {
+                    self.spread(c, cell)
+                        .map_or("—".to_owned(), |(lo, hi)| format!("{lo:.0}–{hi:.0}"))
+                })
+                .collect();
+            md += &format!("| {cipher}, {} | {} |\n", mode.name(), cells.join(" | "));
+        }
+        md
+    }
+
     /// Each target of the issue: (contender, cell, ratio to HAProxy, met).
     fn verdicts(&self) -> Vec<(Contender, usize, Option<f64>)> {
         HELD_TO_HAPROXY
@@ -384,6 +411,12 @@ impl RealSsh {
             self.bytes, self.rounds
         );
         md += &self.table("MB/s", |c, cell| self.mb_per_second(c, cell));
+        let _ = writeln!(
+            md,
+            "\nSlowest and fastest round, MB/s (how much the machine's other load moved \
+             them):\n"
+        );
+        md += &self.spread_table();
         let _ = writeln!(
             md,
             "\nWhole machine's CPU per GiB over the same transfers (ssh, sshd, the middlebox, \
@@ -536,6 +569,23 @@ mod tests {
     }
 
     #[test]
+    fn the_spread_is_the_slowest_and_fastest_round() {
+        let report = RealSsh {
+            bytes: 1_000_000_000,
+            rounds: 3,
+            contenders: vec![Contender::Direct],
+            cells: vec![vec![Cell {
+                samples: vec![sample(2.0), sample(1.0), sample(4.0)],
+                errors: vec!["one failed".to_owned()],
+            }]],
+            notes: Vec::new(),
+        };
+        assert_eq!(report.spread(Contender::Direct, 0), Some((250.0, 1000.0)));
+        assert_eq!(report.mb_per_second(Contender::Direct, 0), Some(500.0));
+        assert_eq!(report.spread(Contender::Haproxy, 0), None);
+    }
+
+    #[test]
     fn kernel_and_userspace_are_held_to_haproxy_per_cipher_and_direction() {
         let mut report = RealSsh {
             bytes: 1_000_000_000,
@@ -574,5 +624,11 @@ mod tests {
         );
         assert!(md.contains("| yensid userspace | chacha20-poly1305@openssh.com, download | 0.40× | 0.50× | 0.80× | missed |"), "{md}");
         assert!(md.contains("| aes128-gcm@openssh.com, upload | 1000 | 500 (0.50×) | 667 (0.67×) | 400 (0.40×) |"), "{md}");
+        assert!(
+            md.contains(
+                "| aes128-gcm@openssh.com, upload | 1000–1000 | 500–500 | 667–667 | 400–400 |"
+            ),
+            "{md}"
+        );
     }
 }

@@ -69,7 +69,8 @@ struct Cell {
 }
 
 impl Cell {
-    /// The median transfer by wall time.
+    /// The median transfer by wall time (of an even number of rounds, the
+    /// faster of the two in the middle).
     fn median(&self) -> Option<Sample> {
         let mut sorted = self.samples.clone();
         sorted.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));

@@ -66,7 +66,14 @@ impl SshClient {
     /// The `ssh` command that runs `remote` on `target`; the caller wires stdio, e.g. to
     /// stream a file through the session or keep it open in the background.
     pub fn command(&self, target: SocketAddr, remote: &str) -> Command {
+        self.command_with(target, &[], remote)
+    }
+
+    /// [`Self::command`] with more ssh options (e.g. `["-c", cipher]`) before the
+    /// destination.
+    pub fn command_with(&self, target: SocketAddr, options: &[&str], remote: &str) -> Command {
         let mut cmd = exec_command(&self.ns, "ssh");
+        cmd.args(options);
         cmd.args(["-F", "/dev/null", "-i"])
             .arg(&self.identity)
             .arg("-o")

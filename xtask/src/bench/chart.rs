@@ -192,6 +192,7 @@ fn panel_title(figure: Figure) -> String {
         Figure::BannerLatency { .. } => "Connect to SSH banner, µs",
         Figure::RefusalLatency { .. } => "Refusal (build locally), µs",
         Figure::ConnectionRate => "Connection rate, conn/s",
+        Figure::ConnectionCpu => "Middlebox CPU per connection, µs",
         Figure::IdleRss => "RSS with idle connections, MiB",
         Figure::NixBuilds => "Uncached Nix builds, s",
     };
@@ -212,7 +213,9 @@ fn group_label(figure: Figure) -> String {
         Figure::BannerLatency { percentile } | Figure::RefusalLatency { percentile } => {
             format!("p{percentile}")
         }
-        Figure::ConnectionRate | Figure::IdleRss | Figure::NixBuilds => String::new(),
+        Figure::ConnectionRate | Figure::ConnectionCpu | Figure::IdleRss | Figure::NixBuilds => {
+            String::new()
+        }
     }
 }
 
@@ -260,7 +263,7 @@ mod tests {
     fn one_panel_per_kind_of_figure() {
         let panels = panels(&Figure::all(8));
         let sizes: Vec<usize> = panels.iter().map(|p| p.figures.len()).collect();
-        assert_eq!(sizes, [4, 4, 2, 2, 1, 1, 1]);
+        assert_eq!(sizes, [4, 4, 2, 2, 1, 1, 1, 1]);
         assert_eq!(
             panels[0].title,
             "Throughput, GB/s (higher is better)".to_owned()

@@ -8,12 +8,15 @@ use anyhow::{Result, ensure};
 use yensid_tests::{Daemon, DaemonConfig, Dataplane, PolicyMode, Strategy, Topology, service};
 
 use super::haproxy::{Haproxy, HaproxySpec};
+use super::splicer::Splicer;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Contender {
     Direct,
     Haproxy,
     Yensid(Dataplane),
+    /// splice(2) in a process ([`Splicer`]), measured only when asked for.
+    SplicePrototype,
 }
 
 /// Measured in this order; the first is the baseline of every ratio.
@@ -23,6 +26,9 @@ pub const CONTENDERS: [Contender; 4] = [
     Contender::Yensid(Dataplane::Kernel),
     Contender::Yensid(Dataplane::Userspace),
 ];
+
+/// Measured only when `--contender` names them, after [`CONTENDERS`].
+pub const PROTOTYPES: [Contender; 1] = [Contender::SplicePrototype];
 
 /// A builder's server the contender forwards to.
 pub struct Upstream {
@@ -38,6 +44,7 @@ impl Contender {
             Self::Haproxy => "HAProxy",
             Self::Yensid(Dataplane::Kernel) => "yensid kernel",
             Self::Yensid(Dataplane::Userspace) => "yensid userspace",
+            Self::SplicePrototype => "splice(2) prototype",
         }
     }
 
@@ -48,6 +55,7 @@ impl Contender {
             Self::Haproxy => "haproxy",
             Self::Yensid(Dataplane::Kernel) => "kernel",
             Self::Yensid(Dataplane::Userspace) => "userspace",
+            Self::SplicePrototype => "splice",
         }
     }
 
@@ -67,34 +75,57 @@ impl Contender {
                 middlebox: None,
             }),
             Self::Haproxy => {
-                let haproxy = Haproxy::start(
-                    topology,
-                    &HaproxySpec {
-                        service: service(),
-                        refusal: HAPROXY_REFUSAL,
-                        servers: upstreams,
-                        sessions,
-                    },
-                )?;
+                let haproxy = Haproxy::start(topology, &haproxy_spec(upstreams, sessions))?;
                 Ok(Running {
                     targets: vec![service()],
                     middlebox: Some(Box::new(haproxy)),
                 })
             }
             Self::Yensid(dataplane) => {
-                let mut config =
-                    DaemonConfig::for_topology(topology, dataplane, Strategy::LeastConnections);
-                for upstream in upstreams {
-                    config.builder_mut(&upstream.builder).address = upstream.address;
-                }
+                let config = yensid_config(topology, dataplane, upstreams);
                 let daemon = Daemon::start_binary(yensid, topology.client_ns(), &config)?;
                 Ok(Running {
                     targets: vec![service()],
                     middlebox: Some(Box::new(daemon)),
                 })
             }
+            Self::SplicePrototype => {
+                let splicer = Splicer::start(
+                    topology.client_ns(),
+                    service(),
+                    upstreams.iter().map(|u| u.address).collect(),
+                )?;
+                Ok(Running {
+                    targets: vec![service()],
+                    middlebox: Some(Box::new(splicer)),
+                })
+            }
         }
     }
+}
+
+/// HAProxy in front of `upstreams`, able to hold `sessions` connections.
+pub fn haproxy_spec(upstreams: &[Upstream], sessions: usize) -> HaproxySpec<'_> {
+    HaproxySpec {
+        service: service(),
+        refusal: HAPROXY_REFUSAL,
+        servers: upstreams,
+        sessions,
+    }
+}
+
+/// yensid with `dataplane` in front of `upstreams`, balancing by least
+/// connections as HAProxy does.
+pub fn yensid_config(
+    topology: &Topology,
+    dataplane: Dataplane,
+    upstreams: &[Upstream],
+) -> DaemonConfig {
+    let mut config = DaemonConfig::for_topology(topology, dataplane, Strategy::LeastConnections);
+    for upstream in upstreams {
+        config.builder_mut(&upstream.builder).address = upstream.address;
+    }
+    config
 }
 
 /// Where HAProxy's "build locally" frontend listens: beside the service,
@@ -113,7 +144,7 @@ pub struct Running {
 impl Running {
     /// The middlebox's process, if there is one.
     pub fn pid(&self) -> Option<u32> {
-        self.middlebox.as_ref().map(|m| m.pid())
+        self.middlebox.as_ref().and_then(|m| m.pid())
     }
 
     /// Makes the contender refuse new connections ("build locally"), if it
@@ -130,7 +161,8 @@ impl Running {
 
 /// A process a contender runs between the client and the builders.
 pub trait Middlebox {
-    fn pid(&self) -> u32;
+    /// Its own process, if it has one.
+    fn pid(&self) -> Option<u32>;
     /// Switches to refusing every new connection, the way its users make
     /// Nix build locally; where new connections are then refused.
     fn refuse(&mut self) -> Result<SocketAddr>;
@@ -142,8 +174,8 @@ pub trait Middlebox {
 pub const QUOTED_LOG_PROBLEMS: usize = 5;
 
 impl Middlebox for Daemon {
-    fn pid(&self) -> u32 {
-        Daemon::pid(self)
+    fn pid(&self) -> Option<u32> {
+        Some(Daemon::pid(self))
     }
 
     fn refuse(&mut self) -> Result<SocketAddr> {

@@ -47,6 +47,27 @@ fn parse(stat: &str) -> Result<CpuTimes> {
     })
 }
 
+/// CPU seconds (user and system, all threads) process `pid` has used.
+pub fn process_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    Ok(
+        process_ticks(&stat).with_context(|| format!("unexpected {path}: {stat:?}"))? as f64
+            / ticks_per_second(),
+    )
+}
+
+/// utime + stime of a /proc/<pid>/stat line: fields 14 and 15, counted
+/// after the command name, which is in brackets and may hold spaces.
+fn process_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Field 3 (the state) is the first after the name.
+    let utime: u64 = fields.get(14 - 3)?.parse().ok()?;
+    let stime: u64 = fields.get(15 - 3)?.parse().ok()?;
+    Some(utime + stime)
+}
+
 /// USER_HZ, the unit of /proc/stat.
 fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
@@ -82,6 +103,15 @@ mod tests {
         assert!(parse("intr 1 2 3\n").is_err());
         assert!(parse("cpu 1 2 3\n").is_err());
         assert!(parse("cpu 1 2 x 4 5 6 7\n").is_err());
+    }
+
+    #[test]
+    fn a_process_cpu_is_its_user_and_system_time() {
+        let stat = "4242 (tokio rt) worker) S 1 4242 4242 0 -1 4194560 500 0 0 0 \
+                    1200 345 0 0 20 0 3 0 100 1000000 2000 18446744073709551615\n";
+        assert_eq!(process_ticks(stat), Some(1200 + 345));
+        assert_eq!(process_ticks("4242 (x) S 1 2"), None);
+        assert!(process_seconds(std::process::id()).is_ok());
     }
 
     #[test]

@@ -21,6 +21,10 @@ pub enum Figure {
     /// Connections per second (each with the SSH opening) from concurrent
     /// clients.
     ConnectionRate,
+    /// Microseconds of the middlebox process's own CPU (user and system,
+    /// every thread) per connection of the rate run: unlike the rate, it
+    /// hardly depends on what else keeps the machine busy.
+    ConnectionCpu,
     /// Resident memory of the middlebox with the idle sessions open, MiB.
     IdleRss,
     /// Seconds one `nix-build` of uncached derivations takes on the builders.
@@ -57,9 +61,22 @@ impl Figure {
         figures.extend(PERCENTILES.map(|percentile| Self::BannerLatency { percentile }));
         figures.extend(PERCENTILES.map(|percentile| Self::RefusalLatency { percentile }));
         figures.push(Self::ConnectionRate);
+        figures.push(Self::ConnectionCpu);
         figures.push(Self::IdleRss);
         figures.push(Self::NixBuilds);
         figures
+    }
+
+    /// The `--only` section that measures it.
+    pub fn section(self) -> &'static str {
+        match self {
+            Self::Throughput { .. } | Self::CpuPerGib { .. } => "throughput",
+            Self::BannerLatency { .. } => "banner",
+            Self::RefusalLatency { .. } => "refusal",
+            Self::ConnectionRate | Self::ConnectionCpu => "rate",
+            Self::IdleRss => "memory",
+            Self::NixBuilds => "nix",
+        }
     }
 
     pub fn label(self) -> String {
@@ -71,6 +88,7 @@ impl Figure {
             Self::BannerLatency { percentile } => format!("connect to banner, p{percentile}"),
             Self::RefusalLatency { percentile } => format!("refusal, p{percentile}"),
             Self::ConnectionRate => "connection rate".to_owned(),
+            Self::ConnectionCpu => "middlebox CPU per connection".to_owned(),
             Self::IdleRss => "RSS with idle connections".to_owned(),
             Self::NixBuilds => "uncached Nix builds, wall time".to_owned(),
         }
@@ -86,6 +104,7 @@ impl Figure {
             Self::BannerLatency { percentile } => format!("banner_latency_p{percentile}"),
             Self::RefusalLatency { percentile } => format!("refusal_latency_p{percentile}"),
             Self::ConnectionRate => "connection_rate".to_owned(),
+            Self::ConnectionCpu => "middlebox_cpu_per_connection".to_owned(),
             Self::IdleRss => "idle_rss".to_owned(),
             Self::NixBuilds => "nix_builds".to_owned(),
         }
@@ -95,7 +114,7 @@ impl Figure {
         match self {
             Self::Throughput { .. } => "GB/s",
             Self::CpuPerGib { .. } => "CPU s/GiB",
-            Self::BannerLatency { .. } | Self::RefusalLatency { .. } => "µs",
+            Self::BannerLatency { .. } | Self::RefusalLatency { .. } | Self::ConnectionCpu => "µs",
             Self::ConnectionRate => "conn/s",
             Self::IdleRss => "MiB",
             Self::NixBuilds => "s",

@@ -53,6 +53,10 @@ pub struct HaproxySpec<'a> {
 pub struct Haproxy {
     child: Child,
     exit: Option<ExitStatus>,
+    /// Processes a reload replaced: each finishes its own connections, then
+    /// exits by itself; killed on drop if it has not.
+    replaced: Vec<Child>,
+    config: PathBuf,
     stats_socket: PathBuf,
     log: PathBuf,
     refusal: SocketAddr,
@@ -97,6 +101,8 @@ impl Haproxy {
         let mut haproxy = Self {
             child,
             exit: None,
+            replaced: Vec::new(),
+            config,
             stats_socket,
             log,
             refusal: spec.refusal,
@@ -125,6 +131,61 @@ impl Haproxy {
                     .all(|s| s.status == "UP" && s.check_status == "L7OK"))
         })
         .with_context(|| format!("servers: {last:?}"))
+    }
+
+    /// HAProxy's reload: a new process with the same configuration takes
+    /// the listening sockets from this one over the stats socket (`-x`,
+    /// which `expose-fd listeners` allows) and, once it listens, tells this
+    /// one to stop accepting and finish its connections (`-sf`). Returns
+    /// once the new process answers on the stats socket.
+    pub fn reload(&mut self, topology: &Topology) -> Result<()> {
+        let old = self.child.id();
+        let output = fs::OpenOptions::new().append(true).open(&self.log)?;
+        let child = topology
+            .client_ns()
+            .command(HAPROXY)
+            .arg("-db")
+            .arg("-f")
+            .arg(&self.config)
+            .arg("-x")
+            .arg(&self.stats_socket)
+            .arg("-sf")
+            .arg(old.to_string())
+            .stdin(Stdio::null())
+            .stdout(output.try_clone()?)
+            .stderr(output)
+            .spawn()
+            .context("spawn the reloading haproxy")?;
+        let new = child.id();
+        self.replaced
+            .push(std::mem::replace(&mut self.child, child));
+        wait_until(
+            "the reloaded HAProxy on its stats socket",
+            READY_TIMEOUT,
+            || {
+                if let Some(status) = self.child.try_wait()? {
+                    self.exit = Some(status);
+                    bail!(
+                        "the reloading haproxy exited ({status}): {}",
+                        self.log_text().trim()
+                    );
+                }
+                // The new process binds the stats socket anew once it runs.
+                Ok(self
+                    .query("show info")
+                    .is_ok_and(|info| info_pid(&info) == Some(new)))
+            },
+        )
+    }
+
+    /// Whether the process a reload replaced has exited.
+    pub fn replaced_exited(&mut self) -> Result<bool> {
+        for child in &mut self.replaced {
+            if child.try_wait()?.is_none() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// One command on the stats socket; its answer.
@@ -165,6 +226,10 @@ impl Haproxy {
 
 impl Drop for Haproxy {
     fn drop(&mut self) {
+        for child in &mut self.replaced {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         if self.exit.is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -173,8 +238,8 @@ impl Drop for Haproxy {
 }
 
 impl Middlebox for Haproxy {
-    fn pid(&self) -> u32 {
-        self.child.id()
+    fn pid(&self) -> Option<u32> {
+        Some(self.child.id())
     }
 
     fn refuse(&mut self) -> Result<SocketAddr> {
@@ -226,7 +291,7 @@ fn render(spec: &HaproxySpec, stats_socket: &Path, lua: &Path) -> String {
     let _ = writeln!(c, "    maxpipes {MAXPIPES}");
     let _ = writeln!(
         c,
-        "    stats socket {} mode 600 level admin",
+        "    stats socket {} mode 600 level admin expose-fd listeners",
         stats_socket.display()
     );
     let _ = writeln!(c, "    lua-load {}", lua.display());
@@ -256,6 +321,13 @@ fn render(spec: &HaproxySpec, stats_socket: &Path, lua: &Path) -> String {
         let _ = writeln!(c, "    server {} {} check", server.builder, server.address);
     }
     cfg
+}
+
+/// The `Pid:` of `show info`.
+fn info_pid(info: &str) -> Option<u32> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|pid| pid.trim().parse().ok())
 }
 
 /// One server's line of `show stat`.
@@ -344,6 +416,7 @@ mod tests {
         assert!(cfg.contains("mode tcp") && cfg.contains("option splice-response"));
         assert!(cfg.contains("global\n    maxconn 1100\n"));
         assert!(LUA.contains("\"build_locally\""));
+        assert!(cfg.contains("level admin expose-fd listeners\n"));
     }
 
     #[test]
@@ -372,5 +445,12 @@ mod tests {
             ]
         );
         assert!(servers_state("no header").is_err());
+    }
+
+    #[test]
+    fn show_info_names_the_process() {
+        let info = "Name: HAProxy\nVersion: 2.6.12\nPid: 4321\nUptime: 0d 0h00m01s\n";
+        assert_eq!(info_pid(info), Some(4321));
+        assert_eq!(info_pid("Name: HAProxy\n"), None);
     }
 }

@@ -203,6 +203,12 @@ fn refused(target: SocketAddr) -> Result<(Duration, Refusal)> {
     }
 }
 
+/// What the concurrent clients of [`connection_rate`] completed.
+pub struct Rate {
+    pub per_second: f64,
+    pub completed: usize,
+}
+
 /// Connections per second that `clients` concurrent clients complete in
 /// `duration`, each a full connection: connect, the SSH opening, close.
 pub fn connection_rate(
@@ -210,7 +216,7 @@ pub fn connection_rate(
     targets: &[SocketAddr],
     clients: usize,
     duration: Duration,
-) -> Result<f64> {
+) -> Result<Rate> {
     let completed = AtomicUsize::new(0);
     let failed = AtomicUsize::new(0);
     let first_error = Mutex::new(None);
@@ -259,7 +265,10 @@ pub fn connection_rate(
         );
     }
     ensure!(completed > 0, "no connection completed");
-    Ok(completed as f64 / elapsed.as_secs_f64())
+    Ok(Rate {
+        per_second: completed as f64 / elapsed.as_secs_f64(),
+        completed,
+    })
 }
 
 /// The memory of process `pid` before and with idle sessions open.

@@ -17,21 +17,29 @@
 //! (`target.rs`) and reported, never turned into a failure. A figure that
 //! could not be measured is a failure, after everything else was measured
 //! and written.
+//!
+//! The run is made of sections ([`SECTIONS`]); `--only` picks some of them,
+//! and a run without it measures them all. The figures of the table and the
+//! reaction times share one testbed; every other section sets up its own
+//! and writes its own files next to latest.md.
 
 mod chart;
 mod contender;
 mod cpu;
 mod figure;
+mod handover;
 mod haproxy;
 mod measure;
 mod nix;
 mod protocol;
 mod reaction;
 mod report;
+mod splicer;
+mod ssh;
 mod target;
 mod uploads;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -39,7 +47,7 @@ use yensid_tests::Topology;
 use yensid_tests::wait::wait_until;
 
 use crate::build;
-use contender::{CONTENDERS, Contender, Upstream};
+use contender::{CONTENDERS, Contender, PROTOTYPES, Upstream};
 use figure::{Figure, PERCENTILES, Value, percentile_micros};
 use protocol::BenchServer;
 use report::{Report, Results};
@@ -86,17 +94,22 @@ pub struct Options {
     /// Trials per reaction-time series (link down, `yensid mode local`).
     #[arg(long, default_value_t = 50)]
     reaction_trials: usize,
-    /// Only these contenders (direct, haproxy, kernel, userspace); default:
-    /// all. Targets that need a missing one are reported as unknown.
+    /// Only these contenders (direct, haproxy, kernel, userspace, and splice:
+    /// a splice(2) forwarder in the bench, measured only when named);
+    /// default: all but splice. Targets that need a missing one are
+    /// reported as unknown.
     #[arg(long = "contender", value_parser = parse_contender)]
     contenders: Vec<Contender>,
     /// Bytes of fresh input per derivation in the upload-parallelism runs.
     #[arg(long, default_value_t = 100 << 20)]
     upload_bytes: u64,
-    /// Measure only the upload parallelism (one machine entry against four
-    /// aliases) and write uploads.md and uploads.json.
-    #[arg(long)]
-    only_uploads: bool,
+    /// Measure only these sections (comma-separated); default: every one.
+    #[arg(long, value_delimiter = ',', value_parser = section_keys())]
+    only: Vec<String>,
+    #[command(flatten)]
+    ssh: ssh::Options,
+    #[command(flatten)]
+    handover: handover::Options,
     /// Where latest.md, latest.json and latest.png go (relative to the
     /// workspace root).
     #[arg(long, default_value = "bench/results")]
@@ -106,11 +119,117 @@ pub struct Options {
 fn parse_contender(key: &str) -> Result<Contender, String> {
     CONTENDERS
         .into_iter()
+        .chain(PROTOTYPES)
         .find(|c| c.key() == key)
         .ok_or_else(|| {
-            let keys: Vec<&str> = CONTENDERS.iter().map(|c| c.key()).collect();
+            let keys: Vec<&str> = CONTENDERS
+                .iter()
+                .chain(&PROTOTYPES)
+                .map(|c| c.key())
+                .collect();
             format!("one of {}", keys.join(", "))
         })
+}
+
+/// A part of the bench that `--only` can select.
+pub struct Section {
+    /// Its name on the command line.
+    pub key: &'static str,
+    /// What it measures, for `--help`.
+    pub about: &'static str,
+    pub part: Part,
+}
+
+/// How a section runs.
+pub enum Part {
+    /// Figures of the main table (those whose [`Figure::section`] is the
+    /// section's key), for every contender on the shared testbed.
+    Table,
+    /// The kernel path's reaction times, on the shared testbed.
+    Reaction,
+    /// On its own: sets itself up, prints its results and writes its own
+    /// files into [`Setup::out`].
+    Own(fn(&Setup) -> Result<()>),
+}
+
+/// Every section, in the order a full run measures them.
+pub const SECTIONS: &[Section] = &[
+    Section {
+        key: "throughput",
+        about: "GB/s and whole-machine CPU per GiB, 1 and N streams, both ways (bench server)",
+        part: Part::Table,
+    },
+    Section {
+        key: "banner",
+        about: "connect-to-banner latency, p50 and p99, sequential connections",
+        part: Part::Table,
+    },
+    Section {
+        key: "rate",
+        about: "connections per second from concurrent clients",
+        part: Part::Table,
+    },
+    Section {
+        key: "memory",
+        about: "the middlebox's RSS with the idle sessions open",
+        part: Part::Table,
+    },
+    Section {
+        key: "refusal",
+        about: "how long a refused client (build locally) takes to know it",
+        part: Part::Table,
+    },
+    Section {
+        key: "nix",
+        about: "wall time of uncached Nix builds through each contender",
+        part: Part::Table,
+    },
+    Section {
+        key: "reaction",
+        about: "how fast the kernel path refuses after a link event or `yensid mode local`",
+        part: Part::Reaction,
+    },
+    Section {
+        key: "ssh",
+        about: "real ssh and sshd: 1 GiB up and down per cipher (ssh.md)",
+        part: Part::Own(ssh::run),
+    },
+    Section {
+        key: "handover",
+        about: "handover time and failed connections with live connections held (handover.md)",
+        part: Part::Own(handover::run),
+    },
+    Section {
+        key: "uploads",
+        about: "upload parallelism of a real Nix client, one entry against aliases (uploads.md)",
+        part: Part::Own(measure_uploads),
+    },
+];
+
+/// `--only`'s values, each with its help.
+fn section_keys() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(
+        SECTIONS
+            .iter()
+            .map(|s| clap::builder::PossibleValue::new(s.key).help(s.about)),
+    )
+}
+
+/// What a section of its own gets.
+pub struct Setup<'a> {
+    pub options: &'a Options,
+    /// The release build of the daemon.
+    pub yensid: PathBuf,
+    /// The contenders asked for, in [`CONTENDERS`] order.
+    pub contenders: Vec<Contender>,
+    /// Where its files go.
+    pub out: PathBuf,
+}
+
+impl Options {
+    fn selected(&self, key: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|k| k == key)
+    }
 }
 
 pub fn run(options: &Options) -> Result<()> {
@@ -136,35 +255,74 @@ pub fn run(options: &Options) -> Result<()> {
         "every size and count must be positive"
     );
     build::all(true)?;
-    // The builders' sshd, and Nix on both sides for the Nix builds.
-    let for_nix = [
-        ("/usr/sbin/sshd", "openssh-server"),
-        (yensid_tests::nix::NIX_BUILD, "nix-bin"),
-    ];
-    let dir = build::workspace_root().join(&options.out);
-    if options.only_uploads {
-        build::ensure_packages(&for_nix)?;
-        return measure_uploads(options, &dir);
-    }
     build::ensure_packages(&[
         (haproxy::HAPROXY, "haproxy"),
         (chart::FONT, "fonts-dejavu-core"),
-        for_nix[0],
-        for_nix[1],
+        ("/usr/sbin/sshd", "openssh-server"),
+        (yensid_tests::nix::NIX_BUILD, "nix-bin"),
     ])?;
-    let fd_limit = raise_fd_limit(options.idle_connections as u64 * FDS_PER_SESSION + FD_RESERVE)?;
-    let idle = IdleCount::new(options.idle_connections, fd_limit);
-    let contenders: Vec<Contender> = CONTENDERS
+    let sessions = options
+        .idle_connections
+        .max(options.handover.most_connections());
+    let fd_limit = raise_fd_limit(sessions as u64 * FDS_PER_SESSION + FD_RESERVE)?;
+    let setup = Setup {
+        options,
+        yensid: build::yensid_binary(true),
+        contenders: if options.contenders.is_empty() {
+            CONTENDERS.to_vec()
+        } else {
+            CONTENDERS
+                .into_iter()
+                .chain(PROTOTYPES)
+                .filter(|c| options.contenders.contains(c))
+                .collect()
+        },
+        out: build::workspace_root().join(&options.out),
+    };
+    let mut failed = Vec::new();
+    if let Err(e) = measure_table(&setup, fd_limit, started) {
+        failed.push(format!("table: {e:#}"));
+    }
+    for section in SECTIONS.iter().filter(|s| options.selected(s.key)) {
+        if let Part::Own(measure) = section.part {
+            build::progress(&format!("section {}: {}", section.key, section.about));
+            if let Err(e) = measure(&setup) {
+                build::progress(&format!("section {} failed: {e:#}", section.key));
+                failed.push(format!("{}: {e:#}", section.key));
+            }
+        }
+    }
+    ensure!(
+        failed.is_empty(),
+        "some measurements failed:\n{}",
+        failed.join("\n")
+    );
+    Ok(())
+}
+
+/// The selected figures of the main table for every contender, and the
+/// reaction times, on one testbed; written to latest.{md,json,png}. Nothing
+/// when no such section is selected.
+fn measure_table(setup: &Setup, fd_limit: u64, started: Instant) -> Result<()> {
+    let options = setup.options;
+    let figures: Vec<Figure> = Figure::all(options.streams)
         .into_iter()
-        .filter(|c| options.contenders.is_empty() || options.contenders.contains(c))
+        .filter(|f| options.selected(f.section()))
         .collect();
-    let figures = Figure::all(options.streams);
-    let testbed = Testbed::new(build::yensid_binary(true))?;
-    let results: Vec<Results> = contenders
+    let reaction = options.selected("reaction");
+    if figures.is_empty() && !reaction {
+        return Ok(());
+    }
+    let idle = IdleCount::new(options.idle_connections, fd_limit);
+    let testbed = Testbed::new(setup.yensid.clone())?;
+    let results: Vec<Results> = setup
+        .contenders
         .iter()
+        .filter(|_| !figures.is_empty())
         .map(|&contender| measure(contender, &testbed, options, &figures, idle))
         .collect();
-    let reactions = reaction::measure(&testbed.yensid, &testbed.topology, options.reaction_trials);
+    let reactions = reaction
+        .then(|| reaction::measure(&testbed.yensid, &testbed.topology, options.reaction_trials));
     drop(testbed);
     let report = Report::new(
         options,
@@ -175,14 +333,16 @@ pub fn run(options: &Options) -> Result<()> {
         started.elapsed(),
     )?;
     println!("\n{}", report.markdown());
-    report.write(&dir)?;
-    let chart = dir.join("latest.png");
-    chart::draw(&report, &chart)?;
+    let dir = &setup.out;
+    report.write(dir)?;
+    // Reaction times alone have no figure to chart.
+    if !report.figures.is_empty() {
+        chart::draw(&report, &dir.join("latest.png"))?;
+    }
     build::progress(&format!(
-        "wrote latest.md, latest.json and latest.png in {}",
+        "wrote latest.md and latest.json (and the chart of its figures) in {}",
         dir.display()
     ));
-    measure_uploads(options, &dir)?;
     let failed = report.failed_figures();
     ensure!(
         failed == 0,
@@ -192,20 +352,26 @@ pub fn run(options: &Options) -> Result<()> {
 }
 
 /// The upload-parallelism runs (see `uploads`), printed and written to
-/// `uploads.md` and `uploads.json` in `dir`.
-fn measure_uploads(options: &Options, dir: &std::path::Path) -> Result<()> {
+/// `uploads.md` and `uploads.json`.
+fn measure_uploads(setup: &Setup) -> Result<()> {
+    let options = setup.options;
     build::progress("measuring upload parallelism through one entry and four aliases");
-    let uploads = uploads::measure(&build::yensid_binary(true), options.upload_bytes)?;
+    let uploads = uploads::measure(&setup.yensid, options.upload_bytes)?;
     let md = uploads.markdown();
     println!("\n{md}");
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join("uploads.md"), md)?;
+    write_section(&setup.out, "uploads", &md, &uploads.json())
+}
+
+/// Writes a section's `<key>.md` and `<key>.json` into `dir`.
+pub fn write_section(dir: &Path, key: &str, md: &str, json: &serde_json::Value) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    std::fs::write(dir.join(format!("{key}.md")), md)?;
     std::fs::write(
-        dir.join("uploads.json"),
-        serde_json::to_string_pretty(&uploads.json())?,
+        dir.join(format!("{key}.json")),
+        serde_json::to_string_pretty(json)? + "\n",
     )?;
     build::progress(&format!(
-        "wrote uploads.md and uploads.json in {}",
+        "wrote {key}.md and {key}.json in {}",
         dir.display()
     ));
     Ok(())
@@ -378,6 +544,7 @@ fn measure(
     };
     let client_ns = testbed.topology.client_ns();
     let targets = running.targets.clone();
+    let wants = |section: &str| figures.iter().any(|f| f.section() == section);
     match measure::background_cpus(BACKGROUND_SAMPLE) {
         Ok(cpus) => notes.push(format!(
             "the machine was busy at {cpus:.2} CPUs with the bench idle, just before the transfers"
@@ -408,34 +575,96 @@ fn measure(
         quiet(&mut notes);
     }
 
-    let banner = measure::banner_latencies(client_ns, &targets, options.connections);
-    for percentile in PERCENTILES {
-        let value = banner
-            .as_ref()
-            .map(|samples| percentile_micros(samples, percentile))
-            .map_err(|e| format!("{e:#}"));
+    if wants("banner") {
+        let banner = measure::banner_latencies(client_ns, &targets, options.connections);
+        for percentile in PERCENTILES {
+            let value = banner
+                .as_ref()
+                .map(|samples| percentile_micros(samples, percentile))
+                .map_err(|e| format!("{e:#}"));
+            sheet.put(
+                Figure::BannerLatency { percentile },
+                Value::from_result(value),
+            );
+        }
+        quiet(&mut notes);
+    }
+
+    if wants("rate") {
+        let cpu_before = running.pid().map(cpu::process_seconds);
+        let rate = measure::connection_rate(
+            client_ns,
+            &targets,
+            options.rate_clients,
+            Duration::from_secs(options.rate_seconds),
+        );
+        let cpu = match (cpu_before, running.pid(), &rate) {
+            (None, _, _) | (_, None, _) => Value::NotApplicable,
+            (Some(Err(e)), _, _) => Value::Failed(format!("{e:#}")),
+            (_, _, Err(e)) => Value::Failed(format!("{e:#}")),
+            (Some(Ok(before)), Some(pid), Ok(rate)) => match cpu::process_seconds(pid) {
+                Ok(after) => Value::Measured((after - before) / rate.completed as f64 * 1e6),
+                Err(e) => Value::Failed(format!("{e:#}")),
+            },
+        };
         sheet.put(
-            Figure::BannerLatency { percentile },
-            Value::from_result(value),
+            Figure::ConnectionRate,
+            Value::from_result(rate.map(|r| r.per_second).map_err(|e| format!("{e:#}"))),
+        );
+        sheet.put(Figure::ConnectionCpu, cpu);
+        quiet(&mut notes);
+    }
+
+    if wants("memory") {
+        let rss = idle_rss(&running, client_ns, &targets, idle, &mut notes);
+        sheet.put(Figure::IdleRss, rss.0);
+        idle_rss_projected = rss.1;
+        quiet(&mut notes);
+    }
+
+    if wants("refusal") {
+        refusal(
+            &mut running,
+            client_ns,
+            options.connections,
+            &mut sheet,
+            &mut notes,
         );
     }
-    quiet(&mut notes);
 
-    let rate = measure::connection_rate(
-        client_ns,
-        &targets,
-        options.rate_clients,
-        Duration::from_secs(options.rate_seconds),
-    );
-    sheet.put(
-        Figure::ConnectionRate,
-        Value::from_result(rate.map_err(|e| format!("{e:#}"))),
-    );
-    quiet(&mut notes);
+    match running.stop() {
+        Ok(stopped) => notes.extend(stopped),
+        Err(e) => notes.push(format!("did not stop cleanly: {e:#}")),
+    }
 
+    if wants("nix") {
+        let builds = nix_builds(contender, testbed, options.nix_builds, &mut notes);
+        sheet.put(
+            Figure::NixBuilds,
+            Value::from_result(builds.map_err(|e| format!("{e:#}"))),
+        );
+    }
+    Results {
+        contender,
+        values: sheet.values,
+        idle_rss_projected,
+        notes,
+    }
+}
+
+/// The middlebox's RSS with the idle sessions open, and the RSS projected
+/// to the requested count when fewer were held.
+fn idle_rss(
+    running: &contender::Running,
+    client_ns: &yensid_tests::Netns,
+    targets: &[std::net::SocketAddr],
+    idle: IdleCount,
+    notes: &mut Vec<String>,
+) -> (Value, Option<f64>) {
+    let mut idle_rss_projected = None;
     let rss = match running.pid() {
         None => Value::NotApplicable,
-        Some(pid) => match measure::idle_memory(client_ns, &targets, idle.held, pid) {
+        Some(pid) => match measure::idle_memory(client_ns, targets, idle.held, pid) {
             Ok(memory) => {
                 let (before, with) = (memory.before_kib, memory.with_sessions_kib);
                 let mut note = format!(
@@ -457,12 +686,20 @@ fn measure(
             Err(e) => Value::Failed(format!("{e:#}")),
         },
     };
-    sheet.put(Figure::IdleRss, rss);
-    quiet(&mut notes);
+    (rss, idle_rss_projected)
+}
 
+/// Refusal latencies, once the contender refuses every new connection.
+fn refusal(
+    running: &mut contender::Running,
+    client_ns: &yensid_tests::Netns,
+    connections: usize,
+    sheet: &mut Sheet,
+    notes: &mut Vec<String>,
+) {
     let refusals = running.refuse().map(|target| {
         target.and_then(|target| {
-            measure::refusal_latencies(client_ns, target, options.connections)
+            measure::refusal_latencies(client_ns, target, connections)
                 .with_context(|| format!("refusals at {target}"))
         })
     });
@@ -476,23 +713,6 @@ fn measure(
     }
     if let Some(Ok(refusals)) = &refusals {
         notes.push(format!("refusals: {}", refusals.describe()));
-    }
-
-    match running.stop() {
-        Ok(stopped) => notes.extend(stopped),
-        Err(e) => notes.push(format!("did not stop cleanly: {e:#}")),
-    }
-
-    let builds = nix_builds(contender, testbed, options.nix_builds, &mut notes);
-    sheet.put(
-        Figure::NixBuilds,
-        Value::from_result(builds.map_err(|e| format!("{e:#}"))),
-    );
-    Results {
-        contender,
-        values: sheet.values,
-        idle_rss_projected,
-        notes,
     }
 }
 
@@ -549,6 +769,36 @@ impl Sheet<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        options: Options,
+    }
+
+    #[test]
+    fn options_parse_and_only_takes_the_sections_by_key() {
+        use clap::{CommandFactory, Parser};
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["bench", "--only", "ssh,handover"]).expect("valid");
+        assert!(cli.options.selected("ssh") && cli.options.selected("handover"));
+        assert!(!cli.options.selected("throughput"));
+        assert!(Cli::try_parse_from(["bench", "--only", "nonsense"]).is_err());
+        let all = Cli::try_parse_from(["bench"]).expect("valid");
+        assert!(SECTIONS.iter().all(|s| all.options.selected(s.key)));
+        assert_eq!(all.options.handover.most_connections(), 9_500);
+    }
+
+    #[test]
+    fn every_figure_belongs_to_a_table_section() {
+        for figure in Figure::all(8) {
+            let section = SECTIONS.iter().find(|s| s.key == figure.section());
+            assert!(
+                matches!(section.map(|s| &s.part), Some(Part::Table)),
+                "{figure:?}"
+            );
+        }
+    }
 
     #[test]
     fn idle_sessions_fit_the_descriptor_limit() {

@@ -41,8 +41,9 @@ pub struct Report {
     nix_builds: usize,
     pub figures: Vec<Figure>,
     pub results: Vec<Results>,
-    /// Reaction times of the kernel path, in their own table.
-    reactions: Reactions,
+    /// Reaction times of the kernel path, in their own table, when
+    /// measured.
+    reactions: Option<Reactions>,
     /// Wall time of the whole run, building included.
     took: Duration,
 }
@@ -53,7 +54,7 @@ impl Report {
         idle: IdleCount,
         figures: Vec<Figure>,
         results: Vec<Results>,
-        reactions: Reactions,
+        reactions: Option<Reactions>,
         took: Duration,
     ) -> Result<Self> {
         Ok(Self {
@@ -130,7 +131,7 @@ impl Report {
             .flat_map(|r| &r.values)
             .filter(|v| matches!(v, Value::Failed(_)))
             .count()
-            + self.reactions.failed()
+            + self.reactions.as_ref().map_or(0, Reactions::failed)
     }
 
     fn baseline_name(&self) -> &'static str {
@@ -175,7 +176,9 @@ impl Report {
             self.baseline_name()
         );
         md += &self.targets_markdown();
-        md += &self.reactions.markdown();
+        if let Some(reactions) = &self.reactions {
+            md += &reactions.markdown();
+        }
         let notes: Vec<String> = self
             .results
             .iter()
@@ -351,7 +354,7 @@ impl Report {
             },
             "contenders": contenders,
             "targets": targets,
-            "reactions": self.reactions.json(),
+            "reactions": self.reactions.as_ref().map(Reactions::json),
         })
     }
 

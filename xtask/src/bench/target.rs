@@ -211,7 +211,7 @@ mod tests {
             Contender::Direct => direct,
             Contender::Haproxy => haproxy,
             Contender::Yensid(Dataplane::Kernel) => kernel,
-            Contender::Yensid(Dataplane::Userspace) => None,
+            _ => None,
         }
     }
 

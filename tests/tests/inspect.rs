@@ -1281,8 +1281,8 @@ fn a_read_group_member_may_look_but_not_change() -> Result<()> {
     );
     let pins = Path::new(maps["pin_path"].as_str().context("no pin_path")?).to_owned();
     expect_shared(&pins, 0o750)?;
-    expect_shared(&pins.join("maps-v4"), 0o750)?;
-    expect_shared(&pins.join("maps-v4/BUILDERS"), 0o640)?;
+    expect_shared(&pins.join("maps-v5"), 0o750)?;
+    expect_shared(&pins.join("maps-v5/BUILDERS"), 0o640)?;
 
     for change in [&["mode", "local"][..], &["drain", "b1"]] {
         let denied = member(&daemon, change);

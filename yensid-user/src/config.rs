@@ -60,6 +60,9 @@ pub struct Daemon {
     /// How long a stop without a successor keeps serving the connections
     /// that are open (none are accepted); zero cuts them at once.
     pub shutdown_grace: Duration,
+    /// `[daemon] local_cgroup`: the cgroup v2 whose processes' connects the
+    /// local path rewrites; `None`: the root cgroup (every process).
+    pub local_cgroup: Option<PathBuf>,
 }
 
 /// `[daemon] shutdown_grace` when absent: a remote build cut by a stop
@@ -164,6 +167,21 @@ pub struct Service {
     /// the host itself uses (127.0.0.1, ::1, a whole address family, the
     /// address of another local listener on the port).
     pub allow_host_addresses: bool,
+    /// How clients on this host reach a builder.
+    pub local_clients: LocalClients,
+}
+
+/// `local_clients` of a service: how clients on the daemon's host reach
+/// the builder.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LocalClients {
+    /// Their connect goes straight to the chosen builder (the kernel
+    /// rewrites it), when the kernel supports it; else through the proxy.
+    #[default]
+    Direct,
+    /// Through the gateway path, like clients on other hosts.
+    Proxy,
 }
 
 impl Service {
@@ -514,6 +532,7 @@ mod raw {
         pub max_handoffs: Option<Spanned<i64>>,
         pub max_handoffs_per_client: Option<Spanned<i64>>,
         pub shutdown_grace: Option<Spanned<String>>,
+        pub local_cgroup: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]
@@ -526,6 +545,7 @@ mod raw {
         pub strategy: Option<super::Strategy>,
         pub policy: Option<Rules>,
         pub allow_host_addresses: Option<bool>,
+        pub local_clients: Option<super::LocalClients>,
     }
 
     #[derive(Deserialize)]
@@ -590,6 +610,7 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
         let handoff = handoff_limits(&mut check, d.as_mut());
         let shutdown_grace =
             shutdown_grace(&mut check, d.as_mut().and_then(|d| d.shutdown_grace.take()));
+        let local_cgroup = local_cgroup(&mut check, d.as_mut().and_then(|d| d.local_cgroup.take()));
         let (pin_path, dataplane, state_dir, runtime_dir, read_group) = match d {
             None => (None, None, None, None, None),
             Some(d) => (
@@ -627,6 +648,7 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             read_group,
             handoff,
             shutdown_grace,
+            local_cgroup,
         }
     };
 
@@ -874,6 +896,7 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             strategy: s.strategy.unwrap_or(Strategy::LeastConnections),
             rules,
             allow_host_addresses: s.allow_host_addresses == Some(true),
+            local_clients: s.local_clients.unwrap_or_default(),
         });
     }
 
@@ -1057,6 +1080,16 @@ fn handoff_limits(check: &mut Checker<'_>, raw: Option<&mut raw::Daemon>) -> Han
         max_handoffs,
         max_handoffs_per_client,
     }
+}
+
+/// `[daemon] local_cgroup`: an absolute path (whether it is a cgroup v2
+/// directory is the kernel's to say when the daemon attaches).
+fn local_cgroup(check: &mut Checker<'_>, value: Option<Spanned<String>>) -> Option<PathBuf> {
+    let value = value?;
+    if !value.get_ref().starts_with('/') {
+        check.report("daemon.local_cgroup", &value, "must be an absolute path");
+    }
+    Some(PathBuf::from(value.into_inner()))
 }
 
 /// `[daemon] shutdown_grace`: like [`duration_field`], except that zero

@@ -437,6 +437,53 @@ pub fn render(status: &Status) -> String {
         "TCP segments retransmitted to the builder.",
         by_builder(&|b| b.retransmits.to_string()),
     );
+    // The local path: clients on this host connected straight to the builder.
+    family(
+        "yensid_local_connections",
+        "gauge",
+        "Local clients connected straight to the builder now (no proxy).",
+        by_builder(&|b| b.local.open.to_string()),
+    );
+    family(
+        "yensid_local_connections_total",
+        "counter",
+        "Local connects the kernel sent straight to the builder.",
+        by_builder(&|b| b.local.connections.to_string()),
+    );
+    family(
+        "yensid_local_failed_connects_total",
+        "counter",
+        "Local connects to the builder that failed (refused, timed out).",
+        by_builder(&|b| b.local.failed_connects.to_string()),
+    );
+    family(
+        "yensid_local_bytes_total",
+        "counter",
+        "Bytes of closed local connections, by direction.",
+        status
+            .builders
+            .iter()
+            .flat_map(|b| {
+                [
+                    ("to_builder", b.local.bytes_to_builder),
+                    ("from_builder", b.local.bytes_from_builder),
+                ]
+                .into_iter()
+                .map(move |(direction, n)| {
+                    (
+                        format!("{{builder=\"{}\",direction=\"{direction}\"}}", b.name),
+                        n.to_string(),
+                    )
+                })
+            })
+            .collect(),
+    );
+    family(
+        "yensid_local_retransmits_total",
+        "counter",
+        "TCP segments retransmitted on closed local connections to the builder.",
+        by_builder(&|b| b.local.retransmits.to_string()),
+    );
     family(
         "yensid_rtt_samples_total",
         "counter",
@@ -509,6 +556,7 @@ mod tests {
                 refused_mode_local: Some(3),
                 refused_no_builder: Some(0),
                 local_delivery: Vec::new(),
+                local_clients: "direct".into(),
             }],
             builders: vec![BuilderStatus {
                 name: "b1".into(),
@@ -531,6 +579,11 @@ mod tests {
                 retransmits: 4,
                 egress: None,
                 connect_seconds: connect,
+                local: crate::operate::status::LocalBuilderStatus {
+                    open: 2,
+                    connections: 11,
+                    ..Default::default()
+                },
             }],
         }
     }
@@ -554,6 +607,8 @@ mod tests {
             "yensid_connect_seconds_count{builder=\"b1\"} 2",
             "yensid_kernel_rtt_seconds{builder=\"b1\"} 0.0005",
             "yensid_retransmits_total{builder=\"b1\"} 4",
+            "yensid_local_connections{builder=\"b1\"} 2",
+            "yensid_local_connections_total{builder=\"b1\"} 11",
             "yensid_rtt_samples_total{builder=\"b1\"} 9",
             "yensid_handoffs 0",
         ] {
@@ -563,7 +618,8 @@ mod tests {
             );
         }
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
-        assert_eq!(families, 18);
+        // 18, and 5 of the local path.
+        assert_eq!(families, 23);
     }
 
     #[test]

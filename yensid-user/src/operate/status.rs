@@ -75,6 +75,10 @@ pub struct ServiceStatus {
     /// `kernel::local_route`), in `listen` order.
     #[serde(default)]
     pub local_delivery: Vec<PrefixDelivery>,
+    /// Which path the next connection of a client on this host takes
+    /// (`direct: ...` or `proxy: why`).
+    #[serde(default)]
+    pub local_clients: String,
 }
 
 /// How one claimed prefix reaches the host's stack.
@@ -133,6 +137,27 @@ pub struct BuilderStatus {
     /// From upstream connect to the builder's identification line.
     #[serde(default)]
     pub connect_seconds: Histogram,
+    /// The local path's connections to the builder (no proxy), as the
+    /// kernel counts them; `active` includes its open ones.
+    #[serde(default)]
+    pub local: LocalBuilderStatus,
+}
+
+/// What the kernel counted on the local path for one builder.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LocalBuilderStatus {
+    /// Local connections open now.
+    pub open: u64,
+    /// Local connects sent to the builder.
+    pub connections: u64,
+    /// Of those, connects that failed (refused, timed out).
+    pub failed_connects: u64,
+    /// Bytes of closed local connections, each way.
+    pub bytes_to_builder: u64,
+    pub bytes_from_builder: u64,
+    pub retransmits: u64,
+    /// TCP's smoothed RTT at the latest local handshake or close.
+    pub rtt_ms: Option<f64>,
 }
 
 /// Tables for humans.

@@ -266,8 +266,8 @@ pub struct DaemonConfig {
 pub struct LocalPathConfig {
     /// A cgroup of the test's own (`cgroup::TestCgroup`), never the root cgroup.
     pub cgroup: PathBuf,
-    /// `local_clients = "direct"` (true) or `"proxy"` in every service.
-    pub direct: bool,
+    /// The services with `local_clients = "proxy"`; the others go direct.
+    pub proxied: Vec<String>,
 }
 
 impl DaemonConfig {
@@ -360,10 +360,7 @@ impl DaemonConfig {
                 quote(&local.cgroup.display().to_string())
             );
         }
-        let local_clients = match &self.local_path {
-            Some(LocalPathConfig { direct: true, .. }) => "direct",
-            _ => "proxy",
-        };
+
         for service in &self.services {
             let _ = writeln!(w, "\n[[service]]");
             let _ = writeln!(w, "name = {}", quote(&service.name));
@@ -373,6 +370,11 @@ impl DaemonConfig {
                 let _ = writeln!(w, "builders = {}", list(builders));
             }
             let _ = writeln!(w, "strategy = {}", quote(service.strategy.as_str()));
+            let direct = self
+                .local_path
+                .as_ref()
+                .is_some_and(|l| !l.proxied.contains(&service.name));
+            let local_clients = if direct { "direct" } else { "proxy" };
             let _ = writeln!(w, "local_clients = {}", quote(local_clients));
             if let Some(rules) = &service.policy {
                 let _ = writeln!(w, "policy = {}", inline_table(&rules.pairs()));

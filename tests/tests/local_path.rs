@@ -43,20 +43,20 @@ local_tests!(
     priority_fills_in_list_order,
     a_drained_builder_gets_no_local_connection,
     a_dead_builder_costs_at_most_one_failed_connect,
+    source_affinity_keeps_this_host_on_one_builder,
+    mode_changes_apply_to_local_clients,
+    both_paths_at_once_share_one_count_per_builder,
+    local_clients_proxy_takes_the_gateway_path,
+    an_unattachable_cgroup_falls_back_to_the_proxy,
 );
 
-/// The topology's config with the local path on for every service (or, with
-/// `direct == false`, configured but off).
-fn local_config(
-    topology: &Topology,
-    cgroup: &TestCgroup,
-    strategy: Strategy,
-    direct: bool,
-) -> DaemonConfig {
+/// The topology's config with the local path on for every service, attached to the
+/// test's cgroup.
+fn local_config(topology: &Topology, cgroup: &TestCgroup, strategy: Strategy) -> DaemonConfig {
     let mut config = DaemonConfig::for_topology(topology, Dataplane::Kernel, strategy);
     config.local_path = Some(LocalPathConfig {
         cgroup: cgroup.path().to_owned(),
-        direct,
+        proxied: Vec::new(),
     });
     config
 }
@@ -113,7 +113,7 @@ mod super_test {
         cgroup: &TestCgroup,
     ) -> Result<()> {
         let topology = Topology::new(2)?;
-        let config = local_config(&topology, cgroup, Strategy::LeastConnections, true);
+        let config = local_config(&topology, cgroup, Strategy::LeastConnections);
         let daemon = Daemon::start(topology.client_ns(), &config)?;
         let status = daemon.status()?;
         let path = status
@@ -174,7 +174,7 @@ mod super_test {
     /// Mode local: the connect is left to the gateway path, which refuses it with RST.
     pub fn refusal_is_econnrefused(cgroup: &TestCgroup) -> Result<()> {
         let topology = Topology::new(1)?;
-        let mut config = local_config(&topology, cgroup, Strategy::LeastConnections, true);
+        let mut config = local_config(&topology, cgroup, Strategy::LeastConnections);
         config.policy_mode = Some(PolicyMode::Local);
         let daemon = Daemon::start(topology.client_ns(), &config)?;
         let attempt = topology.raw_client().connect(service());
@@ -193,7 +193,7 @@ mod super_test {
     /// 1,000 sequential local connections: every one is counted and every one released.
     pub fn counts_return_to_zero_after_a_thousand_connections(cgroup: &TestCgroup) -> Result<()> {
         let topology = Topology::new(2)?;
-        let config = local_config(&topology, cgroup, Strategy::LeastConnections, true);
+        let config = local_config(&topology, cgroup, Strategy::LeastConnections);
         let daemon = Daemon::start(topology.client_ns(), &config)?;
         let served = topology.raw_client().banners(service(), 1000)?;
         ensure!(served.len() == 1000, "{} connections served", served.len());
@@ -209,7 +209,7 @@ mod super_test {
     /// Round-robin on the local path alternates strictly, like on the gateway path.
     pub fn round_robin_alternates_without_the_proxy(cgroup: &TestCgroup) -> Result<()> {
         let topology = Topology::new(2)?;
-        let config = local_config(&topology, cgroup, Strategy::RoundRobin, true);
+        let config = local_config(&topology, cgroup, Strategy::RoundRobin);
         let daemon = Daemon::start(topology.client_ns(), &config)?;
         let served = topology.raw_client().banners(service(), 20)?;
         ensure!(
@@ -231,7 +231,7 @@ mod super_test {
         cgroup: &TestCgroup,
     ) -> Result<()> {
         let topology = Topology::new(2)?;
-        let mut config = local_config(&topology, cgroup, Strategy::LeastConnections, true);
+        let mut config = local_config(&topology, cgroup, Strategy::LeastConnections);
         config.builder_mut("b1").max_connections = Some(2);
         config.builder_mut("b2").max_connections = Some(2);
         let daemon = Daemon::start(topology.client_ns(), &config)?;
@@ -267,7 +267,7 @@ mod super_test {
     /// Priority fills the first builder up to its limit, then spills.
     pub fn priority_fills_in_list_order(cgroup: &TestCgroup) -> Result<()> {
         let topology = Topology::new(2)?;
-        let mut config = local_config(&topology, cgroup, Strategy::Priority, true);
+        let mut config = local_config(&topology, cgroup, Strategy::Priority);
         config.builder_mut("b1").max_connections = Some(2);
         let daemon = Daemon::start(topology.client_ns(), &config)?;
         let raw = topology.raw_client();
@@ -284,7 +284,7 @@ mod super_test {
     /// A drained builder gets no new local connection.
     pub fn a_drained_builder_gets_no_local_connection(cgroup: &TestCgroup) -> Result<()> {
         let topology = Topology::new(2)?;
-        let config = local_config(&topology, cgroup, Strategy::RoundRobin, true);
+        let config = local_config(&topology, cgroup, Strategy::RoundRobin);
         let daemon = Daemon::start(topology.client_ns(), &config)?;
         daemon.cli(&["drain", "b1"])?;
         let served = topology.raw_client().banners(service(), 10)?;
@@ -305,7 +305,7 @@ mod super_test {
     /// connect goes to b2, and the daemon marks b1 unhealthy.
     pub fn a_dead_builder_costs_at_most_one_failed_connect(cgroup: &TestCgroup) -> Result<()> {
         let topology = Topology::new(2)?;
-        let config = local_config(&topology, cgroup, Strategy::RoundRobin, true);
+        let config = local_config(&topology, cgroup, Strategy::RoundRobin);
         let daemon = Daemon::start(topology.client_ns(), &config)?;
         let since = SystemTime::now();
         topology.builder("b1").sshd().kill()?;
@@ -341,6 +341,172 @@ mod super_test {
             "b1 is {}",
             status.builder_state("b1")?
         );
+        Ok(())
+    }
+
+    /// Source-affinity: every local client is this host, so all of them go to one
+    /// builder.
+    pub fn source_affinity_keeps_this_host_on_one_builder(cgroup: &TestCgroup) -> Result<()> {
+        let topology = Topology::new(3)?;
+        let config = local_config(&topology, cgroup, Strategy::SourceAffinity);
+        let daemon = Daemon::start(topology.client_ns(), &config)?;
+        let served = topology.raw_client().banners(service(), 12)?;
+        ensure!(
+            served.windows(2).all(|pair| pair[0] == pair[1]),
+            "source-affinity spread one host over {served:?}"
+        );
+        let status = daemon.status()?;
+        ensure!(
+            local_total(&status, "connections")? == 12,
+            "not all went direct"
+        );
+        Ok(())
+    }
+
+    /// `yensid mode local` refuses local clients too (ECONNREFUSED); `mode auto`
+    /// sends them straight to a builder again.
+    pub fn mode_changes_apply_to_local_clients(cgroup: &TestCgroup) -> Result<()> {
+        let topology = Topology::new(1)?;
+        let config = local_config(&topology, cgroup, Strategy::LeastConnections);
+        let daemon = Daemon::start(topology.client_ns(), &config)?;
+        let raw = topology.raw_client();
+        ensure!(raw.banner(service())? == "b1", "before the change");
+        daemon.cli(&["mode", "local"])?;
+        let attempt = raw.connect(service());
+        ensure!(
+            matches!(attempt, ConnectAttempt::Refused),
+            "mode local: {attempt:?}, expected ECONNREFUSED"
+        );
+        daemon.cli(&["mode", "auto"])?;
+        ensure!(raw.banner(service())? == "b1", "after mode auto");
+        let status = daemon.status()?;
+        ensure!(
+            local_total(&status, "connections")? == 2,
+            "the served ones went direct"
+        );
+        Ok(())
+    }
+
+    /// Two services over the same builders, one for direct local clients and one
+    /// through the gateway path (`local_clients = "proxy"`): least-connections and
+    /// `max_connections` see one count per builder, whichever path holds it.
+    pub fn both_paths_at_once_share_one_count_per_builder(cgroup: &TestCgroup) -> Result<()> {
+        let topology = Topology::new(2)?;
+        let mut config = local_config(&topology, cgroup, Strategy::LeastConnections);
+        config.builder_mut("b1").max_connections = Some(1);
+        config.builder_mut("b2").max_connections = Some(1);
+        let mut proxied = config.service_mut().clone();
+        proxied.name = "proxied".to_owned();
+        proxied.listen = vec!["127.0.0.23/32".to_owned()];
+        config.services.push(proxied);
+        if let Some(local) = &mut config.local_path {
+            local.proxied.push("proxied".to_owned());
+        }
+        let gateway: SocketAddr = "127.0.0.23:22".parse()?;
+        let daemon = Daemon::start(topology.client_ns(), &config)?;
+        let raw = topology.raw_client();
+
+        let direct = raw.open_ssh(service())?;
+        let through = raw.open_ssh(gateway)?;
+        ensure!(
+            direct.served_by() != through.served_by(),
+            "both went to {} although the other builder was idle",
+            direct.served_by()
+        );
+        let status = daemon.wait_for_status("one connection per builder", WAIT, |s| {
+            Ok(s.active("b1")? == 1 && s.active("b2")? == 1)
+        })?;
+        ensure!(
+            local(&status, direct.served_by(), "open")? == 1
+                && local(&status, through.served_by(), "open")? == 0,
+            "the direct connection is not the local one: {}",
+            status.json()
+        );
+        for target in [service(), gateway] {
+            let attempt = raw.connect(target);
+            ensure!(
+                matches!(attempt, ConnectAttempt::Refused),
+                "every builder full, {target}: {attempt:?}, expected ECONNREFUSED"
+            );
+        }
+        let freed = direct.served_by().to_owned();
+        drop(direct);
+        daemon.wait_for_status("the local connection released", WAIT, |s| {
+            Ok(s.active(&freed)? == 0)
+        })?;
+        let next = raw.open_ssh(gateway)?;
+        ensure!(
+            next.served_by() == freed,
+            "the gateway path sent the next client to {} instead of {freed}",
+            next.served_by()
+        );
+        drop((through, next));
+        Ok(())
+    }
+
+    /// `local_clients = "proxy"`: local clients go through the daemon as before.
+    pub fn local_clients_proxy_takes_the_gateway_path(cgroup: &TestCgroup) -> Result<()> {
+        let topology = Topology::new(1)?;
+        let mut config = local_config(&topology, cgroup, Strategy::LeastConnections);
+        if let Some(local) = &mut config.local_path {
+            local.proxied.push("ssh".to_owned());
+        }
+        let daemon = Daemon::start(topology.client_ns(), &config)?;
+        ensure!(
+            topology.raw_client().banner(service())? == "b1",
+            "not served"
+        );
+        let status = daemon.wait_for_status("the proxied connection counted", WAIT, |s| {
+            Ok(number(s, "/builders/0/connections")? == 1)
+        })?;
+        ensure!(
+            local_total(&status, "connections")? == 0,
+            "a connection went direct"
+        );
+        let explained = daemon.cli(&["explain"])?;
+        ensure!(
+            explained.contains("next local connection (a client on this host): proxy"),
+            "explain said:\n{explained}"
+        );
+        daemon.expect_data_path(Dataplane::Kernel)?;
+        Ok(())
+    }
+
+    /// A `local_cgroup` the programs cannot attach to: said once in the log, status
+    /// says why, and local clients go through the proxy.
+    pub fn an_unattachable_cgroup_falls_back_to_the_proxy(cgroup: &TestCgroup) -> Result<()> {
+        let topology = Topology::new(1)?;
+        let mut config = local_config(&topology, cgroup, Strategy::LeastConnections);
+        let missing = cgroup.path().join("no-such-cgroup");
+        if let Some(local) = &mut config.local_path {
+            local.cgroup = missing.clone();
+        }
+        let daemon = Daemon::start(topology.client_ns(), &config)?;
+        let since = SystemTime::UNIX_EPOCH;
+        daemon.wait_for_log(&["LOCAL PATH UNAVAILABLE", "no-such-cgroup"], since, WAIT)?;
+        let status = daemon.status()?;
+        let path = status
+            .json()
+            .pointer("/services/0/local_clients")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        ensure!(
+            path.starts_with("proxy: the local path is unavailable")
+                && path.contains("no-such-cgroup"),
+            "status says {path:?}"
+        );
+        ensure!(
+            topology.raw_client().banner(service())? == "b1",
+            "not served"
+        );
+        daemon.expect_data_path(Dataplane::Kernel)?;
+        let unavailable = daemon
+            .log_since(since)
+            .into_iter()
+            .filter(|l| l.contains_all(&["LOCAL PATH UNAVAILABLE"]))
+            .count();
+        ensure!(unavailable == 1, "said {unavailable} times");
         Ok(())
     }
 }

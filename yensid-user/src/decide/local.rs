@@ -25,6 +25,9 @@ pub struct LocalPath {
     /// Why local clients go through the proxy although a service asks
     /// for direct (the programs could not be loaded or attached).
     pub unavailable: Option<String>,
+    /// The cgroup that attempt was for: a reload naming another one tries
+    /// again.
+    tried: Option<PathBuf>,
     /// Per builder, the kernel's count of failed local connects that the
     /// daemon has acted on (`LocalBuilder::failures_seen`).
     pub failures_seen: HashMap<String, u64>,
@@ -92,15 +95,18 @@ pub fn sync(
     services: &[(u32, LocalClients)],
 ) {
     let wanted = services.iter().any(|(_, c)| *c == LocalClients::Direct);
+    let cgroup = match &config.daemon.local_cgroup {
+        Some(c) => Ok(c.clone()),
+        None => root_cgroup(),
+    };
     let attach = {
         let inner = registry.inner();
-        wanted && inner.local.cgroup.is_none() && inner.local.unavailable.is_none()
+        wanted
+            && inner.local.cgroup.is_none()
+            && (inner.local.tried.is_none() || inner.local.tried.as_ref() != cgroup.as_ref().ok())
     };
     if attach {
-        let cgroup = match &config.daemon.local_cgroup {
-            Some(c) => Ok(c.clone()),
-            None => root_cgroup(),
-        };
+        let tried = cgroup.as_ref().ok().cloned();
         let attached = cgroup
             .map_err(|e| format!("cannot find the root cgroup (v2): {e}"))
             .and_then(|c| {
@@ -110,8 +116,12 @@ pub fn sync(
                     .map_err(|e| crate::error_chain(&e))
             });
         let mut inner = registry.inner();
+        inner.local.tried = tried;
         match attached {
-            Ok(c) => inner.local.cgroup = Some(c),
+            Ok(c) => {
+                inner.local.cgroup = Some(c);
+                inner.local.unavailable = None;
+            }
             Err(why) => {
                 error!(error = %why, "LOCAL PATH UNAVAILABLE: local clients go through the proxy");
                 inner.local.unavailable = Some(why);

@@ -160,7 +160,7 @@ impl Kernel {
     }
 }
 
-/// Loads one program, attaches it to the cgroup through a BPF link
+/// Loads one program (unless an earlier attempt did), attaches it to the cgroup through a BPF link
 /// (links stack with other programs on the cgroup) and pins the link,
 /// replacing the pin of a daemon that did not stop cleanly (its program
 /// stays attached until then, so no instant goes unhandled).
@@ -174,7 +174,9 @@ fn attach_one(
     let link: FdLink = match name {
         "account" => {
             let p: &mut SockOps = program(ebpf, name)?;
-            p.load().map_err(err)?;
+            if p.fd().is_err() {
+                p.load().map_err(err)?;
+            }
             let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
             p.take_link(id)
                 .map_err(err)?
@@ -183,7 +185,9 @@ fn attach_one(
         }
         "release" => {
             let p: &mut CgroupSock = program(ebpf, name)?;
-            p.load().map_err(err)?;
+            if p.fd().is_err() {
+                p.load().map_err(err)?;
+            }
             let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
             p.take_link(id)
                 .map_err(err)?
@@ -192,7 +196,9 @@ fn attach_one(
         }
         _ => {
             let p: &mut CgroupSockAddr = program(ebpf, name)?;
-            p.load().map_err(err)?;
+            if p.fd().is_err() {
+                p.load().map_err(err)?;
+            }
             let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
             p.take_link(id)
                 .map_err(err)?

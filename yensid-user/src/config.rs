@@ -1844,3 +1844,49 @@ mode = "local"
         assert!(p("::ffff:127.0.0.0/104").overlaps(&p("127.0.0.22")));
     }
 }
+
+#[cfg(test)]
+mod local_path_tests {
+    use super::*;
+
+    const SERVICE: &str = "[[service]]\nname = \"s\"\nlisten = [\"127.0.0.22/32\"]\n";
+    const BUILDER: &str = "[builders.b1]\naddress = \"198.18.1.2:22\"\n";
+
+    #[test]
+    fn local_clients_default_to_direct_and_the_cgroup_to_the_root() {
+        let c = Config::parse(&format!("{SERVICE}{BUILDER}")).unwrap();
+        assert_eq!(c.services[0].local_clients, LocalClients::Direct);
+        assert_eq!(c.daemon.local_cgroup, None);
+        let c = Config::parse(&format!(
+            "[daemon]\nlocal_cgroup = \"/sys/fs/cgroup/nix\"\n{SERVICE}local_clients = \"proxy\"\n{BUILDER}"
+        ))
+        .unwrap();
+        assert_eq!(c.services[0].local_clients, LocalClients::Proxy);
+        assert_eq!(
+            c.daemon.local_cgroup,
+            Some(PathBuf::from("/sys/fs/cgroup/nix"))
+        );
+    }
+
+    #[test]
+    fn bad_local_settings_name_their_key() {
+        let p = Config::parse(&format!(
+            "[daemon]\nlocal_cgroup = \"nix\"\n{SERVICE}{BUILDER}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            p.contains("daemon.local_cgroup") && p.contains("absolute"),
+            "{p}"
+        );
+        let p = Config::parse(&format!(
+            "{SERVICE}local_clients = \"sometimes\"\n{BUILDER}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            p.contains("local_clients") || p.contains("sometimes"),
+            "{p}"
+        );
+    }
+}

@@ -23,6 +23,7 @@ mod contender;
 mod cpu;
 mod figure;
 mod haproxy;
+mod local;
 mod measure;
 mod nix;
 mod protocol;
@@ -97,6 +98,10 @@ pub struct Options {
     /// aliases) and write uploads.md and uploads.json.
     #[arg(long)]
     only_uploads: bool,
+    /// Measure only the local path against direct (issue 13) and write
+    /// local.md.
+    #[arg(long)]
+    only_local: bool,
     /// Where latest.md, latest.json and latest.png go (relative to the
     /// workspace root).
     #[arg(long, default_value = "bench/results")]
@@ -146,6 +151,15 @@ pub fn run(options: &Options) -> Result<()> {
         build::ensure_packages(&for_nix)?;
         return measure_uploads(options, &dir);
     }
+    if options.only_local {
+        build::ensure_packages(&for_nix)?;
+        let testbed = Testbed::new(build::yensid_binary(true))?;
+        let md = local::measure(&testbed, options)?;
+        println!("\n{md}");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("local.md"), md)?;
+        return Ok(());
+    }
     build::ensure_packages(&[
         (haproxy::HAPROXY, "haproxy"),
         (chart::FONT, "fonts-dejavu-core"),
@@ -165,6 +179,8 @@ pub fn run(options: &Options) -> Result<()> {
         .map(|&contender| measure(contender, &testbed, options, &figures, idle))
         .collect();
     let reactions = reaction::measure(&testbed.yensid, &testbed.topology, options.reaction_trials);
+    // The local path (issue 13), against direct, in the same run.
+    let local = local::measure(&testbed, options);
     drop(testbed);
     let report = Report::new(
         options,
@@ -182,6 +198,13 @@ pub fn run(options: &Options) -> Result<()> {
         "wrote latest.md, latest.json and latest.png in {}",
         dir.display()
     ));
+    match local {
+        Ok(md) => {
+            println!("\n{md}");
+            std::fs::write(dir.join("local.md"), md)?;
+        }
+        Err(e) => eprintln!("the local path could not be measured: {e:#}"),
+    }
     measure_uploads(options, &dir)?;
     let failed = report.failed_figures();
     ensure!(

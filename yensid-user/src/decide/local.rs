@@ -216,3 +216,67 @@ pub fn poll(registry: &Registry) {
         registry.changed();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The connect programs write these words into the socket address as they
+    /// are: network byte order, as `sin_addr`, `sin6_addr` and `sin_port` hold them.
+    #[test]
+    fn builder_addresses_are_in_the_socket_address_byte_order() {
+        let v4 = local_builder(Some("198.18.1.2".parse().unwrap()), "b1.example:2222", 3);
+        assert_eq!(v4.family, 4);
+        assert_eq!(v4.ip4.to_ne_bytes(), [198, 18, 1, 2]);
+        assert_eq!((v4.port as u16).to_ne_bytes(), 2222u16.to_be_bytes());
+        assert_eq!(v4.ip6[2].to_ne_bytes(), [0, 0, 0xff, 0xff]);
+        assert_eq!(v4.ip6[3].to_ne_bytes(), [198, 18, 1, 2]);
+        assert_eq!(v4.failures_seen, 3);
+
+        let v6 = local_builder(
+            Some("2001:2:0:1::2".parse().unwrap()),
+            "[2001:2:0:1::2]:22",
+            0,
+        );
+        assert_eq!(v6.family, 6);
+        assert_eq!(v6.ip6[0].to_ne_bytes(), [0x20, 0x01, 0, 2]);
+        assert_eq!(v6.ip6[3].to_ne_bytes(), [0, 0, 0, 2]);
+
+        let mapped = local_builder(Some("::ffff:198.18.1.2".parse().unwrap()), "x:22", 0);
+        assert_eq!(
+            mapped.family, 4,
+            "an IPv4-mapped address is an IPv4 builder"
+        );
+    }
+
+    /// A host name not resolved yet (or an address without a port) gives family 0:
+    /// the kernel leaves such connects to the gateway path. The failure count the
+    /// daemon acted on is kept either way.
+    #[test]
+    fn an_unknown_address_leaves_connects_untouched() {
+        let unresolved = local_builder(None, "builder.example:22", 7);
+        assert_eq!(unresolved.family, 0);
+        assert_eq!(unresolved.failures_seen, 7);
+        assert_eq!(
+            local_builder(Some("198.18.1.2".parse().unwrap()), "198.18.1.2", 0).family,
+            0
+        );
+    }
+
+    #[test]
+    fn the_path_in_words_says_why_it_is_the_proxy() {
+        let mut local = LocalPath::default();
+        assert_eq!(
+            path_of(&local, LocalClients::Direct),
+            "proxy: BPF is unavailable"
+        );
+        local.unavailable = Some("no such cgroup".into());
+        assert_eq!(
+            path_of(&local, LocalClients::Direct),
+            "proxy: the local path is unavailable: no such cgroup"
+        );
+        local.cgroup = Some("/sys/fs/cgroup".into());
+        assert!(path_of(&local, LocalClients::Direct).starts_with("direct"));
+        assert!(path_of(&local, LocalClients::Proxy).starts_with("proxy (local_clients"));
+    }
+}

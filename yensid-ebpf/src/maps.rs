@@ -282,11 +282,12 @@ pub struct LocalSocket {
     /// 0: connect rewritten; 1: SYN sent (the state callback counts the
     /// close), set by the sock_ops program.
     pub phase: u32,
-    /// The service address the application connected to, as it gave it
-    /// (`user_port`, `user_ip4` or `user_ip6`): what getpeername reports.
+    /// The service port the application connected to, as `user_port`
+    /// held it: what getpeername reports.
     pub port: u32,
-    pub ip4: u32,
-    pub ip6: [u32; 4],
+    /// The service address, as the words of `user_ip6` (IPv4-mapped for an
+    /// IPv4 socket, whose `user_ip4` is the last word).
+    pub addr: [u32; 4],
 }
 
 // SAFETY: plain `#[repr(C)]` structs of integers without padding holes.

@@ -256,7 +256,30 @@ pub fn render(status: &Status) -> String {
             );
         }
     }
+    render_local(&mut out, status);
     out
+}
+
+/// The local path: each service's, and what it carried per builder.
+fn render_local(out: &mut String, status: &Status) {
+    for s in &status.services {
+        let _ = writeln!(out, "{}: local clients: {}", s.name, s.local_clients);
+    }
+    for b in status.builders.iter().filter(|b| b.local.connections > 0) {
+        let l = &b.local;
+        let _ = writeln!(
+            out,
+            "{}: local path: {} open, {} connection(s), {} failed connect(s), {}/{} to/from, {} retransmits, RTT {}",
+            b.name,
+            l.open,
+            l.connections,
+            l.failed_connects,
+            human_bytes(l.bytes_to_builder),
+            human_bytes(l.bytes_from_builder),
+            l.retransmits,
+            l.rtt_ms.map_or("-".into(), |r| format!("{r:.1}ms")),
+        );
+    }
 }
 
 /// What the pinned maps say while no daemon runs: the kernel's counters go

@@ -18,7 +18,10 @@
 //! The daemon's own connections go to the builders' real addresses, which
 //! the configuration forbids inside a claimed prefix: they never match.
 
-use core::ptr::{read_volatile, write_volatile};
+use core::{
+    mem::MaybeUninit,
+    ptr::{read_volatile, write_volatile},
+};
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, bpf_sock_addr},
@@ -28,17 +31,15 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use yensid_ebpf::{
-    maps::{
-        BINDING_KEY_LEN, LocalBuilder, LocalSocket, MAX_BACKENDS, binding_key, strategy, v4_mapped,
-    },
-    select::{Draw, choose},
+    maps::{AFFINITY_SLOTS, BINDING_KEY_LEN, LocalBuilder, LocalSocket, MAX_BACKENDS, strategy},
+    select::{Draw, choose, client_hash},
 };
 
 use super::{
     atomic,
     dispatch::{
-        BINDINGS, SERVICE_BACKENDS, SERVICE_COUNTERS, SERVICES, affinity_choice, candidate, count,
-        gather, local_override, words_to_bytes,
+        BINDINGS, SERVICE_BACKENDS, SERVICE_COUNTERS, SERVICES, affinity_at, candidate, count,
+        gather, local_override,
     },
     local::{
         LOCAL_BUILDERS, LOCAL_NETNS, LOCAL_SCRATCH, LOCAL_SERVICES, LOCAL_SOCKETS, LOCAL_STATS,
@@ -64,14 +65,17 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     if protocol != IPPROTO_TCP {
         return ALLOW;
     }
+    // IPv4-mapped, as the binding key has it. Built word by word: a zeroed
+    // array would become a memset call, whose variable stack offsets the
+    // verifier refuses to a loader without CAP_PERFMON.
+    let mapped = [0, 0, V4_MAPPED_WORD, ip4];
     let asked = LocalSocket {
         builder: 0,
         phase: 0,
         port,
-        ip4,
-        ip6: [0; 4],
+        addr: mapped,
     };
-    if let Some(builder) = steer(&ctx, &v4_mapped(ip4.to_ne_bytes()), asked, false) {
+    if let Some(builder) = steer(&ctx, asked, false) {
         // SAFETY: constant-offset stores to the writable destination.
         unsafe {
             write_volatile(&raw mut (*sa).user_ip4, builder.ip4);
@@ -99,10 +103,9 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         builder: 0,
         phase: 0,
         port,
-        ip4: 0,
-        ip6,
+        addr: ip6,
     };
-    if let Some(builder) = steer(&ctx, &words_to_bytes(ip6), asked, true) {
+    if let Some(builder) = steer(&ctx, asked, true) {
         // SAFETY: constant-offset stores to the writable destination.
         unsafe {
             write_volatile(&raw mut (*sa).user_ip6[0], builder.ip6[0]);
@@ -113,6 +116,32 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         }
     }
     ALLOW
+}
+
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`).
+const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The binding trie's key (`maps::binding_key`) for a destination as the
+/// socket address holds it: `user_port`'s word is the port in network
+/// byte order followed by two zero bytes, and the address words follow.
+/// Written word by word with volatile stores: the byte-wise key with its
+/// zero runs compiles to a memset call, whose variable stack offsets the
+/// verifier refuses to a loader without CAP_PERFMON (the shipped unit).
+#[inline(always)]
+fn binding_key(port: u32, addr: [u32; 4]) -> MaybeUninit<Key<[u8; BINDING_KEY_LEN]>> {
+    let mut key = MaybeUninit::<Key<[u8; BINDING_KEY_LEN]>>::uninit();
+    let words = key.as_mut_ptr().cast::<u32>();
+    // SAFETY: `Key` is `#[repr(C)]` {u32 prefix_len, [u8; 20] data}: six
+    // aligned words, each written once.
+    unsafe {
+        write_volatile(words, BINDING_KEY_LEN as u32 * 8);
+        write_volatile(words.add(1), port & 0xffff);
+        write_volatile(words.add(2), addr[0]);
+        write_volatile(words.add(3), addr[1]);
+        write_volatile(words.add(4), addr[2]);
+        write_volatile(words.add(5), addr[3]);
+    }
+    key
 }
 
 /// # Safety
@@ -130,23 +159,18 @@ unsafe fn read_ip6(sa: *mut bpf_sock_addr) -> [u32; 4] {
     }
 }
 
-/// The builder a connect to `dest` (16 bytes, IPv4-mapped for IPv4) goes
-/// to, already counted for it, or `None` to leave the connect untouched.
+/// The builder a connect to `asked`'s address goes to, already counted for
+/// it, or `None` to leave the connect untouched.
 #[inline(always)]
-fn steer(
-    ctx: &SockAddrContext,
-    dest: &[u8; 16],
-    mut asked: LocalSocket,
-    v6_socket: bool,
-) -> Option<LocalBuilder> {
+fn steer(ctx: &SockAddrContext, mut asked: LocalSocket, v6_socket: bool) -> Option<LocalBuilder> {
     let netns = *LOCAL_NETNS.get(0)?;
     // SAFETY: the helper only reads the context's socket.
     if netns == 0 || netns != unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) } {
         return None;
     }
-    let port = u16::from_be(asked.port as u16);
-    let key = Key::new(BINDING_KEY_LEN as u32 * 8, binding_key(port, dest));
-    let service = *BINDINGS.get(&key)?;
+    let key = binding_key(asked.port, asked.addr);
+    // SAFETY: every word of the key was written.
+    let service = *BINDINGS.get(unsafe { key.assume_init_ref() })?;
     if LOCAL_SERVICES.get(service).copied() != Some(1) {
         return None;
     }
@@ -158,9 +182,14 @@ fn steer(
     let counters = SERVICE_COUNTERS.get_ptr_mut(service)?;
     // SAFETY: array value memory; the sequence only changes atomically.
     let sequence = count(unsafe { &raw mut (*counters).sequence });
-    // Every local client is this host: one affinity slot for all of them.
+    // Every local client is this host: one affinity slot for all of them
+    // (the unspecified address's).
     let affinity = if state.strategy == strategy::SOURCE_AFFINITY {
-        affinity_choice(service, state.backends, &[0; 16])
+        affinity_at(
+            service,
+            state.backends,
+            client_hash([0; 4]) % AFFINITY_SLOTS,
+        )
     } else {
         None
     };
@@ -184,7 +213,7 @@ fn steer(
         return None;
     }
     let builder = *LOCAL_BUILDERS.get(backend.builder)?;
-    let mapped = dest[10] == 0xff && dest[11] == 0xff && dest[..10].iter().all(|&b| b == 0);
+    let mapped = asked.addr[0] == 0 && asked.addr[1] == 0 && asked.addr[2] == V4_MAPPED_WORD;
     // IPv4 sockets and IPv4-mapped destinations need an IPv4 builder,
     // IPv6 destinations an IPv6 one.
     let fits = match builder.family {

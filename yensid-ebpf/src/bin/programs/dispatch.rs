@@ -208,8 +208,18 @@ pub(super) fn local_override() -> bool {
 /// available. Looked up through the maps again (helpers bound-check an
 /// index that came from a map; the verifier cannot for the pool).
 #[inline(always)]
-pub(super) fn affinity_choice(service: u32, backends: u32, remote: &[u8; 16]) -> Option<u32> {
-    let slot = client_hash(bytes_to_be_words(remote)) % AFFINITY_SLOTS;
+fn affinity_choice(service: u32, backends: u32, remote: &[u8; 16]) -> Option<u32> {
+    affinity_at(
+        service,
+        backends,
+        client_hash(bytes_to_be_words(remote)) % AFFINITY_SLOTS,
+    )
+}
+
+/// The position affinity slot `slot` of a service names, if that backend
+/// is available.
+#[inline(always)]
+pub(super) fn affinity_at(service: u32, backends: u32, slot: u32) -> Option<u32> {
     let position = *AFFINITY.get(service * AFFINITY_SLOTS + slot)?;
     if position >= backends {
         return None;
@@ -262,7 +272,7 @@ pub(super) fn count(counter: *mut u64) -> u64 {
 }
 
 #[inline(always)]
-pub(super) fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
+fn words_to_bytes(words: [u32; 4]) -> [u8; 16] {
     let mut out = [0u8; 16];
     let mut i = 0;
     while i < 4 {

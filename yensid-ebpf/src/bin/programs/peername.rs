@@ -21,7 +21,7 @@ pub fn getpeername4(ctx: SockAddrContext) -> i32 {
         let sa = ctx.sock_addr;
         // SAFETY: constant-offset stores to the writable address.
         unsafe {
-            write_volatile(&raw mut (*sa).user_ip4, asked.ip4);
+            write_volatile(&raw mut (*sa).user_ip4, asked.addr[3]);
             write_volatile(&raw mut (*sa).user_port, asked.port);
         }
     }
@@ -34,10 +34,10 @@ pub fn getpeername6(ctx: SockAddrContext) -> i32 {
         let sa = ctx.sock_addr;
         // SAFETY: constant-offset stores to the writable address.
         unsafe {
-            write_volatile(&raw mut (*sa).user_ip6[0], asked.ip6[0]);
-            write_volatile(&raw mut (*sa).user_ip6[1], asked.ip6[1]);
-            write_volatile(&raw mut (*sa).user_ip6[2], asked.ip6[2]);
-            write_volatile(&raw mut (*sa).user_ip6[3], asked.ip6[3]);
+            write_volatile(&raw mut (*sa).user_ip6[0], asked.addr[0]);
+            write_volatile(&raw mut (*sa).user_ip6[1], asked.addr[1]);
+            write_volatile(&raw mut (*sa).user_ip6[2], asked.addr[2]);
+            write_volatile(&raw mut (*sa).user_ip6[3], asked.addr[3]);
             write_volatile(&raw mut (*sa).user_port, asked.port);
         }
     }

@@ -12,8 +12,8 @@ use anyhow::{Result, ensure};
 use yensid_tests::cgroup::TestCgroup;
 use yensid_tests::cli;
 use yensid_tests::{
-    ConnectAttempt, Daemon, DaemonConfig, Dataplane, LocalPathConfig, PolicyMode, SshClient,
-    Status, Strategy, Topology, service,
+    ConnectAttempt, Daemon, DaemonConfig, Dataplane, LinkKind, LocalPathConfig, PolicyMode,
+    SshClient, Status, Strategy, Topology, service,
 };
 
 /// Only against hangs.
@@ -48,6 +48,7 @@ local_tests!(
     both_paths_at_once_share_one_count_per_builder,
     local_clients_proxy_takes_the_gateway_path,
     an_unattachable_cgroup_falls_back_to_the_proxy,
+    link_rules_apply_to_local_clients,
 );
 
 /// The topology's config with the local path on for every service, attached to the
@@ -165,7 +166,7 @@ mod super_test {
         }
         let explained = daemon.cli(&["explain"])?;
         ensure!(
-            explained.contains("next local connection (a client on this host): direct"),
+            explained.contains("next local connection (a client on this host) takes the path: direct"),
             "explain said:\n{explained}"
         );
         Ok(())
@@ -465,7 +466,7 @@ mod super_test {
         );
         let explained = daemon.cli(&["explain"])?;
         ensure!(
-            explained.contains("next local connection (a client on this host): proxy"),
+            explained.contains("next local connection (a client on this host) takes the path: proxy"),
             "explain said:\n{explained}"
         );
         daemon.expect_data_path(Dataplane::Kernel)?;
@@ -507,6 +508,43 @@ mod super_test {
             .filter(|l| l.contains_all(&["LOCAL PATH UNAVAILABLE"]))
             .count();
         ensure!(unavailable == 1, "said {unavailable} times");
+        Ok(())
+    }
+
+    /// Link rules: b1 over `ethernet`, b2 over `wifi`, `remote_via = ["ethernet"]`:
+    /// every local client goes to b1; with `min_healthy_builders = 2` the service
+    /// refuses and local clients get ECONNREFUSED.
+    pub fn link_rules_apply_to_local_clients(cgroup: &TestCgroup) -> Result<()> {
+        let topology = Topology::new(2)?;
+        let mut config = local_config(&topology, cgroup, Strategy::RoundRobin);
+        config.policy.rules.remote_via = Some(vec![LinkKind::Ethernet]);
+        let label = |name: &str, kind| (topology.builder(name).client_link().to_owned(), kind);
+        config.links = vec![label("b1", LinkKind::Ethernet), label("b2", LinkKind::Wifi)];
+        let daemon = Daemon::start(topology.client_ns(), &config)?;
+        daemon.wait_for_status("b2 excluded by the link rule", WAIT, |s| {
+            Ok(s.exclusion("ssh", "b2")?.is_some())
+        })?;
+        let served = topology.raw_client().banners(service(), 10)?;
+        ensure!(
+            served.iter().all(|s| s == "b1"),
+            "remote_via ethernet: {served:?}"
+        );
+        ensure!(
+            local(&daemon.status()?, "b1", "connections")? == 10,
+            "not all went direct"
+        );
+        drop(daemon);
+
+        config.policy.rules.min_healthy_builders = Some(2);
+        let daemon = Daemon::start(topology.client_ns(), &config)?;
+        daemon.wait_for_status("the service refusing", WAIT, |s| {
+            Ok(s.refusal("ssh")?.is_some())
+        })?;
+        let attempt = topology.raw_client().connect(service());
+        ensure!(
+            matches!(attempt, ConnectAttempt::Refused),
+            "too few eligible builders: {attempt:?}, expected ECONNREFUSED"
+        );
         Ok(())
     }
 }

@@ -82,6 +82,11 @@ pub fn explain(
         };
         lines.push(line);
     }
+    // Before the decision, which stays the last line.
+    lines.push(format!(
+        "next local connection (a client on this host) takes the path: {}",
+        crate::decide::local::path_of(&inner.local, svc.local_clients)
+    ));
     let client = from.map_or("a client".to_owned(), |ip| ip.to_string());
     if let Some(refusal) = &plan.refusal {
         lines.push(format!(
@@ -97,10 +102,6 @@ pub fn explain(
     };
     let decision = inner.predict(svc, from, sequence);
     lines.push(format!("next connection from {client}: {decision}"));
-    lines.push(format!(
-        "next local connection (a client on this host): {}",
-        crate::decide::local::path_of(&inner.local, svc.local_clients)
-    ));
     Ok(lines)
 }
 

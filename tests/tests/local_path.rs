@@ -49,6 +49,7 @@ local_tests!(
     local_clients_proxy_takes_the_gateway_path,
     an_unattachable_cgroup_falls_back_to_the_proxy,
     link_rules_apply_to_local_clients,
+    a_black_holed_builder_costs_one_timed_out_connect,
 );
 
 /// The topology's config with the local path on for every service, attached to the
@@ -166,7 +167,8 @@ mod super_test {
         }
         let explained = daemon.cli(&["explain"])?;
         ensure!(
-            explained.contains("next local connection (a client on this host) takes the path: direct"),
+            explained
+                .contains("next local connection (a client on this host) takes the path: direct"),
             "explain said:\n{explained}"
         );
         Ok(())
@@ -466,7 +468,8 @@ mod super_test {
         );
         let explained = daemon.cli(&["explain"])?;
         ensure!(
-            explained.contains("next local connection (a client on this host) takes the path: proxy"),
+            explained
+                .contains("next local connection (a client on this host) takes the path: proxy"),
             "explain said:\n{explained}"
         );
         daemon.expect_data_path(Dataplane::Kernel)?;
@@ -545,6 +548,41 @@ mod super_test {
             matches!(attempt, ConnectAttempt::Refused),
             "too few eligible builders: {attempt:?}, expected ECONNREFUSED"
         );
+        Ok(())
+    }
+
+    /// b1 drops every reply (no RST): the client whose connect went there gives up
+    /// after its own timeout, which the kernel counts as a failed connect (SYN_SENT to
+    /// CLOSE); every later connect goes to b2.
+    pub fn a_black_holed_builder_costs_one_timed_out_connect(cgroup: &TestCgroup) -> Result<()> {
+        let topology = Topology::new(2)?;
+        let config = local_config(&topology, cgroup, Strategy::RoundRobin);
+        let daemon = Daemon::start(topology.client_ns(), &config)?;
+        let since = SystemTime::now();
+        topology.builder("b1").black_hole()?;
+        let raw = topology
+            .raw_client()
+            .with_connect_timeout(Duration::from_secs(2));
+        let mut timed_out = 0;
+        let mut served = Vec::new();
+        for _ in 0..10 {
+            match raw.connect(service()) {
+                ConnectAttempt::Accepted(stream) => served.push(
+                    yensid_tests::SshConnection::handshake(stream)?
+                        .served_by()
+                        .to_owned(),
+                ),
+                ConnectAttempt::TimedOut => timed_out += 1,
+                other => anyhow::bail!("connect: {other:?}"),
+            }
+        }
+        ensure!(
+            timed_out <= 1,
+            "{timed_out} connects timed out; served {served:?}"
+        );
+        ensure!(served.iter().all(|s| s == "b2"), "served {served:?}");
+        daemon.wait_for_log(&["builder unhealthy", "b1"], since, WAIT)?;
+        topology.builder("b1").heal()?;
         Ok(())
     }
 }

@@ -288,6 +288,19 @@ pub struct DaemonConfig {
     pub read_group: Option<String>,
     /// `[daemon] shutdown_grace`; `None` leaves it out (the daemon's default, 30s).
     pub shutdown_grace: Option<Duration>,
+    /// The local path (tests/local_path.rs). `None` renders `local_clients = "proxy"`
+    /// in every service: the tests' clients run in the daemon's namespace, and the
+    /// other tests test the gateway path.
+    pub local_path: Option<LocalPathConfig>,
+}
+
+/// `[daemon] local_cgroup` and each service's `local_clients`.
+#[derive(Clone, Debug)]
+pub struct LocalPathConfig {
+    /// A cgroup of the test's own (`cgroup::TestCgroup`), never the root cgroup.
+    pub cgroup: PathBuf,
+    /// The services with `local_clients = "proxy"`; the others go direct.
+    pub proxied: Vec<String>,
 }
 
 impl DaemonConfig {
@@ -326,6 +339,7 @@ impl DaemonConfig {
             // tests stop with sessions they no longer care about. The grace's own
             // tests (tests/tests/graceful_stop.rs) set it.
             shutdown_grace: Some(Duration::ZERO),
+            local_path: None,
         }
     }
 
@@ -373,6 +387,14 @@ impl DaemonConfig {
         if let Some(grace) = self.shutdown_grace {
             let _ = writeln!(w, "shutdown_grace = \"{}ms\"", grace.as_millis());
         }
+        if let Some(local) = &self.local_path {
+            let _ = writeln!(
+                w,
+                "local_cgroup = {}",
+                quote(&local.cgroup.display().to_string())
+            );
+        }
+
         for service in &self.services {
             let _ = writeln!(w, "\n[[service]]");
             let _ = writeln!(w, "name = {}", quote(&service.name));
@@ -382,6 +404,12 @@ impl DaemonConfig {
                 let _ = writeln!(w, "builders = {}", list(builders));
             }
             let _ = writeln!(w, "strategy = {}", quote(service.strategy.as_str()));
+            let direct = self
+                .local_path
+                .as_ref()
+                .is_some_and(|l| !l.proxied.contains(&service.name));
+            let local_clients = if direct { "direct" } else { "proxy" };
+            let _ = writeln!(w, "local_clients = {}", quote(local_clients));
             if let Some(rules) = &service.policy {
                 let _ = writeln!(w, "policy = {}", inline_table(&rules.pairs()));
             }

@@ -14,6 +14,7 @@
 //! Only loopback and the benchmarking ranges 198.18.0.0/15 and 2001:2::/48 (inside the
 //! test namespaces) are ever addressed.
 
+pub mod cgroup;
 pub mod cli;
 mod command;
 pub mod config;
@@ -40,7 +41,7 @@ pub mod wait;
 
 pub use config::{
     BuilderConfig, DaemonConfig, Dataplane, HealthConfig, InstancePaths, LinkKind, LinkRules,
-    PolicyConfig, PolicyMode, ServiceConfig, Strategy, WhenFull,
+    LocalPathConfig, PolicyConfig, PolicyMode, ServiceConfig, Strategy, WhenFull,
 };
 pub use daemon::{
     Daemon, DataPathCounts, Launch, LogLine, built_binary, check_config, check_config_text,

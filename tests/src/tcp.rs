@@ -138,6 +138,11 @@ impl SshConnection {
         Ok(self.stream.local_addr()?)
     }
 
+    /// The server's address as our socket reports it (getpeername).
+    pub fn peer_addr(&self) -> Result<SocketAddr> {
+        Ok(self.stream.peer_addr()?)
+    }
+
     /// The server's name: the test sshds put it last in the banner (`VersionAddendum`).
     pub fn served_by(&self) -> &str {
         self.banner.rsplit(' ').next().unwrap_or_default()

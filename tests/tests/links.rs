@@ -1313,6 +1313,7 @@ fn every_policy_key_renders_to_a_valid_config() -> Result<()> {
         health: None,
         read_group: Some("nogroup".to_owned()),
         shutdown_grace: Some(Duration::from_secs(45)),
+        local_path: None,
     };
     let out = yensid_tests::check_config(&config)?;
     ensure!(out.starts_with("ok"), "check-config said {out:?}");

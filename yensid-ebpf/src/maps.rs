@@ -217,6 +217,96 @@ pub struct PathStats {
     pub retransmits: u64,
 }
 
+// ---- The local path: clients on this host connect straight to a builder ----
+
+/// Sockets of local clients whose connect went straight to a builder, at
+/// once (two per proxied connection are in `SPLICED`; a local client has
+/// one).
+pub const MAX_LOCAL_SOCKETS: u32 = 65536;
+/// Array: service index -> 1 when its local clients connect straight to
+/// the builder (`local_clients = "direct"`), 0 when they go through the
+/// gateway path. Userspace-owned.
+pub const LOCAL_SERVICES: &str = "LOCAL_SERVICES";
+/// Array: builder index -> [`LocalBuilder`] (its address). Userspace-owned.
+pub const LOCAL_BUILDERS: &str = "LOCAL_BUILDERS";
+/// Array with one `u64`: the cookie of the network namespace whose
+/// connects the local path rewrites (the daemon's, where its claims are);
+/// 0 rewrites none. Userspace-owned.
+pub const LOCAL_NETNS: &str = "LOCAL_NETNS";
+/// Array: builder index -> [`LocalStats`]. Kernel-owned.
+pub const LOCAL_STATS: &str = "LOCAL_STATS";
+/// Hash: socket cookie -> [`LocalSocket`], from a rewritten connect until
+/// the socket is counted closed. Kernel-owned (the connect program adds an
+/// entry, the close accounting removes it: the removal that succeeds is
+/// the one that counts the close, so it is counted once).
+pub const LOCAL_SOCKETS: &str = "LOCAL_SOCKETS";
+
+/// A builder's address as the connect programs write it into a socket
+/// address, written by userspace. Byte order as in `bpf_sock_addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+pub struct LocalBuilder {
+    /// 4 or 6 (an IPv4 builder is also reachable from IPv6 sockets, as an
+    /// IPv4-mapped address); 0: address unknown, connects stay untouched.
+    pub family: u32,
+    /// The port in network byte order, as in `user_port`.
+    pub port: u32,
+    /// The IPv4 address as `user_ip4` holds it (network byte order).
+    pub ip4: u32,
+    pub _reserved: u32,
+    /// The IPv6 address (IPv4-mapped for an IPv4 builder) as the four
+    /// words of `user_ip6`.
+    pub ip6: [u32; 4],
+    /// The value of [`LocalStats::failed`] userspace has acted on. While
+    /// the kernel's count is ahead, the builder takes no new connection
+    /// on either path: a failed local connect excludes it at once, before
+    /// userspace marks it down.
+    pub failures_seen: u64,
+}
+
+/// What the local path's programs count per builder, kernel-owned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
+pub struct LocalStats {
+    /// Connects rewritten to this builder.
+    pub opened: u64,
+    /// Of those, sockets that are gone (closed, or never sent a SYN).
+    /// `opened - closed` is the builder's count of open local connections.
+    pub closed: u64,
+    /// Connects that ended in SYN_SENT (refused, timed out, given up).
+    pub failed: u64,
+    /// Bytes the builder acknowledged, of closed connections.
+    pub bytes_sent: u64,
+    /// Bytes received from the builder, of closed connections.
+    pub bytes_received: u64,
+    /// Segments retransmitted, of closed connections.
+    pub retransmits: u64,
+    /// Smoothed RTT (microseconds) at the latest handshake or close.
+    pub srtt_us: u32,
+    pub _reserved: u32,
+    /// `bpf_ktime_get_boot_ns()` of that sample; 0: none.
+    pub sampled_boot_ns: u64,
+}
+
+/// One local socket whose connect was rewritten, kernel-owned.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalSocket {
+    /// Index into `LOCAL_STATS`.
+    pub builder: u32,
+    /// 0: connect rewritten; 1: SYN sent (the state callback counts the
+    /// close), set by the sock_ops program.
+    pub phase: u32,
+    /// The service port the application connected to, as `user_port`
+    /// held it: what getpeername reports.
+    pub port: u32,
+    /// The service address, as the words of `user_ip6` (IPv4-mapped for an
+    /// IPv4 socket, whose `user_ip4` is the last word).
+    pub addr: [u32; 4],
+}
+
 // SAFETY: plain `#[repr(C)]` structs of integers without padding holes.
 #[cfg(feature = "user")]
 mod pod {
@@ -226,4 +316,7 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceCounters {}
     unsafe impl aya::Pod for super::Override {}
     unsafe impl aya::Pod for super::PathStats {}
+    unsafe impl aya::Pod for super::LocalBuilder {}
+    unsafe impl aya::Pod for super::LocalStats {}
+    unsafe impl aya::Pod for super::LocalSocket {}
 }

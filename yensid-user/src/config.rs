@@ -60,6 +60,9 @@ pub struct Daemon {
     /// How long a stop without a successor keeps serving the connections
     /// that are open (none are accepted); zero cuts them at once.
     pub shutdown_grace: Duration,
+    /// `[daemon] local_cgroup`: the cgroup v2 whose processes' connects the
+    /// local path rewrites; `None`: the root cgroup (every process).
+    pub local_cgroup: Option<PathBuf>,
 }
 
 /// `[daemon] shutdown_grace` when absent: a remote build cut by a stop
@@ -166,6 +169,8 @@ pub struct Service {
     pub allow_host_addresses: bool,
     /// What a connection that finds every eligible builder full gets.
     pub when_full: WhenFull,
+    /// How clients on this host reach a builder.
+    pub local_clients: LocalClients,
 }
 
 /// `when_full`: refuse (RST, Nix builds locally) or hold the connection
@@ -193,6 +198,19 @@ impl QueueSettings {
     /// Each held connection costs two descriptors (its socket and the one
     /// that watches for the client leaving).
     pub const MAX_LIMIT: u32 = 4096;
+}
+
+/// `local_clients` of a service: how clients on the daemon's host reach
+/// the builder.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LocalClients {
+    /// Their connect goes straight to the chosen builder (the kernel
+    /// rewrites it), when the kernel supports it; else through the proxy.
+    #[default]
+    Direct,
+    /// Through the gateway path, like clients on other hosts.
+    Proxy,
 }
 
 impl Service {
@@ -543,6 +561,7 @@ mod raw {
         pub max_handoffs: Option<Spanned<i64>>,
         pub max_handoffs_per_client: Option<Spanned<i64>>,
         pub shutdown_grace: Option<Spanned<String>>,
+        pub local_cgroup: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]
@@ -558,6 +577,7 @@ mod raw {
         pub when_full: Option<Spanned<String>>,
         pub queue_timeout: Option<Spanned<String>>,
         pub queue_limit: Option<Spanned<i64>>,
+        pub local_clients: Option<super::LocalClients>,
     }
 
     #[derive(Deserialize)]
@@ -622,6 +642,7 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
         let handoff = handoff_limits(&mut check, d.as_mut());
         let shutdown_grace =
             shutdown_grace(&mut check, d.as_mut().and_then(|d| d.shutdown_grace.take()));
+        let local_cgroup = local_cgroup(&mut check, d.as_mut().and_then(|d| d.local_cgroup.take()));
         let (pin_path, dataplane, state_dir, runtime_dir, read_group) = match d {
             None => (None, None, None, None, None),
             Some(d) => (
@@ -659,6 +680,7 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             read_group,
             handoff,
             shutdown_grace,
+            local_cgroup,
         }
     };
 
@@ -914,6 +936,7 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             rules,
             allow_host_addresses: s.allow_host_addresses == Some(true),
             when_full,
+            local_clients: s.local_clients.unwrap_or_default(),
         });
     }
 
@@ -1158,6 +1181,16 @@ fn when_full(
         },
     };
     WhenFull::Queue(QueueSettings { timeout, limit })
+}
+
+/// `[daemon] local_cgroup`: an absolute path (whether it is a cgroup v2
+/// directory is the kernel's to say when the daemon attaches).
+fn local_cgroup(check: &mut Checker<'_>, value: Option<Spanned<String>>) -> Option<PathBuf> {
+    let value = value?;
+    if !value.get_ref().starts_with('/') {
+        check.report("daemon.local_cgroup", &value, "must be an absolute path");
+    }
+    Some(PathBuf::from(value.into_inner()))
 }
 
 /// `[daemon] shutdown_grace`: like [`duration_field`], except that zero
@@ -1963,5 +1996,51 @@ mode = "local"
         assert!(!p("198.18.0.0/16").overlaps(&p("198.19.4.4")));
         assert!(!p("127.0.0.22").overlaps(&p("::ffff:127.0.0.23")));
         assert!(p("::ffff:127.0.0.0/104").overlaps(&p("127.0.0.22")));
+    }
+}
+
+#[cfg(test)]
+mod local_path_tests {
+    use super::*;
+
+    const SERVICE: &str = "[[service]]\nname = \"s\"\nlisten = [\"127.0.0.22/32\"]\n";
+    const BUILDER: &str = "[builders.b1]\naddress = \"198.18.1.2:22\"\n";
+
+    #[test]
+    fn local_clients_default_to_direct_and_the_cgroup_to_the_root() {
+        let c = Config::parse(&format!("{SERVICE}{BUILDER}")).unwrap();
+        assert_eq!(c.services[0].local_clients, LocalClients::Direct);
+        assert_eq!(c.daemon.local_cgroup, None);
+        let c = Config::parse(&format!(
+            "[daemon]\nlocal_cgroup = \"/sys/fs/cgroup/nix\"\n{SERVICE}local_clients = \"proxy\"\n{BUILDER}"
+        ))
+        .unwrap();
+        assert_eq!(c.services[0].local_clients, LocalClients::Proxy);
+        assert_eq!(
+            c.daemon.local_cgroup,
+            Some(PathBuf::from("/sys/fs/cgroup/nix"))
+        );
+    }
+
+    #[test]
+    fn bad_local_settings_name_their_key() {
+        let p = Config::parse(&format!(
+            "[daemon]\nlocal_cgroup = \"nix\"\n{SERVICE}{BUILDER}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            p.contains("daemon.local_cgroup") && p.contains("absolute"),
+            "{p}"
+        );
+        let p = Config::parse(&format!(
+            "{SERVICE}local_clients = \"sometimes\"\n{BUILDER}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            p.contains("local_clients") || p.contains("sometimes"),
+            "{p}"
+        );
     }
 }

@@ -350,6 +350,9 @@ fn raise_descriptor_limit() {
 /// How often the kernel's path measurements are read (for status,
 /// metrics and `max_rtt_ms`).
 const PATH_READ_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the daemon looks for failed local connects (the kernel keeps
+/// new connections away from the builder meanwhile).
+const LOCAL_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Starts watching links and routes with the configured labels; without
 /// it, link rules cannot be applied (said loudly).
@@ -680,6 +683,7 @@ impl Controller {
         let config = registry.inner().config.clone();
         let mut hook_tick = tokio::time::interval(config.policy.hook_interval);
         let mut path_tick = tokio::time::interval(PATH_READ_INTERVAL);
+        let mut local_tick = tokio::time::interval(LOCAL_POLL_INTERVAL);
         let measuring = registry.kernel().is_some_and(|k| k.observing().is_ok());
         info!(
             services = config.services.len(),
@@ -727,6 +731,7 @@ impl Controller {
                 _ = registry.state_changed.notified() => self.hook.pending = true,
                 _ = hook_tick.tick() => self.hook.pending = true,
                 _ = path_tick.tick(), if measuring => registry.read_paths(),
+                _ = local_tick.tick() => crate::decide::local::poll(&registry),
                 Some(result) = hook_results.recv() => {
                     self.hook.running = false;
                     self.hook_finished(result).await;
@@ -1171,6 +1176,12 @@ impl Controller {
         }
         kernel.set_bindings(&bindings)?;
         self.sync_queue_listeners(kernel, config)?;
+        let local_services: Vec<_> = config
+            .services
+            .iter()
+            .filter_map(|s| Some((*self.services.by_name.get(&s.name)?, s.local_clients)))
+            .collect();
+        crate::decide::local::sync(kernel, &self.registry, config, &local_services);
         let names: BTreeSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
         for gone in self.services.retain(|n| names.contains(n)) {
             kernel.set_service(gone, ServiceState::default())?;

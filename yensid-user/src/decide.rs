@@ -5,5 +5,6 @@
 pub mod health;
 pub mod hook;
 pub mod link;
+pub mod local;
 pub mod policy;
 pub mod registry;

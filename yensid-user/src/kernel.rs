@@ -5,6 +5,7 @@
 
 pub mod bpf;
 pub mod hangup;
+pub mod local;
 pub mod local_route;
 pub mod path;
 pub mod sock;

@@ -29,6 +29,7 @@ mod cpu;
 mod figure;
 mod handover;
 mod haproxy;
+mod local;
 mod measure;
 mod nix;
 mod protocol;
@@ -200,11 +201,27 @@ pub const SECTIONS: &[Section] = &[
         part: Part::Own(handover::run),
     },
     Section {
+        key: "local",
+        about: "the local path (clients on the daemon's host, connect-time rewrite) against direct (local.md)",
+        part: Part::Own(measure_local),
+    },
+    Section {
         key: "uploads",
         about: "upload parallelism of a real Nix client, one entry against aliases (uploads.md)",
         part: Part::Own(measure_uploads),
     },
 ];
+
+/// The local path against direct, on a testbed of its own.
+fn measure_local(setup: &Setup) -> Result<()> {
+    let testbed = Testbed::new(setup.yensid.clone())?;
+    let md = local::measure(&testbed, setup.options)?;
+    println!("\n{md}");
+    std::fs::create_dir_all(&setup.out)?;
+    std::fs::write(setup.out.join("local.md"), md)?;
+    build::progress(&format!("wrote local.md in {}", setup.out.display()));
+    Ok(())
+}
 
 /// `--only`'s values, each with its help.
 fn section_keys() -> clap::builder::PossibleValuesParser {

@@ -84,6 +84,10 @@ pub struct Inner {
     pub hook: Option<Decision>,
     /// What this daemon took over from its predecessor, if it did.
     pub takeover: Option<crate::operate::status::TakeoverStatus>,
+    /// The local path (clients on this host straight to the builder).
+    pub local: crate::decide::local::LocalPath,
+    /// For the local path's counts, which the kernel keeps.
+    kernel: Option<Arc<Kernel>>,
 }
 
 /// Where the mode in force comes from.
@@ -129,6 +133,8 @@ impl Registry {
             paths: HashMap::new(),
             plan: None,
             sequence: 0,
+            local: Default::default(),
+            kernel: kernel.clone(),
         };
         inner.sync_health();
         Self {
@@ -523,15 +529,45 @@ impl Inner {
                 .iter()
                 .any(|m| m.builder == name && m.excluded.is_some())
         });
+        let (local_open, local_failing) = self.local_counts(name);
         let eligible = healthy
             && planned
             && !self.drained.contains(name)
-            && !exclude.iter().any(|e| e == name);
+            && !exclude.iter().any(|e| e == name)
+            && !local_failing;
         Candidate::new(
             if b.is_some() { self.weight(name) } else { 0 },
             b.and_then(|b| b.max_connections).unwrap_or(0),
             eligible,
-            self.active.get(name).copied().unwrap_or(0),
+            self.active
+                .get(name)
+                .copied()
+                .unwrap_or(0)
+                .saturating_add(local_open),
+        )
+    }
+
+    /// What the local path counted for a builder (`None` without BPF).
+    pub fn local_stats(&self, name: &str) -> Option<yensid_ebpf::maps::LocalStats> {
+        let index = self.builder_index.get(name)?;
+        self.kernel.as_ref()?.local_stats(*index).ok()
+    }
+
+    /// A builder's open connections on the local path, and whether a
+    /// failed local connect keeps it out of the selection until the daemon
+    /// acts on it: what the kernel's selection sees (one count per builder
+    /// for both paths).
+    pub fn local_counts(&self, name: &str) -> (u64, bool) {
+        let (Some(kernel), Some(&index)) = (&self.kernel, self.builder_index.get(name)) else {
+            return (0, false);
+        };
+        let (Ok(stats), Ok(builder)) = (kernel.local_stats(index), kernel.local_builder(index))
+        else {
+            return (0, false);
+        };
+        (
+            stats.opened.wrapping_sub(stats.closed),
+            stats.failed != builder.failures_seen,
         )
     }
 

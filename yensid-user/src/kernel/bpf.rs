@@ -59,7 +59,7 @@ const BPFFS_MOUNT: &str = crate::config::BPFFS_MOUNT;
 const LINK_PIN: &str = "dispatch";
 /// The maps the BPF object declares pinned (`Array::pinned` and friends):
 /// what `maps-v<ABI>/` holds, and all that a stop removes from it.
-const PINNED_MAPS: [&str; 13] = [
+const PINNED_MAPS: [&str; 18] = [
     names::BINDINGS,
     names::SERVICES,
     names::SERVICE_BACKENDS,
@@ -73,6 +73,11 @@ const PINNED_MAPS: [&str; 13] = [
     names::PATH_STATS,
     names::SPLICED,
     names::PEERS,
+    names::LOCAL_SERVICES,
+    names::LOCAL_BUILDERS,
+    names::LOCAL_NETNS,
+    names::LOCAL_STATS,
+    names::LOCAL_SOCKETS,
 ];
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("YENSID_EBPF_OBJECT"));
@@ -112,6 +117,13 @@ pub enum BpfError {
     OpenPin { path: PathBuf, source: io::Error },
     #[error("cannot remove {path}: {source}")]
     Unpin { path: PathBuf, source: io::Error },
+    #[error("BPF program `{name}`: no BPF link to pin (Linux >= 5.7 needed): {source}")]
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("daemon.local_cgroup {path}: {why}")]
+    LocalCgroup { path: PathBuf, why: String },
     #[error("daemon.pin_path {path} {why}")]
     PinPath { path: PathBuf, why: String },
 }
@@ -122,15 +134,18 @@ fn with_causes(error: &dyn std::error::Error) -> String {
     crate::error_chain(error)
 }
 
-fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> BpfError {
+pub(super) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> BpfError {
     move |source| BpfError::Map { name, source }
 }
 
 /// The loaded and attached BPF side.
 pub struct Kernel {
     pin_path: PathBuf,
-    // Keeps the programs loaded (the link and the SOCKHASH reference them).
-    _ebpf: Ebpf,
+    // Keeps the programs loaded (the link and the SOCKHASH reference them);
+    // the local path loads its programs from it later.
+    ebpf: Mutex<Ebpf>,
+    local_maps: Mutex<super::local::LocalMaps>,
+    local: Mutex<super::local::Attachment>,
     /// `None` only for the instant of a re-pin.
     link: Mutex<Option<FdLink>>,
     tables: Mutex<Tables>,
@@ -268,13 +283,16 @@ impl Kernel {
             listeners: take(&mut ebpf, names::LISTENERS)?,
             mode_override: take(&mut ebpf, names::OVERRIDE)?,
         };
+        let local_maps = super::local::LocalMaps::take(&mut ebpf)?;
         let peers = take(&mut ebpf, names::PEERS)?;
         let observed = take(&mut ebpf, names::OBSERVED)?;
         let path_stats = take(&mut ebpf, names::PATH_STATS)?;
         info!(pin_path = %pin_path.display(), "BPF programs loaded and attached");
         Ok(Kernel {
             pin_path: pin_path.to_owned(),
-            _ebpf: ebpf,
+            ebpf: Mutex::new(ebpf),
+            local_maps: Mutex::new(local_maps),
+            local: Mutex::default(),
             link: Mutex::new(Some(link)),
             tables: Mutex::new(tables),
             splice: Mutex::new(Splice { spliced, peers }),
@@ -282,6 +300,23 @@ impl Kernel {
             path_stats,
             observe_error,
         })
+    }
+
+    // Access for the local path (`super::local`).
+    pub(super) fn ebpf(&self) -> std::sync::MutexGuard<'_, Ebpf> {
+        self.ebpf.lock().expect("BPF object poisoned")
+    }
+
+    pub(super) fn local_maps(&self) -> std::sync::MutexGuard<'_, super::local::LocalMaps> {
+        self.local_maps.lock().expect("local maps poisoned")
+    }
+
+    pub(super) fn local_attachment(&self) -> std::sync::MutexGuard<'_, super::local::Attachment> {
+        self.local.lock().expect("local attachment poisoned")
+    }
+
+    pub(super) fn pin_path(&self) -> &Path {
+        &self.pin_path
     }
 
     /// Whether the kernel measures the path to builders; if not, why.
@@ -321,6 +356,7 @@ impl Kernel {
     pub fn remove_pins(&self) -> Result<(), BpfError> {
         let maps_dir = self.pin_path.join(format!("maps-v{ABI_VERSION}"));
         let pins = std::iter::once(self.pin_path.join(LINK_PIN))
+            .chain(super::local::link_pins(&self.pin_path))
             .chain(PINNED_MAPS.iter().map(|name| maps_dir.join(name)));
         let mut first_error = None;
         for path in pins {
@@ -766,7 +802,7 @@ fn own_cgroup() -> io::Result<PathBuf> {
 }
 
 /// The mount point of the first cgroup2 file system in a mountinfo text.
-fn cgroup2_mount(mountinfo: &str) -> Option<&str> {
+pub(super) fn cgroup2_mount(mountinfo: &str) -> Option<&str> {
     mountinfo.lines().find_map(|line| {
         let (fields, rest) = line.split_once(" - ")?;
         (rest.split_whitespace().next()? == "cgroup2").then(|| fields.split_whitespace().nth(4))?
@@ -820,7 +856,7 @@ fn describe_binding(key: &BindingKey) -> String {
     }
 }
 
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
+pub(super) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
@@ -833,7 +869,7 @@ where
         .map_err(|source| BpfError::Program { name, source })
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
+pub(super) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {

@@ -445,6 +445,53 @@ pub fn render(status: &Status) -> String {
         "TCP segments retransmitted to the builder.",
         by_builder(&|b| b.retransmits.to_string()),
     );
+    // The local path: clients on this host connected straight to the builder.
+    family(
+        "yensid_local_connections",
+        "gauge",
+        "Local clients connected straight to the builder now (no proxy).",
+        by_builder(&|b| b.local.open.to_string()),
+    );
+    family(
+        "yensid_local_connections_total",
+        "counter",
+        "Local connects the kernel sent straight to the builder.",
+        by_builder(&|b| b.local.connections.to_string()),
+    );
+    family(
+        "yensid_local_failed_connects_total",
+        "counter",
+        "Local connects to the builder that failed (refused, timed out).",
+        by_builder(&|b| b.local.failed_connects.to_string()),
+    );
+    family(
+        "yensid_local_bytes_total",
+        "counter",
+        "Bytes of closed local connections, by direction.",
+        status
+            .builders
+            .iter()
+            .flat_map(|b| {
+                [
+                    ("to_builder", b.local.bytes_to_builder),
+                    ("from_builder", b.local.bytes_from_builder),
+                ]
+                .into_iter()
+                .map(move |(direction, n)| {
+                    (
+                        format!("{{builder=\"{}\",direction=\"{direction}\"}}", b.name),
+                        n.to_string(),
+                    )
+                })
+            })
+            .collect(),
+    );
+    family(
+        "yensid_local_retransmits_total",
+        "counter",
+        "TCP segments retransmitted on closed local connections to the builder.",
+        by_builder(&|b| b.local.retransmits.to_string()),
+    );
     family(
         "yensid_rtt_samples_total",
         "counter",
@@ -617,6 +664,7 @@ mod tests {
                     wait_seconds: wait,
                     kernel_queued: Some(12),
                 }),
+                local_clients: "direct".into(),
             }],
             builders: vec![BuilderStatus {
                 name: "b1".into(),
@@ -639,6 +687,11 @@ mod tests {
                 retransmits: 4,
                 egress: None,
                 connect_seconds: connect,
+                local: crate::operate::status::LocalBuilderStatus {
+                    open: 2,
+                    connections: 11,
+                    ..Default::default()
+                },
             }],
         }
     }
@@ -662,6 +715,8 @@ mod tests {
             "yensid_connect_seconds_count{builder=\"b1\"} 2",
             "yensid_kernel_rtt_seconds{builder=\"b1\"} 0.0005",
             "yensid_retransmits_total{builder=\"b1\"} 4",
+            "yensid_local_connections{builder=\"b1\"} 2",
+            "yensid_local_connections_total{builder=\"b1\"} 11",
             "yensid_rtt_samples_total{builder=\"b1\"} 9",
             "yensid_handoffs 0",
             "yensid_queue_length{service=\"x86\"} 2",
@@ -682,7 +737,8 @@ mod tests {
             );
         }
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
-        assert_eq!(families, 25);
+        // 18, 7 of the queue and 5 of the local path.
+        assert_eq!(families, 30);
     }
 
     #[test]

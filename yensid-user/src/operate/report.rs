@@ -74,7 +74,8 @@ pub fn explain(
         describe_mode(inner),
     ];
     for m in &plan.members {
-        let active = inner.active.get(&m.builder).copied().unwrap_or(0);
+        let active =
+            inner.active.get(&m.builder).copied().unwrap_or(0) + inner.local_counts(&m.builder).0;
         let line = match &m.excluded {
             None => format!(
                 "  {}: eligible, {active} open connection(s), weight {}",
@@ -85,6 +86,11 @@ pub fn explain(
         };
         lines.push(line);
     }
+    // Before the decision, which stays the last line.
+    lines.push(format!(
+        "next local connection (a client on this host) takes the path: {}",
+        crate::decide::local::path_of(&inner.local, svc.local_clients)
+    ));
     let client = from.map_or("a client".to_owned(), |ip| ip.to_string());
     if let Some(refusal) = &plan.refusal {
         lines.push(format!(
@@ -139,6 +145,7 @@ pub fn status(inner: &Inner, context: &Context) -> Status {
                 dispatched: counters.map(|c| c.dispatched),
                 refused_mode_local: counters.map(|c| c.refused_mode),
                 refused_no_builder: counters.map(|c| c.refused_unavailable),
+                local_clients: crate::decide::local::path_of(&inner.local, svc.local_clients),
                 local_delivery: svc
                     .listen
                     .iter()
@@ -174,7 +181,13 @@ pub fn status(inner: &Inner, context: &Context) -> Status {
         .map(|b| {
             let tracker = inner.health.get(&b.name);
             let failure = tracker.and_then(|t| t.failure()).map(ToString::to_string);
-            let active = inner.active.get(&b.name).copied().unwrap_or(0);
+            let local = local_status(inner, &b.name);
+            let active = inner
+                .active
+                .get(&b.name)
+                .copied()
+                .unwrap_or(0)
+                .saturating_add(local.open);
             let full = b.max_connections.is_some_and(|m| active >= m as u64);
             let (state, reason) = if inner.drained.contains(&b.name) {
                 ("draining", None)
@@ -218,6 +231,7 @@ pub fn status(inner: &Inner, context: &Context) -> Status {
                     .get(&b.name)
                     .cloned()
                     .unwrap_or_default(),
+                local,
             }
         })
         .collect();
@@ -268,4 +282,20 @@ pub fn describe_mode(inner: &Inner) -> String {
         ),
     };
     format!("mode {mode} ({from})")
+}
+
+/// The local path's counts for a builder, from the kernel.
+fn local_status(inner: &Inner, builder: &str) -> crate::operate::status::LocalBuilderStatus {
+    let Some(stats) = inner.local_stats(builder) else {
+        return Default::default();
+    };
+    crate::operate::status::LocalBuilderStatus {
+        open: stats.opened.wrapping_sub(stats.closed),
+        connections: stats.opened,
+        failed_connects: stats.failed,
+        bytes_to_builder: stats.bytes_sent,
+        bytes_from_builder: stats.bytes_received,
+        retransmits: stats.retransmits,
+        rtt_ms: (stats.sampled_boot_ns != 0).then(|| f64::from(stats.srtt_us) / 1e3),
+    }
 }

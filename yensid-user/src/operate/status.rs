@@ -112,6 +112,10 @@ pub struct ServiceStatus {
     /// With `when_full = "queue"`: the queue (null with `refuse`).
     #[serde(default)]
     pub queue: Option<QueueStatus>,
+    /// Which path the next connection of a client on this host takes
+    /// (`direct: ...` or `proxy: why`).
+    #[serde(default)]
+    pub local_clients: String,
 }
 
 /// A queueing service's queue (`dataplane::queue`).
@@ -198,6 +202,27 @@ pub struct BuilderStatus {
     /// From upstream connect to the builder's identification line.
     #[serde(default)]
     pub connect_seconds: Histogram,
+    /// The local path's connections to the builder (no proxy), as the
+    /// kernel counts them; `active` includes its open ones.
+    #[serde(default)]
+    pub local: LocalBuilderStatus,
+}
+
+/// What the kernel counted on the local path for one builder.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LocalBuilderStatus {
+    /// Local connections open now.
+    pub open: u64,
+    /// Local connects sent to the builder.
+    pub connections: u64,
+    /// Of those, connects that failed (refused, timed out).
+    pub failed_connects: u64,
+    /// Bytes of closed local connections, each way.
+    pub bytes_to_builder: u64,
+    pub bytes_from_builder: u64,
+    pub retransmits: u64,
+    /// TCP's smoothed RTT at the latest local handshake or close.
+    pub rtt_ms: Option<f64>,
 }
 
 /// Tables for humans.
@@ -325,6 +350,7 @@ pub fn render(status: &Status) -> String {
             );
         }
     }
+    render_local(&mut out, status);
     out
 }
 
@@ -347,6 +373,28 @@ fn queue_line(q: &QueueStatus) -> String {
         q.refused,
         q.left
     )
+}
+
+/// The local path: each service's, and what it carried per builder.
+fn render_local(out: &mut String, status: &Status) {
+    for s in &status.services {
+        let _ = writeln!(out, "{}: local clients: {}", s.name, s.local_clients);
+    }
+    for b in status.builders.iter().filter(|b| b.local.connections > 0) {
+        let l = &b.local;
+        let _ = writeln!(
+            out,
+            "{}: local path: {} open, {} connection(s), {} failed connect(s), {}/{} to/from, {} retransmits, RTT {}",
+            b.name,
+            l.open,
+            l.connections,
+            l.failed_connects,
+            human_bytes(l.bytes_to_builder),
+            human_bytes(l.bytes_from_builder),
+            l.retransmits,
+            l.rtt_ms.map_or("-".into(), |r| format!("{r:.1}ms")),
+        );
+    }
 }
 
 /// What the pinned maps say while no daemon runs: the kernel's counters go

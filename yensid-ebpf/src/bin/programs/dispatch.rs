@@ -18,7 +18,7 @@
 
 use core::ptr::read_volatile;
 
-use super::atomic;
+use super::{atomic, local};
 
 use aya_ebpf::{
     bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
@@ -41,20 +41,20 @@ const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u32 = 6;
 
 #[map]
-static BINDINGS: LpmTrie<[u8; BINDING_KEY_LEN], u32> =
+pub(super) static BINDINGS: LpmTrie<[u8; BINDING_KEY_LEN], u32> =
     LpmTrie::pinned(MAX_BINDINGS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 #[map]
-static SERVICES: Array<ServiceState> = Array::pinned(MAX_SERVICES, 0);
+pub(super) static SERVICES: Array<ServiceState> = Array::pinned(MAX_SERVICES, 0);
 #[map]
-static SERVICE_BACKENDS: Array<Backend> = Array::pinned(MAX_SERVICES * MAX_BACKENDS, 0);
+pub(super) static SERVICE_BACKENDS: Array<Backend> = Array::pinned(MAX_SERVICES * MAX_BACKENDS, 0);
 #[map]
 static BUILDERS: Array<BuilderState> = Array::pinned(MAX_BUILDERS, 0);
 #[map]
-static ASSIGNED: Array<u64> = Array::pinned(MAX_BUILDERS, 0);
+pub(super) static ASSIGNED: Array<u64> = Array::pinned(MAX_BUILDERS, 0);
 #[map]
 static RELEASED: Array<u64> = Array::pinned(MAX_BUILDERS, 0);
 #[map]
-static SERVICE_COUNTERS: Array<ServiceCounters> = Array::pinned(MAX_SERVICES, 0);
+pub(super) static SERVICE_COUNTERS: Array<ServiceCounters> = Array::pinned(MAX_SERVICES, 0);
 #[map]
 static AFFINITY: Array<u32> = Array::pinned(MAX_SERVICES * AFFINITY_SLOTS, 0);
 /// Scratch space for the selection (not pinned: no state).
@@ -212,7 +212,7 @@ impl Lookup {
 
 /// Whether the operator's "local" override is in force right now.
 #[inline(always)]
-fn local_override() -> bool {
+pub(super) fn local_override() -> bool {
     match OVERRIDE.get(0) {
         // SAFETY: no arguments, no memory access.
         Some(o) if o.local_until_ns != 0 => {
@@ -228,7 +228,17 @@ fn local_override() -> bool {
 /// index that came from a map; the verifier cannot for the pool).
 #[inline(always)]
 fn affinity_choice(service: u32, backends: u32, remote: &[u8; 16]) -> Option<u32> {
-    let slot = client_hash(bytes_to_be_words(remote)) % AFFINITY_SLOTS;
+    affinity_at(
+        service,
+        backends,
+        client_hash(bytes_to_be_words(remote)) % AFFINITY_SLOTS,
+    )
+}
+
+/// The position affinity slot `slot` of a service names, if that backend
+/// is available.
+#[inline(always)]
+pub(super) fn affinity_at(service: u32, backends: u32, slot: u32) -> Option<u32> {
     let position = *AFFINITY.get(service * AFFINITY_SLOTS + slot)?;
     if position >= backends {
         return None;
@@ -240,7 +250,7 @@ fn affinity_choice(service: u32, backends: u32, remote: &[u8; 16]) -> Option<u32
 /// Reads the state of every backend of a service, once. True when at
 /// least one backend is eligible (whether or not it is below its limit).
 #[inline(always)]
-fn gather(pool: &mut Pool, service: u32, backends: u32) -> bool {
+pub(super) fn gather(pool: &mut Pool, service: u32, backends: u32) -> bool {
     let mut any_eligible = false;
     let mut position = 0;
     while position < MAX_BACKENDS {
@@ -271,24 +281,27 @@ fn eligible(backend: &Backend) -> bool {
 }
 
 #[inline(always)]
-fn candidate(backend: &Backend) -> Candidate {
+pub(super) fn candidate(backend: &Backend) -> Candidate {
     let builder = backend.builder;
     let Some(settings) = BUILDERS.get(builder) else {
         return Candidate::new(0, 0, false, 0);
     };
     let assigned = ASSIGNED.get(builder).copied().unwrap_or(0);
     let released = RELEASED.get(builder).copied().unwrap_or(0);
+    // One count per builder for both paths: the proxied connections and
+    // the local clients connected straight to it.
+    let (local_open, local_failing) = local::open_and_failing(builder);
     Candidate::new(
         settings.weight,
         settings.max_connections,
-        settings.eligible != 0 && backend.eligible != 0,
-        assigned.wrapping_sub(released),
+        settings.eligible != 0 && backend.eligible != 0 && !local_failing,
+        assigned.wrapping_sub(released).wrapping_add(local_open),
     )
 }
 
 /// Counts one more, returning the count before (round-robin's sequence).
 #[inline(always)]
-fn count(counter: *mut u64) -> u64 {
+pub(super) fn count(counter: *mut u64) -> u64 {
     atomic::add(counter, 1)
 }
 

@@ -1,4 +1,9 @@
+mod account;
 mod atomic;
+mod connect;
 mod dispatch;
+mod local;
 mod observe;
+mod peername;
+mod release;
 mod splice;

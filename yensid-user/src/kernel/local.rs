@@ -1,0 +1,261 @@
+//! The local path's BPF side (clients on this host connect straight to
+//! the chosen builder): loads and attaches the `connect4`/`connect6`,
+//! `getpeername4`/`getpeername6`, `account` (sock_ops) and `release`
+//! (sock_release) programs to a cgroup v2, pins their links next to the
+//! dispatch link, and gives typed access to the `LOCAL_*` maps. Part of
+//! [`super::bpf`]'s aya boundary: nothing else here talks to aya.
+//!
+//! Pinned layout (under the pin path): `local-<program>` links. While
+//! they are pinned the programs stay attached, like `dispatch`.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, MapData},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps, links::FdLink},
+};
+use tracing::{info, warn};
+use yensid_ebpf::maps::{self as names, LocalBuilder, LocalStats};
+
+use super::bpf::{BpfError, Kernel, map_err, program, take};
+
+/// The programs, in the order they are attached: the accounting before
+/// anything is rewritten, the rewrite last.
+const PROGRAMS: [&str; 6] = [
+    "account",
+    "release",
+    "getpeername4",
+    "getpeername6",
+    "connect4",
+    "connect6",
+];
+
+/// The link pin of a local-path program.
+fn link_pin(pin_path: &Path, program: &str) -> PathBuf {
+    pin_path.join(format!("local-{program}"))
+}
+
+/// Every link pin the local path may leave under `pin_path`.
+pub(super) fn link_pins(pin_path: &Path) -> impl Iterator<Item = PathBuf> + '_ {
+    PROGRAMS.iter().map(|p| link_pin(pin_path, p))
+}
+
+/// The local path's maps, taken from the object at load.
+pub(super) struct LocalMaps {
+    services: Array<MapData, u32>,
+    builders: Array<MapData, LocalBuilder>,
+    netns: Array<MapData, u64>,
+    stats: Array<MapData, LocalStats>,
+}
+
+impl LocalMaps {
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
+        Ok(Self {
+            services: take(ebpf, names::LOCAL_SERVICES)?,
+            builders: take(ebpf, names::LOCAL_BUILDERS)?,
+            netns: take(ebpf, names::LOCAL_NETNS)?,
+            stats: take(ebpf, names::LOCAL_STATS)?,
+        })
+    }
+}
+
+/// Where the local path's programs are attached.
+#[derive(Default)]
+pub(super) struct Attachment {
+    cgroup: Option<PathBuf>,
+    /// Held so the links live as long as the daemon (they are pinned too).
+    links: Vec<FdLink>,
+}
+
+impl Kernel {
+    /// Attaches the local path's programs to `cgroup` (a cgroup v2
+    /// directory) and lets them rewrite connects made in this thread's
+    /// network namespace. Attaching to the cgroup it is attached to
+    /// already does nothing; another cgroup is refused (it takes a
+    /// restart, so that no connection is counted by two attachments).
+    pub fn attach_local(&self, cgroup: &Path) -> Result<(), BpfError> {
+        let mut attachment = self.local_attachment();
+        match &attachment.cgroup {
+            Some(current) if current == cgroup => return Ok(()),
+            Some(current) => {
+                return Err(BpfError::LocalCgroup {
+                    path: cgroup.to_owned(),
+                    why: format!(
+                        "the local path is attached to {} until a restart",
+                        current.display()
+                    ),
+                });
+            }
+            None => {}
+        }
+        let dir = File::open(cgroup).map_err(|source| BpfError::LocalCgroup {
+            path: cgroup.to_owned(),
+            why: source.to_string(),
+        })?;
+        let netns = netns_cookie().map_err(BpfError::Netns)?;
+        self.local_maps()
+            .netns
+            .set(0, netns, 0)
+            .map_err(map_err(names::LOCAL_NETNS))?;
+        let mut ebpf = self.ebpf();
+        let mut links = Vec::new();
+        for name in PROGRAMS {
+            match attach_one(&mut ebpf, name, dir.as_fd(), self.pin_path()) {
+                Ok(link) => links.push(link),
+                Err(e) => {
+                    // All or nothing: a rewrite without its accounting
+                    // would count connections that never end.
+                    for done in PROGRAMS.iter().take(links.len()) {
+                        let _ = std::fs::remove_file(link_pin(self.pin_path(), done));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        info!(cgroup = %cgroup.display(), "local path attached: local clients connect straight to builders");
+        attachment.cgroup = Some(cgroup.to_owned());
+        attachment.links = links;
+        Ok(())
+    }
+
+    /// The cgroup the local path is attached to, if it is.
+    pub fn local_cgroup(&self) -> Option<PathBuf> {
+        self.local_attachment().cgroup.clone()
+    }
+
+    /// Whether local clients of a service connect straight to the builder.
+    pub fn set_local_service(&self, service: u32, direct: bool) -> Result<(), BpfError> {
+        self.local_maps()
+            .services
+            .set(service, u32::from(direct), 0)
+            .map_err(map_err(names::LOCAL_SERVICES))
+    }
+
+    pub fn set_local_builder(&self, builder: u32, value: LocalBuilder) -> Result<(), BpfError> {
+        self.local_maps()
+            .builders
+            .set(builder, value, 0)
+            .map_err(map_err(names::LOCAL_BUILDERS))
+    }
+
+    pub fn local_builder(&self, builder: u32) -> Result<LocalBuilder, BpfError> {
+        self.local_maps()
+            .builders
+            .get(&builder, 0)
+            .map_err(map_err(names::LOCAL_BUILDERS))
+    }
+
+    /// What the local path counted for a builder.
+    pub fn local_stats(&self, builder: u32) -> Result<LocalStats, BpfError> {
+        self.local_maps()
+            .stats
+            .get(&builder, 0)
+            .map_err(map_err(names::LOCAL_STATS))
+    }
+}
+
+/// Loads one program (unless an earlier attempt did), attaches it to the cgroup through a BPF link
+/// (links stack with other programs on the cgroup) and pins the link,
+/// replacing the pin of a daemon that did not stop cleanly (its program
+/// stays attached until then, so no instant goes unhandled).
+fn attach_one(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: std::os::fd::BorrowedFd<'_>,
+    pin_path: &Path,
+) -> Result<FdLink, BpfError> {
+    let err = |source| BpfError::Program { name, source };
+    let link: FdLink = match name {
+        "account" => {
+            let p: &mut SockOps = program(ebpf, name)?;
+            if p.fd().is_err() {
+                p.load().map_err(err)?;
+            }
+            let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+            p.take_link(id)
+                .map_err(err)?
+                .try_into()
+                .map_err(|source| BpfError::Link { name, source })?
+        }
+        "release" => {
+            let p: &mut CgroupSock = program(ebpf, name)?;
+            if p.fd().is_err() {
+                p.load().map_err(err)?;
+            }
+            let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+            p.take_link(id)
+                .map_err(err)?
+                .try_into()
+                .map_err(|source| BpfError::Link { name, source })?
+        }
+        _ => {
+            let p: &mut CgroupSockAddr = program(ebpf, name)?;
+            if p.fd().is_err() {
+                p.load().map_err(err)?;
+            }
+            let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
+            p.take_link(id)
+                .map_err(err)?
+                .try_into()
+                .map_err(|source| BpfError::Link { name, source })?
+        }
+    };
+    let pin = link_pin(pin_path, name);
+    if pin.exists() {
+        info!(path = %pin.display(), "replacing a pinned local-path link (of the daemon this one takes over from, or of one that did not stop cleanly)");
+        std::fs::remove_file(&pin).map_err(|source| BpfError::Bpffs {
+            path: pin.clone(),
+            source,
+        })?;
+    }
+    let pinned = link.pin(&pin).map_err(|source| BpfError::Pin {
+        path: pin.clone(),
+        source,
+    })?;
+    Ok(FdLink::from(pinned))
+}
+
+/// The cookie of this thread's network namespace (`SO_NETNS_COOKIE`,
+/// Linux >= 5.14), the value `bpf_get_netns_cookie` gives the programs.
+fn netns_cookie() -> io::Result<u64> {
+    /// From `asm-generic/socket.h`; not in every libc target's constants.
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: plain socket(2); the descriptor is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket and an out buffer of the given length.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// The root of the cgroup v2 hierarchy: where the local path attaches
+/// unless `[daemon] local_cgroup` says otherwise.
+pub fn root_cgroup() -> io::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    super::bpf::cgroup2_mount(&mounts)
+        .map(PathBuf::from)
+        .ok_or_else(|| io::Error::other("no cgroup2 file system is mounted"))
+}

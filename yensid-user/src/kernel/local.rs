@@ -20,7 +20,7 @@ use aya::{
     maps::{Array, MapData},
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps, links::FdLink},
 };
-use tracing::{info, warn};
+use tracing::info;
 use yensid_ebpf::maps::{self as names, LocalBuilder, LocalStats};
 
 use super::bpf::{BpfError, Kernel, map_err, program, take};

@@ -235,17 +235,23 @@ impl Daemon {
             }
         }
         self.readies_before = self.log().matches(READY_LINE).count();
+        self.child = self.spawn_instance()?;
+        self.exit = None;
+        self.wait_ready()
+    }
+
+    /// A new `yensid run` of this instance: same binary, namespace, wrapping, config
+    /// file and log.
+    fn spawn_instance(&self) -> Result<Child> {
         let hosts = self.host_names.as_ref().map(|(_, file)| file.as_path());
-        self.child = spawn(
+        spawn(
             &self.binary,
             &self.launch,
             &self.netns,
             &self.config_path,
             &self.log_path,
             hosts,
-        )?;
-        self.exit = None;
-        self.wait_ready()
+        )
     }
 
     /// Starts a second `yensid run` for this instance while this one runs, as an
@@ -268,15 +274,7 @@ impl Daemon {
             self.binary = binary.to_owned();
         }
         let took_over_before = self.log().matches(TOOK_OVER_LINE).count();
-        let hosts = self.host_names.as_ref().map(|(_, file)| file.as_path());
-        let successor = spawn(
-            &self.binary,
-            &self.launch,
-            &self.netns,
-            &self.config_path,
-            &self.log_path,
-            hosts,
-        )?;
+        let successor = self.spawn_instance()?;
         let mut predecessor = std::mem::replace(&mut self.child, successor);
         let took_over = wait_until("the successor's `took over`", READY_TIMEOUT, || {
             if self.log().matches(TOOK_OVER_LINE).count() > took_over_before {
@@ -320,15 +318,7 @@ impl Daemon {
         )?;
         fs::rename(&next, &self.config_path)?;
         let since = SystemTime::now();
-        let hosts = self.host_names.as_ref().map(|(_, file)| file.as_path());
-        let mut successor = spawn(
-            &self.binary,
-            &self.launch,
-            &self.netns,
-            &self.config_path,
-            &self.log_path,
-            hosts,
-        )?;
+        let mut successor = self.spawn_instance()?;
         if wait_child(&mut successor, READY_TIMEOUT)?.is_none() {
             let _ = successor.kill();
             let _ = successor.wait();

@@ -263,18 +263,7 @@ impl Controller {
         adopted: Adopted,
         report_pipe: Option<std::fs::File>,
     ) {
-        let leftover: Vec<(String, String)> = self.inherited_listeners.keys().cloned().collect();
-        for key in &leftover {
-            if let Some((id, socket)) = self.inherited_listeners.remove(key) {
-                let started = tcp_listener(socket)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|l| self.start_listener(key.clone(), id, l, true));
-                if let Err(e) = started {
-                    error!(error = %e, "cannot accept on a listener handed over");
-                }
-            }
-        }
-        self.retire_listeners(|k| !leftover.contains(k));
+        self.retire_inherited_listeners();
         let mut report = TakeoverStatus {
             from: "handover".to_owned(),
             from_pid: adopted.from_pid,
@@ -350,6 +339,23 @@ impl Controller {
             );
         }
         self.registry.inner().takeover = Some(report);
+    }
+
+    /// Inherited listeners the first plan did not take: what is queued on
+    /// them is served for a moment, then they close (and leave the store).
+    fn retire_inherited_listeners(&mut self) {
+        let leftover: Vec<(String, String)> = self.inherited_listeners.keys().cloned().collect();
+        for key in &leftover {
+            if let Some((id, socket)) = self.inherited_listeners.remove(key) {
+                let started = tcp_listener(socket)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|l| self.start_listener(key.clone(), id, l, true));
+                if let Err(e) = started {
+                    error!(service = key.0, builder = key.1, error = %e, "cannot accept on an inherited listener");
+                }
+            }
+        }
+        self.retire_listeners(|k| !leftover.contains(k));
     }
 
     /// Opens the handover socket for a successor; without it, a new
@@ -745,20 +751,7 @@ impl Controller {
 
     /// After the first plan: serves what the store gave back.
     pub(super) fn finish_recovery(&mut self, recovered: Recovered) {
-        // Listeners the plan did not take: their queues are served for a
-        // moment, then they close (and leave the store).
-        let leftover: Vec<(String, String)> = self.inherited_listeners.keys().cloned().collect();
-        for key in &leftover {
-            if let Some((id, socket)) = self.inherited_listeners.remove(key) {
-                let started = tcp_listener(socket)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|l| self.start_listener(key.clone(), id, l, true));
-                if let Err(e) = started {
-                    error!(error = %e, "cannot accept on a stored listener");
-                }
-            }
-        }
-        self.retire_listeners(|k| !leftover.contains(k));
+        self.retire_inherited_listeners();
         let mut peers = std::collections::HashSet::new();
         let spliced = recovered.connections.len() as u64;
         for c in recovered.connections {

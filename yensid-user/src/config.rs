@@ -20,6 +20,9 @@ use yensid_ebpf::maps::{MAX_BACKENDS, MAX_BUILDERS, MAX_SERVICES};
 
 use crate::decide::link::LinkKind;
 
+pub mod load;
+pub use load::{LoadLimits, MetricsSource, ScrapeSettings};
+
 /// Where pinned maps and the dispatch link live by default.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/yensid";
 /// Where bpffs is mounted by default (and by yensid when it is not).
@@ -42,6 +45,8 @@ pub struct Config {
     pub links: Vec<(String, LinkKind)>,
     /// `[metrics] listen`: where the Prometheus endpoint listens.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `[load]`: how builders' metrics are scraped.
+    pub scrape: ScrapeSettings,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -164,6 +169,9 @@ pub struct Service {
     /// the host itself uses (127.0.0.1, ::1, a whole address family, the
     /// address of another local listener on the port).
     pub allow_host_addresses: bool,
+    /// Load thresholds of this service's builders (`[load]` with the
+    /// service's `load` over it); a builder's own override these.
+    pub load: LoadLimits,
 }
 
 impl Service {
@@ -208,6 +216,9 @@ pub enum Strategy {
     Random,
     SourceAffinity,
     Priority,
+    /// Lowest measured load plus own open connections (see
+    /// `yensid_ebpf::select` and `decide::load`).
+    LeastLoaded,
 }
 
 impl fmt::Display for Strategy {
@@ -218,6 +229,7 @@ impl fmt::Display for Strategy {
             Strategy::Random => "random",
             Strategy::SourceAffinity => "source-affinity",
             Strategy::Priority => "priority",
+            Strategy::LeastLoaded => "least-loaded",
         })
     }
 }
@@ -232,6 +244,7 @@ impl Strategy {
             Strategy::Random => RANDOM,
             Strategy::SourceAffinity => SOURCE_AFFINITY,
             Strategy::Priority => PRIORITY,
+            Strategy::LeastLoaded => LEAST_LOADED,
         }
     }
 }
@@ -246,6 +259,10 @@ pub struct Builder {
     pub max_connections: Option<u32>,
     pub host_key: Option<String>,
     pub health: HealthSettings,
+    /// `metrics_url`: where its load is read; `None`: connection counts only.
+    pub metrics: Option<MetricsSource>,
+    /// Its own `load = {...}` thresholds, over each service's.
+    pub load: LoadLimits,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -483,6 +500,8 @@ mod raw {
         pub links: BTreeMap<String, Spanned<String>>,
         #[serde(default)]
         pub metrics: Option<Metrics>,
+        #[serde(default)]
+        pub load: Option<super::load::raw::Section>,
     }
 
     #[derive(Deserialize)]
@@ -526,6 +545,7 @@ mod raw {
         pub strategy: Option<super::Strategy>,
         pub policy: Option<Rules>,
         pub allow_host_addresses: Option<bool>,
+        pub load: Option<super::load::raw::Limits>,
     }
 
     #[derive(Deserialize)]
@@ -536,6 +556,9 @@ mod raw {
         pub max_connections: Option<Spanned<i64>>,
         pub host_key: Option<Spanned<String>>,
         pub health: Option<Health>,
+        pub metrics_url: Option<Spanned<String>>,
+        pub store_mountpoint: Option<Spanned<String>>,
+        pub load: Option<super::load::raw::Limits>,
     }
 
     #[derive(Deserialize, Default)]
@@ -696,6 +719,11 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             None => health,
             Some(h) => health_settings(&mut check, &key("health"), h, health),
         };
+        let metrics = load::metrics_source(&mut check, &name, b.metrics_url, b.store_mountpoint);
+        let load = b
+            .load
+            .map(|l| load::limits(&mut check, &key("load"), l))
+            .unwrap_or_default();
         builders.push(Builder {
             name,
             address: b.address.into_inner(),
@@ -703,6 +731,8 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             max_connections,
             host_key: b.host_key.map(Spanned::into_inner),
             health,
+            metrics,
+            load,
         });
     }
 
@@ -718,6 +748,9 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
         .as_ref()
         .map(|v| Spanned::new(v.span(), ()));
     let global_rules = link_rules(&mut check, "policy", global, &LinkRules::default());
+    let mut raw_load = raw.load.unwrap_or_default();
+    let scrape = load::scrape_settings(&mut check, &mut raw_load);
+    let global_load = load::limits(&mut check, "load", raw_load.limits());
 
     if raw.service.is_empty() {
         check.problems.push(Problem {
@@ -866,6 +899,10 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
                 (None, None) => {}
             }
         }
+        let load = s
+            .load
+            .map(|l| load::limits(&mut check, &key("load"), l).over(&global_load))
+            .unwrap_or(global_load);
         services.push(Service {
             name,
             listen,
@@ -874,6 +911,7 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             strategy: s.strategy.unwrap_or(Strategy::LeastConnections),
             rules,
             allow_host_addresses: s.allow_host_addresses == Some(true),
+            load,
         });
     }
 
@@ -950,6 +988,7 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             policy,
             links,
             metrics_listen,
+            scrape,
         })
     } else {
         check.problems.sort_by_key(|p| p.line);

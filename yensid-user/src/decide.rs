@@ -5,5 +5,7 @@
 pub mod health;
 pub mod hook;
 pub mod link;
+pub mod load;
 pub mod policy;
 pub mod registry;
+pub mod scrape;

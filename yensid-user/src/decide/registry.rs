@@ -27,7 +27,9 @@ use crate::{
     decide::health::{Answer, Failure, Tracker, Transition},
     decide::hook::Decision,
     decide::link::LinkState,
+    decide::load::{self, Load},
     decide::policy::{Plan, ServicePlan, Unavailable},
+    decide::scrape::LoadTracker,
     kernel::bpf::{Kernel, Observation},
     kernel::path::{self, PathTracker, Rtt},
     operate::metrics::Histogram,
@@ -75,6 +77,8 @@ pub struct Inner {
     pub mode_override: Option<ModeOverride>,
     /// The policy hook's last valid decision.
     pub hook: Option<Decision>,
+    /// Each scraped builder's load (see `decide::scrape`).
+    pub load: HashMap<String, LoadTracker>,
 }
 
 /// Where the mode in force comes from.
@@ -119,6 +123,7 @@ impl Registry {
             paths: HashMap::new(),
             plan: None,
             sequence: 0,
+            load: HashMap::new(),
         };
         inner.sync_health();
         Self {
@@ -367,6 +372,30 @@ impl Inner {
             .collect()
     }
 
+    /// Each builder's load while its last sample is fresh; a builder
+    /// missing here is judged on connection counts alone.
+    pub fn loads(&self) -> HashMap<String, Load> {
+        let now = Instant::now();
+        let interval = self.config.scrape.interval;
+        self.load
+            .iter()
+            .filter_map(|(name, t)| Some((name.clone(), t.fresh(now, interval)?.clone())))
+            .collect()
+    }
+
+    /// The measured part of `least-loaded`'s score for `builder` (see
+    /// [`load::load_cost`]); 0 when its load is unknown.
+    pub fn load_cost(&self, builder: &str) -> u32 {
+        let Some(tracker) = self.load.get(builder) else {
+            return 0;
+        };
+        tracker
+            .fresh(Instant::now(), self.config.scrape.interval)
+            .map_or(0, |l| {
+                load::load_cost(l, tracker.own_at_sample(), self.weight(builder))
+            })
+    }
+
     /// The sequence number userspace's next own choice will use.
     pub fn next_sequence(&self) -> u64 {
         self.sequence + 1
@@ -491,6 +520,7 @@ impl Inner {
             eligible,
             self.active.get(name).copied().unwrap_or(0),
         )
+        .with_load_cost(self.load_cost(name))
     }
 
     /// The shared selection code over userspace's view of a service.

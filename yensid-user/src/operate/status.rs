@@ -483,7 +483,7 @@ mod tests {
             weight: 1,
             max_connections: 0,
             eligible,
-            _reserved: 0,
+            load_cost: 0,
         };
         let dump = MapsDump {
             pin_path: "/sys/fs/bpf/yensid".into(),

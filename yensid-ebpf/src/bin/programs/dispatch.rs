@@ -250,6 +250,7 @@ fn candidate(backend: &Backend) -> Candidate {
         settings.eligible != 0 && backend.eligible != 0,
         assigned.wrapping_sub(released),
     )
+    .with_load_cost(settings.load_cost)
 }
 
 /// Counts one more, returning the count before (round-robin's sequence).

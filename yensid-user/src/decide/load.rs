@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use yensid_ebpf::select::LOAD_UNIT;
 
 use crate::config::load::{DiskSpace, LoadLimits, describe_bytes};
@@ -46,7 +46,7 @@ pub struct Sample {
 }
 
 /// Free space of the store's file system.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Disk {
     pub mountpoint: String,
     pub available_bytes: f64,
@@ -137,7 +137,7 @@ impl Sample {
 /// A builder's load as decisions see it: the stalled fractions over the
 /// interval between two samples (PSI "some": some task waited; "full":
 /// all did), and the latest sample's gauges.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Load {
     pub cpu_pressure: Option<f64>,
     pub memory_pressure_some: Option<f64>,

@@ -460,6 +460,30 @@ impl Inner {
                     None => "no affinity table yet".into(),
                 }
             }
+            Strategy::LeastLoaded => {
+                // The kernel's score, from the same inputs: its own count
+                // of open connections and the cost userspace wrote.
+                let scores: Vec<String> = svc
+                    .builders
+                    .iter()
+                    .map(|n| (n, inner.candidate(&svc.name, n, &[])))
+                    .filter(|(_, c)| c.available)
+                    .map(|(n, c)| {
+                        let active = c.active.min(u32::MAX as u64) as u32;
+                        let score = select::load_score(active, c.weight, c.load_cost);
+                        format!(
+                            "{n} {:.2} = {active} own / weight {} + measured {:.2}",
+                            score as f64 / select::LOAD_UNIT as f64,
+                            c.weight,
+                            c.load_cost as f64 / select::LOAD_UNIT as f64
+                        )
+                    })
+                    .collect();
+                match name_of(select::choose(svc.strategy.kernel_id(), &pool, &draw(None))) {
+                    Some(n) => format!("-> {n} (lowest load score: {})", scores.join("; ")),
+                    None => "REFUSED (RST): every eligible builder is at max_connections".into(),
+                }
+            }
             strategy => match name_of(select::choose(strategy.kernel_id(), &pool, &draw(None))) {
                 Some(n) => format!(
                     "-> {n} ({})",

@@ -351,9 +351,22 @@ impl Registry {
             ),
             None => {}
         }
+        let decides = load_decides(&inner.config);
         drop(inner);
-        self.replan.notify_one();
+        if decides {
+            self.replan.notify_one();
+        }
     }
+}
+
+/// Whether any decision depends on measured load: a threshold somewhere,
+/// or a `least-loaded` service. Otherwise a sample only informs status.
+fn load_decides(config: &Config) -> bool {
+    config
+        .services
+        .iter()
+        .any(|s| s.strategy == crate::config::Strategy::LeastLoaded || !s.load.is_empty())
+        || config.builders.iter().any(|b| !b.load.is_empty())
 }
 
 #[cfg(test)]
@@ -362,6 +375,56 @@ mod tests {
 
     fn sample() -> Sample {
         Sample::parse("node_load1 1\nnode_netstat_Tcp_CurrEstab 3\n", None).unwrap()
+    }
+
+    #[test]
+    fn only_thresholds_or_least_loaded_make_samples_replan() {
+        let base = "[[service]]\nname = \"a\"\nlisten = [\"127.0.0.22/32\"]\n";
+        let builder = "[builders.b1]\naddress = \"198.18.1.2:22\"\nmetrics_url = \"http://198.18.1.2:9100/\"\n";
+        let parse = |text: String| Config::parse(&text).unwrap();
+        assert!(!load_decides(&parse(format!("{base}{builder}"))));
+        assert!(load_decides(&parse(format!(
+            "{base}strategy = \"least-loaded\"\n{builder}"
+        ))));
+        assert!(load_decides(&parse(format!(
+            "{base}load = {{ max_load_per_core = 4 }}\n{builder}"
+        ))));
+        assert!(load_decides(&parse(format!(
+            "{base}{builder}load = {{ min_free_disk = \"5%\" }}\n"
+        ))));
+    }
+
+    /// A real socket: a response past the cap is cut off, a silent server
+    /// runs into the timeout, and both say so.
+    #[tokio::test]
+    async fn oversized_and_silent_endpoints_fail_with_their_reason() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let source = MetricsSource {
+            url: format!("http://{addr}/metrics"),
+            authority: addr.to_string(),
+            path: "/metrics".into(),
+            store_mountpoint: None,
+        };
+        let server = tokio::spawn(async move {
+            // First: an endless body. Second: silence.
+            let (mut big, _) = listener.accept().await.unwrap();
+            let _ = big.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+            let chunk = vec![b'#'; 1 << 16];
+            while big.write_all(&chunk).await.is_ok() {}
+            let (silent, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            drop(silent);
+        });
+        assert_eq!(
+            scrape(&source, Duration::from_secs(20)).await,
+            Err(ScrapeError::TooLarge)
+        );
+        assert_eq!(
+            scrape(&source, Duration::from_millis(200)).await,
+            Err(ScrapeError::Timeout(Duration::from_millis(200)))
+        );
+        server.abort();
     }
 
     #[test]

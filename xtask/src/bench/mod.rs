@@ -23,6 +23,7 @@ mod contender;
 mod cpu;
 mod figure;
 mod haproxy;
+mod makespan;
 mod measure;
 mod nix;
 mod protocol;
@@ -97,6 +98,11 @@ pub struct Options {
     /// aliases) and write uploads.md and uploads.json.
     #[arg(long)]
     only_uploads: bool,
+    /// Measure only the makespan of a mixed workload (least-loaded against
+    /// round-robin, least-connections and the best static assignment) and
+    /// write makespan.md.
+    #[arg(long)]
+    only_makespan: bool,
     /// Where latest.md, latest.json and latest.png go (relative to the
     /// workspace root).
     #[arg(long, default_value = "bench/results")]
@@ -146,6 +152,9 @@ pub fn run(options: &Options) -> Result<()> {
         build::ensure_packages(&for_nix)?;
         return measure_uploads(options, &dir);
     }
+    if options.only_makespan {
+        return measure_makespan(&dir);
+    }
     build::ensure_packages(&[
         (haproxy::HAPROXY, "haproxy"),
         (chart::FONT, "fonts-dejavu-core"),
@@ -183,6 +192,7 @@ pub fn run(options: &Options) -> Result<()> {
         dir.display()
     ));
     measure_uploads(options, &dir)?;
+    measure_makespan(&dir)?;
     let failed = report.failed_figures();
     ensure!(
         failed == 0,
@@ -208,6 +218,22 @@ fn measure_uploads(options: &Options, dir: &std::path::Path) -> Result<()> {
         "wrote uploads.md and uploads.json in {}",
         dir.display()
     ));
+    Ok(())
+}
+
+/// The makespan runs (see `makespan`), printed and written to
+/// `makespan.md` in `dir`.
+fn measure_makespan(dir: &std::path::Path) -> Result<()> {
+    build::ensure_packages(&[(
+        yensid_tests::node_exporter::NODE_EXPORTER,
+        "prometheus-node-exporter",
+    )])?;
+    build::progress("measuring the makespan of a mixed workload");
+    let md = makespan::measure(&build::yensid_binary(true))?.markdown();
+    println!("\n{md}");
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("makespan.md"), md)?;
+    build::progress(&format!("wrote makespan.md in {}", dir.display()));
     Ok(())
 }
 

@@ -120,8 +120,9 @@ async fn fetch(source: &MetricsSource) -> Result<String, ScrapeError> {
 
 /// The body once `buf` holds a whole response (by `Content-Length`, or
 /// chunked, or up to the close when neither is given and the peer closed),
-/// `None` while more is needed.
-fn complete_body(buf: &[u8]) -> Result<Option<String>, ScrapeError> {
+/// `None` while more is needed. Every byte of `buf` is the builder's: error
+/// messages quote it escaped.
+pub fn complete_body(buf: &[u8]) -> Result<Option<String>, ScrapeError> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut response = httparse::Response::new(&mut headers);
     let head_len = match response.parse(buf) {

@@ -26,6 +26,7 @@ let
     "random"
     "source-affinity"
     "priority"
+    "least-loaded"
   ];
   linkKinds = [
     "ethernet"

@@ -32,6 +32,7 @@ pub enum Strategy {
     Random,
     SourceAffinity,
     Priority,
+    LeastLoaded,
 }
 
 impl Strategy {
@@ -42,6 +43,7 @@ impl Strategy {
             Self::Random => "random",
             Self::SourceAffinity => "source-affinity",
             Self::Priority => "priority",
+            Self::LeastLoaded => "least-loaded",
         }
     }
 }

@@ -156,6 +156,21 @@ impl Daemon {
         )
     }
 
+    /// [`Self::start_with_file`] with an explicit binary (e.g. a release build).
+    pub fn start_binary_with_file(
+        binary: &Path,
+        ns: &Netns,
+        render: &dyn Fn(&InstancePaths) -> Result<String>,
+    ) -> Result<Self> {
+        Self::start_configured(
+            binary,
+            ns,
+            &|paths, _| render(paths),
+            None,
+            Launch::default(),
+        )
+    }
+
     /// Like [`Self::start`], with the daemon's command line wrapped as `launch` says
     /// (e.g. fewer capabilities, or a private mount namespace); restarts wrap it alike.
     pub fn start_wrapped(ns: &Netns, config: &DaemonConfig, launch: Launch) -> Result<Self> {

@@ -26,6 +26,7 @@ pub mod hosts;
 pub mod netns;
 pub mod nix;
 pub mod nixos;
+pub mod node_exporter;
 pub mod payload;
 pub mod privileges;
 pub mod ssh;

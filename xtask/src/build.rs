@@ -322,7 +322,7 @@ fn ensure_bpf_linker() -> Result<()> {
 /// What the black-box tests run, by file and Debian package: builders'
 /// sshd and the clients' ssh, Nix on both sides, namespaces and links
 /// (`ip`, `tc`), other users and namespaces (`setpriv`, `nsenter`),
-/// lossy links (`nft`), and a systemd in a container for the shipped unit
+/// lossy links (`nft`), builder load (`prometheus-node-exporter`), and a systemd in a container for the shipped unit
 /// (`systemd-nspawn`, and `debootstrap` for its root file system).
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("/usr/sbin/sshd", "openssh-server"),
@@ -334,6 +334,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/nsenter", "util-linux"),
     ("/usr/sbin/sysctl", "procps"),
     ("/usr/sbin/nft", "nftables"),
+    (
+        yensid_tests::node_exporter::NODE_EXPORTER,
+        "prometheus-node-exporter",
+    ),
     (yensid_tests::container::NSPAWN, "systemd-container"),
     (yensid_tests::container::DEBOOTSTRAP, "debootstrap"),
 ];

@@ -37,6 +37,10 @@ pub const TARGETS: &[(&str, &str)] = &[
         "metrics_request",
         "metrics request heads (operate::metrics::route)",
     ),
+    (
+        "scrape_response",
+        "builders' metrics responses (decide::scrape::complete_body, decide::load::Sample::parse)",
+    ),
 ];
 
 /// How long `cargo xtask test` runs each target.

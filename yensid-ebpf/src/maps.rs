@@ -65,6 +65,9 @@ pub mod strategy {
     pub const RANDOM: u32 = 2;
     pub const SOURCE_AFFINITY: u32 = 3;
     pub const PRIORITY: u32 = 4;
+    /// Lowest `BuilderState::load_cost` plus own open connections per
+    /// unit of weight (see `select`).
+    pub const LEAST_LOADED: u32 = 5;
 }
 
 /// Listener ids of (service, builder) pairs: `0..MAX_LISTENERS` of
@@ -166,7 +169,11 @@ pub struct BuilderState {
     pub max_connections: u32,
     /// 1 when new connections may go to this builder.
     pub eligible: u32,
-    pub _reserved: u32,
+    /// The builder's measured load for `least-loaded`, in 1/1024 of one
+    /// open connection per unit of weight (see `select::LOAD_UNIT`); 0
+    /// when unmeasured. Other strategies ignore it. (This was a reserved,
+    /// always-zero field: the layout is unchanged.)
+    pub load_cost: u32,
 }
 
 /// The operator's mode override as the kernel sees it, written by

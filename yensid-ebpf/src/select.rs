@@ -16,6 +16,8 @@ pub struct Candidate {
     pub active: u64,
     /// Eligible and below its connection limit.
     pub available: bool,
+    /// Measured load for `least-loaded`, in [`LOAD_UNIT`]s (0: unmeasured).
+    pub load_cost: u32,
 }
 
 impl Candidate {
@@ -27,7 +29,14 @@ impl Candidate {
             weight,
             active,
             available: eligible && weight > 0 && below_limit,
+            load_cost: 0,
         }
+    }
+
+    /// The same candidate with the measured load `least-loaded` adds.
+    #[inline(always)]
+    pub fn with_load_cost(self, load_cost: u32) -> Self {
+        Self { load_cost, ..self }
     }
 }
 
@@ -43,6 +52,8 @@ pub struct Pool {
     /// Active connections per position, clamped to u32 so that
     /// `load * weight` fits in a u64 (BPF has no 128-bit multiply).
     load: [u32; MAX_BACKENDS as usize],
+    /// Measured load per position (`least-loaded` only).
+    cost: [u32; MAX_BACKENDS as usize],
     count: u32,
 }
 
@@ -58,6 +69,7 @@ impl Pool {
         Self {
             weight: [0; MAX_BACKENDS as usize],
             load: [0; MAX_BACKENDS as usize],
+            cost: [0; MAX_BACKENDS as usize],
             count: 0,
         }
     }
@@ -77,6 +89,9 @@ impl Pool {
             } else {
                 c.active as u32
             };
+        }
+        if let Some(cost) = self.cost.get_mut(position as usize) {
+            *cost = c.load_cost;
         }
     }
 
@@ -138,8 +153,24 @@ pub fn choose(strategy: u32, pool: &Pool, draw: &Draw) -> Option<u32> {
             None => least_connections(pool, draw.sequence),
         },
         strategy::PRIORITY => first_available(pool),
+        strategy::LEAST_LOADED => lowest_key::<true>(pool, draw.sequence),
         _ => least_connections(pool, draw.sequence),
     }
+}
+
+/// One open connection in the fixed point of `least-loaded`'s score.
+pub const LOAD_UNIT: u32 = 1024;
+
+/// `least-loaded`'s score of one candidate, in [`LOAD_UNIT`]s: this
+/// daemon's own open connections per unit of weight, counted live (so a
+/// burst spreads at once), plus the measured load userspace wrote (see
+/// `yensid::decide::load::load_cost`). The lowest score wins.
+#[inline(always)]
+pub fn load_score(active: u32, weight: u32, load_cost: u32) -> u64 {
+    if weight == 0 {
+        return u64::MAX;
+    }
+    ((active as u64) * LOAD_UNIT as u64) / weight as u64 + load_cost as u64
 }
 
 /// Fewest active connections per unit of weight; ties are broken by
@@ -154,6 +185,14 @@ pub fn choose(strategy: u32, pool: &Pool, draw: &Draw) -> Option<u32> {
 /// it.
 #[inline(always)]
 fn least_connections(pool: &Pool, sequence: u64) -> Option<u32> {
+    lowest_key::<false>(pool, sequence)
+}
+
+/// The position with the lowest key, ties rotating (see
+/// [`least_connections`]); `LOADED` keys by [`load_score`] instead of
+/// connections per weight.
+#[inline(always)]
+fn lowest_key<const LOADED: bool>(pool: &Pool, sequence: u64) -> Option<u32> {
     const TURN_BITS: u32 = 6;
     let count = pool.count;
     if count == 0 {
@@ -168,17 +207,21 @@ fn least_connections(pool: &Pool, sequence: u64) -> Option<u32> {
         }
         // `get` rather than indexing: a panic path would leave the BPF
         // program without a final exit instruction.
-        let (Some(&w), Some(&load)) = (
+        let (Some(&w), Some(&load), Some(&cost)) = (
             pool.weight.get(position as usize),
             pool.load.get(position as usize),
+            pool.cost.get(position as usize),
         ) else {
             break;
         };
         // Branch-free: a branch on `start` would split its range on every
         // position and multiply the verifier's states.
         let turn = (position + count - start) % count;
+        // Both scores stay below 2^53, so the shift keeps them whole.
         let key = if w == 0 {
             u64::MAX
+        } else if LOADED {
+            load_score(load, w, cost) << TURN_BITS | turn as u64
         } else {
             (((load as u64) << 20) / w as u64) << TURN_BITS | turn as u64
         };
@@ -307,7 +350,7 @@ mod tests {
     #[test]
     fn unavailable_backends_are_skipped_by_every_strategy() {
         let p = pool(&[(1, 0, 0, false), (1, 4, 4, true), (1, 0, 0, true)]);
-        for s in 0..=4 {
+        for s in 0..=5 {
             for seq in 0..8 {
                 let d = Draw {
                     random: seq as u32 * 7919,
@@ -322,7 +365,7 @@ mod tests {
     #[test]
     fn nothing_available_means_refusal() {
         let p = pool(&[(1, 0, 0, false), (1, 2, 2, true)]);
-        for s in 0..=4 {
+        for s in 0..=5 {
             assert_eq!(choose(s, &p, &draw(3)), None);
         }
         assert_eq!(choose(0, &Pool::new(), &draw(0)), None);
@@ -331,7 +374,7 @@ mod tests {
     #[test]
     fn zero_weight_is_never_chosen() {
         let p = pool(&[(0, 0, 0, true), (1, 9, 0, true)]);
-        for s in 0..=4 {
+        for s in 0..=5 {
             assert_eq!(choose(s, &p, &draw(0)), Some(1));
         }
     }
@@ -395,6 +438,77 @@ mod tests {
         assert_eq!(choose(strategy::PRIORITY, &p, &draw(0)), Some(0));
         let p = pool(&[(1, 2, 2, true), (1, 0, 2, true)]);
         assert_eq!(choose(strategy::PRIORITY, &p, &draw(0)), Some(1));
+    }
+
+    fn loaded(spec: &[(u32, u64, u32)]) -> Pool {
+        let mut pool = Pool::new();
+        for &(w, active, cost) in spec {
+            pool.push(Candidate::new(w, 0, true, active).with_load_cost(cost));
+        }
+        pool
+    }
+
+    #[test]
+    fn least_loaded_picks_the_lowest_measured_load_when_idle() {
+        let p = loaded(&[
+            (1, 0, 3 * LOAD_UNIT),
+            (1, 0, LOAD_UNIT / 2),
+            (1, 0, LOAD_UNIT),
+        ]);
+        for seq in 0..4 {
+            assert_eq!(choose(strategy::LEAST_LOADED, &p, &draw(seq)), Some(1));
+        }
+    }
+
+    /// A burst: the builder that was idle at the last sample fills with
+    /// this daemon's own connections, counted live, until its score passes
+    /// the other's measured load; then they alternate.
+    #[test]
+    fn least_loaded_spreads_a_burst_by_counting_own_connections() {
+        let costs = [2 * LOAD_UNIT, 0];
+        let mut active = [0u64, 0];
+        let mut picks = Vec::new();
+        for seq in 0..6 {
+            let p = loaded(&[(1, active[0], costs[0]), (1, active[1], costs[1])]);
+            let pick = choose(strategy::LEAST_LOADED, &p, &draw(seq)).unwrap() as usize;
+            active[pick] += 1;
+            picks.push(pick);
+        }
+        assert_eq!(&picks[..2], [1, 1], "the idle builder first: {picks:?}");
+        assert_eq!(active, [2, 4], "{picks:?}");
+    }
+
+    #[test]
+    fn least_loaded_divides_own_connections_by_weight() {
+        // b0 has weight 4: four own connections there weigh as one on b1.
+        let p = loaded(&[(4, 3, 0), (1, 1, 0)]);
+        assert_eq!(choose(strategy::LEAST_LOADED, &p, &draw(0)), Some(0));
+        assert_eq!(load_score(3, 4, 100), 3 * 256 + 100);
+        assert_eq!(load_score(1, 0, 0), u64::MAX);
+    }
+
+    #[test]
+    fn least_loaded_rotates_ties_and_skips_unavailable_builders() {
+        let p = loaded(&[(1, 0, 5), (1, 0, 5)]);
+        let picks: Vec<_> = (0..2)
+            .map(|s| choose(strategy::LEAST_LOADED, &p, &draw(s)).unwrap())
+            .collect();
+        assert_eq!(picks, [0, 1]);
+        let mut p = Pool::new();
+        p.push(Candidate::new(1, 0, false, 0));
+        p.push(Candidate::new(1, 0, true, 9).with_load_cost(u32::MAX));
+        assert_eq!(choose(strategy::LEAST_LOADED, &p, &draw(0)), Some(1));
+        let mut p = Pool::new();
+        p.push(Candidate::new(1, 1, true, 1).with_load_cost(0));
+        assert_eq!(choose(strategy::LEAST_LOADED, &p, &draw(0)), None, "full");
+    }
+
+    /// Other strategies ignore the measured load.
+    #[test]
+    fn load_cost_changes_no_other_strategy() {
+        let p = loaded(&[(1, 0, 9 * LOAD_UNIT), (1, 1, 0)]);
+        assert_eq!(choose(strategy::LEAST_CONNECTIONS, &p, &draw(0)), Some(0));
+        assert_eq!(choose(strategy::PRIORITY, &p, &draw(0)), Some(0));
     }
 
     #[test]

@@ -20,6 +20,9 @@ use yensid_ebpf::maps::{MAX_BACKENDS, MAX_BUILDERS, MAX_SERVICES};
 
 use crate::decide::link::LinkKind;
 
+pub mod load;
+pub use load::{LoadLimits, MetricsSource, ScrapeSettings};
+
 /// Where pinned maps and the dispatch link live by default.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/yensid";
 /// Where bpffs is mounted by default (and by yensid when it is not).
@@ -42,6 +45,8 @@ pub struct Config {
     pub links: Vec<(String, LinkKind)>,
     /// `[metrics] listen`: where the Prometheus endpoint listens.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `[load]`: how builders' metrics are scraped.
+    pub scrape: ScrapeSettings,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -171,6 +176,9 @@ pub struct Service {
     pub when_full: WhenFull,
     /// How clients on this host reach a builder.
     pub local_clients: LocalClients,
+    /// Load thresholds of this service's builders (`[load]` with the
+    /// service's `load` over it); a builder's own override these.
+    pub load: LoadLimits,
 }
 
 /// `when_full`: refuse (RST, Nix builds locally) or hold the connection
@@ -255,6 +263,9 @@ pub enum Strategy {
     Random,
     SourceAffinity,
     Priority,
+    /// Lowest measured load plus own open connections (see
+    /// `yensid_ebpf::select` and `decide::load`).
+    LeastLoaded,
 }
 
 impl fmt::Display for Strategy {
@@ -265,6 +276,7 @@ impl fmt::Display for Strategy {
             Strategy::Random => "random",
             Strategy::SourceAffinity => "source-affinity",
             Strategy::Priority => "priority",
+            Strategy::LeastLoaded => "least-loaded",
         })
     }
 }
@@ -279,6 +291,7 @@ impl Strategy {
             Strategy::Random => RANDOM,
             Strategy::SourceAffinity => SOURCE_AFFINITY,
             Strategy::Priority => PRIORITY,
+            Strategy::LeastLoaded => LEAST_LOADED,
         }
     }
 }
@@ -293,6 +306,10 @@ pub struct Builder {
     pub max_connections: Option<u32>,
     pub host_key: Option<String>,
     pub health: HealthSettings,
+    /// `metrics_url`: where its load is read; `None`: connection counts only.
+    pub metrics: Option<MetricsSource>,
+    /// Its own `load = {...}` thresholds, over each service's.
+    pub load: LoadLimits,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -530,6 +547,8 @@ mod raw {
         pub links: BTreeMap<String, Spanned<String>>,
         #[serde(default)]
         pub metrics: Option<Metrics>,
+        #[serde(default)]
+        pub load: Option<super::load::raw::Section>,
     }
 
     #[derive(Deserialize)]
@@ -578,6 +597,7 @@ mod raw {
         pub queue_timeout: Option<Spanned<String>>,
         pub queue_limit: Option<Spanned<i64>>,
         pub local_clients: Option<super::LocalClients>,
+        pub load: Option<super::load::raw::Limits>,
     }
 
     #[derive(Deserialize)]
@@ -588,6 +608,9 @@ mod raw {
         pub max_connections: Option<Spanned<i64>>,
         pub host_key: Option<Spanned<String>>,
         pub health: Option<Health>,
+        pub metrics_url: Option<Spanned<String>>,
+        pub store_mountpoint: Option<Spanned<String>>,
+        pub load: Option<super::load::raw::Limits>,
     }
 
     #[derive(Deserialize, Default)]
@@ -750,6 +773,11 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             None => health,
             Some(h) => health_settings(&mut check, &key("health"), h, health),
         };
+        let metrics = load::metrics_source(&mut check, &name, b.metrics_url, b.store_mountpoint);
+        let load = b
+            .load
+            .map(|l| load::limits(&mut check, &key("load"), l))
+            .unwrap_or_default();
         builders.push(Builder {
             name,
             address: b.address.into_inner(),
@@ -757,6 +785,8 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             max_connections,
             host_key: b.host_key.map(Spanned::into_inner),
             health,
+            metrics,
+            load,
         });
     }
 
@@ -772,6 +802,9 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
         .as_ref()
         .map(|v| Spanned::new(v.span(), ()));
     let global_rules = link_rules(&mut check, "policy", global, &LinkRules::default());
+    let mut raw_load = raw.load.unwrap_or_default();
+    let scrape = load::scrape_settings(&mut check, &mut raw_load);
+    let global_load = load::limits(&mut check, "load", raw_load.limits());
 
     if raw.service.is_empty() {
         check.problems.push(Problem {
@@ -927,6 +960,10 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             s.queue_timeout,
             s.queue_limit,
         );
+        let load = s
+            .load
+            .map(|l| load::limits(&mut check, &key("load"), l).over(&global_load))
+            .unwrap_or(global_load);
         services.push(Service {
             name,
             listen,
@@ -937,6 +974,7 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             allow_host_addresses: s.allow_host_addresses == Some(true),
             when_full,
             local_clients: s.local_clients.unwrap_or_default(),
+            load,
         });
     }
 
@@ -1013,6 +1051,7 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             policy,
             links,
             metrics_listen,
+            scrape,
         })
     } else {
         check.problems.sort_by_key(|p| p.line);

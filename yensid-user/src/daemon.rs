@@ -43,6 +43,7 @@ use crate::{
     decide::link::{self, LinkState},
     decide::policy::{self, Plan, Refusal, Snapshot},
     decide::registry::Registry,
+    decide::scrape::Scrapers,
     kernel::bpf::{self, Kernel},
     kernel::hangup::Hangups,
     kernel::local_route::{self, LocalRoutes},
@@ -197,6 +198,7 @@ pub async fn run(
         splicer,
         listeners: HashMap::new(),
         probes: HashMap::new(),
+        scrapers: Scrapers::default(),
         services: Indices::new(MAX_SERVICES),
         builders: Indices::new(MAX_BUILDERS),
         listener_ids: Indices::new(MAX_LISTENERS),
@@ -605,6 +607,8 @@ struct Controller {
     path: DataPath,
     /// One probe task per builder.
     probes: HashMap<String, JoinHandle<()>>,
+    /// One metrics scrape task per builder with a `metrics_url`.
+    scrapers: Scrapers,
     /// Keyed by (service, builder); in the fallback by (service, address).
     listeners: HashMap<(String, String), ListenerHandle>,
     services: Indices,
@@ -1042,6 +1046,7 @@ impl Controller {
             }
             let unavailable = inner.unavailable();
             let rtt = inner.rtt();
+            let load = inner.loads();
             let now = unix_now();
             let decide = |mode| {
                 policy::decide(Snapshot {
@@ -1051,6 +1056,7 @@ impl Controller {
                     links: inner.links.as_ref(),
                     addresses: &inner.addresses,
                     rtt: &rtt,
+                    load: &load,
                 })
             };
             let (mode, _) = inner.mode_in_force(now);
@@ -1119,7 +1125,7 @@ impl Controller {
                     weight,
                     max_connections: builder.max_connections.unwrap_or(0),
                     eligible: bp.eligible as u32,
-                    _reserved: 0,
+                    load_cost: self.registry.inner().load_cost(&builder.name),
                 },
             )?;
         }
@@ -1525,6 +1531,7 @@ impl Controller {
                 self.probes.insert(b.name.clone(), task);
             }
         }
+        self.scrapers.sync(&self.registry, config);
     }
 
     fn close_all(&mut self) {
@@ -1540,6 +1547,7 @@ impl Controller {
         for (_, task) in self.probes.drain() {
             task.abort();
         }
+        self.scrapers.close();
     }
 }
 

@@ -6,5 +6,7 @@ pub mod health;
 pub mod hook;
 pub mod link;
 pub mod local;
+pub mod load;
 pub mod policy;
 pub mod registry;
+pub mod scrape;

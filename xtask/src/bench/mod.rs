@@ -30,6 +30,7 @@ mod figure;
 mod handover;
 mod haproxy;
 mod local;
+mod makespan;
 mod measure;
 mod nix;
 mod protocol;
@@ -204,6 +205,11 @@ pub const SECTIONS: &[Section] = &[
         key: "local",
         about: "the local path (clients on the daemon's host, connect-time rewrite) against direct (local.md)",
         part: Part::Own(measure_local),
+    },
+    Section {
+        key: "makespan",
+        about: "makespan of a mixed workload: least-loaded against round-robin, least-connections and the best static assignment (makespan.md)",
+        part: Part::Own(measure_makespan),
     },
     Section {
         key: "uploads",
@@ -391,6 +397,23 @@ pub fn write_section(dir: &Path, key: &str, md: &str, json: &serde_json::Value) 
         "wrote {key}.md and {key}.json in {}",
         dir.display()
     ));
+    Ok(())
+}
+
+/// The makespan runs (see `makespan`), printed and written to
+/// `makespan.md` in `dir`.
+fn measure_makespan(setup: &Setup) -> Result<()> {
+    let dir = &setup.out;
+    build::ensure_packages(&[(
+        yensid_tests::node_exporter::NODE_EXPORTER,
+        "prometheus-node-exporter",
+    )])?;
+    build::progress("measuring the makespan of a mixed workload");
+    let md = makespan::measure(&setup.yensid)?.markdown();
+    println!("\n{md}");
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("makespan.md"), md)?;
+    build::progress(&format!("wrote makespan.md in {}", dir.display()));
     Ok(())
 }
 

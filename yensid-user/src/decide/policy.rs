@@ -17,6 +17,7 @@ use yensid_ebpf::maps::AFFINITY_SLOTS;
 use crate::{
     config::{Config, LinkRules, Mode},
     decide::link::{LinkKind, LinkState},
+    decide::load::{self, Load, Overload},
     kernel::path::{Rtt, RttSource},
 };
 
@@ -54,6 +55,9 @@ pub struct Snapshot<'a> {
     /// Each builder's round-trip time: the kernel's while fresh, else the
     /// last successful probe's (see [`crate::kernel::path`]).
     pub rtt: &'a HashMap<String, Rtt>,
+    /// Each builder's load while freshly measured (see `decide::load`);
+    /// a builder missing here is judged on connection counts alone.
+    pub load: &'a HashMap<String, Load>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,6 +110,9 @@ pub enum Exclusion {
         rtt_ms: Option<(u64, RttSource)>,
         max: u32,
     },
+    /// A measured load is past a threshold (`max_cpu_pressure`, ...,
+    /// `min_free_disk`).
+    Overloaded(Overload),
 }
 
 impl std::fmt::Display for Exclusion {
@@ -149,6 +156,7 @@ impl std::fmt::Display for Exclusion {
             Exclusion::SlowBuilder { rtt_ms: None, max } => {
                 write!(f, "no round-trip time measured yet (max_rtt_ms {max})")
             }
+            Exclusion::Overloaded(o) => write!(f, "overloaded: {o}"),
         }
     }
 }
@@ -208,7 +216,7 @@ pub fn decide(s: Snapshot<'_>) -> Plan {
                 .iter()
                 .map(|b| MemberPlan {
                     builder: b.clone(),
-                    excluded: exclusion(&s, &svc.rules, b),
+                    excluded: exclusion(&s, &svc.rules, b).or_else(|| overloaded(&s, svc, b)),
                 })
                 .collect();
             let eligible = members.iter().filter(|m| m.excluded.is_none()).count();
@@ -275,6 +283,20 @@ fn exclusion(s: &Snapshot<'_>, rules: &LinkRules, builder: &str) -> Option<Exclu
         });
     }
     None
+}
+
+/// Whether `builder`'s measured load is past a threshold of `svc` (the
+/// builder's own thresholds over the service's). Like health, this applies
+/// in every mode: a builder out of disk space fails builds whatever the
+/// mode. It comes after every other exclusion, so that a builder that is
+/// also unhealthy or drained says so.
+fn overloaded(s: &Snapshot<'_>, svc: &crate::config::Service, builder: &str) -> Option<Exclusion> {
+    let measured = s.load.get(builder)?;
+    let limits = s
+        .config
+        .builder(builder)
+        .map_or(svc.load, |b| b.load.over(&svc.load));
+    load::overload(measured, &limits).map(Exclusion::Overloaded)
 }
 
 /// The source-affinity table of a service: `AFFINITY_SLOTS` slots, each
@@ -403,6 +425,7 @@ mod tests {
         links: Option<LinkState>,
         addresses: HashMap<String, IpAddr>,
         rtt: HashMap<String, Rtt>,
+        load: HashMap<String, Load>,
     }
 
     impl World {
@@ -416,6 +439,7 @@ mod tests {
                     ("b2".to_owned(), "198.18.2.2".parse().unwrap()),
                 ]),
                 rtt: HashMap::new(),
+                load: HashMap::new(),
             }
         }
 
@@ -427,6 +451,7 @@ mod tests {
                 links: self.links.as_ref(),
                 addresses: &self.addresses,
                 rtt: &self.rtt,
+                load: &self.load,
             })
         }
     }
@@ -455,6 +480,53 @@ mod tests {
             assert!(plan.builders.iter().all(|b| b.eligible));
             assert_eq!(excluded(&plan, 1), [None, None]);
         }
+    }
+
+    /// Thresholds exclude a builder in every mode but local, builder
+    /// thresholds over the service's; an unmeasured builder stays.
+    #[test]
+    fn an_overloaded_builder_is_excluded_and_says_which_metric() {
+        let mut w = World::new(
+            "[[service]]\nname = \"a\"\nlisten = [\"127.0.0.22\"]\nload = { max_cpu_pressure = 0.5 }\n\
+             [[service]]\nname = \"b\"\nlisten = [\"127.0.0.23\"]\n",
+        );
+        w.load.insert(
+            "b1".into(),
+            Load {
+                cpu_pressure: Some(0.6),
+                ..Load::default()
+            },
+        );
+        for mode in [Mode::Auto, Mode::Remote] {
+            let plan = w.decide(mode);
+            let [Some(Exclusion::Overloaded(o)), None] = &excluded(&plan, 0)[..] else {
+                panic!("{plan:?}");
+            };
+            assert_eq!(
+                Exclusion::Overloaded(o.clone()).to_string(),
+                "overloaded: cpu pressure 60.0% is above max_cpu_pressure 50.0%"
+            );
+            assert_eq!(
+                excluded(&plan, 1),
+                [None, None],
+                "service b has no threshold"
+            );
+            assert!(plan.builders[0].eligible, "other services may still use it");
+        }
+        w.config = config(
+            "[[service]]\nname = \"a\"\nlisten = [\"127.0.0.22\"]\nload = { max_cpu_pressure = 0.5 }\n",
+        );
+        let mut b1 = w.config.builders[0].clone();
+        b1.load.max_cpu_pressure = Some(crate::config::load::Ratio(0.9));
+        w.config.builders[0] = b1;
+        assert_eq!(excluded(&w.decide(Mode::Auto), 0), [None, None]);
+        w.load.clear();
+        w.config.builders[0].load = Default::default();
+        assert_eq!(
+            excluded(&w.decide(Mode::Auto), 0),
+            [None, None],
+            "unmeasured"
+        );
     }
 
     #[test]

@@ -29,7 +29,9 @@ use crate::{
     decide::health::{Answer, Failure, Tracker, Transition},
     decide::hook::Decision,
     decide::link::LinkState,
+    decide::load::{self, Load},
     decide::policy::{Plan, ServicePlan, Unavailable},
+    decide::scrape::LoadTracker,
     kernel::bpf::{Kernel, Observation},
     kernel::path::{self, PathTracker, Rtt},
     operate::metrics::Histogram,
@@ -88,6 +90,8 @@ pub struct Inner {
     pub local: crate::decide::local::LocalPath,
     /// For the local path's counts, which the kernel keeps.
     kernel: Option<Arc<Kernel>>,
+    /// Each scraped builder's load (see `decide::scrape`).
+    pub load: HashMap<String, LoadTracker>,
 }
 
 /// Where the mode in force comes from.
@@ -135,6 +139,7 @@ impl Registry {
             sequence: 0,
             local: Default::default(),
             kernel: kernel.clone(),
+            load: HashMap::new(),
         };
         inner.sync_health();
         Self {
@@ -398,6 +403,30 @@ impl Inner {
             .collect()
     }
 
+    /// Each builder's load while its last sample is fresh; a builder
+    /// missing here is judged on connection counts alone.
+    pub fn loads(&self) -> HashMap<String, Load> {
+        let now = Instant::now();
+        let interval = self.config.scrape.interval;
+        self.load
+            .iter()
+            .filter_map(|(name, t)| Some((name.clone(), t.fresh(now, interval)?.clone())))
+            .collect()
+    }
+
+    /// The measured part of `least-loaded`'s score for `builder` (see
+    /// [`load::load_cost`]); 0 when its load is unknown.
+    pub fn load_cost(&self, builder: &str) -> u32 {
+        let Some(tracker) = self.load.get(builder) else {
+            return 0;
+        };
+        tracker
+            .fresh(Instant::now(), self.config.scrape.interval)
+            .map_or(0, |l| {
+                load::load_cost(l, tracker.own_at_sample(), self.weight(builder))
+            })
+    }
+
     /// The sequence number userspace's next own choice will use.
     pub fn next_sequence(&self) -> u64 {
         self.sequence + 1
@@ -460,6 +489,30 @@ impl Inner {
                         }
                     }
                     None => "no affinity table yet".into(),
+                }
+            }
+            Strategy::LeastLoaded => {
+                // The kernel's score, from the same inputs: its own count
+                // of open connections and the cost userspace wrote.
+                let scores: Vec<String> = svc
+                    .builders
+                    .iter()
+                    .map(|n| (n, inner.candidate(&svc.name, n, &[])))
+                    .filter(|(_, c)| c.available)
+                    .map(|(n, c)| {
+                        let active = c.active.min(u32::MAX as u64) as u32;
+                        let score = select::load_score(active, c.weight, c.load_cost);
+                        format!(
+                            "{n} {:.2} = {active} own / weight {} + measured {:.2}",
+                            score as f64 / select::LOAD_UNIT as f64,
+                            c.weight,
+                            c.load_cost as f64 / select::LOAD_UNIT as f64
+                        )
+                    })
+                    .collect();
+                match name_of(select::choose(svc.strategy.kernel_id(), &pool, &draw(None))) {
+                    Some(n) => format!("-> {n} (lowest load score: {})", scores.join("; ")),
+                    None => "REFUSED (RST): every eligible builder is at max_connections".into(),
                 }
             }
             strategy => match name_of(select::choose(strategy.kernel_id(), &pool, &draw(None))) {
@@ -545,6 +598,7 @@ impl Inner {
                 .unwrap_or(0)
                 .saturating_add(local_open),
         )
+        .with_load_cost(self.load_cost(name))
     }
 
     /// What the local path counted for a builder (`None` without BPF).

@@ -198,12 +198,15 @@ pub fn show_maps(config_path: &Path, json: bool) -> Result<String> {
             b.builder, b.listener, b.eligible
         );
     }
-    let _ = writeln!(out, "\nBUILDERS (weight, max_connections, eligible)");
+    let _ = writeln!(
+        out,
+        "\nBUILDERS (weight, max_connections, eligible, load_cost: least-loaded's measured score, 1024 = one connection)"
+    );
     for (i, b) in &dump.builders {
         let _ = writeln!(
             out,
-            "  {i}: weight={} max={} eligible={}",
-            b.weight, b.max_connections, b.eligible
+            "  {i}: weight={} max={} eligible={} load_cost={}",
+            b.weight, b.max_connections, b.eligible, b.load_cost
         );
     }
     let _ = writeln!(

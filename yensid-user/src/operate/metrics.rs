@@ -529,6 +529,7 @@ pub fn render(status: &Status) -> String {
             b.name, h.count
         );
     }
+    render_load(status, &mut out);
     out
 }
 
@@ -613,6 +614,112 @@ fn render_queues(out: &mut String, status: &Status) {
     }
 }
 
+/// The families of builder load (builders with a `metrics_url` only).
+fn render_load(status: &Status, out: &mut String) {
+    let loaded: Vec<(&str, &crate::operate::status::LoadStatus)> = status
+        .builders
+        .iter()
+        .filter_map(|b| Some((b.name.as_str(), b.load.as_ref()?)))
+        .collect();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let each = |f: &dyn Fn(&crate::operate::status::LoadStatus) -> Option<f64>| {
+        loaded
+            .iter()
+            .filter_map(|(name, l)| Some((format!("{{builder=\"{name}\"}}"), f(l)?)))
+            .collect::<Vec<_>>()
+    };
+    family(
+        "yensid_builder_pressure",
+        "gauge",
+        "Fraction of the last scrape interval the builder stalled (PSI some: a task waited; full: all did).",
+        loaded
+            .iter()
+            .flat_map(|(name, l)| {
+                let load = l.load.clone().unwrap_or_default();
+                [
+                    ("cpu", "some", load.cpu_pressure),
+                    ("memory", "some", load.memory_pressure_some),
+                    ("memory", "full", load.memory_pressure),
+                    ("io", "some", load.io_pressure_some),
+                    ("io", "full", load.io_pressure),
+                ]
+                .into_iter()
+                .filter_map(move |(resource, kind, v)| {
+                    Some((
+                        format!("{{builder=\"{name}\",resource=\"{resource}\",kind=\"{kind}\"}}"),
+                        v?,
+                    ))
+                })
+            })
+            .collect(),
+    );
+    family(
+        "yensid_builder_load_per_core",
+        "gauge",
+        "The builder's 1-minute load average per CPU.",
+        each(&|l| l.load.as_ref()?.load_per_core),
+    );
+    family(
+        "yensid_builder_memory_available_bytes",
+        "gauge",
+        "The builder's MemAvailable.",
+        each(&|l| l.load.as_ref()?.memory_available_bytes),
+    );
+    family(
+        "yensid_builder_free_disk_bytes",
+        "gauge",
+        "Free space of the builder's store file system.",
+        loaded
+            .iter()
+            .filter_map(|(name, l)| {
+                let disk = l.load.as_ref()?.disk.as_ref()?;
+                Some((
+                    format!(
+                        "{{builder=\"{name}\",mountpoint=\"{}\"}}",
+                        disk.mountpoint.replace('\\', "\\\\").replace('"', "\\\"")
+                    ),
+                    disk.available_bytes,
+                ))
+            })
+            .collect(),
+    );
+    family(
+        "yensid_builder_tcp_established",
+        "gauge",
+        "Established TCP connections on the builder, from every client (node_netstat_Tcp_CurrEstab).",
+        each(&|l| l.load.as_ref()?.tcp_established),
+    );
+    family(
+        "yensid_builder_load_sample_age_seconds",
+        "gauge",
+        "Age of the builder's last good metrics sample.",
+        each(&|l| l.sample_age_seconds),
+    );
+    family(
+        "yensid_builder_metrics_readable",
+        "gauge",
+        "1 while the builder's load is freshly measured, 0 while it is judged on connection counts alone.",
+        each(&|l| Some(l.load.is_some() as u8 as f64)),
+    );
+    family(
+        "yensid_builder_scrape_errors_total",
+        "counter",
+        "Scrapes of the builder's metrics that failed.",
+        each(&|l| Some(l.scrape_errors as f64)),
+    );
+    family(
+        "yensid_builder_load_score",
+        "gauge",
+        "The measured part of least-loaded's score, in open connections per unit of weight.",
+        each(&|l| Some(l.load_cost as f64 / yensid_ebpf::select::LOAD_UNIT as f64)),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -692,6 +799,25 @@ mod tests {
                     connections: 11,
                     ..Default::default()
                 },
+                load: Some(crate::operate::status::LoadStatus {
+                    metrics_url: "http://198.18.1.2:9100/metrics".into(),
+                    load: Some(crate::decide::load::Load {
+                        cpu_pressure: Some(0.25),
+                        load_per_core: Some(1.5),
+                        disk: Some(crate::decide::load::Disk {
+                            mountpoint: "/nix".into(),
+                            available_bytes: 1e9,
+                            size_bytes: None,
+                        }),
+                        tcp_established: Some(4.0),
+                        ..Default::default()
+                    }),
+                    sample_age_seconds: Some(1.5),
+                    error: None,
+                    scrape_errors: 2,
+                    other_connections: Some(2.0),
+                    load_cost: 2048,
+                }),
             }],
         }
     }
@@ -730,6 +856,14 @@ mod tests {
             "yensid_queue_wait_seconds_bucket{service=\"x86\",le=\"30\"} 2",
             "yensid_queue_wait_seconds_bucket{service=\"x86\",le=\"+Inf\"} 2",
             "yensid_queue_wait_seconds_count{service=\"x86\"} 2",
+            "yensid_builder_pressure{builder=\"b1\",resource=\"cpu\",kind=\"some\"} 0.25",
+            "yensid_builder_load_per_core{builder=\"b1\"} 1.5",
+            "yensid_builder_free_disk_bytes{builder=\"b1\",mountpoint=\"/nix\"} 1000000000",
+            "yensid_builder_tcp_established{builder=\"b1\"} 4",
+            "yensid_builder_load_sample_age_seconds{builder=\"b1\"} 1.5",
+            "yensid_builder_metrics_readable{builder=\"b1\"} 1",
+            "yensid_builder_scrape_errors_total{builder=\"b1\"} 2",
+            "yensid_builder_load_score{builder=\"b1\"} 2",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -737,8 +871,8 @@ mod tests {
             );
         }
         let families = text.lines().filter(|l| l.starts_with("# TYPE")).count();
-        // 18, 7 of the queue and 5 of the local path.
-        assert_eq!(families, 30);
+        // 18, 7 of the queue, 5 of the local path and 9 of builder load.
+        assert_eq!(families, 39);
     }
 
     #[test]

@@ -11,8 +11,8 @@ use crate::{
     dataplane::queue::Queues,
     decide::registry::{Inner, ModeSource},
     operate::status::{
-        BuilderStatus, HandoffStatus, MemberStatus, ModeStatus, PrefixDelivery, ServiceStatus,
-        Status,
+        BuilderStatus, HandoffStatus, LoadStatus, MemberStatus, ModeStatus, PrefixDelivery,
+        ServiceStatus, Status,
     },
     state::unix_now,
 };
@@ -76,7 +76,7 @@ pub fn explain(
     for m in &plan.members {
         let active =
             inner.active.get(&m.builder).copied().unwrap_or(0) + inner.local_counts(&m.builder).0;
-        let line = match &m.excluded {
+        let mut line = match &m.excluded {
             None => format!(
                 "  {}: eligible, {active} open connection(s), weight {}",
                 m.builder,
@@ -84,6 +84,14 @@ pub fn explain(
             ),
             Some(why) => format!("  {}: excluded: {why}", m.builder),
         };
+        if let Some(b) = inner.config.builder(&m.builder)
+            && let Some(load) = load_status(inner, b)
+        {
+            line.push_str(&format!(
+                "; load: {}",
+                crate::operate::status::describe_load(&load)
+            ));
+        }
         lines.push(line);
     }
     // Before the decision, which stays the last line.
@@ -232,6 +240,7 @@ pub fn status(inner: &Inner, context: &Context) -> Status {
                     .cloned()
                     .unwrap_or_default(),
                 local,
+                load: load_status(inner, b),
             }
         })
         .collect();
@@ -261,6 +270,25 @@ pub fn status(inner: &Inner, context: &Context) -> Status {
             })
             .collect(),
     }
+}
+
+/// What a builder's metrics say, for builders that have a `metrics_url`.
+fn load_status(inner: &Inner, b: &crate::config::Builder) -> Option<LoadStatus> {
+    let source = b.metrics.as_ref()?;
+    let tracker = inner.load.get(&b.name);
+    let now = std::time::Instant::now();
+    let fresh = tracker.and_then(|t| t.fresh(now, inner.config.scrape.interval));
+    Some(LoadStatus {
+        metrics_url: source.url.clone(),
+        load: fresh.cloned(),
+        sample_age_seconds: tracker.and_then(|t| t.age(now)).map(|d| d.as_secs_f64()),
+        error: tracker.and_then(|t| t.error()).map(ToString::to_string),
+        scrape_errors: tracker.map_or(0, |t| t.errors_total),
+        other_connections: fresh
+            .zip(tracker)
+            .and_then(|(l, t)| crate::decide::load::other_connections(l, t.own_at_sample())),
+        load_cost: inner.load_cost(&b.name),
+    })
 }
 
 /// `yensid mode`'s answer: the mode in force, where it comes from, and

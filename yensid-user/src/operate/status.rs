@@ -206,6 +206,9 @@ pub struct BuilderStatus {
     /// kernel counts them; `active` includes its open ones.
     #[serde(default)]
     pub local: LocalBuilderStatus,
+    /// Builders with a `metrics_url`: what their node_exporter says.
+    #[serde(default)]
+    pub load: Option<LoadStatus>,
 }
 
 /// What the kernel counted on the local path for one builder.
@@ -223,6 +226,24 @@ pub struct LocalBuilderStatus {
     pub retransmits: u64,
     /// TCP's smoothed RTT at the latest local handshake or close.
     pub rtt_ms: Option<f64>,
+}
+
+/// A builder's measured load (see `decide::load`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoadStatus {
+    pub metrics_url: String,
+    /// The load at the last good sample while it is fresh; `None`: the
+    /// builder is judged on connection counts alone.
+    pub load: Option<crate::decide::load::Load>,
+    /// Seconds since the last good sample.
+    pub sample_age_seconds: Option<f64>,
+    /// Why the last scrape failed, if it did.
+    pub error: Option<String>,
+    pub scrape_errors: u64,
+    /// Established connections on the builder that are not this daemon's.
+    pub other_connections: Option<f64>,
+    /// The measured part of `least-loaded`'s score (1024 = one connection).
+    pub load_cost: u32,
 }
 
 /// Tables for humans.
@@ -331,6 +352,11 @@ pub fn render(status: &Status) -> String {
     }
     out.push('\n');
     table(&mut out, &rows);
+    for b in &status.builders {
+        if let Some(load) = &b.load {
+            let _ = writeln!(out, "{} load: {}", b.name, describe_load(load));
+        }
+    }
     for s in &status.services {
         if let Some(q) = &s.queue {
             let _ = writeln!(out, "{}: {}", s.name, queue_line(q));
@@ -401,6 +427,37 @@ fn render_local(out: &mut String, status: &Status) {
 /// on (every refusal is counted), the rest is the daemon's last word.
 /// Indices become names through the claims and the builder lists of the
 /// configuration, as the daemon wrote them.
+/// One builder's load in words: the measurements, or why there are none.
+pub fn describe_load(s: &LoadStatus) -> String {
+    let percent = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.1}%", v * 100.0));
+    let Some(load) = &s.load else {
+        return match &s.error {
+            Some(e) => format!("METRICS UNREADABLE ({e}): connection counts alone"),
+            None => "no sample yet: connection counts alone".to_owned(),
+        };
+    };
+    let disk = load.disk.as_ref().map_or("-".to_owned(), |d| {
+        format!(
+            "{} free on {}",
+            crate::config::load::describe_bytes(d.available_bytes.max(0.0) as u64),
+            d.mountpoint
+        )
+    });
+    format!(
+        "pressure cpu {} memory {} io {}, load/core {}, {disk}, {} established ({} others), sample {:.1}s old",
+        percent(load.cpu_pressure),
+        percent(load.memory_pressure),
+        percent(load.io_pressure),
+        load.load_per_core
+            .map_or("-".to_owned(), |v| format!("{v:.2}")),
+        load.tcp_established
+            .map_or("-".to_owned(), |v| format!("{v:.0}")),
+        s.other_connections
+            .map_or("-".to_owned(), |v| format!("{v:.0}")),
+        s.sample_age_seconds.unwrap_or_default(),
+    )
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Pinned {
     pub services: Vec<PinnedService>,
@@ -646,7 +703,7 @@ mod tests {
             weight: 1,
             max_connections: 0,
             eligible,
-            _reserved: 0,
+            load_cost: 0,
         };
         let dump = MapsDump {
             pin_path: "/sys/fs/bpf/yensid".into(),

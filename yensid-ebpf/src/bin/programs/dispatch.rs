@@ -297,6 +297,7 @@ pub(super) fn candidate(backend: &Backend) -> Candidate {
         settings.eligible != 0 && backend.eligible != 0 && !local_failing,
         assigned.wrapping_sub(released).wrapping_add(local_open),
     )
+    .with_load_cost(settings.load_cost)
 }
 
 /// Counts one more, returning the count before (round-robin's sequence).

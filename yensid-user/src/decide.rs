@@ -5,8 +5,8 @@
 pub mod health;
 pub mod hook;
 pub mod link;
-pub mod local;
 pub mod load;
+pub mod local;
 pub mod policy;
 pub mod registry;
 pub mod scrape;

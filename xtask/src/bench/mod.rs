@@ -59,9 +59,9 @@ pub const BUILDERS: usize = 2;
 /// Longest wait for the builders' connections of a measurement to close.
 const QUIET_TIMEOUT: Duration = Duration::from_secs(120);
 /// Descriptors per idle session, in the bench process (client and server
-/// end) and in a middlebox: its two sockets, and when it relays in
-/// userspace (yensid's userspace path) two pipes, four more.
-const FDS_PER_SESSION: u64 = 6;
+/// end) and in a middlebox (its two sockets; yensid's userspace path holds
+/// a pipe only while bytes are in flight).
+const FDS_PER_SESSION: u64 = 2;
 /// Descriptors a process needs besides its sessions: listeners, BPF
 /// objects, namespace handles, logs, HAProxy's pipes.
 const FD_RESERVE: u64 = 1_000;

@@ -327,9 +327,12 @@ pub enum Item {
         meta: Meta,
         ended: [bool; 2],
     },
+    /// `pipes`: which of the relay's pipes (up, down) come along (a
+    /// direction holds one only while bytes are in it).
     Copied {
         meta: Meta,
         relay: RelayState,
+        pipes: [bool; 2],
     },
 }
 
@@ -339,7 +342,7 @@ impl Item {
         match self {
             Item::Control | Item::Metrics | Item::Listener { .. } | Item::Fresh { .. } => 1,
             Item::Spliced { .. } => 2,
-            Item::Copied { .. } => 6,
+            Item::Copied { pipes, .. } => 2 + 2 * pipes.iter().filter(|&&p| p).count(),
         }
     }
 }
@@ -379,20 +382,20 @@ pub fn describe(parked: &Parked) -> (Item, Vec<BorrowedFd<'_>>) {
             upstream,
             relay,
             meta,
-        } => (
-            Item::Copied {
-                meta: meta.clone(),
-                relay: relay.state,
-            },
-            vec![
-                client.as_fd(),
-                upstream.as_fd(),
-                relay.up_pipe.read.as_fd(),
-                relay.up_pipe.write.as_fd(),
-                relay.down_pipe.read.as_fd(),
-                relay.down_pipe.write.as_fd(),
-            ],
-        ),
+        } => {
+            let mut fds = vec![client.as_fd(), upstream.as_fd()];
+            for pipe in [&relay.up_pipe, &relay.down_pipe].into_iter().flatten() {
+                fds.extend([pipe.read.as_fd(), pipe.write.as_fd()]);
+            }
+            (
+                Item::Copied {
+                    meta: meta.clone(),
+                    relay: relay.state,
+                    pipes: [relay.up_pipe.is_some(), relay.down_pipe.is_some()],
+                },
+                fds,
+            )
+        }
     }
 }
 
@@ -453,17 +456,20 @@ pub fn rebuild(
             meta,
             ended,
         }),
-        Item::Copied { meta, relay } => {
+        Item::Copied { meta, relay, pipes } => {
             let client = stream(next()?);
             let upstream = stream(next()?);
-            let up_pipe = Pipe {
-                read: next()?,
-                write: next()?,
+            let mut pipe = |present: bool| -> Result<Option<Pipe>, HandoverError> {
+                if !present {
+                    return Ok(None);
+                }
+                Ok(Some(Pipe {
+                    read: next()?,
+                    write: next()?,
+                }))
             };
-            let down_pipe = Pipe {
-                read: next()?,
-                write: next()?,
-            };
+            let up_pipe = pipe(pipes[0])?;
+            let down_pipe = pipe(pipes[1])?;
             Received::Connection(Parked::Copied {
                 client,
                 upstream,

@@ -841,7 +841,7 @@ async fn forward(
     let (kernel, hangups) = match &cx.path {
         DataPath::Kernel(kernel, hangups) => (kernel, hangups),
         DataPath::Userspace => {
-            return relay_pair(client, upstream, Relay::new()?, cx, outcome).await;
+            return relay_pair(client, upstream, Relay::new(), cx, outcome).await;
         }
     };
     let client_kexinit = step(read_packet(&mut client)).await?;
@@ -850,7 +850,7 @@ async fn forward(
         warn!("a peer sent more than one packet before key exchange; copying in userspace");
         upstream.write_all(&client_kexinit).await?;
         client.write_all(&server_kexinit).await?;
-        return relay_pair(client, upstream, Relay::new()?, cx, outcome).await;
+        return relay_pair(client, upstream, Relay::new(), cx, outcome).await;
     }
     sock::set_send_buffer(&client, SPLICED_SEND_BUFFER)?;
     sock::set_send_buffer(&upstream, SPLICED_SEND_BUFFER)?;

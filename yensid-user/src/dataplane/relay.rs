@@ -6,8 +6,15 @@
 //! All the state of a relay lives in [`Relay`], not in a future: the pipes
 //! hold the bytes in flight, and the counts and half-close flags are updated
 //! right after each syscall. A relay stopped at any await point (a takeover
-//! recalls it) therefore loses nothing, and another process given its four
+//! recalls it) therefore loses nothing, and another process given its
 //! descriptors and [`RelayState`] carries on where it stopped.
+//!
+//! A direction holds a pipe only while bytes are in it: it takes one from a
+//! shared pool when it moves bytes and gives it back once the pipe is empty,
+//! as HAProxy does. An idle connection then costs its two sockets only (not
+//! six descriptors), and at every await point a direction holds a pipe if
+//! and only if `in_pipe > 0`, which is how a successor knows which pipes
+//! come with a relay.
 
 use std::{
     io,
@@ -21,6 +28,27 @@ use tokio::{io::Interest, net::TcpStream};
 /// (`/proc/sys/fs/pipe-max-size` for unprivileged users) and the relay uses
 /// what it got. Like a socket buffer it is a limit, not an allocation.
 const PIPE_SIZE: usize = 1 << 20;
+/// Empty pipes kept for the next relay that needs one; more are closed.
+const POOLED_PIPES: usize = 64;
+
+/// Empty pipes, ready for use.
+static POOL: std::sync::Mutex<Vec<Pipe>> = std::sync::Mutex::new(Vec::new());
+
+fn take_pipe() -> io::Result<Pipe> {
+    let pooled = POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    match pooled {
+        Some(pipe) => Ok(pipe),
+        None => Pipe::new(),
+    }
+}
+
+/// Gives back an empty pipe.
+fn give_back(pipe: Pipe) {
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < POOLED_PIPES {
+        pool.push(pipe);
+    }
+}
 
 /// One pipe, its two ends.
 pub struct Pipe {
@@ -80,21 +108,18 @@ pub struct RelayState {
 }
 
 /// A relay between a client and its builder.
+#[derive(Default)]
 pub struct Relay {
-    /// Client to builder.
-    pub up_pipe: Pipe,
-    /// Builder to client.
-    pub down_pipe: Pipe,
+    /// Client to builder, while bytes are in it.
+    pub up_pipe: Option<Pipe>,
+    /// Builder to client, while bytes are in it.
+    pub down_pipe: Option<Pipe>,
     pub state: RelayState,
 }
 
 impl Relay {
-    pub fn new() -> io::Result<Self> {
-        Ok(Relay {
-            up_pipe: Pipe::new()?,
-            down_pipe: Pipe::new()?,
-            state: RelayState::default(),
-        })
+    pub fn new() -> Self {
+        Relay::default()
     }
 
     /// Moves bytes both ways until both directions ended (each end of
@@ -123,10 +148,16 @@ const PIPE_FULL: u64 = u64::MAX;
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
-    pipe: &Pipe,
+    slot: &mut Option<Pipe>,
     dir: &mut Direction,
 ) -> io::Result<()> {
     loop {
+        // Empty: back to the pool, before any wait.
+        if dir.in_pipe == 0
+            && let Some(pipe) = slot.take()
+        {
+            give_back(pipe);
+        }
         if dir.eof && dir.in_pipe == 0 {
             if !dir.shut {
                 shutdown_write(dst)?;
@@ -140,6 +171,10 @@ async fn pump(
         let mut progressed = false;
         let mut read_blocked = false;
         if !dir.eof {
+            let pipe = match slot {
+                Some(pipe) => pipe,
+                None => slot.insert(take_pipe()?),
+            };
             match src.try_io(Interest::READABLE, || splice_in(src, pipe)) {
                 Ok(0) => {
                     dir.eof = true;
@@ -155,7 +190,9 @@ async fn pump(
             }
         }
         let mut write_blocked = false;
-        if dir.in_pipe > 0 {
+        if dir.in_pipe > 0
+            && let Some(pipe) = slot.as_ref()
+        {
             match dst.try_io(Interest::WRITABLE, || {
                 splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), dir.in_pipe)
             }) {
@@ -170,6 +207,13 @@ async fn pump(
         }
         if progressed {
             continue;
+        }
+        // Nothing in flight: the pipe goes back before the wait, so that an
+        // idle connection holds none (and a recall finds none).
+        if dir.in_pipe == 0
+            && let Some(pipe) = slot.take()
+        {
+            give_back(pipe);
         }
         match (read_blocked, write_blocked) {
             (true, true) => {
@@ -267,7 +311,7 @@ mod tests {
     async fn bytes_and_half_closes_go_through_both_ways() {
         let (daemon_client, mut client) = pair().await;
         let (mut builder, daemon_upstream) = pair().await;
-        let mut relay = Relay::new().unwrap();
+        let mut relay = Relay::new();
         let relaying = tokio::spawn(async move {
             relay
                 .run(&daemon_client, &daemon_upstream)
@@ -307,7 +351,7 @@ mod tests {
             client.shutdown().await.unwrap();
             client
         });
-        let mut relay = Relay::new().unwrap();
+        let mut relay = Relay::new();
         let mut got = Vec::new();
         let mut buf = vec![0u8; 64 << 10];
         // Stop the relay again and again, reading a little in between, so
@@ -318,6 +362,11 @@ mod tests {
                 relay.run(&daemon_client, &daemon_upstream),
             )
             .await;
+            assert_eq!(
+                relay.up_pipe.is_some(),
+                relay.state.up.in_pipe > 0,
+                "a pipe is held exactly while bytes are in it"
+            );
             if let Ok(Ok(n)) =
                 tokio::time::timeout(std::time::Duration::from_millis(1), builder.read(&mut buf))
                     .await
@@ -326,6 +375,8 @@ mod tests {
             }
         }
         builder.read_to_end(&mut got).await.unwrap();
+        // Whenever it stopped, a direction held a pipe only with bytes in it.
+        assert!(relay.up_pipe.is_none() && relay.down_pipe.is_none());
         assert_eq!(got.len(), up.len());
         assert!(
             got == up,

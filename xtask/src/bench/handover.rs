@@ -28,8 +28,7 @@
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +42,7 @@ use yensid_tests::{Daemon, Topology};
 
 use super::contender::{Contender, Upstream, haproxy_spec, yensid_config};
 use super::haproxy::Haproxy;
+use super::measure::is_open;
 use super::protocol::{BenchClient, BenchServer, Mode};
 use super::{BUILDERS, Setup, write_section};
 use crate::build;
@@ -494,17 +494,6 @@ fn figures(probes: &[Probe], trigger: Instant) -> Figures {
         longest_gap,
         slowest_before,
     }
-}
-
-/// Whether nothing (no byte, no FIN, no RST) has arrived on a held session.
-fn is_open(stream: &TcpStream) -> bool {
-    let mut pollfd = libc::pollfd {
-        fd: stream.as_raw_fd(),
-        events: libc::POLLIN | libc::POLLRDHUP,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; a zero timeout only looks.
-    unsafe { libc::poll(&mut pollfd, 1, 0) == 0 }
 }
 
 fn ms(d: Duration) -> String {

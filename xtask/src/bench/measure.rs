@@ -311,7 +311,7 @@ pub fn idle_memory(
 }
 
 /// Whether nothing (no byte, no FIN, no RST) has arrived on an idle session.
-fn is_open(stream: &TcpStream) -> bool {
+pub(super) fn is_open(stream: &TcpStream) -> bool {
     let mut pollfd = libc::pollfd {
         fd: stream.as_raw_fd(),
         events: libc::POLLIN | libc::POLLRDHUP,

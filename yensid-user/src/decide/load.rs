@@ -293,9 +293,10 @@ pub fn other_connections(load: &Load, own_at_sample: u64) -> Option<f64> {
 /// sessions, seen at the builder), `load_per_core` the 1-minute load
 /// average per CPU and `cpu_pressure` the fraction of the interval some
 /// task waited for a CPU (0 to 1). The kernel adds this daemon's own open
-/// connections per unit of weight, counted live at every SYN, so that a
-/// burst of new connections does not all land on the builder that was
-/// idle at the last sample. Unmeasured terms count 0.
+/// connections, plus the new one, per unit of weight, counted live at every
+/// SYN, so that a burst of new connections does not all land on the builder
+/// that was idle at the last sample (`select::load_score`). Unmeasured
+/// terms count 0.
 pub fn load_cost(load: &Load, own_at_sample: u64, weight: u32) -> u32 {
     let weight = weight.max(1) as f64;
     let others = other_connections(load, own_at_sample).unwrap_or(0.0);

@@ -503,7 +503,7 @@ impl Inner {
                         let active = c.active.min(u32::MAX as u64) as u32;
                         let score = select::load_score(active, c.weight, c.load_cost);
                         format!(
-                            "{n} {:.2} = {active} own / weight {} + measured {:.2}",
+                            "{n} {:.2} = ({active} own + 1) / weight {} + measured {:.2}",
                             score as f64 / select::LOAD_UNIT as f64,
                             c.weight,
                             c.load_cost as f64 / select::LOAD_UNIT as f64

@@ -25,6 +25,24 @@ impl Dataplane {
     }
 }
 
+/// `[daemon] forward`: how the kernel dataplane moves a session's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forward {
+    /// The socket map, in the kernel.
+    Sockmap,
+    /// splice(2) through pipes, by the daemon.
+    Splice,
+}
+
+impl Forward {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sockmap => "sockmap",
+            Self::Splice => "splice",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
     LeastConnections,
@@ -290,6 +308,8 @@ pub struct DaemonConfig {
     pub read_group: Option<String>,
     /// `[daemon] shutdown_grace`; `None` leaves it out (the daemon's default, 30s).
     pub shutdown_grace: Option<Duration>,
+    /// `[daemon] forward`; `None` leaves it out (the daemon's default).
+    pub forward: Option<Forward>,
     /// The local path (tests/local_path.rs). `None` renders `local_clients = "proxy"`
     /// in every service: the tests' clients run in the daemon's namespace, and the
     /// other tests test the gateway path.
@@ -341,6 +361,7 @@ impl DaemonConfig {
             // tests stop with sessions they no longer care about. The grace's own
             // tests (tests/tests/graceful_stop.rs) set it.
             shutdown_grace: Some(Duration::ZERO),
+            forward: None,
             local_path: None,
         }
     }
@@ -388,6 +409,9 @@ impl DaemonConfig {
         }
         if let Some(grace) = self.shutdown_grace {
             let _ = writeln!(w, "shutdown_grace = \"{}ms\"", grace.as_millis());
+        }
+        if let Some(forward) = self.forward {
+            let _ = writeln!(w, "forward = {}", quote(forward.as_str()));
         }
         if let Some(local) = &self.local_path {
             let _ = writeln!(

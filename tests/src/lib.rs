@@ -41,8 +41,8 @@ mod unique;
 pub mod wait;
 
 pub use config::{
-    BuilderConfig, DaemonConfig, Dataplane, HealthConfig, InstancePaths, LinkKind, LinkRules,
-    LocalPathConfig, PolicyConfig, PolicyMode, ServiceConfig, Strategy, WhenFull,
+    BuilderConfig, DaemonConfig, Dataplane, Forward, HealthConfig, InstancePaths, LinkKind,
+    LinkRules, LocalPathConfig, PolicyConfig, PolicyMode, ServiceConfig, Strategy, WhenFull,
 };
 pub use daemon::{
     Daemon, DataPathCounts, Launch, LogLine, built_binary, check_config, check_config_text,

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Result, ensure};
 use yensid_tests::{
-    Daemon, DaemonConfig, Dataplane, Launch, RandomFile, Strategy, Topology, service,
+    Daemon, DaemonConfig, Dataplane, Forward, Launch, RandomFile, Strategy, Topology, service,
 };
 
 common::dataplane_tests!(
@@ -344,6 +344,70 @@ fn a_peer_sending_more_before_key_exchange_is_copied_in_userspace() -> Result<()
         status.data_path_counts("b1")? == (1, 1),
         "one eager and one well-behaved connection: {}",
         status.json()
+    );
+    Ok(())
+}
+
+/// `forward = "splice"` on the kernel dataplane: the kernel still steers (round-robin
+/// over both builders, one count per builder that returns to zero) while the daemon
+/// moves the bytes with splice(2). 1 GiB up and down through real ssh arrive intact,
+/// every session is recorded as copied and none as spliced, and status and `systemctl
+/// status`'s line name the forwarding.
+#[test]
+fn forward_splice_steers_in_the_kernel_and_relays_with_splice() -> Result<()> {
+    if !yensid_tests::privileged_or_skip(
+        "dataplane::forward_splice_steers_in_the_kernel_and_relays_with_splice",
+    ) {
+        return Ok(());
+    }
+    let payload = shared_payload()?;
+    let topology = Topology::new(2)?;
+    let mut config = DaemonConfig::for_topology(&topology, Dataplane::Kernel, Strategy::RoundRobin);
+    config.forward = Some(Forward::Splice);
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
+    let ssh = topology.ssh_client()?;
+
+    let uploaded = ssh.run_with_input(service(), "sha256sum", payload.path(), TRANSFER_TIMEOUT)?;
+    let uploaded = yensid_tests::payload::sha256_of_output(&uploaded)?;
+    ensure!(
+        uploaded == payload.sha256(),
+        "upload corrupted: builder got {uploaded}, sent {}",
+        payload.sha256()
+    );
+    let downloaded = ssh.run_digesting_output(
+        service(),
+        &format!("cat {}", payload.path().display()),
+        TRANSFER_TIMEOUT,
+    )?;
+    ensure!(
+        downloaded == payload.sha256(),
+        "download corrupted: got {downloaded}, sent {}",
+        payload.sha256()
+    );
+    let served = (0..2)
+        .map(|_| ssh.served_by(service()))
+        .collect::<Result<BTreeSet<_>>>()?;
+    ensure!(
+        served == BTreeSet::from(["b1".to_owned(), "b2".to_owned()]),
+        "two round-robin sessions after the transfers were served by {served:?}"
+    );
+    let counts = daemon.expect_data_path(Dataplane::Userspace)?;
+    ensure!(
+        counts.copied == 4,
+        "4 sessions, the daemon recorded {counts:?}"
+    );
+    let status = daemon.status()?;
+    ensure!(
+        status.json().get("dataplane").and_then(|v| v.as_str()) == Some("kernel")
+            && status.json().get("forward").and_then(|v| v.as_str()) == Some("splice")
+            && status.json().get("bpf").and_then(|v| v.as_bool()) == Some(true),
+        "status: {}",
+        status.json()
+    );
+    let table = daemon.cli(&["status"])?;
+    ensure!(
+        table.contains("data path kernel, forwarding by splice"),
+        "`yensid status`:\n{table}"
     );
     Ok(())
 }

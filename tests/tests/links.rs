@@ -23,8 +23,9 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use yensid_tests::wait::wait_until;
 use yensid_tests::{
-    ConnectAttempt, Daemon, DaemonConfig, Dataplane, HealthConfig, LinkEnd, LinkKind, LinkRules,
-    PolicyConfig, PolicyMode, RawClient, ServiceConfig, Status, Strategy, Topology, service,
+    ConnectAttempt, Daemon, DaemonConfig, Dataplane, Forward, HealthConfig, LinkEnd, LinkKind,
+    LinkRules, PolicyConfig, PolicyMode, RawClient, ServiceConfig, Status, Strategy, Topology,
+    service,
 };
 
 common::dataplane_tests!(
@@ -1313,6 +1314,7 @@ fn every_policy_key_renders_to_a_valid_config() -> Result<()> {
         health: None,
         read_group: Some("nogroup".to_owned()),
         shutdown_grace: Some(Duration::from_secs(45)),
+        forward: Some(Forward::Splice),
         local_path: None,
     };
     let out = yensid_tests::check_config(&config)?;

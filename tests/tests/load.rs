@@ -56,6 +56,7 @@ privileged!(
     hanging_metrics_leave_the_builder_usable,
     garbage_metrics_leave_the_builder_usable,
     two_instances_steer_away_from_what_the_other_loaded,
+    the_policy_hook_sees_each_builders_load,
 );
 
 /// The config file of `config` with every builder's `metrics_url`, the service's
@@ -464,6 +465,70 @@ mod tests {
             next.served_by()
         );
         drop((on_b1, from_b, more_from_b, next, exporters));
+        Ok(())
+    }
+
+    /// The policy hook's input carries each builder's load as status shows it: b1,
+    /// whose controlled procfs says a load of 3 on 2 CPUs, has 1.5 per core and its
+    /// `metrics_url`; b2, without one, has `null`.
+    pub fn the_policy_hook_sees_each_builders_load() -> Result<()> {
+        let topology = Topology::new(2)?;
+        let proc = ControlledProc::new(
+            ProcInput {
+                load1: 3.0,
+                ..ProcInput::default()
+            },
+            STORE_MIB,
+        )?;
+        let exporter = NodeExporter::start(
+            topology.builder("b1").ns(),
+            exporter_addr(&topology, "b1"),
+            Some(&proc),
+        )?;
+        let seen = topology.new_file("hook-input");
+        let hook = topology.write_script(
+            "policy",
+            &format!(
+                "#!/bin/sh\ncat > {0}.tmp && mv {0}.tmp {0}\n",
+                seen.display()
+            ),
+        )?;
+        let mut config =
+            DaemonConfig::for_topology(&topology, Dataplane::Kernel, Strategy::LeastLoaded);
+        config.policy.command = Some(hook);
+        config.policy.hook_interval = Some(Duration::from_millis(200));
+        let url = exporter.url();
+        let _daemon = Daemon::start_with_file(topology.client_ns(), &|paths| {
+            render(&config, paths, &[("b1", url.clone())], "")
+        })?;
+        let mut last = Value::Null;
+        yensid_tests::wait::wait_until("the hook to see b1's load", WAIT, || {
+            let Ok(text) = std::fs::read_to_string(&seen) else {
+                return Ok(false);
+            };
+            last = serde_json::from_str(&text).context("the hook's input")?;
+            Ok(last
+                .pointer("/builders/0/load/load/load_per_core")
+                .is_some_and(Value::is_number))
+        })?;
+        let per_core = last
+            .pointer("/builders/0/load/load/load_per_core")
+            .and_then(Value::as_f64);
+        ensure!(
+            per_core == Some(1.5),
+            "b1's load per core in the hook's input: {last}"
+        );
+        ensure!(
+            last.pointer("/builders/0/load/metrics_url")
+                .and_then(Value::as_str)
+                == Some(url.as_str()),
+            "b1's metrics_url in the hook's input: {last}"
+        );
+        ensure!(
+            last.pointer("/builders/1/name").and_then(Value::as_str) == Some("b2")
+                && last.pointer("/builders/1/load") == Some(&Value::Null),
+            "b2 has no metrics_url, so no load: {last}"
+        );
         Ok(())
     }
 }

@@ -68,6 +68,9 @@ pub struct Daemon {
     /// `[daemon] local_cgroup`: the cgroup v2 whose processes' connects the
     /// local path rewrites; `None`: the root cgroup (every process).
     pub local_cgroup: Option<PathBuf>,
+    /// `[daemon] forward`: how the kernel dataplane moves an SSH session's
+    /// bytes once its handoff is done.
+    pub forward: Forward,
 }
 
 /// `[daemon] shutdown_grace` when absent: a remote build cut by a stop
@@ -206,6 +209,31 @@ impl QueueSettings {
     /// Each held connection costs two descriptors (its socket and the one
     /// that watches for the client leaving).
     pub const MAX_LIMIT: u32 = 4096;
+}
+
+/// `[daemon] forward`: how the kernel dataplane moves an SSH session's bytes
+/// once the handoff is done. The kernel steers and counts connections the
+/// same way with either; the userspace dataplane always splices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Forward {
+    /// The socket map redirects every segment in the kernel; the daemon
+    /// only watches for the ends.
+    #[default]
+    Sockmap,
+    /// The daemon moves the bytes with `splice(2)` through pipes
+    /// (`crate::dataplane::relay`): no copy into userspace, one wake-up
+    /// per burst instead of the socket map's work item per segment.
+    Splice,
+}
+
+impl Forward {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sockmap => "sockmap",
+            Self::Splice => "splice",
+        }
+    }
 }
 
 /// `local_clients` of a service: how clients on the daemon's host reach
@@ -581,6 +609,7 @@ mod raw {
         pub max_handoffs_per_client: Option<Spanned<i64>>,
         pub shutdown_grace: Option<Spanned<String>>,
         pub local_cgroup: Option<Spanned<String>>,
+        pub forward: Option<super::Forward>,
     }
 
     #[derive(Deserialize)]
@@ -666,14 +695,15 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
         let shutdown_grace =
             shutdown_grace(&mut check, d.as_mut().and_then(|d| d.shutdown_grace.take()));
         let local_cgroup = local_cgroup(&mut check, d.as_mut().and_then(|d| d.local_cgroup.take()));
-        let (pin_path, dataplane, state_dir, runtime_dir, read_group) = match d {
-            None => (None, None, None, None, None),
+        let (pin_path, dataplane, state_dir, runtime_dir, read_group, forward) = match d {
+            None => (None, None, None, None, None, None),
             Some(d) => (
                 d.pin_path,
                 d.dataplane,
                 d.state_dir,
                 d.runtime_dir,
                 d.read_group,
+                d.forward,
             ),
         };
         let read_group = read_group.map(|g| {
@@ -704,6 +734,7 @@ fn validate(raw: raw::File, text: &str) -> Result<Config, Vec<Problem>> {
             handoff,
             shutdown_grace,
             local_cgroup,
+            forward: forward.unwrap_or_default(),
         }
     };
 
@@ -2079,6 +2110,37 @@ mod local_path_tests {
         .to_string();
         assert!(
             p.contains("local_clients") || p.contains("sometimes"),
+            "{p}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod forward_tests {
+    use super::*;
+
+    const SERVICE_AND_BUILDER: &str = "[[service]]\nname = \"s\"\nlisten = [\"127.0.0.22/32\"]\n[builders.b1]\naddress = \"198.18.1.2:22\"\n";
+
+    #[test]
+    fn forward_defaults_to_the_socket_map_and_takes_splice() {
+        let c = Config::parse(SERVICE_AND_BUILDER).unwrap();
+        assert_eq!(c.daemon.forward, Forward::Sockmap);
+        let c = Config::parse(&format!(
+            "[daemon]\nforward = \"splice\"\n{SERVICE_AND_BUILDER}"
+        ))
+        .unwrap();
+        assert_eq!(c.daemon.forward, Forward::Splice);
+    }
+
+    #[test]
+    fn an_unknown_forward_names_the_choices() {
+        let p = Config::parse(&format!(
+            "[daemon]\nforward = \"copy\"\n{SERVICE_AND_BUILDER}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            p.contains("copy") && p.contains("sockmap") && p.contains("splice"),
             "{p}"
         );
     }

@@ -157,7 +157,9 @@ pub async fn run(
         None => None,
     };
     let path = match (&splicer, config.daemon.dataplane) {
-        (Some((k, hangups)), Dataplane::Kernel) => DataPath::Kernel(k.clone(), hangups.clone()),
+        (Some((k, hangups)), Dataplane::Kernel) => {
+            DataPath::Kernel(k.clone(), hangups.clone(), config.daemon.forward)
+        }
         _ => DataPath::Userspace,
     };
     let mut inherited = match predecessor {
@@ -457,6 +459,7 @@ fn hook_input(inner: &crate::decide::registry::Inner) -> HookInput {
                         .and_then(|(l, ip)| l.egress(*ip).cloned()),
                     active_connections: inner.active.get(&b.name).copied().unwrap_or(0),
                     weight: b.weight,
+                    load: crate::operate::report::load_status(inner, b),
                 }
             })
             .collect(),
@@ -692,10 +695,8 @@ impl Controller {
         info!(
             services = config.services.len(),
             builders = config.builders.len(),
-            dataplane = match self.path {
-                DataPath::Kernel(..) => "kernel",
-                DataPath::Userspace => "userspace",
-            },
+            dataplane = self.path.dataplane(),
+            forward = self.path.forward().as_str(),
             bpf = registry.kernel_loaded(),
             "yensid ready"
         );
@@ -816,14 +817,12 @@ impl Controller {
     /// What `systemctl status` shows while the daemon serves.
     fn serving(&self) -> String {
         let inner = self.registry.inner();
-        let dataplane = match self.path {
-            DataPath::Kernel(..) => "kernel",
-            DataPath::Userspace => "userspace",
-        };
         format!(
-            "serving {} service(s) with {} builder(s), {dataplane} dataplane",
+            "serving {} service(s) with {} builder(s), {} dataplane, forwarding by {}",
             inner.config.services.len(),
-            inner.config.builders.len()
+            inner.config.builders.len(),
+            self.path.dataplane(),
+            self.path.forward().as_str(),
         )
     }
 
@@ -1424,10 +1423,8 @@ impl Controller {
                 max_handoffs_per_client: limits.max_handoffs_per_client,
             },
             counters,
-            dataplane: match self.path {
-                DataPath::Kernel(..) => "kernel",
-                DataPath::Userspace => "userspace",
-            },
+            dataplane: self.path.dataplane(),
+            forward: self.path.forward().as_str(),
             bpf: kernel.is_some(),
             path_measurement: match kernel.as_ref().map(|k| k.observing()) {
                 Some(Ok(())) => "kernel".to_owned(),

@@ -146,6 +146,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    config::Forward,
     dataplane::admission::{Handoffs, Quiet, Ticket},
     dataplane::handover::{Meta, Parked, Recall},
     dataplane::ident::{self, IdentError},
@@ -234,10 +235,30 @@ pub trait Dispatcher: Send + Sync + 'static {
 /// How bytes flow once the handoff is done.
 #[derive(Clone)]
 pub enum DataPath {
-    /// Spliced in the kernel; spliced pairs are watched for their ends by
-    /// the one shared epoll instance.
-    Kernel(Arc<Kernel>, Hangups),
+    /// Steered by the kernel; sessions forwarded as `[daemon] forward`
+    /// says. Spliced pairs are watched for their ends by the one shared
+    /// epoll instance.
+    Kernel(Arc<Kernel>, Hangups, Forward),
     Userspace,
+}
+
+impl DataPath {
+    /// The dataplane, as `[daemon] dataplane` names it.
+    pub fn dataplane(&self) -> &'static str {
+        match self {
+            Self::Kernel(..) => "kernel",
+            Self::Userspace => "userspace",
+        }
+    }
+
+    /// How established sessions are forwarded (the userspace dataplane
+    /// always splices).
+    pub fn forward(&self) -> Forward {
+        match self {
+            Self::Kernel(_, _, forward) => *forward,
+            Self::Userspace => Forward::Splice,
+        }
+    }
 }
 
 /// How a connection ended.
@@ -839,8 +860,8 @@ async fn forward(
     upstream.write_all(&client_line).await?;
     client.write_all(&server_lines).await?;
     let (kernel, hangups) = match &cx.path {
-        DataPath::Kernel(kernel, hangups) => (kernel, hangups),
-        DataPath::Userspace => {
+        DataPath::Kernel(kernel, hangups, Forward::Sockmap) => (kernel, hangups),
+        DataPath::Kernel(_, _, Forward::Splice) | DataPath::Userspace => {
             return relay_pair(client, upstream, Relay::new(), cx, outcome).await;
         }
     };

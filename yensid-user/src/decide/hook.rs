@@ -73,6 +73,9 @@ pub struct BuilderInput {
     pub egress: Option<Link>,
     pub active_connections: u64,
     pub weight: u32,
+    /// The builder's load from its node_exporter, as `status --json` shows
+    /// it; absent without a `metrics_url`.
+    pub load: Option<crate::operate::status::LoadStatus>,
 }
 
 /// What the hook decides (stdout). Every field is optional.
@@ -279,6 +282,7 @@ mod tests {
                 egress: None,
                 active_connections: 2,
                 weight: 1,
+                load: None,
             }],
         }
     }

@@ -735,6 +735,7 @@ mod tests {
         Status {
             pid: 1,
             dataplane: "kernel".into(),
+            forward: "sockmap".into(),
             bpf: true,
             path_measurement: "kernel".into(),
             handoffs: Default::default(),

@@ -23,6 +23,8 @@ pub struct Context {
     pub counters: HashMap<String, ServiceCounters>,
     /// `kernel` or `userspace`.
     pub dataplane: &'static str,
+    /// `sockmap` or `splice` (`[daemon] forward`).
+    pub forward: &'static str,
     pub bpf: bool,
     /// `kernel` when the `observe` program measures builder paths,
     /// otherwise `probes only: <why>`.
@@ -247,6 +249,7 @@ pub fn status(inner: &Inner, context: &Context) -> Status {
     Status {
         pid: std::process::id(),
         dataplane: context.dataplane.to_owned(),
+        forward: context.forward.to_owned(),
         bpf: context.bpf,
         path_measurement: context.path_measurement.clone(),
         mode: ModeStatus {
@@ -273,7 +276,7 @@ pub fn status(inner: &Inner, context: &Context) -> Status {
 }
 
 /// What a builder's metrics say, for builders that have a `metrics_url`.
-fn load_status(inner: &Inner, b: &crate::config::Builder) -> Option<LoadStatus> {
+pub fn load_status(inner: &Inner, b: &crate::config::Builder) -> Option<LoadStatus> {
     let source = b.metrics.as_ref()?;
     let tracker = inner.load.get(&b.name);
     let now = std::time::Instant::now();

@@ -17,8 +17,12 @@ use crate::{
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
     pub pid: u32,
-    /// `kernel` (sockmap splice) or `userspace` (copy).
+    /// `kernel` (steered by the kernel) or `userspace` (the fallback).
     pub dataplane: String,
+    /// How established sessions are forwarded: `sockmap` (in the kernel)
+    /// or `splice` (`splice(2)` by the daemon).
+    #[serde(default)]
+    pub forward: String,
     /// False in the userspace fallback (BPF could not be loaded).
     pub bpf: bool,
     /// `kernel` when the kernel measures RTT and retransmits on the builder
@@ -251,9 +255,10 @@ pub fn render(status: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "yensid running (pid {}), data path {}{}",
+        "yensid running (pid {}), data path {}, forwarding by {}{}",
         status.pid,
         status.dataplane,
+        status.forward,
         if status.bpf {
             ""
         } else {

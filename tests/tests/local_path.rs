@@ -39,6 +39,7 @@ local_tests!(
     refusal_is_econnrefused,
     counts_return_to_zero_after_a_thousand_connections,
     round_robin_alternates_without_the_proxy,
+    random_follows_weights_without_the_proxy,
     least_connections_and_max_connections_hold_across_both_paths,
     priority_fills_in_list_order,
     a_drained_builder_gets_no_local_connection,
@@ -223,6 +224,36 @@ mod super_test {
         ensure!(
             local_total(&status, "connections")? == 20,
             "not all went direct"
+        );
+        Ok(())
+    }
+
+    /// Random on the local path draws by weight, like on the gateway path: weights 3:1
+    /// over 400 connections give b1 75% ± 15 points (the binomial standard deviation
+    /// is 2.2 points, so chance alone fails this less than once in 10^11 runs; ignored
+    /// weights give 50%, a fixed pick 0 or 100%).
+    pub fn random_follows_weights_without_the_proxy(cgroup: &TestCgroup) -> Result<()> {
+        let topology = Topology::new(2)?;
+        let mut config = local_config(&topology, cgroup, Strategy::Random);
+        config.builder_mut("b1").weight = Some(3);
+        let daemon = Daemon::start(topology.client_ns(), &config)?;
+        let served = tally(
+            topology
+                .raw_client()
+                .banners(service(), 400)?
+                .iter()
+                .map(String::as_str),
+        );
+        let b1 = served.get("b1").copied().unwrap_or(0);
+        ensure!(
+            (240..=360).contains(&b1) && served.values().sum::<usize>() == 400,
+            "weights 3:1 gave {served:?} of 400"
+        );
+        let status = daemon.status()?;
+        ensure!(
+            local_total(&status, "connections")? == 400,
+            "not all went direct: {}",
+            status.json()
         );
         Ok(())
     }

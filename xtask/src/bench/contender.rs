@@ -5,7 +5,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{Result, ensure};
-use yensid_tests::{Daemon, DaemonConfig, Dataplane, PolicyMode, Strategy, Topology, service};
+use yensid_tests::cgroup::TestCgroup;
+use yensid_tests::{
+    Daemon, DaemonConfig, Dataplane, Forward, LocalPathConfig, PolicyMode, Strategy, Topology,
+    service,
+};
 
 use super::haproxy::{Haproxy, HaproxySpec};
 use super::splicer::Splicer;
@@ -15,6 +19,13 @@ pub enum Contender {
     Direct,
     Haproxy,
     Yensid(Dataplane),
+    /// yensid's kernel dataplane with `forward = "splice"`: steered by the
+    /// kernel, each session moved by the daemon with splice(2).
+    KernelSplice,
+    /// yensid's local path: the bench process joins a cgroup of its own
+    /// ([`TestCgroup`]) where the daemon attaches its connect-time program,
+    /// so the bench's clients connect straight to the chosen builder.
+    LocalPath,
     /// splice(2) in a process ([`Splicer`]), measured only when asked for.
     SplicePrototype,
 }
@@ -27,8 +38,14 @@ pub const CONTENDERS: [Contender; 4] = [
     Contender::Yensid(Dataplane::Userspace),
 ];
 
-/// Measured only when `--contender` names them, after [`CONTENDERS`].
-pub const PROTOTYPES: [Contender; 1] = [Contender::SplicePrototype];
+/// Measured in the main table only when `--contender` names them, after
+/// [`CONTENDERS`]. The local path has a section of its own (`local`) and is
+/// always a contender of the real-ssh section.
+pub const ON_REQUEST: [Contender; 3] = [
+    Contender::KernelSplice,
+    Contender::LocalPath,
+    Contender::SplicePrototype,
+];
 
 /// A builder's server the contender forwards to.
 pub struct Upstream {
@@ -44,6 +61,8 @@ impl Contender {
             Self::Haproxy => "HAProxy",
             Self::Yensid(Dataplane::Kernel) => "yensid kernel",
             Self::Yensid(Dataplane::Userspace) => "yensid userspace",
+            Self::KernelSplice => "yensid kernel, splice(2)",
+            Self::LocalPath => "yensid local path",
             Self::SplicePrototype => "splice(2) prototype",
         }
     }
@@ -55,6 +74,8 @@ impl Contender {
             Self::Haproxy => "haproxy",
             Self::Yensid(Dataplane::Kernel) => "kernel",
             Self::Yensid(Dataplane::Userspace) => "userspace",
+            Self::KernelSplice => "kernel-splice",
+            Self::LocalPath => "local",
             Self::SplicePrototype => "splice",
         }
     }
@@ -87,6 +108,28 @@ impl Contender {
                 Ok(Running {
                     targets: vec![service()],
                     middlebox: Some(Box::new(daemon)),
+                })
+            }
+            Self::KernelSplice => {
+                let mut config = yensid_config(topology, Dataplane::Kernel, upstreams);
+                config.forward = Some(Forward::Splice);
+                let daemon = Daemon::start_binary(yensid, topology.client_ns(), &config)?;
+                Ok(Running {
+                    targets: vec![service()],
+                    middlebox: Some(Box::new(daemon)),
+                })
+            }
+            Self::LocalPath => {
+                let cgroup = TestCgroup::join()?;
+                let mut config = yensid_config(topology, Dataplane::Kernel, upstreams);
+                config.local_path = Some(LocalPathConfig {
+                    cgroup: cgroup.path().to_owned(),
+                    proxied: Vec::new(),
+                });
+                let daemon = Daemon::start_binary(yensid, topology.client_ns(), &config)?;
+                Ok(Running {
+                    targets: vec![service()],
+                    middlebox: Some(Box::new(LocalPathDaemon { daemon, cgroup })),
                 })
             }
             Self::SplicePrototype => {
@@ -189,6 +232,57 @@ impl Middlebox for Daemon {
         ensure!(status.success(), "yensid exited with {status}");
         Ok(log_summary(&log))
     }
+}
+
+/// The daemon of the local path with the cgroup its clients are in; the
+/// bench process leaves the cgroup once the daemon has stopped.
+struct LocalPathDaemon {
+    daemon: Daemon,
+    cgroup: TestCgroup,
+}
+
+impl Middlebox for LocalPathDaemon {
+    fn pid(&self) -> Option<u32> {
+        Some(self.daemon.pid())
+    }
+
+    fn refuse(&mut self) -> Result<SocketAddr> {
+        Middlebox::refuse(&mut self.daemon)
+    }
+
+    fn finish(self: Box<Self>) -> Result<Vec<String>> {
+        let Self { daemon, cgroup } = *self;
+        let direct = local_connections(&daemon)?;
+        let mut notes = Box::new(daemon).finish()?;
+        drop(cgroup);
+        notes.insert(
+            0,
+            format!("{direct} connections went straight to a builder (the daemon's count)"),
+        );
+        Ok(notes)
+    }
+}
+
+/// Connections `daemon` sent straight to a builder, from its status; none
+/// would mean a local path figure measured another path.
+pub fn local_connections(daemon: &Daemon) -> Result<u64> {
+    let status = daemon.status()?;
+    let total = status
+        .json()
+        .pointer("/builders")
+        .and_then(|b| b.as_array())
+        .map(|builders| {
+            builders
+                .iter()
+                .filter_map(|b| b.pointer("/local/connections").and_then(|n| n.as_u64()))
+                .sum()
+        })
+        .unwrap_or(0);
+    ensure!(
+        total > 0,
+        "the daemon counted no connection on the local path: its figures measured another path"
+    );
+    Ok(total)
 }
 
 /// How many connections the kernel spliced, and the first warnings.

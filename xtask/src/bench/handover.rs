@@ -249,7 +249,10 @@ impl Replaceable {
                     successor: None,
                 })
             }
-            Contender::Direct | Contender::SplicePrototype => {
+            Contender::Direct
+            | Contender::KernelSplice
+            | Contender::LocalPath
+            | Contender::SplicePrototype => {
                 bail!("{} has no handover", contender.name())
             }
         }

@@ -49,7 +49,7 @@ use yensid_tests::Topology;
 use yensid_tests::wait::wait_until;
 
 use crate::build;
-use contender::{CONTENDERS, Contender, PROTOTYPES, Upstream};
+use contender::{CONTENDERS, Contender, ON_REQUEST, Upstream};
 use figure::{Figure, PERCENTILES, Value, percentile_micros};
 use protocol::BenchServer;
 use report::{Report, Results};
@@ -97,10 +97,12 @@ pub struct Options {
     /// Trials per reaction-time series (link down, `yensid mode local`).
     #[arg(long, default_value_t = 50)]
     reaction_trials: usize,
-    /// Only these contenders (direct, haproxy, kernel, userspace, and splice:
-    /// a splice(2) forwarder in the bench, measured only when named);
-    /// default: all but splice. Targets that need a missing one are
-    /// reported as unknown.
+    /// Only these contenders (direct, haproxy, kernel, userspace; and,
+    /// measured only when named, kernel-splice: the kernel dataplane with
+    /// `forward = "splice"`, local: yensid's local path, and splice: a
+    /// splice(2) forwarder in the bench); default: the first four. The
+    /// real-ssh section adds the local path always. Targets that need a
+    /// missing one are reported as unknown.
     #[arg(long = "contender", value_parser = parse_contender)]
     contenders: Vec<Contender>,
     /// Bytes of fresh input per derivation in the upload-parallelism runs.
@@ -113,6 +115,8 @@ pub struct Options {
     ssh: ssh::Options,
     #[command(flatten)]
     handover: handover::Options,
+    #[command(flatten)]
+    local: local::Options,
     /// Where latest.md, latest.json and latest.png go (relative to the
     /// workspace root).
     #[arg(long, default_value = "bench/results")]
@@ -122,12 +126,12 @@ pub struct Options {
 fn parse_contender(key: &str) -> Result<Contender, String> {
     CONTENDERS
         .into_iter()
-        .chain(PROTOTYPES)
+        .chain(ON_REQUEST)
         .find(|c| c.key() == key)
         .ok_or_else(|| {
             let keys: Vec<&str> = CONTENDERS
                 .iter()
-                .chain(&PROTOTYPES)
+                .chain(&ON_REQUEST)
                 .map(|c| c.key())
                 .collect();
             format!("one of {}", keys.join(", "))
@@ -273,6 +277,7 @@ pub fn run(options: &Options) -> Result<()> {
             options.nix_builds as u64,
             options.upload_bytes,
             options.reaction_trials as u64,
+            options.local.local_rounds as u64,
         ]
         .iter()
         .all(|&n| n > 0),
@@ -297,7 +302,7 @@ pub fn run(options: &Options) -> Result<()> {
         } else {
             CONTENDERS
                 .into_iter()
-                .chain(PROTOTYPES)
+                .chain(ON_REQUEST)
                 .filter(|c| options.contenders.contains(c))
                 .collect()
         },

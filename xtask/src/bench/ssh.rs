@@ -14,7 +14,10 @@
 //! Each figure is the wall time of the whole `ssh` run, session setup
 //! included (a few ms of a 1-2 s transfer), and the whole machine's busy CPU
 //! over it. Contenders run one after the other, each started afresh for
-//! each of `--ssh-rounds` rounds; the table shows the median round.
+//! each of `--ssh-rounds` rounds, and each round starts one contender
+//! later than the one before, so that no contender always follows the same
+//! one; the table shows the median round. The local path is always a
+//! contender here, whatever `--contender` says: its users are ssh clients.
 
 use std::fmt::Write as _;
 use std::io::Read;
@@ -50,7 +53,7 @@ pub struct Options {
     pub ssh_bytes: u64,
     /// Rounds of the real-ssh section (every contender once per round); the
     /// report shows the median.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub ssh_rounds: usize,
 }
 
@@ -103,6 +106,10 @@ pub fn run(setup: &Setup) -> Result<()> {
     let payload = RandomFile::create(options.ssh_bytes)?;
     let expected = checksum(Command::new("cksum").stdin(std::fs::File::open(payload.path())?))?;
     let ssh = topology.ssh_client()?;
+    let mut contenders = setup.contenders.clone();
+    if !contenders.contains(&Contender::LocalPath) {
+        contenders.push(Contender::LocalPath);
+    }
     let upstreams: Vec<Upstream> = topology
         .builders()
         .iter()
@@ -114,9 +121,8 @@ pub fn run(setup: &Setup) -> Result<()> {
     let mut report = RealSsh {
         bytes: options.ssh_bytes,
         rounds: options.ssh_rounds,
-        contenders: setup.contenders.clone(),
-        cells: setup
-            .contenders
+        contenders: contenders.clone(),
+        cells: contenders
             .iter()
             .map(|_| {
                 (0..CIPHERS.len() * DIRECTIONS.len())
@@ -127,7 +133,8 @@ pub fn run(setup: &Setup) -> Result<()> {
         notes: Vec::new(),
     };
     for round in 0..options.ssh_rounds {
-        for (column, &contender) in setup.contenders.iter().enumerate() {
+        for column in rotated(contenders.len(), round) {
+            let contender = contenders[column];
             build::progress(&format!(
                 "real ssh, round {} of {}: {}",
                 round + 1,
@@ -201,6 +208,12 @@ pub fn run(setup: &Setup) -> Result<()> {
         "{unmeasured} real-ssh figures could not be measured; see ssh.md"
     );
     Ok(())
+}
+
+/// The columns in the order round `round` measures them: all of them, from
+/// `round % count` on.
+fn rotated(count: usize, round: usize) -> impl Iterator<Item = usize> {
+    (0..count).map(move |i| (i + round) % count)
 }
 
 /// One `ssh` run moving the payload in `mode`, checked.
@@ -567,6 +580,13 @@ mod tests {
         };
         assert_eq!(even.median(), Some(sample(1.0)));
         assert_eq!(Cell::default().median(), None);
+    }
+
+    #[test]
+    fn each_round_starts_one_contender_later() {
+        assert_eq!(rotated(4, 0).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!(rotated(4, 1).collect::<Vec<_>>(), [1, 2, 3, 0]);
+        assert_eq!(rotated(4, 5).collect::<Vec<_>>(), [1, 2, 3, 0]);
     }
 
     #[test]

@@ -61,7 +61,7 @@ fn the_shipped_unit_runs_under_systemd() -> Result<()> {
     ensure!(container.unit_property("yensid", "ActiveState")? == "active");
     let status = container.unit_property("yensid", "StatusText")?;
     ensure!(
-        status == "serving 1 service(s) with 2 builder(s), kernel dataplane",
+        status == "serving 1 service(s) with 2 builder(s), kernel dataplane, forwarding by sockmap",
         "status text after start: {status:?}"
     );
     let journal = container.journal("yensid")?;

@@ -13,7 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Result, ensure};
 use yensid_tests::{
-    Daemon, DaemonConfig, Dataplane, Forward, Launch, RandomFile, Strategy, Topology, service,
+    Daemon, DaemonConfig, Dataplane, Forward, Launch, RandomFile, SshClient, Strategy, Topology,
+    service,
 };
 
 common::dataplane_tests!(
@@ -70,6 +71,18 @@ fn one_gib_each_way_is_byte_exact(dataplane: Dataplane) -> Result<()> {
     let daemon = Daemon::start(topology.client_ns(), &config)?;
     let ssh = topology.ssh_client()?;
 
+    up_and_down_intact(&ssh, &payload)?;
+    let counts = daemon.expect_data_path(dataplane)?;
+    ensure!(
+        counts.spliced + counts.copied == 2,
+        "2 transfers, the daemon recorded {counts:?}"
+    );
+    Ok(())
+}
+
+/// `payload` up (`sha256sum` on the builder) and down (`cat` on the builder,
+/// `sha256sum` here) through the service, each matching the file's digest.
+fn up_and_down_intact(ssh: &SshClient, payload: &RandomFile) -> Result<()> {
     let uploaded = ssh.run_with_input(service(), "sha256sum", payload.path(), TRANSFER_TIMEOUT)?;
     let uploaded = yensid_tests::payload::sha256_of_output(&uploaded)?;
     ensure!(
@@ -86,11 +99,6 @@ fn one_gib_each_way_is_byte_exact(dataplane: Dataplane) -> Result<()> {
         downloaded == payload.sha256(),
         "download corrupted: got {downloaded}, builder sent {}",
         payload.sha256()
-    );
-    let counts = daemon.expect_data_path(dataplane)?;
-    ensure!(
-        counts.spliced + counts.copied == 2,
-        "2 transfers, the daemon recorded {counts:?}"
     );
     Ok(())
 }
@@ -367,23 +375,7 @@ fn forward_splice_steers_in_the_kernel_and_relays_with_splice() -> Result<()> {
     let daemon = Daemon::start(topology.client_ns(), &config)?;
     let ssh = topology.ssh_client()?;
 
-    let uploaded = ssh.run_with_input(service(), "sha256sum", payload.path(), TRANSFER_TIMEOUT)?;
-    let uploaded = yensid_tests::payload::sha256_of_output(&uploaded)?;
-    ensure!(
-        uploaded == payload.sha256(),
-        "upload corrupted: builder got {uploaded}, sent {}",
-        payload.sha256()
-    );
-    let downloaded = ssh.run_digesting_output(
-        service(),
-        &format!("cat {}", payload.path().display()),
-        TRANSFER_TIMEOUT,
-    )?;
-    ensure!(
-        downloaded == payload.sha256(),
-        "download corrupted: got {downloaded}, sent {}",
-        payload.sha256()
-    );
+    up_and_down_intact(&ssh, &payload)?;
     let served = (0..2)
         .map(|_| ssh.served_by(service()))
         .collect::<Result<BTreeSet<_>>>()?;

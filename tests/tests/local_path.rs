@@ -97,6 +97,18 @@ fn local_total(status: &Status, field: &str) -> Result<u64> {
     Ok(total)
 }
 
+/// The daemon counted exactly `expected` connections on the local path.
+fn expect_went_direct(daemon: &Daemon, expected: u64) -> Result<()> {
+    let status = daemon.status()?;
+    let went = local_total(&status, "connections")?;
+    ensure!(
+        went == expected,
+        "{went} connections went direct, expected {expected}: {}",
+        status.json()
+    );
+    Ok(())
+}
+
 fn tally<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for n in names {
@@ -220,11 +232,7 @@ mod super_test {
             served.windows(2).all(|pair| pair[0] != pair[1]),
             "round-robin did not alternate: {served:?}"
         );
-        let status = daemon.status()?;
-        ensure!(
-            local_total(&status, "connections")? == 20,
-            "not all went direct"
-        );
+        expect_went_direct(&daemon, 20)?;
         Ok(())
     }
 
@@ -249,12 +257,7 @@ mod super_test {
             (240..=360).contains(&b1) && served.values().sum::<usize>() == 400,
             "weights 3:1 gave {served:?} of 400"
         );
-        let status = daemon.status()?;
-        ensure!(
-            local_total(&status, "connections")? == 400,
-            "not all went direct: {}",
-            status.json()
-        );
+        expect_went_direct(&daemon, 400)?;
         Ok(())
     }
 
@@ -389,11 +392,7 @@ mod super_test {
             served.windows(2).all(|pair| pair[0] == pair[1]),
             "source-affinity spread one host over {served:?}"
         );
-        let status = daemon.status()?;
-        ensure!(
-            local_total(&status, "connections")? == 12,
-            "not all went direct"
-        );
+        expect_went_direct(&daemon, 12)?;
         Ok(())
     }
 
@@ -413,11 +412,7 @@ mod super_test {
         );
         daemon.cli(&["mode", "auto"])?;
         ensure!(raw.banner(service())? == "b1", "after mode auto");
-        let status = daemon.status()?;
-        ensure!(
-            local_total(&status, "connections")? == 2,
-            "the served ones went direct"
-        );
+        expect_went_direct(&daemon, 2)?;
         Ok(())
     }
 

@@ -219,6 +219,7 @@ pub async fn run(
         metrics,
         handover: None,
         inherited_listeners: HashMap::new(),
+        override_deadline: None,
     };
     if let Some(rx) = &controller.links {
         registry.inner().links = Some(rx.borrow().clone());
@@ -637,6 +638,9 @@ struct Controller {
     /// Listeners a predecessor handed over, by (service, builder), with
     /// their ids: used by the plan before any new one is opened.
     inherited_listeners: HashMap<(String, String), (u32, OwnedFd)>,
+    /// The timed local override last given to the kernel, with the end it
+    /// was given (CLOCK_BOOTTIME ns).
+    override_deadline: Option<(ModeOverride, u64)>,
 }
 
 /// SIGTERM and SIGINT, held from serving through the stop: the first
@@ -1069,11 +1073,18 @@ impl Controller {
             let kernel_plan = local_override
                 .is_some_and(|o| o.until.is_some())
                 .then(|| decide(inner.mode_after_override()));
-            let local_until = local_override.map(|o| match o.seconds_left(now) {
-                None => u64::MAX,
-                Some(left) => path::boottime_ns()
-                    .saturating_add(left.saturating_mul(1_000_000_000))
-                    .min(u64::MAX - 1),
+            // Fixed when the override is first applied: a plan applied again
+            // while it lasts (a probe, a link event) must not move its end.
+            let local_until = local_override.map(|o| match self.override_deadline {
+                Some((applied, deadline)) if applied == o => deadline,
+                _ => {
+                    let unix_now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    let deadline = o.boottime_deadline(unix_now, path::boottime_ns());
+                    self.override_deadline = Some((o, deadline));
+                    deadline
+                }
             });
             (inner.config.clone(), plan, kernel_plan, local_until)
         };

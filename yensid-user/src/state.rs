@@ -10,6 +10,7 @@ use std::{
     collections::BTreeSet,
     io::{self, Read},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
@@ -70,6 +71,20 @@ impl ModeOverride {
     /// Seconds left at `now`; `None`: until changed.
     pub fn seconds_left(&self, now: u64) -> Option<u64> {
         self.until.map(|until| until.saturating_sub(now))
+    }
+
+    /// Its end on CLOCK_BOOTTIME (the kernel's clock), in nanoseconds,
+    /// given both clocks read at the same moment: `unix_now` since the
+    /// epoch, `boot_now_ns` since boot. `u64::MAX`: until changed. Exact to
+    /// the nanosecond, not the second, so that a deadline computed again a
+    /// moment later lands on the same instant.
+    pub fn boottime_deadline(&self, unix_now: Duration, boot_now_ns: u64) -> u64 {
+        let Some(until) = self.until else {
+            return u64::MAX;
+        };
+        let left = Duration::from_secs(until).saturating_sub(unix_now);
+        let left_ns = u64::try_from(left.as_nanos()).unwrap_or(u64::MAX);
+        boot_now_ns.saturating_add(left_ns).min(u64::MAX - 1)
     }
 }
 
@@ -292,5 +307,37 @@ mod tests {
             ));
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_kernel_deadline_is_exact_and_does_not_move_when_computed_again() {
+        let timed = ModeOverride {
+            mode: Mode::Local,
+            until: Some(1_000),
+        };
+        // 2.25 s before the end, 5 s after boot.
+        let first = timed.boottime_deadline(Duration::from_millis(997_750), 5_000_000_000);
+        assert_eq!(first, 7_250_000_000);
+        // Computed again 0.4 s later (same whole second): the same instant.
+        let again = timed.boottime_deadline(Duration::from_millis(998_150), 5_400_000_000);
+        assert_eq!(again, first);
+        // Past the end: now.
+        assert_eq!(
+            timed.boottime_deadline(Duration::from_secs(1_001), 9_000_000_000),
+            9_000_000_000
+        );
+        let open = ModeOverride {
+            mode: Mode::Local,
+            until: None,
+        };
+        assert_eq!(open.boottime_deadline(Duration::ZERO, 1), u64::MAX);
+        let far = ModeOverride {
+            mode: Mode::Local,
+            until: Some(u64::MAX),
+        };
+        assert_eq!(
+            far.boottime_deadline(Duration::ZERO, u64::MAX),
+            u64::MAX - 1
+        );
     }
 }

@@ -206,7 +206,8 @@ mod super_test {
         Ok(())
     }
 
-    /// 1,000 sequential local connections: every one is counted and every one released.
+    /// 1,000 sequential local connections: every one is counted and every one released,
+    /// in status and in the pinned maps `yensid maps` reads.
     pub fn counts_return_to_zero_after_a_thousand_connections(cgroup: &TestCgroup) -> Result<()> {
         let topology = Topology::new(2)?;
         let config = local_config(&topology, cgroup, Strategy::LeastConnections);
@@ -219,6 +220,41 @@ mod super_test {
                 && s.active("b1")? == 0
                 && s.active("b2")? == 0)
         })?;
+        let maps = cli::maps_json(daemon.config_path())?;
+        let local = &maps["local"];
+        let stats = local["stats"].as_array().cloned().unwrap_or_default();
+        let summed =
+            |field: &str| -> u64 { stats.iter().filter_map(|e| e[1][field].as_u64()).sum() };
+        ensure!(
+            local["attached"] == true
+                && local["open_sockets"] == 0
+                && summed("opened") == 1000
+                && summed("closed") == 1000,
+            "the pinned local maps after 1,000 connections: {local}"
+        );
+        let mut targets: Vec<&str> = local["builders"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e[1]["address"].as_str())
+            .collect();
+        targets.sort_unstable();
+        let mut expected: Vec<String> = topology
+            .builders()
+            .iter()
+            .map(|b| b.ssh_addr().to_string())
+            .collect();
+        expected.sort_unstable();
+        ensure!(
+            targets == expected,
+            "LOCAL_BUILDERS sends connects to {targets:?}, expected {expected:?}"
+        );
+        let text = cli::yensid_ok(daemon.config_path(), &["maps"])?;
+        ensure!(
+            text.contains("LOCAL connect-time rewrite attached")
+                && text.contains("LOCAL_SOCKETS 0 local socket(s)"),
+            "`yensid maps` on the local path:\n{text}"
+        );
         Ok(())
     }
 

@@ -247,6 +247,22 @@ mod tests {
             mapped.family, 4,
             "an IPv4-mapped address is an IPv4 builder"
         );
+
+        // `yensid maps` reads them back.
+        use crate::kernel::local::target_address;
+        assert_eq!(
+            target_address(&v4),
+            Some("198.18.1.2:2222".parse().unwrap())
+        );
+        assert_eq!(
+            target_address(&v6),
+            Some("[2001:2:0:1::2]:22".parse().unwrap())
+        );
+        assert_eq!(
+            target_address(&mapped),
+            Some("198.18.1.2:22".parse().unwrap())
+        );
+        assert_eq!(target_address(&local_builder(None, "x:22", 1)), None);
     }
 
     /// A host name not resolved yet (or an address without a port) gives family 0:

@@ -628,6 +628,9 @@ pub struct MapsDump {
     /// whoever holds them: a daemon, a successor taking over, or systemd's
     /// file descriptor store.
     pub spliced_sockets: u64,
+    /// The local path's maps (clients on this host connect straight to
+    /// the builder).
+    pub local: super::local::LocalDump,
 }
 
 /// Opens the pinned maps under `pin_path` and decodes them.
@@ -661,6 +664,7 @@ pub fn read_pinned(pin_path: &Path) -> Result<MapsDump, BpfError> {
         affinity: Vec::new(),
         local_override_until_boot_ns: mode_override.get(&0, 0).map_or(0, |o| o.local_until_ns),
         spliced_sockets: peers.keys().filter(Result::is_ok).count() as u64,
+        local: super::local::read_pinned(pin_path, &dir)?,
     };
     for (i, state) in services.iter().enumerate() {
         let Ok(state) = state else { continue };
@@ -713,7 +717,7 @@ pub fn read_pinned(pin_path: &Path) -> Result<MapsDump, BpfError> {
 }
 
 /// Opens a pinned map read-only: all a member of the read group may do.
-fn open<T>(dir: &Path, name: &'static str) -> Result<T, BpfError>
+pub(super) fn open<T>(dir: &Path, name: &'static str) -> Result<T, BpfError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {

@@ -11,19 +11,20 @@
 use std::{
     fs::File,
     io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf,
-    maps::{Array, MapData},
+    maps::{Array, HashMap, MapData},
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, SockOps, links::FdLink},
 };
 use tracing::info;
-use yensid_ebpf::maps::{self as names, LocalBuilder, LocalStats};
+use yensid_ebpf::maps::{self as names, LocalBuilder, LocalSocket, LocalStats};
 
-use super::bpf::{BpfError, Kernel, map_err, program, take};
+use super::bpf::{BpfError, Kernel, map_err, open, program, take};
 
 /// The programs, in the order they are attached: the accounting before
 /// anything is rewritten, the rewrite last.
@@ -158,6 +159,92 @@ impl Kernel {
             .get(&builder, 0)
             .map_err(map_err(names::LOCAL_STATS))
     }
+}
+
+/// The local path's pinned maps, decoded for `yensid maps`; entries never
+/// written (all zero) are left out.
+#[derive(Debug, serde::Serialize)]
+pub struct LocalDump {
+    /// Whether every program's link is pinned: local connects are
+    /// rewritten (in the namespace below).
+    pub attached: bool,
+    /// The network namespace whose connects are rewritten; 0: none.
+    pub netns_cookie: u64,
+    /// Service indices whose local clients connect straight to the builder.
+    pub direct_services: Vec<u32>,
+    /// Builder index -> where a rewritten connect goes.
+    pub builders: Vec<(u32, LocalTarget)>,
+    /// Builder index -> what the programs counted.
+    pub stats: Vec<(u32, LocalStats)>,
+    /// Sockets rewritten and not yet counted closed.
+    pub open_sockets: u64,
+}
+
+/// A `LOCAL_BUILDERS` entry, readable.
+#[derive(Debug, serde::Serialize)]
+pub struct LocalTarget {
+    /// `None`: not known yet (connects to it stay untouched).
+    pub address: Option<SocketAddr>,
+    /// The failed local connects the daemon has acted on.
+    pub failures_seen: u64,
+}
+
+/// Reads the local path's maps from the pin directory `dir`.
+pub(super) fn read_pinned(pin_path: &Path, dir: &Path) -> Result<LocalDump, BpfError> {
+    let services: Array<MapData, u32> = open(dir, names::LOCAL_SERVICES)?;
+    let builders: Array<MapData, LocalBuilder> = open(dir, names::LOCAL_BUILDERS)?;
+    let netns: Array<MapData, u64> = open(dir, names::LOCAL_NETNS)?;
+    let stats: Array<MapData, LocalStats> = open(dir, names::LOCAL_STATS)?;
+    let sockets: HashMap<MapData, u64, LocalSocket> = open(dir, names::LOCAL_SOCKETS)?;
+    Ok(LocalDump {
+        attached: link_pins(pin_path).all(|p| p.exists()),
+        netns_cookie: netns.get(&0, 0).unwrap_or(0),
+        direct_services: services
+            .iter()
+            .enumerate()
+            .filter_map(written)
+            .map(|(i, _)| i)
+            .collect(),
+        builders: builders
+            .iter()
+            .enumerate()
+            .filter_map(written)
+            .map(|(i, b): (u32, LocalBuilder)| {
+                let target = LocalTarget {
+                    address: target_address(&b),
+                    failures_seen: b.failures_seen,
+                };
+                (i, target)
+            })
+            .collect(),
+        stats: stats.iter().enumerate().filter_map(written).collect(),
+        open_sockets: sockets.keys().filter(Result::is_ok).count() as u64,
+    })
+}
+
+/// An array entry with its index, unless it was never written (all zero)
+/// or cannot be read.
+fn written<T: Default + PartialEq, E>((i, entry): (usize, Result<T, E>)) -> Option<(u32, T)> {
+    let entry = entry.ok()?;
+    (entry != T::default()).then_some((i as u32, entry))
+}
+
+/// The address a `LOCAL_BUILDERS` entry sends rewritten connects to;
+/// `None` while it is unknown (family 0).
+pub fn target_address(b: &LocalBuilder) -> Option<SocketAddr> {
+    let port = u16::from_be(b.port as u16);
+    let ip = match b.family {
+        4 => IpAddr::V4(Ipv4Addr::from(b.ip4.to_ne_bytes())),
+        6 => {
+            let mut octets = [0u8; 16];
+            for (chunk, word) in octets.chunks_exact_mut(4).zip(b.ip6) {
+                chunk.copy_from_slice(&word.to_ne_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// Loads one program (unless an earlier attempt did), attaches it to the cgroup through a BPF link

@@ -256,6 +256,61 @@ pub fn show_maps(config_path: &Path, json: bool) -> Result<String> {
         "\nSPLICED {} socket(s) joined to a peer in the kernel",
         dump.spliced_sockets
     );
+    let local = &dump.local;
+    let services: Vec<String> = local.direct_services.iter().map(u32::to_string).collect();
+    let _ = writeln!(
+        out,
+        "\nLOCAL connect-time rewrite {}, netns cookie {}; services whose local clients go direct: {}",
+        if local.attached {
+            "attached"
+        } else {
+            "not attached"
+        },
+        local.netns_cookie,
+        if services.is_empty() {
+            "none".to_owned()
+        } else {
+            services.join(" ")
+        }
+    );
+    let _ = writeln!(
+        out,
+        "\nLOCAL_BUILDERS (builder -> where a rewritten connect goes, failed connects acted on)"
+    );
+    for (i, target) in &local.builders {
+        let address = target
+            .address
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let _ = writeln!(
+            out,
+            "  {i}: {address} failures_seen={}",
+            target.failures_seen
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nLOCAL_STATS (builder -> connects rewritten, closed, open, failed, bytes of closed connections, srtt)"
+    );
+    for (i, st) in &local.stats {
+        let _ = writeln!(
+            out,
+            "  {i}: opened={} closed={} open={} failed={} bytes_sent={} bytes_received={} retransmits={} srtt_us={} sampled_boot_ns={}",
+            st.opened,
+            st.closed,
+            st.opened.wrapping_sub(st.closed),
+            st.failed,
+            st.bytes_sent,
+            st.bytes_received,
+            st.retransmits,
+            st.srtt_us,
+            st.sampled_boot_ns
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nLOCAL_SOCKETS {} local socket(s) rewritten and not yet counted closed",
+        local.open_sockets
+    );
     Ok(out)
 }
 

@@ -749,6 +749,14 @@ mod tests {
             affinity: Vec::new(),
             local_override_until_boot_ns: 0,
             spliced_sockets: 0,
+            local: crate::kernel::local::LocalDump {
+                attached: false,
+                netns_cookie: 0,
+                direct_services: Vec::new(),
+                builders: Vec::new(),
+                stats: Vec::new(),
+                open_sockets: 0,
+            },
         };
         let p = pinned(&config, &dump);
         assert_eq!(p.services.len(), 1, "arm claims nothing in the pins");

@@ -12,8 +12,8 @@ use anyhow::{Result, ensure};
 use yensid_tests::cgroup::TestCgroup;
 use yensid_tests::cli;
 use yensid_tests::{
-    ConnectAttempt, Daemon, DaemonConfig, Dataplane, LinkKind, LocalPathConfig, PolicyMode,
-    SshClient, Status, Strategy, Topology, service,
+    ConnectAttempt, Daemon, DaemonConfig, Dataplane, HealthConfig, LinkKind, LinkRules,
+    LocalPathConfig, PolicyMode, RandomFile, SshClient, Status, Strategy, Topology, service,
 };
 
 /// Only against hangs.
@@ -50,6 +50,7 @@ local_tests!(
     local_clients_proxy_takes_the_gateway_path,
     an_unattachable_cgroup_falls_back_to_the_proxy,
     link_rules_apply_to_local_clients,
+    max_rtt_ms_follows_the_rtt_of_local_connections,
     a_black_holed_builder_costs_one_timed_out_connect,
 );
 
@@ -610,6 +611,59 @@ mod super_test {
             matches!(attempt, ConnectAttempt::Refused),
             "too few eligible builders: {attempt:?}, expected ECONNREFUSED"
         );
+        Ok(())
+    }
+
+    /// With `max_rtt_ms = 100` and nothing but local clients, an upload through the
+    /// local path over a throttled link to b1 (100 kbit/s, so every queued packet adds
+    /// 120 ms) leaves a kernel RTT sample far above the limit when it closes: b1 is
+    /// excluded for the kernel's RTT (the probes, a minute apart, still remember the
+    /// fast path) and the next session goes to b2, although priority prefers b1.
+    pub fn max_rtt_ms_follows_the_rtt_of_local_connections(cgroup: &TestCgroup) -> Result<()> {
+        let topology = Topology::new(2)?;
+        let mut config = local_config(&topology, cgroup, Strategy::Priority);
+        config.services[0].policy = Some(LinkRules {
+            max_rtt_ms: Some(100),
+            ..LinkRules::default()
+        });
+        config.health = Some(HealthConfig {
+            interval: Some(Duration::from_secs(60)),
+            ..HealthConfig::default()
+        });
+        let daemon = Daemon::start(topology.client_ns(), &config)?;
+        daemon.wait_for_status("both builders eligible after their probes", WAIT, |s| {
+            Ok(s.exclusion("ssh", "b1")?.is_none()
+                && s.exclusion("ssh", "b2")?.is_none()
+                && s.json()["builders"]
+                    .as_array()
+                    .is_some_and(|b| b.iter().all(|b| b["rtt_ms"].is_number())))
+        })?;
+        topology.throttle("b1", 100)?;
+        let payload = RandomFile::create(48 << 10)?;
+        let ssh = topology.ssh_client()?;
+        let out = ssh.run_with_input(
+            service(),
+            "sha256sum; echo $YENSID_BUILDER",
+            payload.path(),
+            Duration::from_secs(120),
+        )?;
+        ensure!(
+            out.starts_with(payload.sha256()) && out.trim_end().ends_with("b1"),
+            "the upload on the slow b1: {out:?}"
+        );
+        let status = daemon.wait_for_status("b1 excluded for its kernel RTT", WAIT, |s| {
+            Ok(s.exclusion("ssh", "b1")?
+                .is_some_and(|e| e.starts_with("kernel round-trip time")))
+        })?;
+        let b1 = &status.json()["builders"][index(&status, "b1")?];
+        ensure!(
+            b1["kernel_rtt_ms"].as_f64().is_some_and(|r| r > 100.0)
+                && b1["local"]["rtt_ms"].as_f64().is_some_and(|r| r > 100.0),
+            "b1 excluded, but its RTTs: {b1}"
+        );
+        let next = ssh.served_by(service())?;
+        ensure!(next == "b2", "the next session went to {next}, not b2");
+        expect_went_direct(&daemon, 2)?;
         Ok(())
     }
 

@@ -219,7 +219,7 @@ pub async fn run(
         metrics,
         handover: None,
         inherited_listeners: HashMap::new(),
-        override_deadline: None,
+        kernel_override_end: None,
     };
     if let Some(rx) = &controller.links {
         registry.inner().links = Some(rx.borrow().clone());
@@ -640,7 +640,7 @@ struct Controller {
     inherited_listeners: HashMap<(String, String), (u32, OwnedFd)>,
     /// The timed local override last given to the kernel, with the end it
     /// was given (CLOCK_BOOTTIME ns).
-    override_deadline: Option<(ModeOverride, u64)>,
+    kernel_override_end: Option<(ModeOverride, u64)>,
 }
 
 /// SIGTERM and SIGINT, held from serving through the stop: the first
@@ -695,7 +695,7 @@ impl Controller {
         let mut hook_tick = tokio::time::interval(config.policy.hook_interval);
         let mut path_tick = tokio::time::interval(PATH_READ_INTERVAL);
         let mut local_tick = tokio::time::interval(LOCAL_POLL_INTERVAL);
-        let measuring = registry.kernel().is_some_and(|k| k.observing().is_ok());
+        let measuring = registry.kernel().is_some();
         info!(
             services = config.services.len(),
             builders = config.builders.len(),
@@ -1075,14 +1075,14 @@ impl Controller {
                 .then(|| decide(inner.mode_after_override()));
             // Fixed when the override is first applied: a plan applied again
             // while it lasts (a probe, a link event) must not move its end.
-            let local_until = local_override.map(|o| match self.override_deadline {
+            let local_until = local_override.map(|o| match self.kernel_override_end {
                 Some((applied, deadline)) if applied == o => deadline,
                 _ => {
                     let unix_now = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .unwrap_or_default();
                     let deadline = o.boottime_deadline(unix_now, path::boottime_ns());
-                    self.override_deadline = Some((o, deadline));
+                    self.kernel_override_end = Some((o, deadline));
                     deadline
                 }
             });

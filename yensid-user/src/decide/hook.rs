@@ -66,8 +66,9 @@ pub struct BuilderInput {
     pub drained: bool,
     /// From the last successful probe.
     pub rtt_ms: Option<f64>,
-    /// TCP's smoothed RTT on the daemon's connections to the builder, at
-    /// the kernel's latest sample (absent before any).
+    /// TCP's smoothed RTT on connections to the builder (the daemon's, or
+    /// local clients' direct ones), at the kernel's latest sample (absent
+    /// before any).
     pub kernel_rtt_ms: Option<f64>,
     /// The interface the route to the builder goes out of.
     pub egress: Option<Link>,

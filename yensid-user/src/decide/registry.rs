@@ -311,15 +311,18 @@ impl Registry {
             .map(|(name, &index)| (name.clone(), index))
             .collect();
         for (name, index) in indices {
+            let Some(tracker) = inner.paths.get_mut(&name) else {
+                continue;
+            };
             match kernel.path_stats(index) {
-                Ok(stats) => {
-                    if let Some(tracker) = inner.paths.get_mut(&name) {
-                        tracker.update(stats);
-                    }
-                }
+                Ok(stats) => tracker.update(stats),
                 Err(e) => {
                     warn!(builder = name, error = %e, "cannot read the kernel's path measurements")
                 }
+            }
+            // Local clients' direct connections measure the same path.
+            if let Ok(local) = kernel.local_stats(index) {
+                tracker.update_local(local.srtt_us, local.sampled_boot_ns);
             }
         }
         let max_rtt = inner

@@ -1,10 +1,13 @@
 //! The kernel's measurements of the path to each builder (the `observe`
-//! program's `PATH_STATS`), as the daemon uses them: shown in status and
+//! program's `PATH_STATS`, and the RTT the local path's `account` program
+//! samples in `LOCAL_STATS`), as the daemon uses them: shown in status and
 //! metrics, and the round-trip time `max_rtt_ms` compares.
 //!
 //! Why two RTT sources: the kernel measures TCP's smoothed RTT on the
-//! builder connections that carry builds, so it sees a path that is
-//! congested *now*; but it only has samples while connections carry data.
+//! builder connections that carry builds (the daemon's, all along; local
+//! clients' direct ones, at their handshake and close), so it sees a path
+//! that is congested *now*; but it only has samples while connections
+//! carry data.
 //! A kernel sample counts while it is fresh ([`KERNEL_RTT_FRESH`]); after
 //! that the health probes' RTT (one connect and an identification line,
 //! every probe interval) decides again.
@@ -19,7 +22,8 @@ pub const KERNEL_RTT_FRESH: Duration = Duration::from_secs(30);
 /// Where a round-trip time comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RttSource {
-    /// TCP's smoothed RTT on the daemon's connections to the builder.
+    /// TCP's smoothed RTT on connections to the builder: the daemon's, or
+    /// local clients' on the local path.
     Kernel,
     /// The health probe's connect-to-identification-line time.
     Probe,
@@ -66,6 +70,8 @@ pub struct PathTracker {
     baseline: PathStats,
     adopted_boot_ns: u64,
     latest: PathStats,
+    /// The local path's latest sample: (smoothed RTT in µs, when).
+    local: (u32, u64),
 }
 
 impl PathTracker {
@@ -74,6 +80,7 @@ impl PathTracker {
             baseline: stats,
             adopted_boot_ns: now_boot_ns,
             latest: stats,
+            local: (0, 0),
         }
     }
 
@@ -81,17 +88,34 @@ impl PathTracker {
         self.latest = stats;
     }
 
-    /// The latest RTT sample this daemon's connections gave, if any.
+    /// The local path's latest RTT sample of this builder (`LOCAL_STATS`).
+    pub fn update_local(&mut self, srtt_us: u32, sampled_boot_ns: u64) {
+        self.local = (srtt_us, sampled_boot_ns);
+    }
+
+    /// The latest sample taken since adoption, from either path: the RTT
+    /// and when it was taken.
+    fn latest_sample(&self) -> Option<(Duration, u64)> {
+        let proxied = (self.latest.srtt_us, self.latest.sampled_boot_ns);
+        let (srtt_us, at) = if self.local.1 > proxied.1 {
+            self.local
+        } else {
+            proxied
+        };
+        (at > self.adopted_boot_ns).then(|| (Duration::from_micros(u64::from(srtt_us)), at))
+    }
+
+    /// The latest RTT sample of connections to the builder since this
+    /// daemon took it over, if any.
     pub fn rtt(&self) -> Option<Duration> {
-        (self.latest.sampled_boot_ns > self.adopted_boot_ns)
-            .then(|| Duration::from_micros(self.latest.srtt_us as u64))
+        self.latest_sample().map(|(rtt, _)| rtt)
     }
 
     /// [`Self::rtt`], if it is recent enough to stand for the path.
     pub fn fresh_rtt(&self, now_boot_ns: u64) -> Option<Duration> {
-        let age = now_boot_ns.saturating_sub(self.latest.sampled_boot_ns);
-        self.rtt()
-            .filter(|_| Duration::from_nanos(age) <= KERNEL_RTT_FRESH)
+        let (rtt, at) = self.latest_sample()?;
+        let age = now_boot_ns.saturating_sub(at);
+        (Duration::from_nanos(age) <= KERNEL_RTT_FRESH).then_some(rtt)
     }
 
     pub fn samples(&self) -> u64 {
@@ -153,6 +177,24 @@ mod tests {
         );
         assert_eq!(t.fresh_rtt(10 * SECOND + window + 1), None);
         assert_eq!(t.rtt(), Some(Duration::from_millis(2)), "still shown");
+    }
+
+    #[test]
+    fn the_latest_sample_of_either_path_stands_for_the_builder() {
+        let mut t = PathTracker::adopt(PathStats::default(), 10 * SECOND);
+        t.update_local(400, 5 * SECOND);
+        assert_eq!(t.rtt(), None, "a local sample from before adoption");
+        t.update(stats(900, 11 * SECOND, 1, 0));
+        t.update_local(150_000, 12 * SECOND);
+        assert_eq!(
+            t.rtt(),
+            Some(Duration::from_millis(150)),
+            "the local sample is newer"
+        );
+        let window = KERNEL_RTT_FRESH.as_nanos() as u64;
+        assert_eq!(t.fresh_rtt(12 * SECOND + window + 1), None);
+        t.update(stats(800, 13 * SECOND, 2, 0));
+        assert_eq!(t.fresh_rtt(14 * SECOND), Some(Duration::from_micros(800)));
     }
 
     #[test]

@@ -436,7 +436,7 @@ pub fn render(status: &Status) -> String {
     family(
         "yensid_kernel_rtt_seconds",
         "gauge",
-        "TCP's smoothed RTT on the daemon's connections to the builder, at the kernel's latest sample.",
+        "TCP's smoothed RTT on connections to the builder (the daemon's or local clients' direct ones), at the kernel's latest sample.",
         seconds_by_builder(&|b| b.kernel_rtt_ms),
     );
     family(

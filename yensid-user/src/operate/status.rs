@@ -192,8 +192,9 @@ pub struct BuilderStatus {
     pub bytes_to_builder: u64,
     pub bytes_from_builder: u64,
     pub rtt_ms: Option<f64>,
-    /// TCP's smoothed RTT on the daemon's connections to the builder
-    /// (spliced or copied), at the latest sample the kernel took.
+    /// TCP's smoothed RTT on connections to the builder (the daemon's,
+    /// spliced or copied, or local clients' direct ones), at the latest
+    /// sample the kernel took.
     #[serde(default)]
     pub kernel_rtt_ms: Option<f64>,
     /// RTT samples the kernel took on those connections.

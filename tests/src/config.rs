@@ -361,7 +361,9 @@ impl DaemonConfig {
             // tests stop with sessions they no longer care about. The grace's own
             // tests (tests/tests/graceful_stop.rs) set it.
             shutdown_grace: Some(Duration::ZERO),
-            forward: None,
+            // The kernel dataplane's tests test the socket map unless they say
+            // otherwise (the default, `auto`, splices without systemd's store).
+            forward: (dataplane == Dataplane::Kernel).then_some(Forward::Sockmap),
             local_path: None,
         }
     }

@@ -404,6 +404,52 @@ fn forward_splice_steers_in_the_kernel_and_relays_with_splice() -> Result<()> {
     Ok(())
 }
 
+/// With `forward` left out (`auto`) and no file descriptor store (no systemd), nothing
+/// could keep a session through a crash of the daemon, so it takes the faster
+/// forwarding, splice(2); status says so and why. (Under systemd with a store, `auto`
+/// keeps the socket map: tests/tests/systemd.rs.)
+#[test]
+fn forward_auto_splices_without_a_file_descriptor_store() -> Result<()> {
+    if !yensid_tests::privileged_or_skip(
+        "dataplane::forward_auto_splices_without_a_file_descriptor_store",
+    ) {
+        return Ok(());
+    }
+    let topology = Topology::new(2)?;
+    let mut config = DaemonConfig::for_topology(&topology, Dataplane::Kernel, Strategy::RoundRobin);
+    config.forward = None;
+    let daemon = Daemon::start(topology.client_ns(), &config)?;
+    let ssh = topology.ssh_client()?;
+    let served = (0..2)
+        .map(|_| ssh.served_by(service()))
+        .collect::<Result<BTreeSet<_>>>()?;
+    ensure!(
+        served == BTreeSet::from(["b1".to_owned(), "b2".to_owned()]),
+        "two round-robin sessions were served by {served:?}"
+    );
+    let counts = daemon.expect_data_path(Dataplane::Userspace)?;
+    ensure!(
+        counts.copied == 2,
+        "2 sessions, the daemon recorded {counts:?}"
+    );
+    let status = daemon.status()?;
+    let why = status.json().get("forward_why").and_then(|v| v.as_str());
+    ensure!(
+        status.json().get("forward").and_then(|v| v.as_str()) == Some("splice")
+            && why.is_some_and(|w| w.starts_with("auto: no file descriptor store")),
+        "status: {}",
+        status.json()
+    );
+    let table = daemon.cli(&["status"])?;
+    ensure!(
+        table.contains(
+            "data path kernel, forwarding by splice\nforwarding: auto: no file descriptor store"
+        ),
+        "`yensid status`:\n{table}"
+    );
+    Ok(())
+}
+
 /// Capabilities the daemon needs for BPF; without them `bpf(2)` refuses to load its
 /// programs and maps.
 const BPF_CAPABILITIES: &str = "-bpf,-sys_admin,-perfmon";

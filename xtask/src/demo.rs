@@ -52,8 +52,10 @@ pub fn run() -> Result<()> {
     say("Each builder also has a Nix store of its own; the client's store is a throwaway one.");
     let mut topology = Topology::with_stores(2)?;
     topology.start_host_sshd()?;
-    let config =
+    let mut config =
         DaemonConfig::for_topology(&topology, Dataplane::Kernel, Strategy::LeastConnections);
+    // What a user gets: `forward` left to `auto` (here, with no systemd, splice(2)).
+    config.forward = None;
     say(&format!(
         "Starting `yensid run` in the client namespace; it claims {} in the kernel.",
         service()

@@ -70,7 +70,7 @@ pub struct Daemon {
     pub local_cgroup: Option<PathBuf>,
     /// `[daemon] forward`: how the kernel dataplane moves an SSH session's
     /// bytes once its handoff is done.
-    pub forward: Forward,
+    pub forward: ForwardSetting,
 }
 
 /// `[daemon] shutdown_grace` when absent: a remote build cut by a stop
@@ -211,15 +211,14 @@ impl QueueSettings {
     pub const MAX_LIMIT: u32 = 4096;
 }
 
-/// `[daemon] forward`: how the kernel dataplane moves an SSH session's bytes
-/// once the handoff is done. The kernel steers and counts connections the
-/// same way with either; the userspace dataplane always splices.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+/// How the kernel dataplane moves an SSH session's bytes once the handoff
+/// is done. The kernel steers and counts connections the same way with
+/// either; the userspace dataplane always splices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Forward {
     /// The socket map redirects every segment in the kernel; the daemon
-    /// only watches for the ends.
-    #[default]
+    /// only watches for the ends, so a pair flows on with no daemon.
     Sockmap,
     /// The daemon moves the bytes with `splice(2)` through pipes
     /// (`crate::dataplane::relay`): no copy into userspace, one wake-up
@@ -232,6 +231,41 @@ impl Forward {
         match self {
             Self::Sockmap => "sockmap",
             Self::Splice => "splice",
+        }
+    }
+}
+
+/// `[daemon] forward`: a [`Forward`], or `auto`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardSetting {
+    /// The socket map where systemd's file descriptor store can keep its
+    /// pairs through a crash of the daemon, `splice(2)` elsewhere.
+    #[default]
+    Auto,
+    Sockmap,
+    Splice,
+}
+
+impl ForwardSetting {
+    /// The forwarding this setting gives, and why, given whether systemd's
+    /// file descriptor store holds spliced pairs for this daemon. `splice(2)`
+    /// is the faster of the two with real ssh and per connection (README,
+    /// Benchmark); the socket map's one advantage a user feels is that its
+    /// sessions outlive a crash, which only a store makes possible.
+    pub fn resolve(self, fd_store: bool) -> (Forward, &'static str) {
+        match (self, fd_store) {
+            (Self::Sockmap, _) => (Forward::Sockmap, "set in [daemon] forward"),
+            (Self::Splice, _) => (Forward::Splice, "set in [daemon] forward"),
+            (Self::Auto, true) => (
+                Forward::Sockmap,
+                "auto: systemd's file descriptor store keeps socket-map sessions through a crash",
+            ),
+            (Self::Auto, false) => (
+                Forward::Splice,
+                "auto: no file descriptor store, so no session outlives a crash either way, \
+                 and splice(2) is faster with ssh",
+            ),
         }
     }
 }
@@ -609,7 +643,7 @@ mod raw {
         pub max_handoffs_per_client: Option<Spanned<i64>>,
         pub shutdown_grace: Option<Spanned<String>>,
         pub local_cgroup: Option<Spanned<String>>,
-        pub forward: Option<super::Forward>,
+        pub forward: Option<super::ForwardSetting>,
     }
 
     #[derive(Deserialize)]
@@ -2122,14 +2156,37 @@ mod forward_tests {
     const SERVICE_AND_BUILDER: &str = "[[service]]\nname = \"s\"\nlisten = [\"127.0.0.22/32\"]\n[builders.b1]\naddress = \"198.18.1.2:22\"\n";
 
     #[test]
-    fn forward_defaults_to_the_socket_map_and_takes_splice() {
+    fn forward_defaults_to_auto_and_takes_either_way() {
         let c = Config::parse(SERVICE_AND_BUILDER).unwrap();
-        assert_eq!(c.daemon.forward, Forward::Sockmap);
-        let c = Config::parse(&format!(
-            "[daemon]\nforward = \"splice\"\n{SERVICE_AND_BUILDER}"
-        ))
-        .unwrap();
-        assert_eq!(c.daemon.forward, Forward::Splice);
+        assert_eq!(c.daemon.forward, ForwardSetting::Auto);
+        for (value, setting) in [
+            ("auto", ForwardSetting::Auto),
+            ("sockmap", ForwardSetting::Sockmap),
+            ("splice", ForwardSetting::Splice),
+        ] {
+            let c = Config::parse(&format!(
+                "[daemon]\nforward = \"{value}\"\n{SERVICE_AND_BUILDER}"
+            ))
+            .unwrap();
+            assert_eq!(c.daemon.forward, setting);
+        }
+    }
+
+    #[test]
+    fn auto_keeps_the_socket_map_only_where_a_store_keeps_its_sessions() {
+        assert_eq!(ForwardSetting::Auto.resolve(true).0, Forward::Sockmap);
+        assert_eq!(ForwardSetting::Auto.resolve(false).0, Forward::Splice);
+        for store in [true, false] {
+            assert_eq!(ForwardSetting::Sockmap.resolve(store).0, Forward::Sockmap);
+            assert_eq!(ForwardSetting::Splice.resolve(store).0, Forward::Splice);
+        }
+        assert!(ForwardSetting::Auto.resolve(false).1.starts_with("auto:"));
+        assert!(
+            ForwardSetting::Splice
+                .resolve(true)
+                .1
+                .contains("[daemon] forward")
+        );
     }
 
     #[test]
@@ -2140,7 +2197,10 @@ mod forward_tests {
         .unwrap_err()
         .to_string();
         assert!(
-            p.contains("copy") && p.contains("sockmap") && p.contains("splice"),
+            p.contains("copy")
+                && p.contains("auto")
+                && p.contains("sockmap")
+                && p.contains("splice"),
             "{p}"
         );
     }

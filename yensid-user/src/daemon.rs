@@ -156,11 +156,15 @@ pub async fn run(
         )),
         None => None,
     };
-    let path = match (&splicer, config.daemon.dataplane) {
+    let (path, forward_why) = match (&splicer, config.daemon.dataplane) {
         (Some((k, hangups)), Dataplane::Kernel) => {
-            DataPath::Kernel(k.clone(), hangups.clone(), config.daemon.forward)
+            let (forward, why) = config.daemon.forward.resolve(fdstore::available());
+            (DataPath::Kernel(k.clone(), hangups.clone(), forward), why)
         }
-        _ => DataPath::Userspace,
+        _ => (
+            DataPath::Userspace,
+            "the userspace dataplane always splices",
+        ),
     };
     let mut inherited = match predecessor {
         Some(predecessor) => Some(predecessor.receive(kernel.is_some()).await?),
@@ -197,6 +201,7 @@ pub async fn run(
         state_file,
         registry: registry.clone(),
         path,
+        forward_why,
         splicer,
         listeners: HashMap::new(),
         probes: HashMap::new(),
@@ -609,6 +614,8 @@ struct Controller {
     state_file: PathBuf,
     registry: Arc<Registry>,
     path: DataPath,
+    /// Why sessions are forwarded the way they are (`[daemon] forward`).
+    forward_why: &'static str,
     /// One probe task per builder.
     probes: HashMap<String, JoinHandle<()>>,
     /// One metrics scrape task per builder with a `metrics_url`.
@@ -701,6 +708,7 @@ impl Controller {
             builders = config.builders.len(),
             dataplane = self.path.dataplane(),
             forward = self.path.forward().as_str(),
+            forward_why = self.forward_why,
             bpf = registry.kernel_loaded(),
             "yensid ready"
         );
@@ -1436,6 +1444,7 @@ impl Controller {
             counters,
             dataplane: self.path.dataplane(),
             forward: self.path.forward().as_str(),
+            forward_why: self.forward_why,
             bpf: kernel.is_some(),
             path_measurement: match kernel.as_ref().map(|k| k.observing()) {
                 Some(Ok(())) => "kernel".to_owned(),

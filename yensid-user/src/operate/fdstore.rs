@@ -61,6 +61,12 @@ fn store() -> Option<&'static Store> {
         .as_ref()
 }
 
+/// Whether systemd's store keeps this daemon's descriptors (listeners and
+/// spliced pairs) through a crash.
+pub fn available() -> bool {
+    store().is_some()
+}
+
 impl Store {
     fn add(&self, n: usize) -> usize {
         let before = self

@@ -23,6 +23,9 @@ pub struct Status {
     /// or `splice` (`splice(2)` by the daemon).
     #[serde(default)]
     pub forward: String,
+    /// Why: set in the configuration, or what `auto` went by.
+    #[serde(default)]
+    pub forward_why: String,
     /// False in the userspace fallback (BPF could not be loaded).
     pub bpf: bool,
     /// `kernel` when the kernel measures RTT and retransmits on the builder
@@ -266,6 +269,9 @@ pub fn render(status: &Status) -> String {
             " -- BPF UNAVAILABLE, userspace fallback"
         }
     );
+    if status.bpf && !status.forward_why.is_empty() {
+        let _ = writeln!(out, "forwarding: {}", status.forward_why);
+    }
     if status.path_measurement != "kernel" {
         let _ = writeln!(out, "builder RTT: {}", status.path_measurement);
     }

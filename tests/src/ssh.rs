@@ -128,6 +128,28 @@ impl SshClient {
         run_within(&mut self.command(target, remote), input.into(), timeout)
     }
 
+    /// Uploads `input` to `target` through a session that hashes what it received
+    /// (`sha256sum`), checks that `sha256` arrived, and returns the builder that served
+    /// it; killed after `timeout`.
+    pub fn upload_checked(
+        &self,
+        target: SocketAddr,
+        input: &Path,
+        sha256: &str,
+        timeout: Duration,
+    ) -> Result<String> {
+        let out = self.run_with_input(target, "sha256sum; echo $YENSID_BUILDER", input, timeout)?;
+        let mut lines = out.lines();
+        let received = lines.next().unwrap_or_default();
+        let builder = lines.next().unwrap_or_default().trim();
+        ensure!(
+            received.starts_with(sha256) && !builder.is_empty(),
+            "an upload of {} arrived as {out:?} (want {sha256} and the builder's name)",
+            input.display()
+        );
+        Ok(builder.to_owned())
+    }
+
     /// Runs `remote` on `target` and returns the SHA-256 of everything it wrote to
     /// stdout, streamed through `sha256sum` so nothing lands on disk; killed after
     /// `timeout`.

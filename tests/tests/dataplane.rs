@@ -433,7 +433,7 @@ fn forward_auto_splices_without_a_file_descriptor_store() -> Result<()> {
         "2 sessions, the daemon recorded {counts:?}"
     );
     let status = daemon.status()?;
-    let why = status.json().get("forward_why").and_then(|v| v.as_str());
+    let why = status.json().get("forward_reason").and_then(|v| v.as_str());
     ensure!(
         status.json().get("forward").and_then(|v| v.as_str()) == Some("splice")
             && why.is_some_and(|w| w.starts_with("auto: no file descriptor store")),

@@ -156,7 +156,7 @@ pub async fn run(
         )),
         None => None,
     };
-    let (path, forward_why) = match (&splicer, config.daemon.dataplane) {
+    let (path, forward_reason) = match (&splicer, config.daemon.dataplane) {
         (Some((k, hangups)), Dataplane::Kernel) => {
             let (forward, why) = config.daemon.forward.resolve(fdstore::available());
             (DataPath::Kernel(k.clone(), hangups.clone(), forward), why)
@@ -201,7 +201,7 @@ pub async fn run(
         state_file,
         registry: registry.clone(),
         path,
-        forward_why,
+        forward_reason,
         splicer,
         listeners: HashMap::new(),
         probes: HashMap::new(),
@@ -615,7 +615,7 @@ struct Controller {
     registry: Arc<Registry>,
     path: DataPath,
     /// Why sessions are forwarded the way they are (`[daemon] forward`).
-    forward_why: &'static str,
+    forward_reason: &'static str,
     /// One probe task per builder.
     probes: HashMap<String, JoinHandle<()>>,
     /// One metrics scrape task per builder with a `metrics_url`.
@@ -708,7 +708,7 @@ impl Controller {
             builders = config.builders.len(),
             dataplane = self.path.dataplane(),
             forward = self.path.forward().as_str(),
-            forward_why = self.forward_why,
+            forward_reason = self.forward_reason,
             bpf = registry.kernel_loaded(),
             "yensid ready"
         );
@@ -1444,7 +1444,7 @@ impl Controller {
             counters,
             dataplane: self.path.dataplane(),
             forward: self.path.forward().as_str(),
-            forward_why: self.forward_why,
+            forward_reason: self.forward_reason,
             bpf: kernel.is_some(),
             path_measurement: match kernel.as_ref().map(|k| k.observing()) {
                 Some(Ok(())) => "kernel".to_owned(),

@@ -736,7 +736,7 @@ mod tests {
             pid: 1,
             dataplane: "kernel".into(),
             forward: "sockmap".into(),
-            forward_why: "set in [daemon] forward".into(),
+            forward_reason: "set in [daemon] forward".into(),
             bpf: true,
             path_measurement: "kernel".into(),
             handoffs: Default::default(),

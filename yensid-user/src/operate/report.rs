@@ -26,7 +26,7 @@ pub struct Context {
     /// `sockmap` or `splice` (`[daemon] forward`).
     pub forward: &'static str,
     /// Why.
-    pub forward_why: &'static str,
+    pub forward_reason: &'static str,
     pub bpf: bool,
     /// `kernel` when the `observe` program measures builder paths,
     /// otherwise `probes only: <why>`.
@@ -252,7 +252,7 @@ pub fn status(inner: &Inner, context: &Context) -> Status {
         pid: std::process::id(),
         dataplane: context.dataplane.to_owned(),
         forward: context.forward.to_owned(),
-        forward_why: context.forward_why.to_owned(),
+        forward_reason: context.forward_reason.to_owned(),
         bpf: context.bpf,
         path_measurement: context.path_measurement.clone(),
         mode: ModeStatus {

@@ -25,7 +25,7 @@ pub struct Status {
     pub forward: String,
     /// Why: set in the configuration, or what `auto` went by.
     #[serde(default)]
-    pub forward_why: String,
+    pub forward_reason: String,
     /// False in the userspace fallback (BPF could not be loaded).
     pub bpf: bool,
     /// `kernel` when the kernel measures RTT and retransmits on the builder
@@ -269,8 +269,8 @@ pub fn render(status: &Status) -> String {
             " -- BPF UNAVAILABLE, userspace fallback"
         }
     );
-    if status.bpf && !status.forward_why.is_empty() {
-        let _ = writeln!(out, "forwarding: {}", status.forward_why);
+    if status.bpf && !status.forward_reason.is_empty() {
+        let _ = writeln!(out, "forwarding: {}", status.forward_reason);
     }
     if status.path_measurement != "kernel" {
         let _ = writeln!(out, "builder RTT: {}", status.path_measurement);

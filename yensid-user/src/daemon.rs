@@ -1700,7 +1700,7 @@ async fn accept_loop(
             consumed: Vec::new(),
             opened_unix_ms: proxy::unix_ms(),
         };
-        tokio::spawn(proxy::serve(accepted, ticket, cx.clone()));
+        proxy::spawn_serve(accepted, ticket, cx.clone());
     }
 }
 

@@ -287,7 +287,7 @@ impl Controller {
                 Parked::Copied { .. } => report.copied += 1,
                 Parked::Fresh { .. } => report.in_handoff += 1,
             }
-            tokio::spawn(proxy::resume(c, self.context()));
+            proxy::spawn_resume(c, self.context());
         }
         report.handover_ms = adopted.proceeded.elapsed().as_secs_f64() * 1e3;
         if let Some(kernel) = self.registry.kernel() {
@@ -539,7 +539,7 @@ impl Controller {
         self.recaller.reset();
         self.registry.freeze(false);
         for p in parked {
-            tokio::spawn(proxy::resume(p, self.context()));
+            proxy::spawn_resume(p, self.context());
         }
         let keys: Vec<(String, String)> = self.listeners.keys().cloned().collect();
         for key in keys {
@@ -765,7 +765,7 @@ impl Controller {
                     }
                 }
             }
-            tokio::spawn(proxy::resume(c, self.context()));
+            proxy::spawn_resume(c, self.context());
         }
         if let Some(kernel) = self.registry.kernel() {
             kernel.forget_peers_except(&peers);

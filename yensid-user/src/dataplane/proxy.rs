@@ -148,7 +148,7 @@ use tracing::{debug, info, warn};
 use crate::{
     config::Forward,
     dataplane::admission::{Handoffs, Quiet, Ticket},
-    dataplane::handover::{Meta, Parked, Recall},
+    dataplane::handover::{Meta, Parked, Recall, Running},
     dataplane::ident::{self, IdentError},
     dataplane::relay::Relay,
     kernel::bpf::{Kernel, Observation},
@@ -324,11 +324,25 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Serves one accepted connection. `ticket` is its place among the
-/// connections in handoff, given back once both identification lines are
-/// known.
-pub async fn serve(accepted: Accepted, ticket: Ticket, cx: Context) {
-    let _running = cx.recall.running();
+/// Serves one accepted connection in a task of its own. `ticket` is its
+/// place among the connections in handoff, given back once both
+/// identification lines are known. The task counts as running from now,
+/// not from its first poll: a recall for a takeover that comes in between
+/// must wait for it, or the connection would end with this process.
+pub fn spawn_serve(accepted: Accepted, ticket: Ticket, cx: Context) {
+    let running = cx.recall.running();
+    tokio::spawn(serve(accepted, ticket, cx, running));
+}
+
+/// Serves a connection a predecessor handed over, from where it stopped,
+/// in a task of its own that counts as running from now (as
+/// [`spawn_serve`]).
+pub fn spawn_resume(parked: Parked, cx: Context) {
+    let running = cx.recall.running();
+    tokio::spawn(resume(parked, cx, running));
+}
+
+async fn serve(accepted: Accepted, ticket: Ticket, cx: Context, _running: Running) {
     let Accepted {
         client,
         service,
@@ -399,9 +413,7 @@ pub async fn serve(accepted: Accepted, ticket: Ticket, cx: Context) {
     conclude(finish, meta, outcome, &cx);
 }
 
-/// Serves a connection a predecessor handed over, from where it stopped.
-pub async fn resume(parked: Parked, cx: Context) {
-    let _running = cx.recall.running();
+async fn resume(parked: Parked, cx: Context, running: Running) {
     let mut outcome = Outcome {
         counted: true,
         ..Outcome::default()
@@ -414,7 +426,6 @@ pub async fn resume(parked: Parked, cx: Context) {
             consumed,
             opened_unix_ms,
         } => {
-            drop(_running);
             let Ok(client) = stream(client) else {
                 return;
             };
@@ -431,7 +442,7 @@ pub async fn resume(parked: Parked, cx: Context) {
                         consumed,
                         opened_unix_ms,
                     };
-                    Box::pin(serve(accepted, ticket, cx)).await;
+                    Box::pin(serve(accepted, ticket, cx, running)).await;
                 }
                 Err(full) => {
                     warn!(service, reason = %full, "a connection in handoff was handed over, but the handoff caps are full: refused");
@@ -1218,6 +1229,53 @@ mod tests {
         read.await
             .expect("the read did not wait for more")
             .map(|()| line)
+    }
+
+    /// A connection accepted just before a takeover's recall, whose task has
+    /// not run yet, is still handed over: the recall waits for the task, which
+    /// parks it. (Counted from its first poll instead, it was left out and cut
+    /// with the old process: a client reset during a takeover.)
+    #[tokio::test]
+    async fn a_connection_spawned_just_before_a_recall_is_parked_not_lost() {
+        // A builder that accepts and never sends its banner: the task waits there
+        // if the recall does not stop it first.
+        let builder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let config = crate::config::Config::parse(&format!(
+            "[[service]]\nname = \"s\"\nlisten = [\"127.0.0.22\"]\n\
+             [builders.b1]\naddress = \"{}\"\n",
+            builder.local_addr().unwrap()
+        ))
+        .unwrap();
+        let registry = Arc::new(crate::decide::registry::Registry::new(
+            config,
+            crate::state::OperatorState::default(),
+            None,
+        ));
+        let mut recaller = crate::dataplane::handover::Recaller::default();
+        let cx = Context {
+            handoffs: registry.handoffs.clone(),
+            dispatcher: registry,
+            path: DataPath::Userspace,
+            splicer: None,
+            recall: recaller.recall(),
+            ident_timeout: Duration::from_secs(5),
+        };
+        let (daemon_side, mut client) = pair().await;
+        client.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await.unwrap();
+        let ticket = cx.handoffs.admit([127, 0, 0, 1].into()).unwrap();
+        let accepted = Accepted {
+            client: daemon_side,
+            service: "s".to_owned(),
+            steered: "b1".to_owned(),
+            consumed: Vec::new(),
+            opened_unix_ms: unix_ms(),
+        };
+        // The test's runtime has one thread: the task cannot run before the
+        // recall starts.
+        spawn_serve(accepted, ticket, cx);
+        let (parked, stragglers) = recaller.collect(Duration::from_secs(5)).await;
+        assert_eq!((parked.len(), stragglers), (1, 0));
+        assert!(matches!(&parked[0], Parked::Fresh { service, .. } if service == "s"));
     }
 
     #[tokio::test]

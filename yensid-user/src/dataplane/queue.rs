@@ -663,7 +663,7 @@ pub async fn run_handoffs(registry: Arc<Registry>, cx: proxy::Context) {
             consumed: read,
             opened_unix_ms: proxy::unix_ms().saturating_sub(arrived.elapsed().as_millis() as u64),
         };
-        tokio::spawn(proxy::serve(accepted, ticket, cx));
+        proxy::spawn_serve(accepted, ticket, cx);
     }
 }
 

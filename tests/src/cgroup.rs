@@ -47,7 +47,10 @@ impl TestCgroup {
             .find_map(|l| l.strip_prefix("0::"))
             .context("this process is in no cgroup v2")?;
         let previous = root.join(own.trim_start_matches('/'));
-        let path = root.join(format!("yensid-test-local-{}", std::process::id()));
+        // Named like every harness object, so that `stale` removes it if this
+        // process is killed before its `Drop` runs.
+        let owner = format!("{:x}", std::process::id());
+        let path = root.join(crate::unique::name(&owner, "local"));
         match std::fs::create_dir(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}

@@ -9,7 +9,7 @@ use std::fs;
 use std::path::Path;
 use std::sync::Once;
 
-use crate::{container, daemon, netns, unique};
+use crate::{cgroup, container, daemon, netns, unique};
 
 pub(crate) fn sweep_once() {
     static SWEEP: Once = Once::new();
@@ -21,6 +21,13 @@ pub(crate) fn sweep_once() {
             for name in orphans(dir) {
                 container::release_mounts(&dir.join(&name));
                 let _ = fs::remove_dir_all(dir.join(name));
+            }
+        }
+        // A cgroup of a dead process is empty; rmdir removes it (its control
+        // files cannot be unlinked one by one).
+        if let Ok(root) = cgroup::cgroup2_root() {
+            for name in orphans(&root) {
+                let _ = fs::remove_dir(root.join(name));
             }
         }
     });

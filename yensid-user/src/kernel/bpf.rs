@@ -688,12 +688,7 @@ pub fn read_pinned(pin_path: &Path) -> Result<MapsDump, BpfError> {
             dump.affinity.push((i, slots.into_iter().collect()));
         }
     }
-    for (i, state) in builders.iter().enumerate() {
-        let Ok(state) = state else { continue };
-        if state != BuilderState::default() {
-            dump.builders.push((i as u32, state));
-        }
-    }
+    dump.builders = builders.iter().enumerate().filter_map(written).collect();
     for i in 0..assigned.len() {
         let a = assigned.get(&i, 0).unwrap_or(0);
         let r = released.get(&i, 0).unwrap_or(0);
@@ -701,19 +696,18 @@ pub fn read_pinned(pin_path: &Path) -> Result<MapsDump, BpfError> {
             dump.connections.push((i, (a, r, a.wrapping_sub(r))));
         }
     }
-    for (i, c) in counters.iter().enumerate() {
-        let Ok(c) = c else { continue };
-        if c != ServiceCounters::default() {
-            dump.service_counters.push((i as u32, c));
-        }
-    }
-    for (i, stats) in path_stats.iter().enumerate() {
-        let Ok(stats) = stats else { continue };
-        if stats != PathStats::default() {
-            dump.path_stats.push((i as u32, stats));
-        }
-    }
+    dump.service_counters = counters.iter().enumerate().filter_map(written).collect();
+    dump.path_stats = path_stats.iter().enumerate().filter_map(written).collect();
     Ok(dump)
+}
+
+/// An array entry with its index, unless it was never written (all zero)
+/// or cannot be read.
+pub(super) fn written<T: Default + PartialEq, E>(
+    (i, entry): (usize, Result<T, E>),
+) -> Option<(u32, T)> {
+    let entry = entry.ok()?;
+    (entry != T::default()).then_some((i as u32, entry))
 }
 
 /// Opens a pinned map read-only: all a member of the read group may do.

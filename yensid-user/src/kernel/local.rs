@@ -24,7 +24,7 @@ use aya::{
 use tracing::info;
 use yensid_ebpf::maps::{self as names, LocalBuilder, LocalSocket, LocalStats};
 
-use super::bpf::{BpfError, Kernel, map_err, open, program, take};
+use super::bpf::{BpfError, Kernel, map_err, open, program, take, written};
 
 /// The programs, in the order they are attached: the accounting before
 /// anything is rewritten, the rewrite last.
@@ -220,13 +220,6 @@ pub(super) fn read_pinned(pin_path: &Path, dir: &Path) -> Result<LocalDump, BpfE
         stats: stats.iter().enumerate().filter_map(written).collect(),
         open_sockets: sockets.keys().filter(Result::is_ok).count() as u64,
     })
-}
-
-/// An array entry with its index, unless it was never written (all zero)
-/// or cannot be read.
-fn written<T: Default + PartialEq, E>((i, entry): (usize, Result<T, E>)) -> Option<(u32, T)> {
-    let entry = entry.ok()?;
-    (entry != T::default()).then_some((i as u32, entry))
 }
 
 /// The address a `LOCAL_BUILDERS` entry sends rewritten connects to;

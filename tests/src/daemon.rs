@@ -93,6 +93,53 @@ pub struct DataPathCounts {
     pub copied: u64,
 }
 
+/// A process's open descriptors, pipes apart: the userspace relay keeps up to
+/// 64 empty pipes pooled for the next transfer (as HAProxy does), so how many
+/// pipes a daemon holds after a load depends on how many directions moved bytes
+/// at once, not on a leak. Leak checks compare [`Descriptors::others`], and
+/// [`Descriptors::ensure_pipes_bounded`] checks the pool's bound.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Descriptors {
+    pub pipes: usize,
+    pub others: usize,
+}
+
+/// The relay's pool bound (`POOLED_PIPES` in `dataplane/relay.rs`), two
+/// descriptors each; the pipes of transfers still running come on top.
+const POOLED_PIPE_DESCRIPTORS: usize = 2 * 64;
+
+impl Descriptors {
+    /// Counts the open descriptors of process `pid`.
+    pub fn of(pid: u32) -> Result<Self> {
+        let dir = format!("/proc/{pid}/fd");
+        let mut counts = Descriptors::default();
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("list {dir}"))? {
+            // A descriptor closed between the listing and the readlink is gone: not counted.
+            let Ok(target) = std::fs::read_link(entry?.path()) else {
+                continue;
+            };
+            if target.to_string_lossy().starts_with("pipe:") {
+                counts.pipes += 1;
+            } else {
+                counts.others += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Fails if more pipes are open than the pool keeps, with `busy` transfers running.
+    pub fn ensure_pipes_bounded(&self, busy: usize) -> Result<()> {
+        let bound = POOLED_PIPE_DESCRIPTORS + 4 * busy;
+        ensure!(
+            self.pipes <= bound,
+            "{} pipe descriptors open: more than the pool's {POOLED_PIPE_DESCRIPTORS} and \
+             4 for each of {busy} running transfer(s)",
+            self.pipes
+        );
+        Ok(())
+    }
+}
+
 /// One line of the daemon's log, with the time it carries.
 #[derive(Clone, Debug)]
 pub struct LogLine {
@@ -368,6 +415,11 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its open descriptors, pipes apart.
+    pub fn descriptors(&self) -> Result<Descriptors> {
+        Descriptors::of(self.pid())
     }
 
     pub fn pin_path(&self) -> &Path {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 use yensid_tests::cli::{builder_connections, maps_json, u64_at};
+use yensid_tests::daemon::Descriptors;
 use yensid_tests::wait::wait_until;
 use yensid_tests::{
     ConnectAttempt, Daemon, DaemonConfig, Dataplane, Netns, SshClient, Status, Strategy, Topology,
@@ -37,13 +38,6 @@ const SESSIONS: usize = 20;
 const SERVED_AT_LEAST: usize = 19;
 /// Only keeps a broken daemon from hanging a test; never what a test asserts.
 const PATIENCE: Duration = Duration::from_secs(60);
-
-/// Open descriptors of process `pid`.
-fn descriptors(pid: u32) -> Result<usize> {
-    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .with_context(|| format!("list /proc/{pid}/fd"))?
-        .count())
-}
 
 fn builders(status: &Status) -> Result<&Vec<Value>> {
     status
@@ -107,18 +101,21 @@ fn ensure_kernel_counts_released(daemon: &Daemon, dataplane: Dataplane) -> Resul
     Ok(())
 }
 
-/// Waits until the daemon holds no more descriptors than `baseline`.
-fn wait_descriptors_back(daemon: &Daemon, baseline: usize) -> Result<()> {
-    let mut last = 0;
+/// Waits until the daemon holds no more descriptors than `baseline`, pooled pipes
+/// apart (their number follows how many directions moved bytes at once), and
+/// checks that the pipes stay within the pool's bound.
+fn wait_descriptors_back(daemon: &Daemon, baseline: Descriptors) -> Result<()> {
+    let mut last = Descriptors::default();
     wait_until(
         "the daemon's descriptors to come back to baseline",
         PATIENCE,
         || {
-            last = descriptors(daemon.pid())?;
-            Ok(last <= baseline)
+            last = daemon.descriptors()?;
+            Ok(last.others <= baseline.others)
         },
     )
-    .with_context(|| format!("{last} descriptors open, {baseline} at the start"))
+    .with_context(|| format!("{last:?} open, {baseline:?} at the start"))?;
+    last.ensure_pipes_bounded(0)
 }
 
 /// Makes closing `stream` send RST instead of FIN (`SO_LINGER` 0).
@@ -458,7 +455,7 @@ fn a_connection_flood_leaves_nothing_behind(dataplane: Dataplane) -> Result<()> 
     let raw = topology.raw_client();
     ensure!(real_sessions(&ssh, 1).0 == 1, "no session before the flood");
     wait_idle(&daemon)?;
-    let baseline = descriptors(daemon.pid())?;
+    let baseline = daemon.descriptors()?;
 
     let (connected, refused) = topology.client_ns().run(|| {
         let (mut connected, mut refused) = (0usize, 0usize);
@@ -521,7 +518,7 @@ fn a_builder_session_killed_mid_transfer_ends_its_pair(dataplane: Dataplane) -> 
         "no session before the transfer"
     );
     wait_idle(&daemon)?;
-    let baseline = descriptors(daemon.pid())?;
+    let baseline = daemon.descriptors()?;
     let b1 = topology.builder("b1");
 
     for (direction, remote) in [("download", "cat /dev/zero"), ("upload", "cat > /dev/null")] {

@@ -11,4 +11,4 @@ pub mod select;
 
 /// Bumped whenever a map layout or a program's contract changes, so a daemon
 /// never reuses pinned state written by an incompatible version.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;

@@ -7,5 +7,6 @@ pub mod bpf;
 pub mod hangup;
 pub mod local;
 pub mod local_route;
+pub mod mapped;
 pub mod path;
 pub mod sock;

@@ -618,14 +618,7 @@ impl Inner {
         let (Some(kernel), Some(&index)) = (&self.kernel, self.builder_index.get(name)) else {
             return (0, false);
         };
-        let (Ok(stats), Ok(builder)) = (kernel.local_stats(index), kernel.local_builder(index))
-        else {
-            return (0, false);
-        };
-        (
-            stats.opened.wrapping_sub(stats.closed),
-            stats.failed != builder.failures_seen,
-        )
+        kernel.local_counts(index).unwrap_or((0, false))
     }
 
     /// The builder the service's strategy picks for a connection from

@@ -46,6 +46,8 @@ use aya::{
     programs::{CgroupAttachMode, SkLookup, SkSkb, SockOps, links::FdLink},
 };
 use tracing::{info, warn};
+
+use super::mapped::Mapped;
 use yensid_ebpf::{
     ABI_VERSION,
     maps::{
@@ -122,6 +124,11 @@ pub enum BpfError {
         name: &'static str,
         source: aya::programs::links::LinkError,
     },
+    #[error("cannot map BPF map `{name}` into memory (Linux >= 5.5 needed): {source}")]
+    Mmap {
+        name: &'static str,
+        source: io::Error,
+    },
     #[error("daemon.local_cgroup {path}: {why}")]
     LocalCgroup { path: PathBuf, why: String },
     #[error("daemon.pin_path {path} {why}")]
@@ -152,6 +159,8 @@ pub struct Kernel {
     splice: Mutex<Splice>,
     observed: Mutex<HashMap<MapData, u64, u32>>,
     path_stats: Array<MapData, PathStats>,
+    /// The arrays read or written around every connection, in memory.
+    pub(super) mapped: Mapped,
     /// Why the path is not measured, when the `observe` program could not
     /// be attached.
     observe_error: Option<String>,
@@ -162,8 +171,6 @@ struct Tables {
     services: Array<MapData, ServiceState>,
     backends: Array<MapData, Backend>,
     builders: Array<MapData, BuilderState>,
-    assigned: Array<MapData, u64>,
-    released: Array<MapData, u64>,
     counters: Array<MapData, ServiceCounters>,
     affinity: Array<MapData, u32>,
     listeners: SockMap<MapData>,
@@ -276,8 +283,6 @@ impl Kernel {
             services: take(&mut ebpf, names::SERVICES)?,
             backends: take(&mut ebpf, names::SERVICE_BACKENDS)?,
             builders: take(&mut ebpf, names::BUILDERS)?,
-            assigned: take(&mut ebpf, names::ASSIGNED)?,
-            released: take(&mut ebpf, names::RELEASED)?,
             counters: take(&mut ebpf, names::SERVICE_COUNTERS)?,
             affinity: take(&mut ebpf, names::AFFINITY)?,
             listeners: take(&mut ebpf, names::LISTENERS)?,
@@ -287,6 +292,7 @@ impl Kernel {
         let peers = take(&mut ebpf, names::PEERS)?;
         let observed = take(&mut ebpf, names::OBSERVED)?;
         let path_stats = take(&mut ebpf, names::PATH_STATS)?;
+        let mapped = Mapped::open(&maps_dir)?;
         info!(pin_path = %pin_path.display(), "BPF programs loaded and attached");
         Ok(Kernel {
             pin_path: pin_path.to_owned(),
@@ -298,6 +304,7 @@ impl Kernel {
             splice: Mutex::new(Splice { spliced, peers }),
             observed: Mutex::new(observed),
             path_stats,
+            mapped,
             observe_error,
         })
     }
@@ -488,17 +495,11 @@ impl Kernel {
 
     /// Connections the kernel has assigned to a builder, ever.
     pub fn assigned(&self, builder: u32) -> Result<u64, BpfError> {
-        self.tables()
-            .assigned
-            .get(&builder, 0)
-            .map_err(map_err(names::ASSIGNED))
+        self.mapped.assigned.load(builder, 0)
     }
 
     pub fn set_released(&self, builder: u32, released: u64) -> Result<(), BpfError> {
-        self.tables()
-            .released
-            .set(builder, released, 0)
-            .map_err(map_err(names::RELEASED))
+        self.mapped.released.store(builder, 0, released)
     }
 
     /// The kernel's counters of a service.

@@ -11,6 +11,7 @@
 use std::{
     fs::File,
     io,
+    mem::offset_of,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
@@ -150,6 +151,21 @@ impl Kernel {
             .builders
             .get(&builder, 0)
             .map_err(map_err(names::LOCAL_BUILDERS))
+    }
+
+    /// A builder's open connections on the local path, and whether a
+    /// failed local connect that the daemon has not acted on yet keeps it
+    /// out of the selection: read from the mapped arrays, no syscall.
+    pub fn local_counts(&self, builder: u32) -> Result<(u64, bool), BpfError> {
+        let stats = &self.mapped.local_stats;
+        let opened = stats.load(builder, offset_of!(LocalStats, opened))?;
+        let closed = stats.load(builder, offset_of!(LocalStats, closed))?;
+        let failed = stats.load(builder, offset_of!(LocalStats, failed))?;
+        let seen = self
+            .mapped
+            .local_builders
+            .load(builder, offset_of!(LocalBuilder, failures_seen))?;
+        Ok((opened.wrapping_sub(closed), failed != seen))
     }
 
     /// What the local path counted for a builder.

@@ -49,10 +49,14 @@ pub(super) static SERVICES: Array<ServiceState> = Array::pinned(MAX_SERVICES, 0)
 pub(super) static SERVICE_BACKENDS: Array<Backend> = Array::pinned(MAX_SERVICES * MAX_BACKENDS, 0);
 #[map]
 static BUILDERS: Array<BuilderState> = Array::pinned(MAX_BUILDERS, 0);
+// The daemon reads ASSIGNED and writes RELEASED around every connection it
+// proxies; mapped into its memory (BPF_F_MMAPABLE, Linux 5.5) that costs it
+// no syscall.
 #[map]
-pub(super) static ASSIGNED: Array<u64> = Array::pinned(MAX_BUILDERS, 0);
+pub(super) static ASSIGNED: Array<u64> =
+    Array::pinned(MAX_BUILDERS, aya_ebpf::bindings::BPF_F_MMAPABLE);
 #[map]
-static RELEASED: Array<u64> = Array::pinned(MAX_BUILDERS, 0);
+static RELEASED: Array<u64> = Array::pinned(MAX_BUILDERS, aya_ebpf::bindings::BPF_F_MMAPABLE);
 #[map]
 pub(super) static SERVICE_COUNTERS: Array<ServiceCounters> = Array::pinned(MAX_SERVICES, 0);
 #[map]

@@ -16,12 +16,17 @@ use super::atomic;
 
 #[map]
 pub(super) static LOCAL_SERVICES: Array<u32> = Array::pinned(MAX_SERVICES, 0);
+// The daemon reads LOCAL_BUILDERS and LOCAL_STATS whenever it weighs a
+// builder; mapped into its memory (BPF_F_MMAPABLE, Linux 5.5) that costs
+// it no syscall.
 #[map]
-pub(super) static LOCAL_BUILDERS: Array<LocalBuilder> = Array::pinned(MAX_BUILDERS, 0);
+pub(super) static LOCAL_BUILDERS: Array<LocalBuilder> =
+    Array::pinned(MAX_BUILDERS, aya_ebpf::bindings::BPF_F_MMAPABLE);
 #[map]
 pub(super) static LOCAL_NETNS: Array<u64> = Array::pinned(1, 0);
 #[map]
-pub(super) static LOCAL_STATS: Array<LocalStats> = Array::pinned(MAX_BUILDERS, 0);
+pub(super) static LOCAL_STATS: Array<LocalStats> =
+    Array::pinned(MAX_BUILDERS, aya_ebpf::bindings::BPF_F_MMAPABLE);
 /// Pinned: the sockets outlive a daemon restart, and so must the record
 /// that counts them closed.
 #[map]

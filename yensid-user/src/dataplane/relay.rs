@@ -175,7 +175,7 @@ async fn pump(
                 Some(pipe) => pipe,
                 None => slot.insert(take_pipe()?),
             };
-            match src.try_io(Interest::READABLE, || splice_in(src, pipe)) {
+            match src.try_io(Interest::READABLE, || splice_in(src, pipe, dir.in_pipe)) {
                 Ok(0) => {
                     dir.eof = true;
                     progressed = true;
@@ -234,11 +234,16 @@ async fn pump(
     }
 }
 
-/// From a socket into a pipe, telling a full pipe ([`PIPE_FULL`]) from a
-/// socket without bytes (`WouldBlock`).
-fn splice_in(src: &TcpStream, pipe: &Pipe) -> io::Result<u64> {
+/// From a socket into a pipe holding `in_pipe` bytes, telling a full pipe
+/// ([`PIPE_FULL`]) from a socket without bytes (`WouldBlock`). An empty
+/// pipe cannot be full, so only a pipe with bytes costs the extra check.
+fn splice_in(src: &TcpStream, pipe: &Pipe, in_pipe: u64) -> io::Result<u64> {
     match splice(src.as_raw_fd(), pipe.write.as_raw_fd(), u64::from(u32::MAX)) {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && pending_bytes(src) > 0 => Ok(PIPE_FULL),
+        Err(e)
+            if e.kind() == io::ErrorKind::WouldBlock && in_pipe > 0 && pending_bytes(src) > 0 =>
+        {
+            Ok(PIPE_FULL)
+        }
         other => other,
     }
 }

@@ -37,24 +37,32 @@ pub struct TcpCounts {
 }
 
 pub fn tcp_counts(socket: &impl AsRawFd) -> io::Result<TcpCounts> {
-    let mut info = RawTcpInfo::default();
-    getsockopt(socket, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)?;
+    let info = tcp_info(socket)?;
     Ok(TcpCounts {
         acked: info.bytes_acked,
         received: info.bytes_received,
     })
 }
 
-/// `TCP_CLOSE`, the state of a connection that is gone (`tcpi_state`).
+fn tcp_info(socket: &impl AsRawFd) -> io::Result<RawTcpInfo> {
+    let mut info = RawTcpInfo::default();
+    getsockopt(socket, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)?;
+    Ok(info)
+}
+
+/// States (`tcpi_state`, the first byte of `struct tcp_info`) of a
+/// connection whose FIN was sent and acknowledged: `FIN_WAIT2`, then
+/// `TIME_WAIT` (which a socket still held shows as `CLOSE`), and `CLOSE`
+/// after `LAST_ACK`.
+const TCP_FIN_WAIT2: u8 = 5;
+const TCP_TIME_WAIT: u8 = 6;
+/// `TCP_CLOSE`, the state of a connection that is gone.
 const TCP_CLOSE: u8 = 7;
 
 /// Whether the socket's connection is gone (state `CLOSE`): reset by its
 /// peer, or closed by both sides.
 pub fn is_closed(socket: &impl AsRawFd) -> io::Result<bool> {
-    let mut info = RawTcpInfo::default();
-    getsockopt(socket, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)?;
-    // The first byte of `struct tcp_info` is `tcpi_state`.
-    Ok(info.head[0] == TCP_CLOSE)
+    Ok(tcp_info(socket)?.head[0] == TCP_CLOSE)
 }
 
 /// What TCP_INFO's counts include besides payload: each of SYN and FIN
@@ -73,15 +81,18 @@ pub struct Ends {
 /// [`tcp_counts`] of payload bytes only, without the SYN and FINs that
 /// `ends` says the socket's counts include.
 pub fn payload_counts(socket: &impl AsRawFd, ends: Ends) -> io::Result<TcpCounts> {
-    let counts = tcp_counts(socket)?;
-    // The FIN takes the last sequence number sent: it was acknowledged
-    // once nothing is left unacknowledged.
-    let fin_acked = ends.fin_sent && unacked(socket)? == 0;
+    let info = tcp_info(socket)?;
+    // One TCP_INFO says both: whether the FIN was acknowledged is in the
+    // state it left the connection in.
+    let fin_acked =
+        ends.fin_sent && matches!(info.head[0], TCP_FIN_WAIT2 | TCP_TIME_WAIT | TCP_CLOSE);
     Ok(TcpCounts {
-        acked: counts
-            .acked
+        acked: info
+            .bytes_acked
             .saturating_sub(u64::from(ends.connected) + u64::from(fin_acked)),
-        received: counts.received.saturating_sub(u64::from(ends.fin_received)),
+        received: info
+            .bytes_received
+            .saturating_sub(u64::from(ends.fin_received)),
     })
 }
 
@@ -269,6 +280,22 @@ mod tests {
             fin_received: true,
         };
         assert_eq!(payload_counts(&client, ended).unwrap(), expected);
+        // The server closed second (LAST_ACK, then CLOSE once acknowledged).
+        while unacked(&server).unwrap() > 0 {
+            std::thread::yield_now();
+        }
+        let server_ends = Ends {
+            connected: false,
+            fin_sent: true,
+            fin_received: true,
+        };
+        assert_eq!(
+            payload_counts(&server, server_ends).unwrap(),
+            TcpCounts {
+                acked: 2,
+                received: 5
+            }
+        );
     }
 
     #[test]

@@ -1100,6 +1100,13 @@ impl Controller {
         self.update_affinity(&config);
         self.deliver_claims(&config);
         self.log_changes(&plan);
+        // Userspace follows the plan before the kernel does: a builder the
+        // kernel starts steering to must already be one the handoff accepts,
+        // or the first client steered to it (a link just came back) is
+        // reset at its handoff. The other way round costs nothing: a client
+        // steered by the old plan to a builder the new one excludes is moved
+        // to another at its handoff, as when a builder fills up.
+        self.registry.follow_plan(plan.clone());
         match self.registry.kernel() {
             Some(kernel) => {
                 kernel.set_local_override(local_until)?;
@@ -1108,7 +1115,6 @@ impl Controller {
             }
             None => self.apply_fallback(&config).await?,
         }
-        self.registry.follow_plan(plan);
         self.registry.serve_queues();
         Ok(())
     }

@@ -1,5 +1,7 @@
-//! The only module that talks to aya: loads the BPF object, pins its state,
-//! attaches the programs and offers typed access to the maps.
+//! The only module that talks to aya, with its parts `local` (the local
+//! path's programs) and `mapped` (the arrays mapped into memory): loads the
+//! BPF object, pins its state, attaches the programs and offers typed
+//! access to the maps.
 //!
 //! Pinned layout under the pin path (a bpffs directory):
 //! - `dispatch`: the sk_lookup link. While it is pinned the program stays

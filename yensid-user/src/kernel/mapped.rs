@@ -13,7 +13,7 @@
 //! (`LOCAL_BUILDERS`, when the configuration changes).
 //!
 //! Only the running daemon maps them; `yensid maps` reads the pins with
-//! `bpf(2)` as before.
+//! `bpf(2)` as before. Part of [`super::bpf`]'s aya boundary.
 
 use std::{
     io,

@@ -105,7 +105,12 @@ impl MappedArray {
         }
         // SAFETY: in bounds (checked above); 8-byte aligned (the mapping is
         // page aligned, the stride and the offset are multiples of 8); and
-        // only ever accessed atomically, by the kernel's programs too.
+        // only ever accessed atomically here. The kernel's side is outside
+        // Rust's model: its programs add atomically and load aligned words.
+        // A whole value written with bpf(2) (LOCAL_BUILDERS, when the daemon
+        // acts on a failed local connect) is copied by the kernel's memcpy,
+        // which could in theory tear `failures_seen` for a load that races
+        // it; the worst that does is keep that builder out of one choice.
         Ok(unsafe {
             &*self
                 .base

@@ -34,6 +34,7 @@ mod makespan;
 mod measure;
 mod nix;
 mod protocol;
+mod proxied;
 mod reaction;
 mod report;
 mod splicer;
@@ -117,6 +118,8 @@ pub struct Options {
     handover: handover::Options,
     #[command(flatten)]
     local: local::Options,
+    #[command(flatten)]
+    proxied: proxied::Options,
     /// Where latest.md, latest.json and latest.png go (relative to the
     /// workspace root).
     #[arg(long, default_value = "bench/results")]
@@ -202,6 +205,11 @@ pub const SECTIONS: &[Section] = &[
         part: Part::Own(ssh::run),
     },
     Section {
+        key: "proxied",
+        about: "connection rate, CPU per connection and connect-to-banner of the proxied paths against HAProxy, in rounds (proxied.md)",
+        part: Part::Own(proxied::run),
+    },
+    Section {
         key: "handover",
         about: "handover time and failed connections with live connections held (handover.md)",
         part: Part::Own(handover::run),
@@ -278,6 +286,7 @@ pub fn run(options: &Options) -> Result<()> {
             options.upload_bytes,
             options.reaction_trials as u64,
             options.local.local_rounds as u64,
+            options.proxied.proxied_rounds as u64,
         ]
         .iter()
         .all(|&n| n > 0),

@@ -376,7 +376,7 @@ fn minutes(d: Duration) -> String {
     format!("{} min {:02} s", s / 60, s % 60)
 }
 
-fn utc_now() -> Result<String> {
+pub fn utc_now() -> Result<String> {
     let out = Command::new("date")
         .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
         .output()

@@ -212,7 +212,7 @@ pub fn run(setup: &Setup) -> Result<()> {
 
 /// The columns in the order round `round` measures them: all of them, from
 /// `round % count` on.
-fn rotated(count: usize, round: usize) -> impl Iterator<Item = usize> {
+pub fn rotated(count: usize, round: usize) -> impl Iterator<Item = usize> {
     (0..count).map(move |i| (i + round) % count)
 }
 

@@ -200,6 +200,15 @@ impl Running {
     pub fn stop(self) -> Result<Vec<String>> {
         self.middlebox.map_or(Ok(Vec::new()), |m| m.finish())
     }
+
+    /// [`Self::stop`], adding what it tells (or that it did not stop
+    /// cleanly) to `notes`, each line after `label`.
+    pub fn stop_into(self, label: &str, notes: &mut Vec<String>) {
+        match self.stop() {
+            Ok(lines) => notes.extend(lines.into_iter().map(|n| format!("{label}: {n}"))),
+            Err(e) => notes.push(format!("{label}: did not stop cleanly: {e:#}")),
+        }
+    }
 }
 
 /// A process a contender runs between the client and the builders.

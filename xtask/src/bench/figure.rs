@@ -182,9 +182,28 @@ pub fn percentile_micros(samples: &[Duration], percentile: usize) -> f64 {
     percentile_of(samples, percentile).as_secs_f64() * 1e6
 }
 
+/// The middle sample (of an even count, the mean of the middle two).
+pub fn median(samples: &[f64]) -> Option<f64> {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    }
 
     fn micros(values: &[u64]) -> Vec<Duration> {
         values.iter().map(|&v| Duration::from_micros(v)).collect()

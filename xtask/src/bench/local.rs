@@ -24,7 +24,7 @@ use yensid_tests::cgroup::TestCgroup;
 use yensid_tests::{Daemon, DaemonConfig, Dataplane, LocalPathConfig, Strategy, service};
 
 use super::contender::local_connections;
-use super::figure::{PERCENTILES, percentile_micros};
+use super::figure::{PERCENTILES, median, percentile_micros};
 use super::measure::{banner_latencies, connection_rate, transfer};
 use super::protocol::Mode;
 use super::{Testbed, nix};
@@ -96,18 +96,6 @@ impl Row {
             Target::AtMost(r) => format!("<= {r:.2}x direct"),
             Target::WithinAbove(slack) => format!("<= direct + {slack} {}", self.unit),
         }
-    }
-}
-
-/// The middle sample (of an even count, the mean of the middle two).
-fn median(samples: &[f64]) -> Option<f64> {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let n = sorted.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(sorted[n / 2]),
-        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
     }
 }
 
@@ -335,13 +323,6 @@ pub fn measure(testbed: &Testbed, options: &super::Options) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn medians_of_odd_and_even_counts() {
-        assert_eq!(median(&[]), None);
-        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
-    }
 
     #[test]
     fn rounds_alternate_which_path_goes_first() {

@@ -21,7 +21,7 @@ use serde_json::{Value as Json, json};
 use yensid_tests::Dataplane;
 
 use super::contender::Contender;
-use super::figure::percentile_micros;
+use super::figure::{median, percentile_micros};
 use super::report::utc_now;
 use super::ssh::rotated;
 use super::{Setup, Testbed, cpu, measure, write_section};
@@ -106,23 +106,12 @@ struct Column {
 impl Column {
     fn median(&self, row: Row) -> Option<f64> {
         let i = Row::ALL.iter().position(|&r| r == row)?;
-        median(self.samples.iter().filter_map(|s| s[i]).collect())
+        median(&self.samples.iter().filter_map(|s| s[i]).collect::<Vec<_>>())
     }
 
     fn round(&self, round: usize, row: Row) -> Option<f64> {
         let i = Row::ALL.iter().position(|&r| r == row)?;
         self.samples.get(round).and_then(|s| s[i])
-    }
-}
-
-/// The middle sample (of an even count, the mean of the middle two).
-fn median(mut samples: Vec<f64>) -> Option<f64> {
-    samples.sort_by(f64::total_cmp);
-    let n = samples.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(samples[n / 2]),
-        _ => Some((samples[n / 2 - 1] + samples[n / 2]) / 2.0),
     }
 }
 
@@ -225,16 +214,10 @@ pub fn run(setup: &Setup) -> Result<()> {
                 fail("settling after the rate", e);
             }
             report.columns[column].samples.push(sample);
-            match running.stop() {
-                Ok(notes) => report.notes.extend(
-                    notes
-                        .into_iter()
-                        .map(|n| format!("{}, round {}: {n}", contender.name(), round + 1)),
-                ),
-                Err(e) => report
-                    .notes
-                    .push(format!("{} did not stop cleanly: {e:#}", contender.name())),
-            }
+            running.stop_into(
+                &format!("{}, round {}", contender.name(), round + 1),
+                &mut report.notes,
+            );
         }
     }
     let md = report.markdown();
@@ -438,13 +421,6 @@ mod tests {
             columns,
             notes: Vec::new(),
         }
-    }
-
-    #[test]
-    fn medians_of_odd_and_even_counts() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
-        assert_eq!(median(Vec::new()), None);
     }
 
     #[test]

@@ -182,16 +182,10 @@ pub fn run(setup: &Setup) -> Result<()> {
                     }
                 }
             }
-            match running.stop() {
-                Ok(notes) => report.notes.extend(
-                    notes
-                        .into_iter()
-                        .map(|n| format!("{}, round {}: {n}", contender.name(), round + 1)),
-                ),
-                Err(e) => report
-                    .notes
-                    .push(format!("{} did not stop cleanly: {e:#}", contender.name())),
-            }
+            running.stop_into(
+                &format!("{}, round {}", contender.name(), round + 1),
+                &mut report.notes,
+            );
         }
     }
     let md = report.markdown();

@@ -324,7 +324,11 @@ impl Proxied {
         let _ = writeln!(md, "| figure | contender | {} |", rounds.join(" | "));
         let _ = writeln!(md, "|---|---|{}", "---:|".repeat(self.rounds));
         for row in Row::ALL {
-            for &contender in &CONTENDERS {
+            // A direct connection has no middlebox to measure the CPU of.
+            for &contender in CONTENDERS
+                .iter()
+                .filter(|&&c| !(row == Row::Cpu && c == Contender::Direct))
+            {
                 let column = self.column(contender);
                 let cells: Vec<String> = (0..self.rounds)
                     .map(|r| {

@@ -467,10 +467,18 @@ async fn resume(parked: Parked, cx: Context, running: Running) {
                 cx.dispatcher.finished(&meta.builder, &outcome);
                 return;
             };
+            let cookies = match (sock::cookie(&client), sock::cookie(&upstream)) {
+                (Ok(c), Ok(u)) => (c, u),
+                (Err(e), _) | (_, Err(e)) => {
+                    conclude(Err(e), meta, outcome, &cx);
+                    return;
+                }
+            };
             (
                 watch_pair(
                     client,
                     upstream,
+                    cookies,
                     ended,
                     &kernel,
                     &hangups,
@@ -862,7 +870,7 @@ async fn forward(
 ) -> io::Result<Finish> {
     let Opening {
         mut upstream,
-        observation: _observation,
+        observation,
         client_line,
         server_lines,
         ..
@@ -886,7 +894,12 @@ async fn forward(
     }
     sock::set_send_buffer(&client, SPLICED_SEND_BUFFER)?;
     sock::set_send_buffer(&upstream, SPLICED_SEND_BUFFER)?;
-    let cookies = (sock::cookie(&client)?, sock::cookie(&upstream)?);
+    // The kernel's RTT entry for the upstream already knows its cookie.
+    let upstream_cookie = match &observation {
+        Some(observed) => observed.cookie(),
+        None => sock::cookie(&upstream)?,
+    };
+    let cookies = (sock::cookie(&client)?, upstream_cookie);
     kernel
         .splice((cookies.0, &client), (cookies.1, &upstream))
         .map_err(io::Error::other)?;
@@ -902,6 +915,7 @@ async fn forward(
     watch_pair(
         client,
         upstream,
+        cookies,
         [false, false],
         kernel,
         hangups,
@@ -917,6 +931,7 @@ async fn forward(
 async fn watch_pair(
     client: StdTcpStream,
     upstream: StdTcpStream,
+    cookies: (u64, u64),
     mut ended: [bool; 2],
     kernel: &Kernel,
     hangups: &Hangups,
@@ -924,7 +939,6 @@ async fn watch_pair(
     meta: &Meta,
     outcome: &mut Outcome,
 ) -> io::Result<Finish> {
-    let cookies = (sock::cookie(&client)?, sock::cookie(&upstream)?);
     let watched = tokio::select! {
         watched = watch_spliced(hangups, &client, &upstream, &mut ended) => watched,
         // Between two events the pair's state is `ended` and the sockets:

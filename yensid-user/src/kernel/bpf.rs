@@ -594,6 +594,13 @@ pub struct Observation {
     cookie: u64,
 }
 
+impl Observation {
+    /// The observed socket's cookie.
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+}
+
 impl Drop for Observation {
     fn drop(&mut self) {
         let _ = self

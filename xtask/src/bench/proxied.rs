@@ -66,6 +66,11 @@ enum Row {
 impl Row {
     const ALL: [Row; 4] = [Row::Rate, Row::Cpu, Row::BannerP50, Row::BannerP99];
 
+    /// Its place in a round's sample: declaration order, as in [`Row::ALL`].
+    fn index(self) -> usize {
+        self as usize
+    }
+
     fn label(self) -> &'static str {
         match self {
             Row::Rate => "connection rate (conn/s)",
@@ -95,23 +100,30 @@ impl Row {
     }
 }
 
-/// Samples of one contender, one per round and row (`None`: that round
-/// failed to measure it).
+/// One round's figures of one contender, by [`Row::index`] (`None`: not
+/// measured).
+type Sample = [Option<f64>; Row::ALL.len()];
+
+/// What one contender gave, a sample per round.
 #[derive(Default)]
 struct Column {
-    samples: Vec<[Option<f64>; 4]>,
+    samples: Vec<Sample>,
     errors: Vec<String>,
 }
 
 impl Column {
     fn median(&self, row: Row) -> Option<f64> {
-        let i = Row::ALL.iter().position(|&r| r == row)?;
-        median(&self.samples.iter().filter_map(|s| s[i]).collect::<Vec<_>>())
+        median(
+            &self
+                .samples
+                .iter()
+                .filter_map(|s| s[row.index()])
+                .collect::<Vec<_>>(),
+        )
     }
 
     fn round(&self, round: usize, row: Row) -> Option<f64> {
-        let i = Row::ALL.iter().position(|&r| r == row)?;
-        self.samples.get(round).and_then(|s| s[i])
+        self.samples.get(round).and_then(|s| s[row.index()])
     }
 }
 
@@ -157,7 +169,7 @@ pub fn run(setup: &Setup) -> Result<()> {
                 round + 1,
                 contender.name()
             ));
-            let mut sample = [None; 4];
+            let mut sample: Sample = [None; Row::ALL.len()];
             let running = match contender.start(
                 &testbed.topology,
                 &testbed.yensid,
@@ -180,8 +192,8 @@ pub fn run(setup: &Setup) -> Result<()> {
             };
             match measure::banner_latencies(ns, &running.targets, options.connections) {
                 Ok(latencies) => {
-                    sample[2] = Some(percentile_micros(&latencies, 50));
-                    sample[3] = Some(percentile_micros(&latencies, 99));
+                    sample[Row::BannerP50.index()] = Some(percentile_micros(&latencies, 50));
+                    sample[Row::BannerP99.index()] = Some(percentile_micros(&latencies, 99));
                 }
                 Err(e) => fail("banner", e),
             }
@@ -197,12 +209,13 @@ pub fn run(setup: &Setup) -> Result<()> {
             );
             match (rate, cpu_before) {
                 (Ok(rate), Ok(before)) => {
-                    sample[0] = Some(rate.per_second);
+                    sample[Row::Rate.index()] = Some(rate.per_second);
                     // Without a middlebox (direct) there is no CPU of its own.
                     if let (Some(before), Some(pid)) = (before, running.pid()) {
                         match cpu::process_seconds(pid) {
                             Ok(after) => {
-                                sample[1] = Some((after - before) / rate.completed as f64 * 1e6)
+                                sample[Row::Cpu.index()] =
+                                    Some((after - before) / rate.completed as f64 * 1e6)
                             }
                             Err(e) => fail("CPU", e),
                         }

@@ -7,40 +7,42 @@
 //! Without BPF (no privileges, old kernel) the same daemon binds the
 //! services' addresses itself, chooses builders in userspace with the same
 //! selection code, and copies bytes in userspace.
+//!
+//! This file is the dispatcher: `run` and the loop that turns events
+//! (signals, control requests, link changes, probes, the hook) into plans.
+//! The rest is in its parts: `startup` (what `run` sets up first),
+//! `listeners` (the sockets connections arrive on), `kernel_maps` (a plan
+//! written into the maps), `policy_hook`, `operator` (the control
+//! socket's requests), `stop` (signals and the graceful stop) and
+//! `takeover` (handing everything to a successor).
 
 use std::{
-    collections::{BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddr},
+    collections::HashMap,
+    net::SocketAddr,
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Context, Result};
-use std::os::fd::{AsFd, OwnedFd};
 use tokio::{
     io::unix::AsyncFd,
-    net::{TcpListener, TcpStream},
-    signal::unix::{Signal, SignalKind, signal},
+    signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
     task::JoinHandle,
 };
 use tracing::{error, info, warn};
-use yensid_ebpf::maps::{
-    Backend, BuilderState, MAX_BUILDERS, MAX_LISTENERS, MAX_SERVICES, ServiceState, queue_listener,
-    refusal,
-};
+use yensid_ebpf::maps::{MAX_BUILDERS, MAX_LISTENERS, MAX_SERVICES};
 
 use crate::{
-    config::{Config, ConfigError, Dataplane, Mode, Service, WhenFull, describe_duration},
-    dataplane::admission::Quiet,
+    config::{Config, ConfigError, Dataplane, Mode},
     dataplane::handover::{self, Recaller},
-    dataplane::ident::escape,
     dataplane::proxy::{self, DataPath},
     dataplane::queue,
     decide::health,
-    decide::hook::{self, BuilderInput, Decision, HookError, HookInput, OverrideInput},
-    decide::link::{self, LinkState},
+    decide::hook::{Decision, HookError},
+    decide::link::LinkState,
     decide::policy::{self, Plan, Refusal, Snapshot},
     decide::registry::Registry,
     decide::scrape::Scrapers,
@@ -49,21 +51,31 @@ use crate::{
     kernel::local_route::{self, LocalRoutes},
     kernel::path,
     operate::access::{Access, Group},
-    operate::control::{self, ModeChange, Pending, Reply, Request},
+    operate::control::{self, Pending},
     operate::fdstore,
     operate::metrics,
     operate::notify,
-    operate::report,
-    operate::status::PrefixDelivery,
     preflight,
-    state::{ModeOverride, OperatorState, unix_now, unix_now_rounded_up},
+    state::{ModeOverride, unix_now},
 };
 
+mod kernel_maps;
+mod listeners;
+mod operator;
+mod policy_hook;
+mod startup;
+mod stop;
 mod takeover;
 
-/// How long a listener that left the plan keeps accepting what the kernel
-/// already queued on it.
-const LISTENER_GRACE: Duration = Duration::from_secs(2);
+use kernel_maps::Indices;
+use listeners::ListenerHandle;
+use policy_hook::HookRunner;
+use startup::{
+    Endpoint, brief, load_state, open_local_routes, raise_descriptor_limit, watch_links,
+};
+use stop::{
+    Stop, StopSignals, log_totals, open_connections, refuse_while_stopping, release_kernel,
+};
 
 pub use takeover::start_successor;
 
@@ -316,298 +328,12 @@ pub async fn run(
     result
 }
 
-/// The operator's saved state, as far as it is valid: an unreadable file,
-/// or what no daemon could have written in it, is reported once and left
-/// out, so a bad file never keeps the daemon from starting (or makes it
-/// start and crash again).
-fn load_state(file: &Path, config: &Config) -> OperatorState {
-    let mut state = OperatorState::load(file).unwrap_or_else(|e| {
-        error!(file = %file.display(), error = %e, "state file ignored: starting without drains or mode override");
-        OperatorState::default()
-    });
-    for problem in state.sanitize(|name| config.builder(name).is_some(), unix_now()) {
-        warn!(file = %file.display(), "state file: {problem}");
-    }
-    state
-}
-
-/// Every proxied connection holds two descriptors (client and builder), so
-/// the usual soft limit of 1024 would cap the daemon near 500 connections:
-/// raise it to the hard limit (systemd's default hard limit is 524288).
-fn raise_descriptor_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid out pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return;
-    }
-    if limit.rlim_cur >= limit.rlim_max {
-        return;
-    }
-    let from = limit.rlim_cur;
-    limit.rlim_cur = limit.rlim_max;
-    // SAFETY: valid pointer; raising the soft limit up to the hard one needs
-    // no privilege.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
-        info!(from, to = limit.rlim_max, "raised the open-file limit");
-    } else {
-        warn!(error = %std::io::Error::last_os_error(), limit = from, "cannot raise the open-file limit");
-    }
-}
-
 /// How often the kernel's path measurements are read (for status,
 /// metrics and `max_rtt_ms`).
 const PATH_READ_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the daemon looks for failed local connects (the kernel keeps
 /// new connections away from the builder meanwhile).
 const LOCAL_POLL_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Starts watching links and routes with the configured labels; without
-/// it, link rules cannot be applied (said loudly).
-async fn watch_links(config: &Config) -> Option<watch::Receiver<LinkState>> {
-    match link::watch(config.links.clone()).await {
-        Ok(rx) => Some(rx),
-        Err(e) => {
-            error!(error = %e, "LINK STATE UNKNOWN: link rules (remote_via, min_link_mbps) are not applied");
-            None
-        }
-    }
-}
-
-/// The netlink socket that keeps claimed prefixes locally deliverable;
-/// without it, said loudly, the operator must add the routes.
-fn open_local_routes() -> Option<LocalRoutes> {
-    match LocalRoutes::open() {
-        Ok(routes) => Some(routes),
-        Err(e) => {
-            error!(error = %e, "LOCAL ROUTES UNMANAGED: claimed prefixes outside 127.0.0.0/8 need `ip route add local <prefix> dev lo`");
-            None
-        }
-    }
-}
-
-/// Runs the policy hook, one run at a time, when something changed or its
-/// interval passed.
-struct HookRunner {
-    results: mpsc::Sender<Result<Decision, HookError>>,
-    running: bool,
-    /// Another run is due once the current one ends.
-    pending: bool,
-}
-
-impl HookRunner {
-    fn start_if_due(&mut self, registry: &Registry) {
-        if self.running || !self.pending {
-            return;
-        }
-        let (command, limit, input) = {
-            let inner = registry.inner();
-            let Some(command) = inner.config.policy.command.clone() else {
-                self.pending = false;
-                return;
-            };
-            (
-                command,
-                inner.config.policy.hook_timeout,
-                hook_input(&inner),
-            )
-        };
-        self.pending = false;
-        self.running = true;
-        let results = self.results.clone();
-        tokio::spawn(async move {
-            let _ = results.send(hook::run(&command, &input, limit).await).await;
-        });
-    }
-}
-
-/// What the hook is told.
-fn hook_input(inner: &crate::decide::registry::Inner) -> HookInput {
-    let now = unix_now();
-    let links = inner.links.as_ref();
-    HookInput {
-        time: now,
-        config_mode: inner.config.policy.mode,
-        operator_override: inner
-            .mode_override
-            .filter(|o| o.in_force(now))
-            .map(|o| OverrideInput {
-                mode: o.mode,
-                until: o.until,
-            }),
-        links: links.map(|l| l.links().to_vec()).unwrap_or_default(),
-        builders: inner
-            .config
-            .builders
-            .iter()
-            .map(|b| {
-                let tracker = inner.health.get(&b.name);
-                let failure = tracker.and_then(|t| t.failure());
-                let address = inner.addresses.get(&b.name);
-                BuilderInput {
-                    name: b.name.clone(),
-                    address: b.address.clone(),
-                    healthy: failure.is_none(),
-                    health_reason: failure.map(ToString::to_string),
-                    drained: inner.drained.contains(&b.name),
-                    rtt_ms: tracker
-                        .and_then(|t| t.last_rtt())
-                        .map(|d| d.as_secs_f64() * 1e3),
-                    kernel_rtt_ms: inner
-                        .paths
-                        .get(&b.name)
-                        .and_then(|p| p.rtt())
-                        .map(|d| d.as_secs_f64() * 1e3),
-                    egress: links
-                        .zip(address)
-                        .and_then(|(l, ip)| l.egress(*ip).cloned()),
-                    active_connections: inner.active.get(&b.name).copied().unwrap_or(0),
-                    weight: b.weight,
-                    load: crate::operate::report::load_status(inner, b),
-                }
-            })
-            .collect(),
-    }
-}
-
-/// An error without the verifier's full log: its last lines say why.
-fn brief(error: &str) -> String {
-    match error.split_once("Verifier output:") {
-        Some((head, log)) => {
-            let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
-            let tail = &lines[lines.len().saturating_sub(3)..];
-            format!("{head}verifier: {}", tail.join(" | "))
-        }
-        None => error.to_owned(),
-    }
-}
-
-/// The first step of every stop: from here until the process exits, every
-/// claimed connection is refused (RST), so none reaches another local
-/// listener (the host's sshd) while listeners close and pins go. Once the
-/// process is gone, nothing claims the addresses any more.
-fn refuse_while_stopping(kernel: Option<&Kernel>) {
-    match kernel.map(Kernel::refuse_all) {
-        Some(Ok(())) => {
-            info!("stopping: claimed connections are refused until the process exits")
-        }
-        Some(Err(e)) => {
-            error!(error = %e, "stopping, but cannot make the kernel refuse claimed connections")
-        }
-        None => info!(
-            "stopping: without BPF, connections to the service addresses reach other local \
-             listeners once ours close"
-        ),
-    }
-}
-
-/// Removes the pinned objects yensid created. The programs detach when the
-/// process's last file descriptors close, right after.
-fn release_kernel(kernel: &Kernel) {
-    if let Err(e) = kernel.remove_pins() {
-        error!(error = %e, "could not remove pinned BPF objects");
-    }
-}
-
-/// One line per service with what the kernel did over the daemon's life.
-fn log_totals(kernel: &Kernel, services: &Indices) {
-    for (name, &index) in &services.by_name {
-        if let Ok(c) = kernel.counters(index) {
-            info!(
-                service = name,
-                dispatched = c.dispatched,
-                refused_mode_local = c.refused_mode,
-                refused_no_builder = c.refused_unavailable,
-                "kernel totals"
-            );
-        }
-    }
-}
-
-/// Stable small numbers for names (map indices), reused only after a name
-/// has left.
-struct Indices {
-    by_name: HashMap<String, u32>,
-    limit: u32,
-}
-
-impl Indices {
-    fn new(limit: u32) -> Self {
-        Self {
-            by_name: HashMap::new(),
-            limit,
-        }
-    }
-
-    fn get_or_assign(&mut self, name: &str) -> Result<u32> {
-        if let Some(&i) = self.by_name.get(name) {
-            return Ok(i);
-        }
-        let used: BTreeSet<u32> = self.by_name.values().copied().collect();
-        let free = (0..self.limit)
-            .find(|i| !used.contains(i))
-            .with_context(|| format!("more than {} entries", self.limit))?;
-        self.by_name.insert(name.to_owned(), free);
-        Ok(free)
-    }
-
-    fn retain(&mut self, keep: impl Fn(&str) -> bool) -> Vec<u32> {
-        let gone: Vec<String> = self.by_name.keys().filter(|n| !keep(n)).cloned().collect();
-        gone.iter().filter_map(|n| self.by_name.remove(n)).collect()
-    }
-}
-
-struct ListenerHandle {
-    id: u32,
-    task: JoinHandle<()>,
-    /// The listening socket, held apart from its accept task: a takeover
-    /// stops the task and hands the socket on with its queue.
-    socket: OwnedFd,
-    /// The kernel steers connections to it for one builder (otherwise it
-    /// is a fallback listener on a service address).
-    steered: bool,
-}
-
-/// A listener the daemon serves on besides the builders' (the control
-/// socket, the metrics endpoint): its socket and the task that serves it.
-struct Endpoint {
-    socket: OwnedFd,
-    task: JoinHandle<()>,
-}
-
-impl Endpoint {
-    fn start_control(
-        listener: tokio::net::UnixListener,
-        requests: mpsc::Sender<Pending>,
-        access: Access,
-    ) -> Result<Self> {
-        let socket = listener
-            .as_fd()
-            .try_clone_to_owned()
-            .context("cannot duplicate the control socket")?;
-        let task = tokio::spawn(control::serve(listener, requests, access));
-        Ok(Endpoint { socket, task })
-    }
-
-    fn start_metrics(listener: TcpListener, requests: mpsc::Sender<Pending>) -> Result<Self> {
-        let socket = listener
-            .as_fd()
-            .try_clone_to_owned()
-            .context("cannot duplicate the metrics socket")?;
-        let task = tokio::spawn(metrics::serve(listener, requests));
-        Ok(Endpoint { socket, task })
-    }
-}
-
-/// Why the controller stopped serving.
-enum Stop {
-    /// A stop signal: the graceful stop follows.
-    Signal,
-    /// A successor took everything over.
-    HandedOver,
-}
 
 struct Controller {
     config_path: PathBuf,
@@ -648,45 +374,6 @@ struct Controller {
     /// The timed local override last given to the kernel, with the end it
     /// was given (CLOCK_BOOTTIME ns).
     kernel_override_end: Option<(ModeOverride, u64)>,
-}
-
-/// SIGTERM and SIGINT, held from serving through the stop: the first
-/// begins the stop, a second one during the grace cuts what is left.
-struct StopSignals {
-    terminate: Signal,
-    interrupt: Signal,
-}
-
-impl StopSignals {
-    fn new() -> Result<Self> {
-        Ok(Self {
-            terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
-            interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
-        })
-    }
-
-    /// The name of the next stop signal, when it comes.
-    async fn recv(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.terminate.recv() => "SIGTERM",
-            _ = self.interrupt.recv() => "SIGINT",
-        }
-    }
-}
-
-/// How often a stop reports the connections it waits for.
-const STOP_REPORT_INTERVAL: Duration = Duration::from_secs(5);
-/// How often a stop looks whether the last connection ended. Polled, not
-/// signalled: connections end in the registry's count and, still in their
-/// handoff, in the handoff limits, and a short poll covers both.
-const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Connections the daemon serves: those with a builder, and those still in
-/// their handoff (a connection in both is counted twice for a moment,
-/// never zero times).
-fn open_connections(registry: &Registry) -> u64 {
-    let assigned: u64 = registry.inner().active.values().sum();
-    assigned + u64::from(registry.handoffs.in_progress())
 }
 
 impl Controller {
@@ -762,70 +449,6 @@ impl Controller {
         }
     }
 
-    /// The graceful part of a stop, with listeners closed and the kernel
-    /// refusing new connections: the open ones go on until they end, the
-    /// grace expires or a second stop signal comes. Meanwhile the control
-    /// socket answers `status` and `mode` and refuses changes.
-    async fn let_connections_finish(
-        &mut self,
-        requests: &mut mpsc::Receiver<Pending>,
-        stop_signals: &mut StopSignals,
-    ) {
-        let grace = self.registry.inner().config.daemon.shutdown_grace;
-        let open = open_connections(&self.registry);
-        if open == 0 || grace.is_zero() {
-            return;
-        }
-        let waiting = |open: u64| {
-            let line = format!(
-                "stopping: {open} connection(s) still open; waiting up to {}",
-                describe_duration(grace)
-            );
-            info!(connections = open, "{line}");
-            notify::status(&line);
-        };
-        waiting(open);
-        let start = tokio::time::Instant::now();
-        let deadline = tokio::time::sleep_until(start + grace);
-        tokio::pin!(deadline);
-        let mut report =
-            tokio::time::interval_at(start + STOP_REPORT_INTERVAL, STOP_REPORT_INTERVAL);
-        let mut check = tokio::time::interval(STOP_CHECK_INTERVAL);
-        loop {
-            tokio::select! {
-                _ = check.tick() => {
-                    if open_connections(&self.registry) == 0 {
-                        info!("stopping: every connection ended");
-                        return;
-                    }
-                }
-                _ = report.tick() => waiting(open_connections(&self.registry)),
-                () = &mut deadline => {
-                    let open = open_connections(&self.registry);
-                    warn!(connections = open, "grace expired: cutting {open} connection(s)");
-                    return;
-                }
-                signal = stop_signals.recv() => {
-                    let open = open_connections(&self.registry);
-                    warn!(signal, connections = open, "second stop signal: cutting {open} connection(s) at once");
-                    return;
-                }
-                Some((request, reply)) = requests.recv() => {
-                    let answer = match request {
-                        Request::Status | Request::Mode { change: None } => {
-                            self.handle(request).await
-                        }
-                        _ => Reply {
-                            ok: false,
-                            message: "yensid is stopping; it takes no changes".to_owned(),
-                        },
-                    };
-                    let _ = reply.send(answer);
-                }
-            }
-        }
-    }
-
     /// What `systemctl status` shows while the daemon serves.
     fn serving(&self) -> String {
         let inner = self.registry.inner();
@@ -836,161 +459,6 @@ impl Controller {
             self.path.dataplane(),
             self.path.forward().as_str(),
         )
-    }
-
-    /// When the operator's override ends, if it is timed (and the end is
-    /// representable: overrides are bounded, so it always is).
-    fn override_deadline(&self) -> Option<std::time::Instant> {
-        let left = self
-            .registry
-            .inner()
-            .mode_override?
-            .seconds_left(unix_now())?;
-        std::time::Instant::now().checked_add(Duration::from_secs(left))
-    }
-
-    fn set_override(&mut self, value: Option<ModeOverride>) -> Option<String> {
-        let mut state = OperatorState::load(&self.state_file).unwrap_or_default();
-        state.drained = self.registry.inner().drained.clone();
-        state.mode_override = value;
-        if let Err(e) = state.save(&self.state_file) {
-            return Some(e.to_string());
-        }
-        self.registry.inner().mode_override = value;
-        self.registry.state_changed.notify_one();
-        None
-    }
-
-    async fn hook_finished(&mut self, result: Result<Decision, HookError>) {
-        if self.take_hook_result(result) {
-            self.apply_logged().await;
-        }
-    }
-
-    /// Keeps a valid decision of the hook; returns whether the decision in
-    /// force changed.
-    fn take_hook_result(&self, result: Result<Decision, HookError>) -> bool {
-        let mut inner = self.registry.inner();
-        match result {
-            Ok(decision) => {
-                let unknown: Vec<&String> = decision
-                    .weights
-                    .keys()
-                    .filter(|n| inner.config.builder(n).is_none())
-                    .collect();
-                if !unknown.is_empty() {
-                    let unknown: Vec<String> =
-                        unknown.iter().map(|n| escape(n.as_bytes())).collect();
-                    warn!(
-                        ?unknown,
-                        "policy hook named unknown builders; decision ignored, the declarative one stays in force"
-                    );
-                    return false;
-                }
-                if inner.hook.as_ref() == Some(&decision) {
-                    return false;
-                }
-                info!(
-                    mode = ?decision.mode,
-                    weights = ?decision.weights,
-                    reason = decision.reason.as_deref().map(|r| escape(r.as_bytes())),
-                    "policy hook decided"
-                );
-                inner.hook = Some(decision);
-                true
-            }
-            Err(e) => {
-                warn!(error = %e, "policy hook failed; the declarative decision stays in force");
-                inner.hook.take().is_some()
-            }
-        }
-    }
-
-    /// Carries out an operator's request from the control socket.
-    async fn handle(&mut self, request: Request) -> Reply {
-        let (builder, drain) = match &request {
-            Request::Drain { builder } => (builder, true),
-            Request::Undrain { builder } => (builder, false),
-            Request::Mode { change } => return self.change_mode(*change).await,
-            Request::Status => {
-                let status = report::status(&self.registry.inner(), &self.report_context());
-                return Reply {
-                    ok: true,
-                    message: serde_json::to_string(&status).expect("status serializes"),
-                };
-            }
-            Request::Explain { service, from } => {
-                let context = self.report_context();
-                let explained =
-                    report::explain(&self.registry.inner(), &context, service.as_deref(), *from);
-                return match explained {
-                    Ok(lines) => Reply {
-                        ok: true,
-                        message: lines.join("\n"),
-                    },
-                    Err(message) => Reply { ok: false, message },
-                };
-            }
-        };
-        let mut state = {
-            let inner = self.registry.inner();
-            if inner.config.builder(builder).is_none() {
-                let known: Vec<&str> = inner
-                    .config
-                    .builders
-                    .iter()
-                    .map(|b| b.name.as_str())
-                    .collect();
-                return Reply {
-                    ok: false,
-                    message: format!(
-                        "unknown builder `{builder}` (configured: {})",
-                        known.join(", ")
-                    ),
-                };
-            }
-            OperatorState {
-                drained: inner.drained.clone(),
-                mode_override: inner.mode_override,
-            }
-        };
-        let changed = if drain {
-            state.drained.insert(builder.clone())
-        } else {
-            state.drained.remove(builder)
-        };
-        if let Err(e) = state.save(&self.state_file) {
-            return Reply {
-                ok: false,
-                message: format!("not changed: {e}"),
-            };
-        }
-        self.registry.inner().drained = state.drained;
-        self.apply_logged().await;
-        let open = self
-            .registry
-            .inner()
-            .active
-            .get(builder)
-            .copied()
-            .unwrap_or(0);
-        let message = match (drain, changed) {
-            (true, true) => {
-                info!(
-                    builder,
-                    open_connections = open,
-                    "builder drained by the operator: no new connections, open ones continue"
-                );
-                format!("{builder} drained: no new connections; {open} open connection(s) continue")
-            }
-            (true, false) => format!("{builder} was already drained ({open} open connection(s))"),
-            (false, true) => {
-                info!(builder, "builder undrained by the operator");
-                format!("{builder} undrained: takes new connections when healthy")
-            }
-            (false, false) => format!("{builder} was not drained"),
-        };
-        Reply { ok: true, message }
     }
 
     /// Reloads the configuration file; an invalid one is refused (logged and
@@ -1119,107 +587,6 @@ impl Controller {
         Ok(())
     }
 
-    async fn apply_kernel(&mut self, kernel: &Kernel, config: &Config, plan: &Plan) -> Result<()> {
-        for (builder, bp) in config.builders.iter().zip(&plan.builders) {
-            let index = self.builders.get_or_assign(&builder.name)?;
-            let first_time = !self
-                .registry
-                .inner()
-                .builder_index
-                .contains_key(&builder.name);
-            if first_time {
-                // The kernel's count restarts from whatever it holds, with
-                // the connections a predecessor handed over (none at a
-                // plain start).
-                let open = self
-                    .registry
-                    .inner()
-                    .active
-                    .get(&builder.name)
-                    .copied()
-                    .unwrap_or(0);
-                let assigned = kernel.assigned(index)?;
-                kernel.set_released(index, assigned.wrapping_sub(open))?;
-                self.registry.adopt_index(&builder.name, index);
-            }
-            let weight = self.registry.inner().weight(&builder.name);
-            kernel.set_builder(
-                index,
-                BuilderState {
-                    weight,
-                    max_connections: builder.max_connections.unwrap_or(0),
-                    eligible: bp.eligible as u32,
-                    load_cost: self.registry.inner().load_cost(&builder.name),
-                },
-            )?;
-        }
-        let mut wanted_listeners = BTreeSet::new();
-        let mut bindings = Vec::new();
-        for (svc, sp) in config.services.iter().zip(&plan.services) {
-            let service = self.services.get_or_assign(&svc.name)?;
-            let mut backends = Vec::new();
-            for member in &sp.members {
-                let name = &member.builder;
-                let key = (svc.name.clone(), name.clone());
-                wanted_listeners.insert(key.clone());
-                let listener = match self.listeners.get(&key) {
-                    Some(h) => h.id,
-                    None => self.open_listener(kernel, svc, name).await?,
-                };
-                backends.push(Backend {
-                    builder: self.builders.get_or_assign(name)?,
-                    listener,
-                    eligible: member.excluded.is_none() as u32,
-                    _reserved: 0,
-                });
-            }
-            let positions: Vec<u32> = self
-                .registry
-                .inner()
-                .affinity
-                .get(&svc.name)
-                .map(|table| {
-                    table
-                        .iter()
-                        .map(|n| svc.builders.iter().position(|b| b == n).unwrap_or(0) as u32)
-                        .collect()
-                })
-                .unwrap_or_default();
-            kernel.set_affinity(service, &positions)?;
-            kernel.set_backends(
-                service,
-                &backends,
-                ServiceState {
-                    accept: sp.refusal.is_none() as u32,
-                    strategy: svc.strategy.kernel_id(),
-                    backends: backends.len() as u32,
-                    refusal: match sp.refusal {
-                        Some(Refusal::TooFewEligible { .. }) => refusal::NO_BUILDER,
-                        _ => refusal::MODE_LOCAL,
-                    },
-                },
-            )?;
-            for prefix in &svc.listen {
-                let (addr, len) = prefix.mapped();
-                bindings.push((bpf::binding_key(svc.port, &addr, len), service));
-            }
-        }
-        kernel.set_bindings(&bindings)?;
-        self.sync_queue_listeners(kernel, config)?;
-        let local_services: Vec<_> = config
-            .services
-            .iter()
-            .filter_map(|s| Some((*self.services.by_name.get(&s.name)?, s.local_clients)))
-            .collect();
-        crate::decide::local::sync(kernel, &self.registry, config, &local_services);
-        let names: BTreeSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
-        for gone in self.services.retain(|n| names.contains(n)) {
-            kernel.set_service(gone, ServiceState::default())?;
-        }
-        self.retire_listeners(|key| wanted_listeners.contains(key));
-        Ok(())
-    }
-
     /// Makes every claimed prefix locally deliverable (see
     /// `kernel::local_route`); what cannot be is in the log and in status.
     fn deliver_claims(&mut self, config: &Config) {
@@ -1228,64 +595,6 @@ impl Controller {
         {
             error!(error = %e, "cannot check that the claimed prefixes are locally deliverable");
         }
-    }
-
-    /// Opens the loopback listener of one (service, builder) pair and
-    /// registers it for the kernel to steer connections to.
-    async fn open_listener(
-        &mut self,
-        kernel: &Kernel,
-        svc: &Service,
-        builder: &str,
-    ) -> Result<u32> {
-        let key = format!("{}/{}", svc.name, builder);
-        let inherited = self
-            .inherited_listeners
-            .remove(&(svc.name.clone(), builder.to_owned()));
-        let (id, listener) = match inherited {
-            // Already in the socket map at its id, its queue intact.
-            Some((id, socket)) => (id, takeover::tcp_listener(socket)?),
-            None => {
-                let listener = listener_socket(svc)?.listen(1024)?;
-                fdstore::store_listener(&svc.name, builder, &listener);
-                (self.listener_ids.get_or_assign(&key)?, listener)
-            }
-        };
-        kernel.register_listener(id, &listener)?;
-        self.start_listener((svc.name.clone(), builder.to_owned()), id, listener, true)?;
-        Ok(id)
-    }
-
-    /// Starts accepting on a listener. `steered`: the kernel chose the
-    /// builder (the key's second part); otherwise userspace chooses.
-    fn start_listener(
-        &mut self,
-        key: (String, String),
-        id: u32,
-        listener: TcpListener,
-        steered: bool,
-    ) -> Result<()> {
-        let socket = listener
-            .as_fd()
-            .try_clone_to_owned()
-            .context("cannot duplicate a listening socket")?;
-        let task = tokio::spawn(accept_loop(
-            listener,
-            key.0.clone(),
-            steered.then(|| key.1.clone()),
-            self.registry.clone(),
-            self.context(),
-        ));
-        self.listeners.insert(
-            key,
-            ListenerHandle {
-                id,
-                task,
-                socket,
-                steered,
-            },
-        );
-        Ok(())
     }
 
     /// What connection tasks work with.
@@ -1299,94 +608,6 @@ impl Controller {
             splicer: self.splicer.clone(),
             recall: self.recaller.recall(),
         }
-    }
-
-    /// Opens the queue listener of every service with `when_full =
-    /// "queue"` at its reserved id in `LISTENERS`, and closes those of
-    /// services that no longer queue (closing a listener empties its slot:
-    /// the kernel then refuses, as with `refuse`).
-    fn sync_queue_listeners(&mut self, kernel: &Kernel, config: &Config) -> Result<()> {
-        let queueing: BTreeSet<&str> = config
-            .services
-            .iter()
-            .filter(|s| matches!(s.when_full, WhenFull::Queue(_)))
-            .map(|s| s.name.as_str())
-            .collect();
-        self.queue_listeners.retain(|name, task| {
-            let keep = queueing.contains(name.as_str());
-            if !keep {
-                task.abort();
-            }
-            keep
-        });
-        for svc in config
-            .services
-            .iter()
-            .filter(|s| queueing.contains(s.name.as_str()))
-        {
-            if self.queue_listeners.contains_key(&svc.name) {
-                continue;
-            }
-            let listener = listener_socket(svc)?.listen(1024)?;
-            let service = self.services.get_or_assign(&svc.name)?;
-            kernel.register_listener(queue_listener(service), &listener)?;
-            let task = tokio::spawn(queue::accept_loop(
-                listener,
-                svc.name.clone(),
-                self.registry.clone(),
-            ));
-            self.queue_listeners.insert(svc.name.clone(), task);
-        }
-        Ok(())
-    }
-
-    /// Closes listeners that left the plan, after a grace period for
-    /// connections the kernel already queued on them.
-    fn retire_listeners(&mut self, keep: impl Fn(&(String, String)) -> bool) {
-        let gone: Vec<(String, String)> = self
-            .listeners
-            .keys()
-            .filter(|k| !keep(k))
-            .cloned()
-            .collect();
-        for key in gone {
-            if let Some(handle) = self.listeners.remove(&key) {
-                if handle.steered {
-                    fdstore::remove_listener(&key.0, &key.1);
-                }
-                self.listener_ids
-                    .retain(|n| n != format!("{}/{}", key.0, key.1));
-                tokio::spawn(async move {
-                    tokio::time::sleep(LISTENER_GRACE).await;
-                    handle.task.abort();
-                });
-            }
-        }
-    }
-
-    /// Without BPF: bind the services' host addresses directly.
-    async fn apply_fallback(&mut self, config: &Config) -> Result<()> {
-        let mut wanted = BTreeSet::new();
-        for svc in &config.services {
-            for prefix in &svc.listen {
-                if !prefix.is_host() {
-                    warn!(service = svc.name, %prefix, "cannot claim a whole prefix without BPF; skipped");
-                    continue;
-                }
-                let addr = SocketAddr::new(prefix.addr, svc.port);
-                let key = (svc.name.clone(), addr.to_string());
-                wanted.insert(key.clone());
-                if self.listeners.contains_key(&key) {
-                    continue;
-                }
-                let listener = TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("service {}: cannot bind {addr}", svc.name))?;
-                self.start_listener(key, 0, listener, false)?;
-            }
-        }
-        self.retire_listeners(|key| wanted.contains(key));
-        Ok(())
     }
 
     /// One line per decision that changed: a service starts or stops
@@ -1425,119 +646,6 @@ impl Controller {
         }
     }
 
-    /// The facts `report` needs besides the registry.
-    fn report_context(&self) -> report::Context {
-        let kernel = self.registry.kernel();
-        let counters = self
-            .services
-            .by_name
-            .iter()
-            .filter_map(|(name, &index)| {
-                Some((name.clone(), kernel.as_ref()?.counters(index).ok()?))
-            })
-            .collect();
-        let handoffs = &self.registry.handoffs;
-        let limits = handoffs.limits();
-        report::Context {
-            // Not read here: the caller may hold the registry's lock.
-            queues: self.registry.queues.clone(),
-            handoffs: crate::operate::status::HandoffStatus {
-                in_progress: handoffs.in_progress(),
-                refused: handoffs.refused(),
-                max_handoffs: limits.max_handoffs,
-                max_handoffs_per_client: limits.max_handoffs_per_client,
-            },
-            counters,
-            dataplane: self.path.dataplane(),
-            forward: self.path.forward().as_str(),
-            forward_reason: self.forward_reason,
-            bpf: kernel.is_some(),
-            path_measurement: match kernel.as_ref().map(|k| k.observing()) {
-                Some(Ok(())) => "kernel".to_owned(),
-                Some(Err(why)) => format!("probes only: {why}"),
-                None => "probes only: BPF is unavailable".to_owned(),
-            },
-            local_delivery: self.local_delivery(),
-        }
-    }
-
-    /// How each claimed prefix is delivered, by prefix text, as of the last
-    /// plan (empty if local routes are not managed).
-    fn local_delivery(&self) -> HashMap<String, PrefixDelivery> {
-        let Some(routes) = &self.local_routes else {
-            return HashMap::new();
-        };
-        routes
-            .deliveries()
-            .map(|(prefix, delivery)| {
-                let status = PrefixDelivery {
-                    prefix: prefix.to_string(),
-                    deliverable: Some(delivery.deliverable()),
-                    how: delivery.to_string(),
-                };
-                (prefix.to_string(), status)
-            })
-            .collect()
-    }
-
-    /// `yensid mode`: shows, sets or resets the operator's override.
-    async fn change_mode(&mut self, change: Option<ModeChange>) -> Reply {
-        if let Some(change) = change {
-            let value = match change
-                .mode
-                .map(|mode| ModeOverride::starting(mode, change.for_seconds, unix_now_rounded_up()))
-                .transpose()
-            {
-                Ok(value) => value,
-                Err(e) => {
-                    warn!(error = %e, "mode change refused");
-                    return Reply {
-                        ok: false,
-                        message: format!("not changed: {e}"),
-                    };
-                }
-            };
-            if let Some(e) = self.set_override(value) {
-                return Reply {
-                    ok: false,
-                    message: format!("not changed: {e}"),
-                };
-            }
-            match value {
-                Some(o) => {
-                    info!(mode = %o.mode, until = ?o.until, "mode override set by the operator")
-                }
-                None => info!("mode override removed by the operator"),
-            }
-            self.apply_logged().await;
-        }
-        Reply {
-            ok: true,
-            message: report::describe_mode(&self.registry.inner()),
-        }
-    }
-
-    /// Rebuilds each service's affinity table from the previous one, so
-    /// clients keep their builder across reloads (see `policy`).
-    fn update_affinity(&self, config: &Config) {
-        let mut inner = self.registry.inner();
-        let mut tables = HashMap::new();
-        for svc in &config.services {
-            // The weights in force: the hook's where it gave some.
-            let members: Vec<(String, u32)> = svc
-                .builders
-                .iter()
-                .map(|n| (n.clone(), inner.weight(n)))
-                .collect();
-            let previous = inner.affinity.remove(&svc.name).unwrap_or_default();
-            tables.insert(
-                svc.name.clone(),
-                policy::affinity_table(&previous, &members),
-            );
-        }
-        inner.affinity = tables;
-    }
-
     /// One probe task per configured builder; tasks of removed builders
     /// stop, new builders get one.
     fn sync_probes(&mut self, config: &Config) {
@@ -1555,22 +663,6 @@ impl Controller {
             }
         }
         self.scrapers.sync(&self.registry, config);
-    }
-
-    fn close_all(&mut self) {
-        for ((service, builder), handle) in self.listeners.drain() {
-            handle.task.abort();
-            if handle.steered {
-                fdstore::remove_listener(&service, &builder);
-            }
-        }
-        for (_, task) in self.queue_listeners.drain() {
-            task.abort();
-        }
-        for (_, task) in self.probes.drain() {
-            task.abort();
-        }
-        self.scrapers.close();
     }
 }
 
@@ -1600,125 +692,6 @@ async fn sleep_until(deadline: Option<std::time::Instant>) {
     }
 }
 
-/// The bound socket of one of `svc`'s builders' loopback listeners. The
-/// kernel's `dispatch` hands it SYNs whatever their destination, so only
-/// the family matters: IPv4 for a service of IPv4 prefixes only; with an
-/// IPv6 prefix, an IPv6 socket on `::ffff:127.0.0.1`, which takes both
-/// families. Not `::1`: binding an IPv6 socket to any address but the
-/// wildcard or a v4-mapped one makes the kernel set IPV6_V6ONLY, and
-/// `bpf_sk_assign` then refuses the service's IPv4 SYNs (EAFNOSUPPORT: the
-/// client gets RST). Not the wildcard either: like 127.0.0.1, the mapped
-/// address keeps the listener out of other hosts' reach.
-fn listener_socket(svc: &Service) -> std::io::Result<tokio::net::TcpSocket> {
-    let socket = if svc.listen.iter().any(|p| p.addr.is_ipv6()) {
-        let s = tokio::net::TcpSocket::new_v6()?;
-        set_v6only(&s, false)?;
-        s.bind((Ipv4Addr::LOCALHOST.to_ipv6_mapped(), 0).into())?;
-        s
-    } else {
-        let s = tokio::net::TcpSocket::new_v4()?;
-        s.bind((Ipv4Addr::LOCALHOST, 0).into())?;
-        s
-    };
-    Ok(socket)
-}
-
-fn set_v6only(socket: &tokio::net::TcpSocket, on: bool) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let value: libc::c_int = on as libc::c_int;
-    // SAFETY: valid fd, pointer to a c_int of the given size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IPV6,
-            libc::IPV6_V6ONLY,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Accepts connections. With `builder` set the kernel already chose (the
-/// listener is that builder's); without, userspace chooses. Beyond the
-/// caps on connections in handoff, a new connection is refused at once.
-async fn accept_loop(
-    listener: TcpListener,
-    service: String,
-    builder: Option<String>,
-    registry: Arc<Registry>,
-    cx: proxy::Context,
-) {
-    let handoffs = registry.handoffs.clone();
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                warn!(service, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        if let Some(b) = &builder {
-            // Counted by the kernel at its SYN; in handoff it is not.
-            registry.accepted(b);
-        }
-        let ticket = match handoffs.admit(peer.ip()) {
-            Ok(ticket) => ticket,
-            Err(full) => {
-                if let Some(left_out) = HANDOFFS_FULL.allow(std::time::Instant::now()) {
-                    warn!(
-                        service,
-                        %peer,
-                        reason = %full,
-                        refused_in_total = handoffs.refused(),
-                        similar_left_out = left_out,
-                        "too many connections in handoff: new connection refused"
-                    );
-                }
-                refuse(stream);
-                continue;
-            }
-        };
-        let chosen = match &builder {
-            Some(b) => b.clone(),
-            None => match registry.route(&service, peer) {
-                Some(b) => b,
-                None => {
-                    // Every builder full: a queueing service holds it.
-                    if let Some(stream) =
-                        queue::hold(&registry, &service, stream, Vec::new(), ticket)
-                    {
-                        refuse(stream);
-                    }
-                    continue;
-                }
-            },
-        };
-        let accepted = proxy::Accepted {
-            client: stream,
-            service: service.clone(),
-            steered: chosen,
-            consumed: Vec::new(),
-            opened_unix_ms: proxy::unix_ms(),
-        };
-        proxy::spawn_serve(accepted, ticket, cx.clone());
-    }
-}
-
-/// At most one line per five seconds about connections refused at the
-/// handoff caps: a flood must not flood the log too.
-static HANDOFFS_FULL: Quiet = Quiet::new(Duration::from_secs(5), 1);
-
-/// Closes with RST: the userspace equivalent of the kernel's refusal.
-fn refuse(stream: TcpStream) {
-    let _ = crate::kernel::sock::reset_on_close(&stream);
-}
-
 /// Probes one builder for as long as it is configured, at the times its
 /// health tracker asks for.
 async fn probe_loop(registry: Arc<Registry>, builder: String) {
@@ -1739,84 +712,5 @@ async fn probe_loop(registry: Arc<Registry>, builder: String) {
         tokio::time::sleep_until(next.into()).await;
         let result = health::probe(&address, limit).await;
         registry.probed(&builder, result);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn brief_keeps_the_verifiers_conclusion() {
-        let e = "BPF program `dispatch`: load failed. Verifier output: 0: r1 = 1\n1: exit\nR3 unbounded memory access\nprocessed 2 insns\n";
-        assert_eq!(
-            brief(e),
-            "BPF program `dispatch`: load failed. verifier: 1: exit | R3 unbounded memory access | processed 2 insns"
-        );
-        assert_eq!(brief("plain"), "plain");
-    }
-
-    fn v6only(socket: &tokio::net::TcpSocket) -> libc::c_int {
-        use std::os::fd::AsRawFd;
-        let mut value: libc::c_int = -1;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: valid fd, out pointers to a c_int and its size.
-        let rc = unsafe {
-            libc::getsockopt(
-                socket.as_raw_fd(),
-                libc::IPPROTO_IPV6,
-                libc::IPV6_V6ONLY,
-                (&mut value as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
-        value
-    }
-
-    #[test]
-    fn a_service_with_an_ipv6_prefix_listens_for_both_families() {
-        let config = Config::parse(
-            "[[service]]\nname = \"x\"\nlisten = [\"127.0.0.22/32\", \"2001:2:0:ff::22/128\"]\n\
-             [builders.b1]\naddress = \"198.18.1.2:22\"\n",
-        )
-        .unwrap();
-        let socket = listener_socket(&config.services[0]).unwrap();
-        assert_eq!(
-            socket.local_addr().unwrap().ip(),
-            Ipv4Addr::LOCALHOST.to_ipv6_mapped()
-        );
-        // Still dual-stack after the bind, so bpf_sk_assign takes IPv4 SYNs.
-        assert_eq!(v6only(&socket), 0);
-        // What binding ::1 would have done.
-        let loopback = tokio::net::TcpSocket::new_v6().unwrap();
-        set_v6only(&loopback, false).unwrap();
-        loopback
-            .bind((std::net::Ipv6Addr::LOCALHOST, 0).into())
-            .unwrap();
-        assert_eq!(v6only(&loopback), 1);
-
-        let v4_only = Config::parse(
-            "[[service]]\nname = \"x\"\nlisten = [\"127.0.0.22/32\"]\n\
-             [builders.b1]\naddress = \"198.18.1.2:22\"\n",
-        )
-        .unwrap();
-        let socket = listener_socket(&v4_only.services[0]).unwrap();
-        assert_eq!(
-            socket.local_addr().unwrap().ip(),
-            std::net::IpAddr::V4(Ipv4Addr::LOCALHOST)
-        );
-    }
-
-    #[test]
-    fn indices_are_stable_and_reused_after_removal() {
-        let mut i = Indices::new(3);
-        assert_eq!(i.get_or_assign("a").unwrap(), 0);
-        assert_eq!(i.get_or_assign("b").unwrap(), 1);
-        assert_eq!(i.get_or_assign("a").unwrap(), 0);
-        assert_eq!(i.retain(|n| n != "a"), vec![0]);
-        assert_eq!(i.get_or_assign("c").unwrap(), 0);
-        assert_eq!(i.get_or_assign("d").unwrap(), 2);
-        assert!(i.get_or_assign("e").is_err());
     }
 }

@@ -1374,6 +1374,12 @@ pub const MAX_WEIGHT: u32 = 1000;
 /// `"500ms"`, `"5s"`, `"2m"`, `"1h"`, `"1d"`, or a combination like
 /// `"1m30s"`. Sums and unit conversions are checked: a duration that does
 /// not fit is an error, never a panic or a shorter duration.
+///
+/// Parsed here rather than by `humantime` (or `jiff`'s friendly format),
+/// because the grammar is meant to be this narrow: whole milliseconds to
+/// days, no spaces, no months or years of inexact length. It is exactly
+/// what [`describe_duration`] prints, so every duration the daemon shows
+/// (in `status`, the log, errors) reads back as the same value.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || format!("`{text}` is not a duration (examples: 500ms, 5s, 2m, 1h, 1d, 1m30s)");
     let too_long = || format!("`{text}` is too long a duration");

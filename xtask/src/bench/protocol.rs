@@ -2,7 +2,7 @@
 //!
 //! The builders run a bench server instead of sshd: through sshd the figures
 //! would measure ssh's ciphers, not the redirector. The server speaks just
-//! enough SSH for yensid's handoff (yensid-user/src/proxy.rs):
+//! enough SSH for yensid's handoff (yensid-user/src/dataplane/proxy.rs):
 //!
 //! 1. the server sends `SSH-2.0-yensid-bench\r\n`, the client
 //!    `SSH-2.0-bench-client\r\n`;

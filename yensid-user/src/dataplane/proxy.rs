@@ -8,7 +8,7 @@
 //! may send anything:
 //!
 //! 1. read the client's identification line, within `[daemon]
-//!    ident_timeout` (default 5 s), and check it ([`ident::parse`]): a
+//!    ident_timeout` (default 5 s), and check it ([`crate::dataplane::ident::parse`]): a
 //!    line that is not SSH 2.0, holds control bytes or is longer than RFC
 //!    4253's 255 bytes is rejected, not cut and passed on. Until then no
 //!    builder is contacted and no builder counts the connection: a client
@@ -39,6 +39,9 @@
 //! 6. splice both sockets, then write the client's KEXINIT to the server
 //!    (which then waits for the client's key exchange) and only then the
 //!    server's KEXINIT to the client, whose reply the kernel forwards.
+//!
+//! Steps 1 and 2 are in `handoff`; a spliced pair is watched in
+//! `spliced`; the userspace path's relay is `crate::dataplane::relay`.
 //!
 //! FIN and RST are never redirected by the kernel, so userspace watches
 //! both sockets and passes a half-close on once the kernel has delivered
@@ -81,7 +84,7 @@
 //!   faster at about half the CPU (a quarter of HAProxy's CPU beyond what a
 //!   direct connection costs).
 //! - Fixed: the psock work retried a full jiffy after finding the peer's send
-//!   buffer full ([`SPLICED_SEND_BUFFER`]); the daemon woke on every
+//!   buffer full (`spliced::SPLICED_SEND_BUFFER`); the daemon woke on every
 //!   redirected segment (`crate::kernel::hangup`); a FIN arriving alone was
 //!   redirected as an empty skb and broke the pair (`splice` program).
 //! - Tried, not kept: Nagle on the spliced sockets (slower, 0.5-0.7 against
@@ -92,7 +95,10 @@
 //!   mark is reached, so a message shorter than it would never be forwarded;
 //!   MTU and GRO, because loopback and veth carry 64 KiB GSO segments from
 //!   end to end already. `splice(2)` in userspace is what HAProxy does, at
-//!   twice the CPU: the sockmap stays the default.
+//!   twice the CPU: the sockmap stayed the default then. (With real ssh,
+//!   issue 13 later measured `splice(2)` in the daemon ahead of it on
+//!   uploads; `[daemon] forward = "auto"` now picks by whether systemd's
+//!   file descriptor store can keep socket-map sessions through a crash.)
 //! - Connection setup: until the builder's identification line both paths
 //!   run the same code. The kernel path then does about 15 more syscalls per
 //!   connection (KEXINIT relay, SOCKHASH and peer entries, TCP_INFO for the
@@ -131,59 +137,33 @@
 //!   contract stays as it is.
 
 use std::{
-    io::{self, Read, Write},
+    io,
     net::TcpStream as StdTcpStream,
     os::fd::AsRawFd,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpSocket, TcpStream},
-    time::timeout,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::{debug, info, warn};
+
+mod handoff;
+mod spliced;
+
+pub use handoff::connect;
+use handoff::{HandoffEnd, Opening, handoff, read_packet, step};
+use spliced::{SPLICED_SEND_BUFFER, watch_pair};
 
 use crate::{
     config::Forward,
     dataplane::admission::{Handoffs, Quiet, Ticket},
     dataplane::handover::{Meta, Parked, Recall, Running},
-    dataplane::ident::{self, IdentError},
     dataplane::relay::Relay,
     kernel::bpf::{Kernel, Observation},
     kernel::hangup::Hangups,
     kernel::sock,
     operate::fdstore,
 };
-
-/// Longest identification line (RFC 4253 4.2: 255 bytes including CRLF).
-const MAX_IDENT_LINE: usize = 255;
-/// Longest pre-identification banner a server may send.
-const MAX_SERVER_PREAMBLE: usize = 8192;
-/// Largest packet allowed before encryption starts (RFC 4253 6.1).
-const MAX_CLEAR_PACKET: usize = 35000;
-/// How long a peer may take with each step of the handoff.
-const HANDOFF_STEP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Send buffer of each spliced socket (`SO_SNDBUF`; the kernel doubles it).
-///
-/// The kernel hands a redirected segment to the peer socket from a
-/// workqueue. When the peer's send buffer is full, that work gives up and
-/// retries a whole jiffy later (1-10 ms by `CONFIG_HZ`); buffer space
-/// freed in the meantime does not bring the retry forward. Whatever is
-/// queued must keep the receiver busy for that jiffy, or the link idles: with
-/// the autotuned buffer (at most `tcp_wmem`'s 4 MiB) the kernel path ran at
-/// about 1 GB/s with the CPUs half idle. 16 MiB covers 4 GB/s at 250 Hz.
-/// It is a limit, not an allocation: it fills only while the receiving end
-/// is slower than the sending one.
-const SPLICED_SEND_BUFFER: usize = 8 << 20;
-/// Buffer for the stray bytes of a spliced socket that is ending.
-const STRAY_BUFFER: usize = 4096;
-/// How long a half-close may wait for the kernel to deliver earlier bytes
-/// without any progress.
-const DRAIN_STALL_LIMIT: Duration = Duration::from_secs(60);
-/// How often a half-close checks whether the kernel delivered those bytes.
-const POLL_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Where a connection was steered and what the daemon knows about builders.
 pub trait Dispatcher: Send + Sync + 'static {
@@ -286,9 +266,6 @@ pub struct Outcome {
     pub from_builder: u64,
 }
 
-/// At most 20 lines per 10 s about rejected clients, so a flood of junk
-/// connections does not flood the log.
-static REJECTIONS: Quiet = Quiet::new(Duration::from_secs(10), 20);
 /// The same for clients refused because no builder could take them.
 static UNSERVED: Quiet = Quiet::new(Duration::from_secs(10), 20);
 
@@ -586,281 +563,6 @@ enum Recalled {
     },
 }
 
-/// Why a handoff did not lead to a data path.
-enum HandoffEnd {
-    /// The connection ended (the builder it was steered to or counted for,
-    /// and why).
-    Failed(String, io::Error),
-    /// Recalled for a successor before the client saw a byte; the builder
-    /// it was steered to.
-    Recalled(String),
-    /// The client identified itself and no builder may take it (the
-    /// builder it was steered to).
-    NoBuilder(String),
-}
-
-/// What the handoff leaves for the data path.
-struct Opening {
-    builder: String,
-    upstream: TcpStream,
-    /// Keeps the kernel measuring the upstream path while the connection
-    /// lives.
-    observation: Option<Observation>,
-    /// The client's identification line, not yet sent to the builder.
-    client_line: Vec<u8>,
-    /// The server's lines up to and including its identification line.
-    server_lines: Vec<u8>,
-}
-
-/// Why the client was not served.
-#[derive(Debug, thiserror::Error)]
-enum Rejection {
-    #[error(transparent)]
-    Invalid(#[from] IdentError),
-    #[error("no identification line within {0:?}")]
-    Silent(Duration),
-    #[error("left before identifying itself ({0})")]
-    Left(io::Error),
-}
-
-/// Steps 1 and 2 of the handoff: the client's line, then the builder.
-/// Until a builder answered, a recall stops it (nothing reached the
-/// client yet); `line` holds what was read of the client's line.
-async fn handoff(
-    client: &TcpStream,
-    service: &str,
-    steered: String,
-    line: &mut Vec<u8>,
-    cx: &Context,
-    outcome: &mut Outcome,
-) -> Result<Opening, HandoffEnd> {
-    let dispatcher = &*cx.dispatcher;
-    let read = tokio::select! {
-        read = timeout(cx.ident_timeout, read_client_line(client, line)) => read,
-        () = cx.recall.requested() => return Err(HandoffEnd::Recalled(steered)),
-    };
-    let rejection = match read {
-        Ok(Ok(())) => ident::parse(line).err().map(Rejection::from),
-        Ok(Err(e)) => Some(e),
-        Err(_) => Some(Rejection::Silent(cx.ident_timeout)),
-    };
-    if let Some(why) = rejection {
-        outcome.rejected = true;
-        if let Some(left_out) = REJECTIONS.allow(Instant::now()) {
-            warn!(
-                service,
-                peer = ?client.peer_addr().ok(),
-                reason = %why,
-                first_bytes = %ident::escape(&line[..line.len().min(64)]),
-                similar_left_out = left_out,
-                "client rejected: closed before any builder was contacted"
-            );
-        }
-        return Err(HandoffEnd::Failed(steered, io::Error::other(why)));
-    }
-    let Some(mut builder) = dispatcher.reserve(service, &steered) else {
-        outcome.unserved = true;
-        return Err(HandoffEnd::NoBuilder(steered));
-    };
-    outcome.counted = true;
-    // A client that leaves while the builder is being connected cancels
-    // that work at once: dropping the future closes the upstream socket.
-    let opened = tokio::select! {
-        opened = open_with_failover(service, &mut builder, dispatcher, outcome) => opened,
-        gone = client_gone(client) => {
-            outcome.unserved = true;
-            Err(gone)
-        }
-        () = cx.recall.requested() => {
-            // Counted for `builder` until now: `finished` gives it back.
-            outcome.unserved = true;
-            return Err(HandoffEnd::Recalled(builder));
-        }
-    };
-    match opened {
-        Ok((upstream, observation, server_lines)) => Ok(Opening {
-            builder,
-            upstream,
-            observation,
-            client_line: std::mem::take(line),
-            server_lines,
-        }),
-        Err(e) => Err(HandoffEnd::Failed(builder, e)),
-    }
-}
-
-/// Reads the client's identification line into `line` (which may hold its
-/// beginning already), at most one byte longer than RFC 4253 allows (so an
-/// over-long line is seen as one, not cut), and gives up as soon as its
-/// bytes cannot start one. Cancel-safe: every byte read is in `line` at
-/// once.
-async fn read_client_line(client: &TcpStream, line: &mut Vec<u8>) -> Result<(), Rejection> {
-    let mut buf = [0u8; ident::MAX_LINE + 1];
-    loop {
-        let prefix = line.len().min(4);
-        if line[..prefix] != b"SSH-"[..prefix]
-            || line.last() == Some(&b'\n')
-            || line.len() > ident::MAX_LINE
-        {
-            return Ok(());
-        }
-        let want = buf.len() - line.len();
-        let n = client
-            .peek(&mut buf[..want])
-            .await
-            .map_err(Rejection::Left)?;
-        if n == 0 {
-            return Err(Rejection::Left(io::ErrorKind::UnexpectedEof.into()));
-        }
-        let take = buf[..n]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map_or(n, |end| end + 1);
-        // The bytes were peeked, so they are there: one read takes them.
-        match client.try_read(&mut buf[..take]) {
-            Ok(0) => return Err(Rejection::Left(io::ErrorKind::UnexpectedEof.into())),
-            Ok(got) => line.extend_from_slice(&buf[..got]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(Rejection::Left(e)),
-        }
-    }
-}
-
-/// Resolves when the client has closed or reset its connection. A client
-/// that sends more after its identification line (allowed, if unusual)
-/// cannot be watched this way without spinning; it is then not watched.
-async fn client_gone(client: &TcpStream) -> io::Error {
-    let mut byte = [0u8; 1];
-    match client.peek(&mut byte).await {
-        Ok(0) => io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "client left during the handoff",
-        ),
-        Ok(_) => std::future::pending().await,
-        Err(e) => e,
-    }
-}
-
-/// What went wrong with one builder.
-struct UpstreamError {
-    error: io::Error,
-    /// The builder accepted the connection and then closed it, reset it
-    /// or sent no identification line: busy (an sshd at `MaxStartups`
-    /// does this), not necessarily down.
-    busy: bool,
-}
-
-/// Opens an upstream connection to `builder`, failing over to other
-/// builders until one answers; `builder` always names the builder the
-/// connection is counted for.
-async fn open_with_failover(
-    service: &str,
-    builder: &mut String,
-    dispatcher: &dyn Dispatcher,
-    outcome: &mut Outcome,
-) -> io::Result<(TcpStream, Option<Observation>, Vec<u8>)> {
-    let mut tried = Vec::new();
-    loop {
-        let UpstreamError { error, busy } = match open_upstream(builder, dispatcher).await {
-            Ok(opened) => return Ok(opened),
-            Err(e) => e,
-        };
-        outcome.failovers += 1;
-        tried.push(builder.clone());
-        match dispatcher.fail_over(service, builder, &error.to_string(), &tried, busy) {
-            Some(next) => {
-                info!(service, failed = builder.as_str(), next, busy, %error, "failing over before the client saw a byte");
-                *builder = next;
-            }
-            None => {
-                outcome.unserved = true;
-                warn!(service, failed = builder.as_str(), busy, %error, "no other builder; refusing the client");
-                return Err(error);
-            }
-        }
-    }
-}
-
-/// Connects to a builder and reads up to its identification line.
-async fn open_upstream(
-    builder: &str,
-    dispatcher: &dyn Dispatcher,
-) -> Result<(TcpStream, Option<Observation>, Vec<u8>), UpstreamError> {
-    let down = |error| UpstreamError { error, busy: false };
-    let busy = |error| UpstreamError { error, busy: true };
-    let address = dispatcher
-        .address(builder)
-        .ok_or_else(|| down(io::Error::other("builder is no longer configured")))?;
-    let started = Instant::now();
-    let observe = |socket: &TcpSocket| dispatcher.observe(builder, sock::cookie(socket).ok()?);
-    let (upstream, observation) = timeout(
-        dispatcher.connect_timeout(builder),
-        connect_with(&address, observe),
-    )
-    .await
-    .map_err(|_| down(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))?
-    .map_err(down)?;
-    upstream.set_nodelay(true).map_err(busy)?;
-    let mut lines = Vec::new();
-    loop {
-        let line = timeout(
-            dispatcher.connect_timeout(builder),
-            read_line(&upstream, MAX_IDENT_LINE),
-        )
-        .await
-        .map_err(|_| {
-            busy(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "no SSH identification line",
-            ))
-        })?
-        .map_err(|e| {
-            let before = ident::escape(&lines[..lines.len().min(64)]);
-            busy(io::Error::new(
-                e.kind(),
-                format!("closed before its identification line ({e}); it sent `{before}`"),
-            ))
-        })?;
-        lines.extend_from_slice(&line);
-        if line.starts_with(b"SSH-") {
-            dispatcher.connected(builder, started.elapsed());
-            return Ok((upstream, observation, lines));
-        }
-        if lines.len() > MAX_SERVER_PREAMBLE {
-            return Err(down(io::Error::other("builder is not speaking SSH")));
-        }
-    }
-}
-
-/// Connects to `host:port`, trying each address it resolves to.
-pub async fn connect(address: &str) -> io::Result<TcpStream> {
-    connect_with(address, |_| None::<()>)
-        .await
-        .map(|(stream, _)| stream)
-}
-
-/// [`connect`], showing each socket to `prepare` before its SYN leaves;
-/// what `prepare` returns for the socket that connected comes back with it.
-async fn connect_with<T>(
-    address: &str,
-    mut prepare: impl FnMut(&TcpSocket) -> Option<T>,
-) -> io::Result<(TcpStream, Option<T>)> {
-    let mut last = io::Error::other(format!("`{address}` resolves to no address"));
-    for addr in tokio::net::lookup_host(address).await? {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        let prepared = prepare(&socket);
-        match socket.connect(addr).await {
-            Ok(stream) => return Ok((stream, prepared)),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
-}
-
 async fn forward(
     mut client: TcpStream,
     opening: Opening,
@@ -926,40 +628,6 @@ async fn forward(
     .await
 }
 
-/// Watches a spliced pair until it ends or is recalled.
-#[allow(clippy::too_many_arguments)]
-async fn watch_pair(
-    client: StdTcpStream,
-    upstream: StdTcpStream,
-    cookies: (u64, u64),
-    mut ended: [bool; 2],
-    kernel: &Kernel,
-    hangups: &Hangups,
-    cx: &Context,
-    meta: &Meta,
-    outcome: &mut Outcome,
-) -> io::Result<Finish> {
-    let watched = tokio::select! {
-        watched = watch_spliced(hangups, &client, &upstream, &mut ended) => watched,
-        // Between two events the pair's state is `ended` and the sockets:
-        // the kernel goes on forwarding while a successor takes them.
-        () = cx.recall.requested() => {
-            return Ok(Finish::Recalled(Recalled::Spliced { client, upstream, ended }));
-        }
-    };
-    kernel.unsplice(cookies.0, cookies.1);
-    if meta.in_fd_store {
-        fdstore::remove_pair(cookies.0, &meta.service, &meta.builder);
-    }
-    let ends = sock::Ends {
-        connected: true,
-        fin_sent: ended[0],
-        fin_received: ended[1],
-    };
-    count_upstream(&upstream, ends, outcome);
-    watched.map(|()| Finish::Ended)
-}
-
 /// Relays a pair in userspace until it ends or is recalled.
 async fn relay_pair(
     client: TcpStream,
@@ -995,224 +663,10 @@ fn count_upstream(upstream: &impl AsRawFd, ends: sock::Ends, outcome: &mut Outco
     }
 }
 
-/// Waits for both directions of a spliced pair to end, woken only by
-/// half-closes and errors (see `hangup`). Bytes the kernel did not
-/// redirect (the verdict program found no peer) wait in the socket's own
-/// queue and are forwarded when that socket ends, so nothing is lost.
-/// `ended[i]`: socket `i` (client, upstream) read its end of file, and its
-/// peer was shut down for writing.
-async fn watch_spliced(
-    hangups: &Hangups,
-    client: &StdTcpStream,
-    upstream: &StdTcpStream,
-    ended: &mut [bool; 2],
-) -> io::Result<()> {
-    let sockets = [
-        Spliced {
-            socket: client,
-            connected: false,
-        },
-        Spliced {
-            socket: upstream,
-            connected: true,
-        },
-    ];
-    let pair = hangups.watch([client.as_raw_fd(), upstream.as_raw_fd()])?;
-    // Stray bytes are rare and never a bulk: a small buffer will do, taken
-    // only once a socket ends, so an idle connection does not hold one.
-    let mut buf = Vec::new();
-    while ended.contains(&false) {
-        for index in pair.next().await? {
-            // Its peer reset it (or closed it before this side was shut
-            // down, which only a reset does): nothing more can go through
-            // it, so the pair ends now, not when the other side gives up.
-            if !ended[1 - index] && sock::is_closed(sockets[index].socket)? {
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionReset,
-                    if index == 0 {
-                        "the client reset the connection"
-                    } else {
-                        "the builder reset the connection"
-                    },
-                ));
-            }
-            if !ended[index] {
-                buf.resize(STRAY_BUFFER, 0);
-                ended[index] = !pump(&sockets[index], &sockets[1 - index], &mut buf).await?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// One socket of a spliced pair.
-struct Spliced<'a> {
-    socket: &'a StdTcpStream,
-    /// This side made the connection (the upstream): TCP_INFO's count of
-    /// acknowledged bytes then includes its SYN, which carries no data.
-    connected: bool,
-}
-
-impl Spliced<'_> {
-    /// Bytes written to the socket: acknowledged or waiting in its queue.
-    fn written(&self) -> io::Result<u64> {
-        let acked = sock::tcp_counts(self.socket)?
-            .acked
-            .saturating_sub(u64::from(self.connected));
-        Ok(acked + sock::unacked(self.socket)?)
-    }
-}
-
-/// Handles an event on `from`: forwards stray bytes, and on EOF passes the
-/// half-close to `to` once the kernel has delivered everything before it.
-/// Returns whether `from` is still open for reading.
-async fn pump(from: &Spliced<'_>, to: &Spliced<'_>, buf: &mut [u8]) -> io::Result<bool> {
-    let mut reader = from.socket;
-    loop {
-        match reader.read(buf) {
-            Ok(0) => {
-                drain(from.socket, to).await?;
-                shutdown_write(to.socket)?;
-                return Ok(false);
-            }
-            Ok(n) => write_all_polling(to.socket, &buf[..n]).await?,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Waits until `to` has taken every byte `from` received (the kernel's
-/// redirect works asynchronously), so a FIN never overtakes data.
-async fn drain(from: &StdTcpStream, to: &Spliced<'_>) -> io::Result<()> {
-    // Called after EOF: the count includes the FIN, which is not data.
-    let received = sock::tcp_counts(from)?.received.saturating_sub(1);
-    let mut last_progress = Instant::now();
-    let mut last_written = 0;
-    loop {
-        let written = to.written()?;
-        if written >= received {
-            return Ok(());
-        }
-        // A peer that reset `to` takes no more bytes: waiting is pointless.
-        if sock::is_closed(to.socket)? {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                "peer reset the connection while bytes were on their way to it",
-            ));
-        }
-        if written != last_written {
-            last_written = written;
-            last_progress = Instant::now();
-        } else if last_progress.elapsed() > DRAIN_STALL_LIMIT {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "peer stopped reading; closing",
-            ));
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
-}
-
-/// Writes stray bytes to a non-blocking socket that tokio does not watch,
-/// polling while its buffer is full. Stray bytes only come while a pair is
-/// torn down, so this is rare and short.
-async fn write_all_polling(mut to: &StdTcpStream, mut bytes: &[u8]) -> io::Result<()> {
-    let mut last_progress = Instant::now();
-    while !bytes.is_empty() {
-        match to.write(bytes) {
-            Ok(n) => {
-                bytes = &bytes[n..];
-                last_progress = Instant::now();
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if last_progress.elapsed() > DRAIN_STALL_LIMIT {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "peer stopped reading; closing",
-                    ));
-                }
-                tokio::time::sleep(POLL_INTERVAL).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-fn shutdown_write(socket: &StdTcpStream) -> io::Result<()> {
-    match socket.shutdown(std::net::Shutdown::Write) {
-        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
-        _ => Ok(()),
-    }
-}
-
 /// Makes the coming close an RST, so the client fails at once instead of
 /// waiting.
 fn reset(socket: &TcpStream) {
     let _ = sock::reset_on_close(socket);
-}
-
-async fn step<T>(f: impl Future<Output = io::Result<T>>) -> io::Result<T> {
-    timeout(HANDOFF_STEP_TIMEOUT, f)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "peer stalled during the handoff"))?
-}
-
-/// Reads one line (up to and including `\n`) without consuming a byte past
-/// it: bytes are peeked first and only the line's own bytes are read.
-async fn read_line(socket: &TcpStream, max: usize) -> io::Result<Vec<u8>> {
-    let mut line = Vec::new();
-    let mut buf = vec![0u8; max];
-    loop {
-        let want = max - line.len();
-        let n = socket.peek(&mut buf[..want]).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        let take = match buf[..n].iter().position(|&b| b == b'\n') {
-            Some(end) => end + 1,
-            None => n,
-        };
-        let mut chunk = vec![0u8; take];
-        read_exact_from(socket, &mut chunk).await?;
-        line.extend_from_slice(&chunk);
-        if line.last() == Some(&b'\n') {
-            return Ok(line);
-        }
-        if line.len() >= max {
-            return Ok(line);
-        }
-    }
-}
-
-async fn read_exact_from(socket: &TcpStream, mut out: &mut [u8]) -> io::Result<()> {
-    while !out.is_empty() {
-        socket.readable().await?;
-        match socket.try_read(out) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => out = &mut out[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Reads one unencrypted SSH binary packet (RFC 4253 6), whole.
-async fn read_packet(socket: &mut TcpStream) -> io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    socket.read_exact(&mut len).await?;
-    let body = u32::from_be_bytes(len) as usize;
-    if !(5..=MAX_CLEAR_PACKET).contains(&body) {
-        return Err(io::Error::other(format!(
-            "first SSH packet has an impossible length {body}"
-        )));
-    }
-    let mut packet = vec![0u8; 4 + body];
-    packet[..4].copy_from_slice(&len);
-    socket.read_exact(&mut packet[4..]).await?;
-    Ok(packet)
 }
 
 #[cfg(test)]
@@ -1220,29 +674,13 @@ mod tests {
     use super::*;
 
     /// A connected pair: the daemon's side and the client's.
-    async fn pair() -> (TcpStream, TcpStream) {
+    pub(super) async fn pair() -> (TcpStream, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (daemon_side, _) = listener.accept().await.unwrap();
         (daemon_side, client)
-    }
-
-    async fn client_line(sent: &[u8], close: bool) -> Result<Vec<u8>, Rejection> {
-        let (daemon_side, mut client) = pair().await;
-        client.write_all(sent).await.unwrap();
-        if close {
-            client.shutdown().await.unwrap();
-        }
-        let mut line = Vec::new();
-        let read = timeout(
-            Duration::from_secs(5),
-            read_client_line(&daemon_side, &mut line),
-        );
-        read.await
-            .expect("the read did not wait for more")
-            .map(|()| line)
     }
 
     /// A connection accepted just before a takeover's recall, whose task has
@@ -1290,73 +728,5 @@ mod tests {
         let (parked, stragglers) = recaller.collect(Duration::from_secs(5)).await;
         assert_eq!((parked.len(), stragglers), (1, 0));
         assert!(matches!(&parked[0], Parked::Fresh { service, .. } if service == "s"));
-    }
-
-    #[tokio::test]
-    async fn the_client_line_is_read_whole_and_nothing_past_it() {
-        let (daemon_side, mut client) = pair().await;
-        client
-            .write_all(b"SSH-2.0-OpenSSH_9.2\r\nKEX")
-            .await
-            .unwrap();
-        let mut line = Vec::new();
-        read_client_line(&daemon_side, &mut line).await.unwrap();
-        assert_eq!(line, b"SSH-2.0-OpenSSH_9.2\r\n");
-        let mut rest = [0u8; 3];
-        daemon_side.try_read(&mut rest).unwrap();
-        assert_eq!(&rest, b"KEX");
-    }
-
-    #[tokio::test]
-    async fn a_line_begun_by_a_predecessor_is_finished_whole() {
-        let (daemon_side, mut client) = pair().await;
-        client.write_all(b"SSH-2.0-Op").await.unwrap();
-        let mut line = Vec::new();
-        // Stopped (as a takeover recalls it) once the first part is in.
-        let first = timeout(
-            Duration::from_millis(200),
-            read_client_line(&daemon_side, &mut line),
-        )
-        .await;
-        assert!(first.is_err(), "the read did not wait for the rest");
-        assert_eq!(line, b"SSH-2.0-Op");
-        client.write_all(b"enSSH_9.2\r\n").await.unwrap();
-        read_client_line(&daemon_side, &mut line).await.unwrap();
-        assert_eq!(line, b"SSH-2.0-OpenSSH_9.2\r\n");
-    }
-
-    #[tokio::test]
-    async fn junk_and_over_long_lines_end_the_read_at_once() {
-        // Bytes that cannot start `SSH-` end it without waiting for a line feed.
-        let junk = client_line(b"\x16\x03\x01", false).await.unwrap();
-        assert!(ident::parse(&junk).is_err());
-        let http = client_line(b"GET / HTTP/1.1\r\n", false).await.unwrap();
-        assert!(matches!(
-            ident::parse(&http),
-            Err(IdentError::NotSsh { .. })
-        ));
-        // One byte past RFC 4253's limit is enough to reject, not cut, the line.
-        let mut long = b"SSH-2.0-".to_vec();
-        long.resize(400, b'a');
-        let read = client_line(&long, false).await.unwrap();
-        assert_eq!(read.len(), ident::MAX_LINE + 1);
-        assert_eq!(ident::parse(&read), Err(IdentError::TooLong));
-    }
-
-    #[tokio::test]
-    async fn a_client_that_leaves_mid_line_is_rejected() {
-        assert!(matches!(
-            client_line(b"SSH-2.0-part", true).await,
-            Err(Rejection::Left(_))
-        ));
-    }
-
-    #[tokio::test]
-    async fn a_client_leaving_during_the_handoff_is_noticed() {
-        let (daemon_side, client) = pair().await;
-        let gone = client_gone(&daemon_side);
-        drop(client);
-        let error = timeout(Duration::from_secs(5), gone).await.unwrap();
-        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

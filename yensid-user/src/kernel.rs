@@ -9,4 +9,5 @@ pub mod local;
 pub mod local_route;
 pub mod mapped;
 pub mod path;
+pub mod pins;
 pub mod sock;

@@ -25,7 +25,8 @@ use aya::{
 use tracing::info;
 use yensid_ebpf::maps::{self as names, LocalBuilder, LocalSocket, LocalStats};
 
-use super::bpf::{BpfError, Kernel, map_err, open, program, take, written};
+use super::bpf::{BpfError, Kernel, map_err, program, take};
+use super::pins::{open, written};
 
 /// The programs, in the order they are attached: the accounting before
 /// anything is rewritten, the rewrite last.

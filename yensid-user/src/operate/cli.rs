@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     config::Config,
-    kernel::bpf,
+    kernel::{bpf, pins},
     operate::control::{self, Request},
     operate::machines,
     operate::status,
@@ -113,7 +113,7 @@ pub fn show_status(config_path: &Path, json: bool) -> Result<String> {
         Ok(reply) => bail!("{}", reply.message),
         Err(control::ControlError::NotRunning { .. }) => {
             let (claim, text) = status::not_running(&config.daemon.pin_path, &claims(&config));
-            let pinned = bpf::read_pinned(&config.daemon.pin_path)
+            let pinned = pins::read_pinned(&config.daemon.pin_path)
                 .ok()
                 .map(|dump| status::pinned(&config, &dump));
             if json {
@@ -141,7 +141,7 @@ pub fn show_maps(config_path: &Path, json: bool) -> Result<String> {
     use std::fmt::Write as _;
     let config = load(config_path)?;
     let pins = &config.daemon.pin_path;
-    let dump = match bpf::read_pinned(pins) {
+    let dump = match pins::read_pinned(pins) {
         Ok(dump) => dump,
         Err(bpf::BpfError::OpenPin { source, .. })
             if source.kind() == std::io::ErrorKind::PermissionDenied =>

@@ -11,7 +11,7 @@ use std::{fmt::Write as _, path::Path};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::Config, decide::link::Link, kernel::bpf::MapsDump, operate::metrics::Histogram,
+    config::Config, decide::link::Link, kernel::pins::MapsDump, operate::metrics::Histogram,
 };
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 //! yensid's pins under bpffs: the directory made ready (bpffs mounted
 //! where it is missing, a directory of its own, older ABI versions
 //! removed), shared read-only with the read group, and read back without
-//! the daemon, for `yensid inspect` and `status` when it is not running.
+//! the daemon, for `yensid maps` and `yensid status`.
 
 use std::{
     io,

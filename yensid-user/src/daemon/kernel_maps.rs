@@ -13,6 +13,7 @@ use crate::{
     decide::policy::{self, Plan, Refusal},
     kernel::bpf::{self, Kernel},
 };
+
 /// Stable small numbers for names (map indices), reused only after a name
 /// has left.
 pub(super) struct Indices {

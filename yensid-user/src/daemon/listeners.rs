@@ -27,6 +27,7 @@ use crate::{
     kernel::bpf::Kernel,
     operate::fdstore,
 };
+
 /// How long a listener that left the plan keeps accepting what the kernel
 /// already queued on it.
 const LISTENER_GRACE: Duration = Duration::from_secs(2);

@@ -12,6 +12,7 @@ use crate::{
     operate::status::{HandoffStatus, PrefixDelivery},
     state::{ModeOverride, OperatorState, unix_now, unix_now_rounded_up},
 };
+
 impl Controller {
     /// Carries out an operator's request from the control socket.
     pub(super) async fn handle(&mut self, request: Request) -> Reply {

@@ -11,6 +11,7 @@ use crate::{
     decide::registry::{Inner, Registry},
     state::unix_now,
 };
+
 /// Runs the policy hook, one run at a time, when something changed or its
 /// interval passed.
 pub(super) struct HookRunner {

@@ -24,6 +24,7 @@ use crate::{
     operate::metrics,
     state::{OperatorState, unix_now},
 };
+
 /// The operator's saved state, as far as it is valid: an unreadable file,
 /// or what no daemon could have written in it, is reported once and left
 /// out, so a bad file never keeps the daemon from starting (or makes it

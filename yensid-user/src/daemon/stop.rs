@@ -18,6 +18,7 @@ use crate::{
     operate::control::{Pending, Reply, Request},
     operate::{fdstore, notify},
 };
+
 /// Why the controller stopped serving.
 pub(super) enum Stop {
     /// A stop signal: the graceful stop follows.

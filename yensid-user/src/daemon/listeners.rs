@@ -24,7 +24,7 @@ use crate::{
     config::{Config, Service, WhenFull},
     dataplane::{admission::Quiet, proxy, queue},
     decide::registry::Registry,
-    kernel::bpf::Kernel,
+    kernel::{bpf::Kernel, sock},
     operate::fdstore,
 };
 
@@ -56,7 +56,7 @@ pub(super) struct ListenerHandle {
 fn listener_socket(svc: &Service) -> std::io::Result<tokio::net::TcpSocket> {
     let socket = if svc.listen.iter().any(|p| p.addr.is_ipv6()) {
         let s = tokio::net::TcpSocket::new_v6()?;
-        set_v6only(&s, false)?;
+        sock::set_v6only(&s, false)?;
         s.bind((Ipv4Addr::LOCALHOST.to_ipv6_mapped(), 0).into())?;
         s
     } else {
@@ -65,26 +65,6 @@ fn listener_socket(svc: &Service) -> std::io::Result<tokio::net::TcpSocket> {
         s
     };
     Ok(socket)
-}
-
-fn set_v6only(socket: &tokio::net::TcpSocket, on: bool) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let value: libc::c_int = on as libc::c_int;
-    // SAFETY: valid fd, pointer to a c_int of the given size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IPV6,
-            libc::IPV6_V6ONLY,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// Accepts connections. With `builder` set the kernel already chose (the
@@ -349,7 +329,7 @@ mod tests {
         assert_eq!(v6only(&socket), 0);
         // What binding ::1 would have done.
         let loopback = tokio::net::TcpSocket::new_v6().unwrap();
-        set_v6only(&loopback, false).unwrap();
+        sock::set_v6only(&loopback, false).unwrap();
         loopback
             .bind((std::net::Ipv6Addr::LOCALHOST, 0).into())
             .unwrap();

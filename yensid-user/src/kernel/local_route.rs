@@ -25,7 +25,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt, io,
     net::IpAddr,
-    os::fd::AsRawFd,
     time::Duration,
 };
 
@@ -178,7 +177,8 @@ impl LocalRoutes {
         socket
             .connect(&SocketAddr::new(0, 0))
             .map_err(LocalRouteError::Socket)?;
-        set_receive_timeout(&socket, REPLY_TIMEOUT).map_err(LocalRouteError::Socket)?;
+        super::sock::set_receive_timeout(&socket, REPLY_TIMEOUT)
+            .map_err(LocalRouteError::Socket)?;
         // Best effort: only makes the dumps smaller.
         let _ = socket.set_netlink_get_strict_chk(true);
         Ok(Self {
@@ -478,28 +478,6 @@ fn local_route_of(message: &RouteMessage) -> Option<LocalRoute> {
     })
 }
 
-fn set_receive_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
-    let value = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: valid fd, pointer to a timeval of the given size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&value as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// The claimed prefixes of every service, each once.
 pub fn claimed(services: &[crate::config::Service]) -> Vec<Prefix> {
     let mut seen = BTreeSet::new();
@@ -513,6 +491,8 @@ pub fn claimed(services: &[crate::config::Service]) -> Vec<Prefix> {
 #[cfg(test)]
 mod tests {
     use std::process::Command;
+
+    use std::os::fd::AsRawFd;
 
     use super::*;
 

@@ -159,6 +159,25 @@ pub fn reset_on_close(socket: &impl AsRawFd) -> io::Result<()> {
     setsockopt(socket, libc::SOL_SOCKET, libc::SO_LINGER, &linger)
 }
 
+/// `IPV6_V6ONLY` on an IPv6 socket: off, it takes IPv4 too.
+pub fn set_v6only(socket: &impl AsRawFd, on: bool) -> io::Result<()> {
+    setsockopt(
+        socket,
+        libc::IPPROTO_IPV6,
+        libc::IPV6_V6ONLY,
+        &libc::c_int::from(on),
+    )
+}
+
+/// `SO_RCVTIMEO`: a blocking receive gives up after `timeout`.
+pub fn set_receive_timeout(socket: &impl AsRawFd, timeout: std::time::Duration) -> io::Result<()> {
+    let value = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    setsockopt(socket, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &value)
+}
+
 fn setsockopt<T>(socket: &impl AsRawFd, level: i32, name: i32, value: &T) -> io::Result<()> {
     // SAFETY: valid fd, pointer to a `T` of the given size that the kernel
     // only reads.
